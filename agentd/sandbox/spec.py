@@ -1,0 +1,83 @@
+"""What the sandbox is asked to run, and what it reports back.
+
+`WorkerSpec` is everything the launcher needs to build one confined worker: it is resolved
+from an effective policy and a tool call by the scheduler, so the sandbox never reads a
+policy file. It crosses the daemon→launcher socket as JSON, hence plain fields only.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from dataclasses import dataclass, field
+from typing import Any
+
+
+@dataclass(frozen=True)
+class Limits:
+    """Resource limits of one worker; None means 'no limit of that kind'."""
+
+    memory_bytes: int | None = None
+    pids: int | None = None
+    cpu: float | None = None  # cores, e.g. 0.5
+    wall_seconds: float = 60.0
+    output_bytes: int = 1 << 20  # stdout + stderr together
+    tmp_bytes: int = 64 << 20
+    open_files: int = 256
+    file_size_bytes: int | None = None
+
+
+@dataclass(frozen=True)
+class WorkerSpec:
+    """One tool call, fully resolved. Paths in `argv`, `cwd` and the mounts are as the worker sees
+    them, except `workspace` and `read_only` sources, which are host paths."""
+
+    task_id: str
+    argv: tuple[str, ...]
+    env: dict[str, str]
+    cwd: str = "/workspace"
+    hostname: str = "agentd"
+    uid: int = 65534
+    gid: int = 65534
+    user_namespace: bool = False
+    # Host paths bound read-only at the same path inside the worker.
+    read_only: tuple[str, ...] = ()
+    # Host directory bound at /workspace; None for no workspace.
+    workspace: str | None = None
+    workspace_writable: bool = True
+    # Paths (inside the worker) that may be executed; a path ending in "/" allows a tree.
+    exec_allow: tuple[str, ...] = ()
+    limits: Limits = field(default_factory=Limits)
+    seccomp: bool = True
+    landlock: bool = True
+
+    def to_json(self) -> dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    @classmethod
+    def from_json(cls, data: dict[str, Any]) -> WorkerSpec:
+        limits = Limits(**data.pop("limits"))
+        for name in ("argv", "read_only", "exec_allow"):
+            data[name] = tuple(data[name])
+        return cls(limits=limits, **data)
+
+
+@dataclass(frozen=True)
+class ResourceUsage:
+    """What a worker's cgroup measured."""
+
+    cpu_seconds: float = 0.0
+    peak_memory_bytes: int = 0
+    oom_killed: bool = False
+    pids_limit_hit: bool = False
+
+
+@dataclass(frozen=True)
+class SetupFailure:
+    """The worker could not be built: which step failed and with which errno."""
+
+    step: str
+    errno: int
+    message: str
+
+    def __str__(self) -> str:
+        return f"worker setup failed at '{self.step}': {self.message}"
