@@ -1,0 +1,87 @@
+"""Binds each call to its caller's role, checks the role may call the method, maps errors.
+
+One interceptor instance per listening socket: the socket a call arrived on is its role
+(see `agentd.identity`). Every service method is wrapped here once, so the servicers carry
+no error handling and no authorisation of their own.
+"""
+
+from __future__ import annotations
+
+import contextvars
+from collections.abc import Awaitable, Callable
+from typing import Any
+
+import grpc
+import structlog
+
+from agentd.api.errors import map_stream, map_unary
+from agentd.errors import PermissionDenied
+from agentd.identity import Caller
+
+log = structlog.get_logger("agentd.api")
+
+current_caller: contextvars.ContextVar[Caller] = contextvars.ContextVar("current_caller")
+
+# Which roles may call what; a method not listed is open to every role (health, reflection,
+# reading the audit log). Admin may call everything.
+PERMISSIONS: dict[str, frozenset[str]] = {
+    "/agentd.v1.Agentd/CreateRun": frozenset({"client", "admin"}),
+    "/agentd.v1.Agentd/CloseRun": frozenset({"client", "admin"}),
+    "/agentd.v1.Agentd/Exec": frozenset({"client", "admin"}),
+}
+
+
+def _denied(method: str, role: str) -> PermissionDenied:
+    return PermissionDenied(f"the {role} role may not call {method.rsplit('/', 1)[-1]}; use the "
+                            "socket of a role that may", rule=f"api roles: {method}")
+
+
+class RoleInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+    """Sets `current_caller`, enforces PERMISSIONS and maps exceptions to statuses."""
+
+    def __init__(self, role: str, socket_path: str) -> None:
+        self.role = role
+        self.socket_path = socket_path
+
+    async def intercept_service(
+        self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
+        handler_call_details: grpc.HandlerCallDetails,
+    ) -> Any:
+        handler = await continuation(handler_call_details)
+        if handler is None:
+            return None
+        method: str = handler_call_details.method
+        allowed = PERMISSIONS.get(method)
+        role = self.role
+        permitted = allowed is None or role in allowed or role == "admin"
+        metadata = dict(handler_call_details.invocation_metadata or ())
+        claimed = str(metadata.get("agentd-caller-name", ""))[:100]
+
+        def bind(context: Any) -> None:
+            current_caller.set(Caller(role=role, socket=self.socket_path,
+                                      peer=context.peer() or "", claimed_name=claimed))
+            if not permitted:
+                raise _denied(method, role)
+
+        if handler.unary_unary is not None:
+            inner = handler.unary_unary
+
+            async def unary(request: Any, context: Any) -> Any:
+                bind(context)
+                return await inner(request, context)
+
+            return grpc.unary_unary_rpc_method_handler(
+                map_unary(method, unary), request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        if handler.unary_stream is not None:
+            inner_stream = handler.unary_stream
+
+            async def stream(request: Any, context: Any) -> Any:
+                bind(context)
+                async for item in inner_stream(request, context):
+                    yield item
+
+            return grpc.unary_stream_rpc_method_handler(
+                map_stream(method, stream), request_deserializer=handler.request_deserializer,
+                response_serializer=handler.response_serializer)
+        return handler  # stream-unary / stream-stream: none in agentd's API

@@ -1,0 +1,110 @@
+"""The daemon's configuration: one TOML file, validated by pydantic, unknown keys refused.
+
+Relative paths are resolved against the directory of the config file, so the development
+config in the repository (`agentd.dev.toml`) keeps everything under the checkout.
+"""
+
+from __future__ import annotations
+
+import grp
+import re
+import tomllib
+from pathlib import Path
+from typing import Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+
+from agentd.errors import InvalidArgument
+
+_NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid", frozen=True)
+
+
+class DaemonSection(_Strict):
+    """Where the daemon keeps things and how it talks."""
+
+    state_dir: Path = Path("/var/lib/agentd")
+    runtime_dir: Path = Path("/run/agentd")
+    policy_dir: Path = Path("/etc/agentd/policies")
+    stages_file: str = "stages.yaml"
+    log_format: Literal["json", "console"] = "json"
+    log_level: Literal["debug", "info", "warning", "error"] = "info"
+    # Group that owns the client socket (mode 0660); "" keeps root's group.
+    socket_group: str = ""
+    approver_group: str = ""
+    worker_uid: int = Field(default=65534, ge=1)
+    worker_gid: int = Field(default=65534, ge=1)
+    # Where agentd's cgroup subtree lives; "" means under the daemon's own cgroup.
+    cgroup_parent: str = ""
+    cgroup_backend: Literal["auto", "v1", "v2"] = "auto"
+    # Seconds a SIGTERM waits for running tool calls before killing them.
+    drain_seconds: float = Field(default=10.0, ge=0)
+    max_concurrent_workers: int = Field(default=64, ge=1)
+    # Seconds between signed tree heads of the audit log when idle.
+    tree_head_interval: float = Field(default=60.0, gt=0)
+
+    @field_validator("socket_group", "approver_group")
+    @classmethod
+    def _group_exists(cls, value: str) -> str:
+        if value:
+            try:
+                grp.getgrnam(value)
+            except KeyError:
+                raise ValueError(f"group {value!r} does not exist on this host; create it "
+                                 "(systemd-sysusers) or leave the field empty") from None
+        return value
+
+
+class AgentSection(_Strict):
+    """A registered agent: its policy file (in policy_dir) and its stage."""
+
+    policy: str
+    stage: Literal["prototype", "sandbox", "pilot", "production"] = "prototype"
+
+
+class Config(_Strict):
+    daemon: DaemonSection = DaemonSection()
+    agents: dict[str, AgentSection] = {}
+
+    @field_validator("agents")
+    @classmethod
+    def _agent_names(cls, agents: dict[str, AgentSection]) -> dict[str, AgentSection]:
+        for name in agents:
+            if not _NAME.match(name):
+                raise ValueError(f"agent name {name!r} must match {_NAME.pattern}")
+        return agents
+
+    @property
+    def socket_path(self) -> Path:
+        return self.daemon.runtime_dir / "agentd.sock"
+
+    def role_sockets(self) -> dict[str, Path]:
+        """One unix socket per role; the filesystem permissions on each carry the role."""
+        run = self.daemon.runtime_dir
+        return {"client": run / "agentd.sock", "approver": run / "agentd-approver.sock",
+                "admin": run / "agentd-admin.sock"}
+
+
+def load_config(path: str | Path) -> Config:
+    """Reads and validates the config; InvalidArgument names the file and the key."""
+    path = Path(path)
+    try:
+        raw = tomllib.loads(path.read_text())
+    except FileNotFoundError:
+        raise InvalidArgument(f"{path}: config file not found") from None
+    except tomllib.TOMLDecodeError as exc:
+        raise InvalidArgument(f"{path}: not valid TOML: {exc}") from None
+    try:
+        config = Config.model_validate(raw)
+    except ValidationError as exc:
+        problems = "; ".join(
+            f"{'.'.join(str(p) for p in err['loc'])}: {err['msg']}" for err in exc.errors())
+        raise InvalidArgument(f"{path}: {problems}") from None
+    base = path.resolve().parent
+    daemon = config.daemon.model_copy(update={
+        name: (base / getattr(config.daemon, name)).resolve()
+        for name in ("state_dir", "runtime_dir", "policy_dir")})
+    return config.model_copy(update={"daemon": daemon})

@@ -1,0 +1,187 @@
+"""agentd, the daemon: start-up order, serving, and draining.
+
+Start-up order matters:
+1. config and policies are loaded and checked (a bad file stops the start, with its line);
+2. the launcher is started while this process still has a single thread;
+3. the cgroup backend is probed and a crashed predecessor's leftovers are killed and removed;
+4. the audit log is opened (recovering a torn tail) and the start is recorded;
+5. the gRPC servers start, and only then is the daemon ready (systemd READY=1).
+
+SIGTERM or SIGINT drains: health goes NOT_SERVING, new calls get UNAVAILABLE, running workers
+are killed (whole cgroups) and report their outcome, the stop is recorded and a final tree
+head signed. SIGKILL of the daemon takes the launcher with it (PDEATHSIG) and every worker
+with the launcher; the next start removes what is left.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import os
+import shutil
+import signal
+import sys
+from pathlib import Path
+
+import structlog
+
+from agentd import logs, systemd
+from agentd.api.server import Servers, agentd_registration
+from agentd.api.service import AgentdServicer
+from agentd.audit import AuditLog
+from agentd.config import Config, load_config
+from agentd.errors import AgentdError
+from agentd.identity import SYSTEM
+from agentd.sandbox.cgroups import CgroupDriver, probe
+from agentd.sandbox.launcher_client import LauncherClient
+from agentd.scheduler.agents import AgentRegistry
+from agentd.scheduler.runs import RunManager
+from agentd.scheduler.tasks import TaskRunner
+from agentd.store.runs import RunStore
+
+log = structlog.get_logger("agentd")
+
+
+class Daemon:
+    """Everything the daemon owns, in the order it was started."""
+
+    def __init__(self, config: Config, registry: AgentRegistry, launcher: LauncherClient,
+                 cgroups: CgroupDriver, audit: AuditLog, store: RunStore) -> None:
+        self.config = config
+        self.launcher = launcher
+        self.cgroups = cgroups
+        self.audit = audit
+        self.store = store
+        d = config.daemon
+        self.runs = RunManager(registry=registry, store=store, audit=audit,
+                               state_dir=d.state_dir, worker_uid=d.worker_uid,
+                               worker_gid=d.worker_gid, max_workers=d.max_concurrent_workers)
+        self.tasks = TaskRunner(self.runs, launcher, cgroups, worker_uid=d.worker_uid,
+                                worker_gid=d.worker_gid)
+        registrations = [agentd_registration(AgentdServicer(self.runs, self.tasks))]
+        with contextlib.suppress(ImportError):
+            from agentd.api.audit_service import audit_registration
+            registrations.append(audit_registration(audit))
+        self.servers = Servers(config.role_sockets(),
+                               {"client": d.socket_group, "approver": d.approver_group},
+                               registrations)
+        self._stopping = asyncio.Event()
+
+    async def serve(self) -> None:
+        loop = asyncio.get_running_loop()
+        self.launcher.attach(loop)
+        for sig in (signal.SIGTERM, signal.SIGINT):
+            loop.add_signal_handler(sig, self._stopping.set)
+        await self.servers.start()
+        background = [loop.create_task(self._sign_heads()), loop.create_task(self._watchdog())]
+        systemd.notify("READY=1\nSTATUS=serving")
+        log.info("agentd.ready", sockets={r: str(p) for r, p in self.config.role_sockets().items()},
+                 cgroups=self.cgroups.describe(), launcher_pid=self.launcher.pid,
+                 agents=self.runs.registry.names())
+        await self._stopping.wait()
+        systemd.notify("STOPPING=1\nSTATUS=draining")
+        await self.drain()
+        for task in background:
+            task.cancel()
+
+    async def drain(self) -> None:
+        log.info("agentd.draining", running=self.runs.running())
+        self.runs.draining = True
+        await self.servers.not_serving()
+        killed = await self.runs.stop_workers(None, "shutdown")
+        await self.servers.stop(grace=self.config.daemon.drain_seconds)
+        await self.audit.append("daemon.stopped", actor=SYSTEM.actor(),
+                                details={"killed_tasks": killed})
+        log.info("agentd.stopped", killed=killed)
+
+    async def _sign_heads(self) -> None:
+        """Signs a tree head on a timer, so even an idle log's tail is covered by a signature."""
+        while True:
+            await asyncio.sleep(self.config.daemon.tree_head_interval)
+            try:
+                await self.audit.sign_tree_head()
+            except AgentdError as exc:
+                log.error("audit.tree_head_failed", error=str(exc))
+
+    async def _watchdog(self) -> None:
+        interval = systemd.watchdog_interval()
+        if interval is None:
+            return
+        while True:
+            # Pet only while the loop turns and the audit log can be written.
+            if self.audit.healthy:
+                systemd.notify("WATCHDOG=1")
+            await asyncio.sleep(interval / 3)
+
+
+def _prepare_dirs(config: Config) -> None:
+    d = config.daemon
+    for path in (d.state_dir, d.runtime_dir):
+        path.mkdir(parents=True, exist_ok=True, mode=0o755)
+    # Worker roots are built here, inside each worker's own mount namespace.
+    root = d.runtime_dir / "worker-root"
+    root.mkdir(exist_ok=True, mode=0o700)
+
+
+def _clean_closed_workspaces(store: RunStore, state_dir: Path) -> None:
+    """Removes what a crash left between 'workspace deleted' and 'run closed'."""
+    for run in store.list(include_closed=True):
+        if run.state == "closed" and not run.workspace:
+            shutil.rmtree(state_dir / "runs" / run.run_id, ignore_errors=True)
+
+
+def start(config: Config) -> Daemon:
+    """Steps 1–4 of the start-up order; raises AgentdError with a clear message."""
+    registry = AgentRegistry.load(config)
+    _prepare_dirs(config)
+    launcher = LauncherClient(str(config.daemon.runtime_dir / "worker-root"))
+    launcher.start()
+    d = config.daemon
+    cgroups = probe(parent=d.cgroup_parent or None,
+                    prefer=None if d.cgroup_backend == "auto" else d.cgroup_backend)
+    stale = cgroups.cleanup_stale()
+    audit = AuditLog.open(d.state_dir / "audit")
+    store = RunStore(d.state_dir / "state.db")
+    _clean_closed_workspaces(store, d.state_dir)
+    audit.append_sync("daemon.started", actor=SYSTEM.actor(), details={
+        "pid": os.getpid(), "cgroups": cgroups.describe(), "stale_cgroups_removed": stale,
+        "agents": {name: {"stage": registry.get(name).stage,
+                          "policy_hash": registry.get(name).policy.content_hash}
+                   for name in registry.names()}})
+    if stale:
+        log.warning("agentd.recovered", stale_cgroups_removed=stale)
+    return Daemon(config, registry, launcher, cgroups, audit, store)
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(prog="agentd", description=__doc__.split("\n")[0])
+    parser.add_argument("--config", default=os.environ.get("AGENTD_CONFIG",
+                                                           "/etc/agentd/agentd.toml"))
+    parser.add_argument("--check", action="store_true",
+                        help="validate the config and every agent's policy, then exit")
+    args = parser.parse_args(argv)
+    try:
+        config = load_config(args.config)
+        logs.configure(fmt=config.daemon.log_format, level=config.daemon.log_level)
+        if args.check:
+            AgentRegistry.load(config)
+            print(f"{args.config}: ok")
+            return
+        if os.geteuid() != 0:
+            raise SystemExit("agentd: must run as root (it creates namespaces, cgroups and "
+                             "mounts); try `sudo make run`")
+        daemon = start(config)
+    except AgentdError as exc:
+        print(f"agentd: {exc}", file=sys.stderr)
+        raise SystemExit(2) from None
+    try:
+        asyncio.run(daemon.serve())
+    finally:
+        daemon.launcher.stop()
+        daemon.audit.close()
+        daemon.store.close()
+
+
+if __name__ == "__main__":
+    main()

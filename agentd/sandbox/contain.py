@@ -1,0 +1,135 @@
+"""The whole confinement of a worker, as one ordered list of steps (child side).
+
+Runs in the child of the launcher's clone(), which already put it in new pid, mount, ipc, uts
+and net namespaces (and a user namespace when asked). The order matters and is the point of
+this module:
+
+    wait for the parent (cgroup joined, id maps written)
+    stdio, new session, die with the launcher
+    cgroup namespace, hostname
+    new root (mounts), pivot_root
+    loopback up
+    rlimits, cwd
+    # from here on, not root
+    drop privileges (no_new_privs, every capability, unprivileged uid/gid)
+    Landlock
+    # seccomp must be last: it forbids what the steps above needed
+    seccomp, execve
+
+Any failure is written to the error pipe as {"step", "errno", "message"} and the child exits
+127; a successful execve closes the pipe (O_CLOEXEC), which the launcher reads as "started".
+"""
+
+from __future__ import annotations
+
+import errno as errno_mod
+import json
+import os
+import signal
+from collections.abc import Iterator
+from contextlib import contextmanager
+from typing import NoReturn
+
+from agentd.sandbox import landlock, libc, mounts, namespaces, network, privileges, seccomp
+from agentd.sandbox.spec import WorkerSpec
+
+# Devices a tool may open for writing and ioctls (terminals) beside /workspace and /tmp.
+LANDLOCK_DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom",
+                    "/dev/tty", "/dev/pts", "/dev/ptmx")
+
+
+# The dynamic loaders of the architectures agentd runs on, where the root has them.
+ELF_LOADERS = ("/lib64/ld-linux-x86-64.so.2", "/lib/ld-linux-aarch64.so.1")
+
+
+class _Step:
+    name = "start"
+
+
+@contextmanager
+def _step(current: type[_Step], name: str) -> Iterator[None]:
+    current.name = name
+    yield
+
+
+def _executables(spec: WorkerSpec) -> list[str]:
+    """What Landlock lets the worker execute: the policy's list and the ELF interpreters.
+
+    The kernel opens a binary's ELF interpreter (ld.so) with exec permission, so every
+    dynamic binary needs it. Allowing ld.so also lets a tool run any readable ELF through it
+    (as with noexec mounts): Landlock narrows what runs, the mounts bound what exists.
+    """
+    allowed = [p for p in spec.exec_allow if os.path.exists(p)]
+    candidates = [spec.argv[0], *(p for p in allowed if not p.endswith("/"))]
+    interpreters = {landlock.interpreter_of(p) for p in candidates if os.path.isfile(p)}
+    interpreters.update(p for p in ELF_LOADERS if os.path.exists(p))
+    allowed += sorted(p for p in interpreters if p and p not in allowed)
+    return allowed
+
+
+def _wait_for_parent(go_fd: int) -> None:
+    # EOF instead of the byte means the launcher died before releasing us.
+    if os.read(go_fd, 1) != b"g":
+        raise OSError(errno_mod.ECHILD, "the launcher went away before the worker started")
+    os.close(go_fd)
+
+
+def contain(spec: WorkerSpec, *, new_root: str, seccomp_program: bytes, go_fd: int,
+            err_fd: int, stdio: tuple[int, int, int]) -> NoReturn:
+    """Confines the calling (freshly cloned) process and execs the tool; never returns."""
+    step = _Step
+    try:
+        with _step(step, "pdeathsig"):
+            libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        with _step(step, "wait for parent"):
+            _wait_for_parent(go_fd)
+        with _step(step, "stdio"):
+            for target, fd in enumerate(stdio):
+                os.dup2(fd, target, inheritable=True)
+            # Nothing of the launcher (its socket, other workers' pipes) may reach the tool.
+            os.closerange(3, err_fd)
+            os.closerange(err_fd + 1, 1 << 20)
+            # Python ignores SIGPIPE and SIGXFSZ; ignored signals survive execve.
+            for sig in (signal.SIGPIPE, signal.SIGXFSZ):
+                signal.signal(sig, signal.SIG_DFL)
+            signal.pthread_sigmask(signal.SIG_SETMASK, [])
+            # A new session: no controlling terminal, so no TIOCSTI into the operator's shell.
+            os.setsid()
+        with _step(step, "namespaces"):
+            namespaces.enter(spec)
+        with _step(step, "mounts"):
+            mounts.enter(spec, new_root)
+        with _step(step, "network"):
+            network.enter()
+        with _step(step, "rlimits"):
+            privileges.set_rlimits(core=0, nofile=spec.limits.open_files,
+                                   fsize=spec.limits.file_size_bytes)
+        with _step(step, "chdir"):
+            os.chdir(spec.cwd)
+        executables = _executables(spec)
+        # from here on, not root
+        with _step(step, "drop privileges"):
+            privileges.drop(spec.uid, spec.gid)
+        if spec.landlock:
+            with _step(step, "landlock"):
+                write = ["/tmp"] + (["/workspace"] if spec.workspace and spec.workspace_writable
+                                    else [])
+                landlock.enter(read=["/"], write=write, execute=executables,
+                               devices=LANDLOCK_DEVICES)
+        # seccomp must be last: it forbids what the steps above needed
+        if spec.seccomp:
+            with _step(step, "seccomp"):
+                seccomp.enter(seccomp_program)
+        with _step(step, "execve"):
+            os.execve(spec.argv[0], list(spec.argv), spec.env)
+    except BaseException as exc:  # noqa: BLE001 - the child must report, never unwind
+        err = exc.errno if isinstance(exc, OSError) and exc.errno else 0
+        detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
+        if step.name == "execve":
+            detail = f"{spec.argv[0]}: {detail}"
+        report = {"step": step.name, "errno": err, "message": detail}
+        try:
+            os.write(err_fd, json.dumps(report).encode())
+        finally:
+            os._exit(127)
+    os._exit(127)  # unreachable: execve either replaced us or raised

@@ -1,0 +1,213 @@
+"""The launcher: a single-threaded process that clones workers for the daemon.
+
+The daemon is multi-threaded (gRPC) and fork() from a threaded process is unsafe, so it never
+forks a worker itself. It starts this process once, before any thread exists, and talks to it
+over a SOCK_SEQPACKET socketpair (one JSON message per packet, fds passed with SCM_RIGHTS):
+
+    daemon                              launcher                          worker
+      │ spawn{id,spec,join} + 3 fds ──▶  │
+      │                                  │ clone(NEWPID|NEWNS|…) ──────────▶ │ blocks on go pipe
+      │                                  │ pid → cgroup.procs; uid/gid maps  │
+      │                                  │ go ─────────────────────────────▶ │ contain(): mounts,
+      │                                  │                                   │ privileges, seccomp
+      │                                  │ ◀───────── err pipe EOF (execve)  │ execve → tool
+      │ ◀── started{id,pid}              │   or ◀── {step,errno,message}, exit 127
+      │ ◀── failed{id,step,errno,message}│
+      │                                  │ pidfd readable → waitpid
+      │ ◀── exited{id,status}            │
+      │ shutdown{} ─────────────────────▶│ SIGKILL every worker, exit
+
+Everything is event-driven (selectors over the socket, the error pipes and pidfds), so a slow
+worker setup never delays another spawn. The launcher dies with the daemon (PDEATHSIG), and
+each worker dies with the launcher (its own PDEATHSIG) and, being pid 1 of its pid namespace,
+takes every process of its namespace with it.
+
+clone() vs fork()+unshare(): clone puts the child in its new pid namespace at once (it is
+pid 1 without a second fork) and costs one process instead of two; the price is that the
+child runs Python without os.fork()'s after-fork hooks, which is safe only because this
+process never starts a thread.
+"""
+
+from __future__ import annotations
+
+import array
+import json
+import os
+import selectors
+import signal
+import socket
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+from agentd.sandbox import libc, namespaces, seccomp
+from agentd.sandbox.contain import contain
+from agentd.sandbox.spec import WorkerSpec
+
+MAX_MESSAGE = 1 << 20
+FDS_PER_SPAWN = 3
+
+
+def recv_message(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
+    """Reads one packet and the fds that came with it; (None, []) when the peer is gone."""
+    fds = array.array("i")
+    msg, ancdata, _flags, _addr = sock.recvmsg(MAX_MESSAGE, socket.CMSG_SPACE(
+        16 * fds.itemsize), socket.MSG_CMSG_CLOEXEC)
+    for level, kind, data in ancdata:
+        if level == socket.SOL_SOCKET and kind == socket.SCM_RIGHTS:
+            fds.frombytes(data[: len(data) - (len(data) % fds.itemsize)])
+    if not msg:
+        for fd in fds:
+            os.close(fd)
+        return None, []
+    return json.loads(msg), list(fds)
+
+
+def send_message(sock: socket.socket, message: dict[str, Any], fds: list[int] | None = None
+                 ) -> None:
+    ancdata = []
+    if fds:
+        ancdata = [(socket.SOL_SOCKET, socket.SCM_RIGHTS, array.array("i", fds).tobytes())]
+    sock.sendmsg([json.dumps(message).encode()], ancdata)
+
+
+@dataclass
+class _Child:
+    request_id: int
+    pid: int
+    err_fd: int
+    pidfd: int
+    error: bytearray = field(default_factory=bytearray)
+    reported: bool = False
+
+
+class Launcher:
+    """The launcher's event loop; one instance per launcher process."""
+
+    def __init__(self, sock: socket.socket, new_root: str) -> None:
+        self.sock = sock
+        self.new_root = new_root
+        self.selector = selectors.DefaultSelector()
+        self.children: dict[int, _Child] = {}
+        self.seccomp_program = seccomp.build_filter()
+
+    def serve(self) -> None:
+        self.selector.register(self.sock, selectors.EVENT_READ, None)
+        while True:
+            for key, _ in self.selector.select():
+                if key.data is None:
+                    if not self._on_request():
+                        self._kill_all()
+                        return
+                else:
+                    kind, child = key.data
+                    if kind == "err":
+                        self._on_error_pipe(child)
+                    else:
+                        self._on_exit(child)
+
+    def _on_request(self) -> bool:
+        message, fds = recv_message(self.sock)
+        if message is None or message.get("op") == "shutdown":
+            return False
+        if message.get("op") == "spawn" and len(fds) == FDS_PER_SPAWN:
+            self._spawn(message, fds)
+        else:
+            for fd in fds:
+                os.close(fd)
+            send_message(self.sock, {"op": "failed", "id": message.get("id"), "step": "protocol",
+                                     "errno": 0, "message": f"bad request {message.get('op')!r}"})
+        return True
+
+    def _spawn(self, message: dict[str, Any], fds: list[int]) -> None:
+        request_id = int(message["id"])
+        spec = WorkerSpec.from_json(message["spec"])
+        go_r, go_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            pid = libc.clone(namespaces.clone_flags(spec))
+        except OSError as exc:
+            for fd in (go_r, go_w, err_r, err_w, *fds):
+                os.close(fd)
+            self._report_failure(request_id, "clone", exc)
+            return
+        if pid == 0:  # the worker
+            contain(spec, new_root=self.new_root, seccomp_program=self.seccomp_program,
+                    go_fd=go_r, err_fd=err_w, stdio=(fds[0], fds[1], fds[2]))
+        for fd in (go_r, err_w, *fds):
+            os.close(fd)
+        child = _Child(request_id, pid, err_r, os.pidfd_open(pid))
+        self.children[pid] = child
+        try:
+            for path in message.get("join", []):
+                with open(path, "w") as f:
+                    f.write(str(pid))
+            namespaces.from_parent(pid, spec)
+            os.write(go_w, b"g")
+        except OSError as exc:
+            os.kill(pid, signal.SIGKILL)
+            child.error += json.dumps({"step": "join cgroup / map ids", "errno": exc.errno or 0,
+                                       "message": str(exc)}).encode()
+        finally:
+            os.close(go_w)
+        self.selector.register(err_r, selectors.EVENT_READ, ("err", child))
+        self.selector.register(child.pidfd, selectors.EVENT_READ, ("exit", child))
+
+    def _on_error_pipe(self, child: _Child) -> None:
+        data = os.read(child.err_fd, 4096)
+        if data:
+            child.error += data
+            return
+        self._report_start(child)
+
+    def _report_start(self, child: _Child) -> None:
+        """At EOF of the error pipe: the worker either exec'd (no data) or said why not."""
+        self.selector.unregister(child.err_fd)
+        os.close(child.err_fd)
+        child.reported = True
+        if not child.error:
+            send_message(self.sock, {"op": "started", "id": child.request_id, "pid": child.pid})
+            return
+        try:
+            report = json.loads(child.error)
+        except ValueError:
+            report = {"step": "unknown", "errno": 0, "message": child.error.decode(errors="replace")}
+        send_message(self.sock, {"op": "failed", "id": child.request_id, **report})
+
+    def _on_exit(self, child: _Child) -> None:
+        if not child.reported:  # the worker died; its end of the pipe is closed
+            while data := os.read(child.err_fd, 4096):
+                child.error += data
+            self._report_start(child)
+        self.selector.unregister(child.pidfd)
+        os.close(child.pidfd)
+        _, status = os.waitpid(child.pid, 0)
+        del self.children[child.pid]
+        send_message(self.sock, {"op": "exited", "id": child.request_id, "status": status})
+
+    def _report_failure(self, request_id: int, step: str, exc: OSError) -> None:
+        send_message(self.sock, {"op": "failed", "id": request_id, "step": step,
+                                 "errno": exc.errno or 0, "message": str(exc)})
+        send_message(self.sock, {"op": "exited", "id": request_id, "status": 127 << 8})
+
+    def _kill_all(self) -> None:
+        for pid in list(self.children):
+            try:
+                os.kill(pid, signal.SIGKILL)
+                os.waitpid(pid, 0)
+            except ChildProcessError:
+                pass
+
+
+def main() -> None:
+    """Entry point: `python -m agentd.sandbox.launcher FD NEW_ROOT` (started by the daemon)."""
+    libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # the daemon died before we could ask to die with it
+        sys.exit(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we stop
+    sock = socket.socket(fileno=int(sys.argv[1]))
+    Launcher(sock, sys.argv[2]).serve()
+
+
+if __name__ == "__main__":
+    main()

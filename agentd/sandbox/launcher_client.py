@@ -1,0 +1,174 @@
+"""The daemon's side of the launcher protocol (see `agentd.sandbox.launcher` for the diagram).
+
+Starts the launcher process before the daemon has any thread, then turns its messages into
+per-spawn futures on the daemon's event loop. If the launcher dies (it should not), every
+pending spawn fails with UNAVAILABLE and the next spawn starts a new launcher: starting one
+from a threaded process is safe because subprocess execs right after its fork.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import itertools
+import os
+import socket
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from typing import Any
+
+import structlog
+
+from agentd.errors import Unavailable
+from agentd.sandbox.launcher import recv_message, send_message
+from agentd.sandbox.spec import SetupFailure, WorkerSpec
+
+log = structlog.get_logger("agentd.launcher")
+
+
+@dataclass
+class Spawned:
+    """Futures that resolve as the launcher reports on one worker."""
+
+    started: asyncio.Future[int] = field(default_factory=lambda: asyncio.get_running_loop()
+                                         .create_future())
+    exited: asyncio.Future[int] = field(default_factory=lambda: asyncio.get_running_loop()
+                                        .create_future())
+    failure: SetupFailure | None = None
+
+
+class SetupError(Exception):
+    """The worker could not be built; `failure` says at which step and why."""
+
+    def __init__(self, failure: SetupFailure) -> None:
+        super().__init__(str(failure))
+        self.failure = failure
+
+
+class LauncherClient:
+    """Owns the launcher process and the socket to it."""
+
+    def __init__(self, new_root: str) -> None:
+        self.new_root = new_root
+        self._sock: socket.socket | None = None
+        self._process: subprocess.Popen[bytes] | None = None
+        self._pending: dict[int, Spawned] = {}
+        self._ids = itertools.count(1)
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    def start(self) -> None:
+        """Starts the launcher; call before the daemon starts any thread."""
+        os.makedirs(self.new_root, mode=0o700, exist_ok=True)
+        ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        self._process = subprocess.Popen(
+            [sys.executable, "-m", "agentd.sandbox.launcher", str(theirs.fileno()), self.new_root],
+            pass_fds=[theirs.fileno()], stdin=subprocess.DEVNULL)
+        theirs.close()
+        ours.setblocking(False)
+        self._sock = ours
+        if self._loop is not None:
+            self._loop.add_reader(ours.fileno(), self._on_readable)
+        log.info("launcher.started", pid=self._process.pid)
+
+    def attach(self, loop: asyncio.AbstractEventLoop) -> None:
+        """Starts delivering launcher messages on `loop`."""
+        self._loop = loop
+        if self._sock is not None:
+            loop.add_reader(self._sock.fileno(), self._on_readable)
+
+    @property
+    def pid(self) -> int | None:
+        return self._process.pid if self._process else None
+
+    async def spawn(self, spec: WorkerSpec, join_paths: list[str], stdio: tuple[int, int, int]
+                    ) -> Spawned:
+        """Asks for a worker; the caller keeps (and closes) its copies of `stdio`."""
+        if self._sock is None or (self._process and self._process.poll() is not None):
+            self._restart()
+        assert self._sock is not None
+        request_id = next(self._ids)
+        spawned = Spawned()
+        self._pending[request_id] = spawned
+        message = {"op": "spawn", "id": request_id, "spec": spec.to_json(), "join": join_paths}
+        try:
+            send_message(self._sock, message, list(stdio))
+        except OSError as exc:
+            del self._pending[request_id]
+            raise Unavailable(f"cannot reach the worker launcher: {exc}") from exc
+        return spawned
+
+    def _restart(self) -> None:
+        log.error("launcher.restarting", previous_pid=self.pid)
+        self._close_socket()
+        self.start()
+
+    def _on_readable(self) -> None:
+        assert self._sock is not None
+        try:
+            message, fds = recv_message(self._sock)
+        except BlockingIOError:
+            return
+        except OSError:
+            message, fds = None, []
+        for fd in fds:
+            os.close(fd)
+        if message is None:
+            self._launcher_gone()
+            return
+        self._dispatch(message)
+
+    def _dispatch(self, message: dict[str, Any]) -> None:
+        spawned = self._pending.get(int(message.get("id") or 0))
+        if spawned is None:
+            log.warning("launcher.unknown_message", message=message)
+            return
+        op = message["op"]
+        if op == "started" and not spawned.started.done():
+            spawned.started.set_result(int(message["pid"]))
+        elif op == "failed":
+            spawned.failure = SetupFailure(str(message.get("step")), int(message.get("errno", 0)),
+                                           str(message.get("message")))
+            if not spawned.started.done():
+                spawned.started.set_exception(SetupError(spawned.failure))
+        elif op == "exited":
+            del self._pending[int(message["id"])]
+            if not spawned.started.done():
+                spawned.started.set_exception(SetupError(SetupFailure(
+                    "unknown", 0, "the worker exited before it reported")))
+            spawned.exited.set_result(int(message["status"]))
+
+    def _launcher_gone(self) -> None:
+        log.error("launcher.died", pid=self.pid)
+        self._close_socket()
+        error = Unavailable("the worker launcher died; the call was not run, retry it")
+        for spawned in self._pending.values():
+            for future in (spawned.started, spawned.exited):
+                if not future.done():
+                    future.set_exception(error)
+                    future.exception()  # consumed here: no 'never retrieved' warning
+        self._pending.clear()
+
+    def _close_socket(self) -> None:
+        if self._sock is not None:
+            if self._loop is not None:
+                self._loop.remove_reader(self._sock.fileno())
+            self._sock.close()
+            self._sock = None
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()
+        if self._process is not None:
+            self._process.wait()
+
+    def stop(self) -> None:
+        """Asks the launcher to kill every worker and exit, and waits for it."""
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                send_message(self._sock, {"op": "shutdown"})
+        if self._process is not None:
+            try:
+                self._process.wait(timeout=5)
+            except subprocess.TimeoutExpired:
+                self._process.kill()
+                self._process.wait()
+        self._close_socket()

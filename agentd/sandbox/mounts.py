@@ -1,0 +1,142 @@
+"""The worker's filesystem: a new root on a tmpfs, holding only what the policy grants.
+
+Runs in the child, inside its new mount namespace, before privileges are dropped. The root
+is built the way bubblewrap builds one: a tmpfs, read-only recursive binds of the granted host
+paths (host symlinks such as merged-/usr's /bin -> usr/bin are recreated as symlinks), the
+run's workspace at /workspace, a size-capped /tmp, a fresh /proc with the kernel knobs made
+read-only or masked as Docker does, and a minimal /dev with its own devpts. Then pivot_root
+and the old root is detached, so no host path outside the grants stays reachable.
+
+Read-only is applied with mount_setattr(AT_RECURSIVE) rather than a bind remount, because a
+remount only changes the top mount and would leave submounts of a granted tree writable.
+"""
+
+from __future__ import annotations
+
+import os
+
+from agentd.sandbox import libc
+from agentd.sandbox.spec import WorkerSpec
+
+# Devices a worker gets, bound from the host's nodes (a worker has no CAP_MKNOD).
+DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+
+# Kernel interfaces under /proc that stay visible but read-only, and those hidden outright.
+PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus", "fs")
+PROC_MASKED = ("kcore", "keys", "timer_list", "sched_debug", "kallsyms", "kmsg",
+               "config.gz", "latency_stats")
+
+_NOSUID_NODEV = libc.MS_NOSUID | libc.MS_NODEV
+_NOSUID_NODEV_ATTR = libc.MOUNT_ATTR_NOSUID | libc.MOUNT_ATTR_NODEV
+_READ_ONLY = libc.MOUNT_ATTR_RDONLY | _NOSUID_NODEV_ATTR
+
+
+def _mkdirs(path: str) -> None:
+    os.makedirs(path, mode=0o755, exist_ok=True)
+
+
+def _bind(source: str, target: str, attrs: int) -> None:
+    """Binds `source` at `target` (a file or a directory) with mount attributes `attrs`."""
+    if os.path.isdir(source):
+        _mkdirs(target)
+    else:
+        _mkdirs(os.path.dirname(target))
+        if not os.path.exists(target):
+            with open(target, "w"):
+                pass
+    libc.mount(source, target, None, libc.MS_BIND | libc.MS_REC)
+    libc.mount_setattr_recursive(target, attrs)
+
+
+def _grant(host_path: str, root: str) -> None:
+    """Makes `host_path` appear read-only inside `root`; a host symlink stays a symlink."""
+    target = root + host_path
+    if os.path.islink(host_path):
+        _mkdirs(os.path.dirname(target))
+        if not os.path.lexists(target):
+            os.symlink(os.readlink(host_path), target)
+        return
+    if not os.path.exists(host_path):
+        return  # a granted path the host lacks grants nothing
+    _bind(host_path, target, _READ_ONLY)
+
+
+def _build_proc(root: str) -> None:
+    proc = root + "/proc"
+    _mkdirs(proc)
+    libc.mount("proc", proc, "proc", _NOSUID_NODEV | libc.MS_NOEXEC)
+    for name in PROC_READ_ONLY:
+        path = f"{proc}/{name}"
+        if os.path.exists(path):
+            libc.mount(path, path, None, libc.MS_BIND | libc.MS_REC)
+            libc.mount_setattr_recursive(path, _READ_ONLY)
+    for name in PROC_MASKED:
+        path = f"{proc}/{name}"
+        if os.path.isdir(path):
+            libc.mount("tmpfs", path, "tmpfs", libc.MS_RDONLY | _NOSUID_NODEV, "size=0")
+        elif os.path.exists(path):
+            libc.mount("/dev/null", path, None, libc.MS_BIND)
+
+
+def _build_dev(root: str) -> None:
+    dev = root + "/dev"
+    _mkdirs(dev)
+    libc.mount("tmpfs", dev, "tmpfs", libc.MS_NOSUID | libc.MS_NOEXEC, "mode=0755,size=64k")
+    for name in DEVICES:
+        _bind(f"/dev/{name}", f"{dev}/{name}", libc.MOUNT_ATTR_NOSUID | libc.MOUNT_ATTR_NOEXEC)
+    _mkdirs(dev + "/pts")
+    libc.mount("devpts", dev + "/pts", "devpts", libc.MS_NOSUID | libc.MS_NOEXEC,
+               "newinstance,ptmxmode=0666,mode=0620")
+    os.symlink("pts/ptmx", dev + "/ptmx")
+    for name, target in (("fd", "/proc/self/fd"), ("stdin", "/proc/self/fd/0"),
+                         ("stdout", "/proc/self/fd/1"), ("stderr", "/proc/self/fd/2")):
+        os.symlink(target, f"{dev}/{name}")
+    _mkdirs(dev + "/shm")
+    libc.mount("tmpfs", dev + "/shm", "tmpfs", _NOSUID_NODEV | libc.MS_NOEXEC,
+               "mode=1777,size=1m")
+
+
+def _write_etc(root: str, spec: WorkerSpec) -> None:
+    """Identity files a worker's tools expect, unless the policy granted the host's own."""
+    etc = root + "/etc"
+    _mkdirs(etc)
+    files = {
+        "passwd": f"root:x:0:0::/:/sbin/nologin\nagent:x:{spec.uid}:{spec.gid}::/workspace:"
+                  "/bin/sh\n",
+        "group": f"root:x:0:\nagent:x:{spec.gid}:\n",
+        "hostname": spec.hostname + "\n",
+        "hosts": f"127.0.0.1 localhost {spec.hostname}\n::1 localhost\n",
+    }
+    for name, text in files.items():
+        if not os.path.lexists(f"{etc}/{name}"):
+            with open(f"{etc}/{name}", "w") as f:
+                f.write(text)
+
+
+def enter(spec: WorkerSpec, new_root: str) -> None:
+    """Builds the worker's root at `new_root` and pivots into it (child side, still privileged)."""
+    # Nothing we mount may propagate back to the host.
+    libc.mount(None, "/", None, libc.MS_REC | libc.MS_PRIVATE)
+    libc.mount("tmpfs", new_root, "tmpfs", _NOSUID_NODEV, "mode=0755,size=1m")
+    for path in spec.read_only:
+        _grant(path, new_root)
+    if spec.workspace is not None:
+        _bind(spec.workspace, new_root + "/workspace",
+              _NOSUID_NODEV_ATTR | (0 if spec.workspace_writable else libc.MOUNT_ATTR_RDONLY))
+    else:
+        _mkdirs(new_root + "/workspace")
+    _mkdirs(new_root + "/tmp")
+    libc.mount("tmpfs", new_root + "/tmp", "tmpfs", _NOSUID_NODEV,
+               f"mode=1777,size={spec.limits.tmp_bytes}")
+    _build_proc(new_root)
+    _build_dev(new_root)
+    _write_etc(new_root, spec)
+
+    # pivot_root(".", ".") stacks the old root on the new one; detaching "." then drops it,
+    # with every host mount under it, without needing a directory for it in the new root.
+    os.chdir(new_root)
+    libc.pivot_root(".", ".")
+    libc.umount2(".", libc.MNT_DETACH)
+    os.chdir("/")
+    # The root tmpfs itself is read-only: writes go to /workspace and /tmp only.
+    libc.mount(None, "/", None, libc.MS_REMOUNT | libc.MS_BIND | libc.MS_RDONLY | _NOSUID_NODEV)

@@ -1,0 +1,197 @@
+"""One worker's life as the daemon sees it: cgroup, spawn, output, limits, kill, cleanup.
+
+A worker is stopped by killing its whole cgroup (never by signalling a pid): on timeout, on
+output overrun, on a pids or memory limit, on cancel and on shutdown. Whatever happens, the
+cgroup is removed before `run()` returns, so a finished task leaves no process, cgroup or
+mount behind (its mounts lived in its mount namespace, gone with its last process).
+
+stdout and stderr are two pipes read by the event loop; chunks are delivered in the order
+the daemon reads them, which keeps each stream's own order exactly and the interleaving of
+the two as close to production order as two pipes allow.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import signal
+import time
+from collections.abc import Awaitable, Callable
+from dataclasses import dataclass
+
+import structlog
+
+from agentd.sandbox.cgroups import CgroupDriver, CgroupLimits, TaskCgroup
+from agentd.sandbox.launcher_client import LauncherClient, SetupError
+from agentd.sandbox.spec import ResourceUsage, SetupFailure, WorkerSpec
+
+log = structlog.get_logger("agentd.worker")
+
+STDOUT, STDERR = "stdout", "stderr"
+# How often a running worker's cgroup is checked for an OOM kill or a refused fork.
+LIMIT_POLL_SECONDS = 0.05
+
+OutputSink = Callable[[str, bytes], Awaitable[None]]
+
+
+@dataclass(frozen=True)
+class WorkerResult:
+    """How a tool ended. A failing tool is a result, not an error."""
+
+    task_id: str
+    exited: bool
+    exit_code: int
+    signal: int
+    stop_reason: str | None  # timeout | memory | pids | output | cancelled | shutdown
+    wall_seconds: float
+    usage: ResourceUsage
+    stdout_bytes: int
+    stderr_bytes: int
+    setup_failure: SetupFailure | None = None
+
+    @property
+    def summary(self) -> str:
+        if self.setup_failure is not None:
+            return str(self.setup_failure)
+        how = (f"exited {self.exit_code}" if self.exited
+               else f"killed by signal {self.signal} ({signal.Signals(self.signal).name})")
+        return how if self.stop_reason is None else f"{how}: stopped for {self.stop_reason}"
+
+
+class Worker:
+    """Runs one WorkerSpec to completion; `stop(reason)` may be called from anywhere."""
+
+    def __init__(self, spec: WorkerSpec, *, launcher: LauncherClient, cgroups: CgroupDriver
+                 ) -> None:
+        self.spec = spec
+        self._launcher = launcher
+        self._cgroups = cgroups
+        self._cgroup: TaskCgroup | None = None
+        self._stop_reason: str | None = None
+        self._killing: asyncio.Task[None] | None = None
+        self._output = {STDOUT: 0, STDERR: 0}
+        self._queue: asyncio.Queue[tuple[str, bytes] | None] = asyncio.Queue()
+        self._open_streams = 2
+
+    def stop(self, reason: str) -> None:
+        """Kills the whole worker (first reason wins); returns at once, the kill runs async."""
+        if self._stop_reason is None:
+            self._stop_reason = reason
+        if self._cgroup is not None and self._killing is None:
+            self._killing = asyncio.get_running_loop().create_task(
+                asyncio.to_thread(self._cgroup.kill))
+
+    async def run(self, stdin: bytes, on_output: OutputSink) -> WorkerResult:
+        limits = self.spec.limits
+        self._cgroup = await asyncio.to_thread(
+            self._cgroups.create, self.spec.task_id,
+            CgroupLimits(memory_bytes=limits.memory_bytes, pids=limits.pids, cpu=limits.cpu))
+        started_at = time.monotonic()
+        try:
+            return await self._run(stdin, on_output, started_at)
+        finally:
+            cgroup = self._cgroup
+            if self._killing is not None:
+                with contextlib.suppress(Exception):
+                    await self._killing
+            await asyncio.to_thread(cgroup.remove)
+
+    async def _run(self, stdin: bytes, on_output: OutputSink, started_at: float
+                   ) -> WorkerResult:
+        assert self._cgroup is not None
+        loop = asyncio.get_running_loop()
+        in_r, in_w = os.pipe2(os.O_CLOEXEC)
+        out_r, out_w = os.pipe2(os.O_CLOEXEC)
+        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        try:
+            spawned = await self._launcher.spawn(self.spec, self._cgroup.join_paths(),
+                                                 (in_r, out_w, err_w))
+        finally:
+            for fd in (in_r, out_w, err_w):
+                os.close(fd)
+        for fd, kind in ((out_r, STDOUT), (err_r, STDERR)):
+            os.set_blocking(fd, False)
+            loop.add_reader(fd, self._on_readable, fd, kind)
+        feeder = loop.create_task(self._feed_stdin(in_w, stdin))
+        timer = loop.call_later(self.spec.limits.wall_seconds, self.stop, "timeout")
+        watcher = loop.create_task(self._watch_limits())
+        failure: SetupFailure | None = None
+        try:
+            try:
+                await spawned.started
+            except SetupError as exc:
+                failure = exc.failure
+            while (item := await self._queue.get()) is not None:
+                await on_output(*item)
+            status = await spawned.exited
+        except asyncio.CancelledError:
+            self.stop("cancelled")
+            raise
+        finally:
+            timer.cancel()
+            watcher.cancel()
+            feeder.cancel()
+            for fd in (out_r, err_r):
+                loop.remove_reader(fd)
+                os.close(fd)
+        usage = await asyncio.to_thread(self._cgroup.usage)
+        if self._stop_reason is None and usage.oom_killed:
+            self._stop_reason = "memory"
+        if usage.oom_killed or usage.pids_limit_hit:
+            self.stop(self._stop_reason or "pids")
+        return WorkerResult(
+            task_id=self.spec.task_id, exited=os.WIFEXITED(status),
+            exit_code=os.WEXITSTATUS(status) if os.WIFEXITED(status) else -1,
+            signal=os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0,
+            stop_reason=self._stop_reason, wall_seconds=time.monotonic() - started_at,
+            usage=usage, stdout_bytes=self._output[STDOUT], stderr_bytes=self._output[STDERR],
+            setup_failure=failure)
+
+    def _on_readable(self, fd: int, kind: str) -> None:
+        try:
+            data = os.read(fd, 65536)
+        except BlockingIOError:
+            return
+        if not data:
+            asyncio.get_running_loop().remove_reader(fd)
+            self._open_streams -= 1
+            if self._open_streams == 0:
+                self._queue.put_nowait(None)
+            return
+        room = self.spec.limits.output_bytes - self._output[STDOUT] - self._output[STDERR]
+        if len(data) > room:
+            data = data[:max(room, 0)]
+            self.stop("output")
+        if data:
+            self._output[kind] += len(data)
+            self._queue.put_nowait((kind, data))
+
+    async def _feed_stdin(self, fd: int, data: bytes) -> None:
+        """Writes stdin without blocking the loop; a tool that never reads it just never gets it."""
+        try:
+            os.set_blocking(fd, False)
+            view = memoryview(data)
+            while view:
+                try:
+                    written = os.write(fd, view)
+                    view = view[written:]
+                except BlockingIOError:
+                    await asyncio.sleep(0.01)
+        except (BrokenPipeError, OSError):
+            pass
+        finally:
+            os.close(fd)
+
+    async def _watch_limits(self) -> None:
+        """Stops a worker whose memory limit OOM-killed a process or whose fork was refused."""
+        assert self._cgroup is not None
+        while True:
+            await asyncio.sleep(LIMIT_POLL_SECONDS)
+            usage = await asyncio.to_thread(self._cgroup.usage)
+            if usage.oom_killed:
+                self.stop("memory")
+                return
+            if usage.pids_limit_hit:
+                self.stop("pids")
+                return

@@ -1,0 +1,169 @@
+"""One tool call: validate, decide, record, run in a confined worker, record the outcome.
+
+The order is the promise: a malformed request never reaches a worker; a refused one is
+recorded with the rule that refused it; an allowed one is recorded (durably) before the
+worker starts; and its outcome is recorded before the caller hears of it.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import os
+import secrets
+from dataclasses import dataclass, field
+
+import structlog
+
+from agentd.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from agentd.identity import Caller
+from agentd.policy import EffectivePolicy, decide_exec
+from agentd.sandbox.cgroups import CgroupDriver
+from agentd.sandbox.launcher_client import LauncherClient
+from agentd.sandbox.spec import Limits, WorkerSpec
+from agentd.sandbox.worker import OutputSink, Worker, WorkerResult
+from agentd.scheduler.runs import RunManager
+
+log = structlog.get_logger("agentd.tasks")
+
+DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"
+MAX_ARGS = 4096
+MAX_ARGV_BYTES = 1 << 20
+MAX_STDIN_BYTES = 16 << 20
+
+
+@dataclass(frozen=True)
+class ExecRequest:
+    run_id: str
+    argv: list[str]
+    env: dict[str, str] = field(default_factory=dict)
+    stdin: bytes = b""
+    cwd: str = ""
+    timeout_seconds: float = 0.0
+
+
+def _validate(request: ExecRequest) -> None:
+    if not request.argv or not request.argv[0]:
+        raise InvalidArgument("argv is empty; give the command to run, e.g. ['/bin/sh', '-c', "
+                              "'echo hi']")
+    if len(request.argv) > MAX_ARGS or sum(len(a) for a in request.argv) > MAX_ARGV_BYTES:
+        raise InvalidArgument(f"argv is too long (at most {MAX_ARGS} arguments, 1 MiB in all)")
+    if any("\0" in arg for arg in request.argv):
+        raise InvalidArgument("argv contains a NUL character, which no program can receive")
+    if len(request.stdin) > MAX_STDIN_BYTES:
+        raise InvalidArgument("stdin is larger than 16 MiB; put large inputs in the workspace")
+
+
+def resolve_executable(name: str, policy: EffectivePolicy) -> str:
+    """argv[0] as the worker will see it: absolute as given, or found on the worker's PATH.
+
+    Granted paths are bound at the same place inside the worker, so looking on the host,
+    within the read-only grants, finds what the worker would find.
+    """
+    if name.startswith("/"):
+        return os.path.normpath(name)
+    if "/" in name:
+        raise InvalidArgument(f"argv[0] {name!r} must be an absolute path or a bare name")
+    path = policy.env_set.get("PATH", DEFAULT_PATH)
+    for directory in path.split(":"):
+        candidate = os.path.join(directory, name)
+        granted = any(candidate == root or candidate.startswith(root.rstrip("/") + "/")
+                      for root in policy.read_only)
+        if granted and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
+            return candidate
+    raise InvalidArgument(f"{name!r} was not found on the worker's PATH ({path}); give an "
+                          "absolute path")
+
+
+class TaskRunner:
+    """Runs tool calls for the RunManager's runs."""
+
+    def __init__(self, runs: RunManager, launcher: LauncherClient, cgroups: CgroupDriver,
+                 *, worker_uid: int, worker_gid: int) -> None:
+        self.runs = runs
+        self.launcher = launcher
+        self.cgroups = cgroups
+        self.uid = worker_uid
+        self.gid = worker_gid
+
+    def _spec(self, task_id: str, request: ExecRequest, executable: str, workspace: str,
+              policy: EffectivePolicy, timeout: float) -> WorkerSpec:
+        env = {"PATH": DEFAULT_PATH, "HOME": "/workspace", "TMPDIR": "/tmp",
+               "AGENTD_TASK_ID": task_id, **policy.env_set, **request.env}
+        limits = Limits(memory_bytes=policy.memory_bytes, pids=policy.pids, cpu=policy.cpu,
+                        wall_seconds=timeout, output_bytes=policy.output_bytes,
+                        tmp_bytes=policy.tmp_bytes, open_files=policy.open_files,
+                        file_size_bytes=policy.file_size_bytes)
+        return WorkerSpec(
+            task_id=task_id, argv=(executable, *request.argv[1:]), env=env,
+            cwd=request.cwd or ("/workspace" if policy.workspace != "none" else "/tmp"),
+            uid=self.uid, gid=self.gid, user_namespace=policy.user_namespace,
+            read_only=policy.read_only,
+            workspace=workspace if policy.workspace != "none" else None,
+            workspace_writable=policy.workspace == "read_write",
+            exec_allow=policy.exec_allow, limits=limits)
+
+    async def exec(self, request: ExecRequest, caller: Caller, on_output: OutputSink
+                   ) -> WorkerResult:
+        self.runs.check_accepting()
+        _validate(request)
+        run = self.runs.get_run(request.run_id)
+        if run.state != "open":
+            raise FailedPrecondition(f"run {run.run_id} is closed; create a new run")
+        agent = self.runs.registry.get(run.agent)
+        policy = agent.policy
+        task_id = "t-" + secrets.token_hex(8)
+        audit = self.runs.audit
+        base = {"argv": request.argv, "env_names": sorted(request.env),
+                "env_logged": {k: v for k, v in request.env.items() if k in policy.env_log},
+                "cwd": request.cwd, "timeout_seconds": request.timeout_seconds}
+        try:
+            executable = resolve_executable(request.argv[0], policy)
+            decide_exec(policy, executable, request.env, request.cwd or "/workspace",
+                        request.timeout_seconds)
+        except (PermissionDenied, InvalidArgument) as exc:
+            await audit.append("exec.refused", actor=caller.actor(), run_id=run.run_id,
+                               task_id=task_id, details={**base, "error": exc.code,
+                                                         "reason": exc.message,
+                                                         "rule": getattr(exc, "rule", None)})
+            log.info("exec.refused", run_id=run.run_id, reason=exc.message)
+            raise
+        timeout = request.timeout_seconds or policy.wall_seconds
+        spec = self._spec(task_id, request, executable, run.workspace, policy, timeout)
+        worker = Worker(spec, launcher=self.launcher, cgroups=self.cgroups)
+        self.runs.register(run.run_id, worker)
+        try:
+            await audit.append("exec.allowed", actor=caller.actor(), run_id=run.run_id,
+                               task_id=task_id, details={
+                                   **base, "executable": executable, "stage": policy.stage,
+                                   "policy_hash": policy.content_hash})
+            self.runs.store.count_exec(run.run_id)
+            try:
+                result = await worker.run(request.stdin, on_output)
+            except asyncio.CancelledError:
+                await audit.append("exec.cancelled", actor=caller.actor(), run_id=run.run_id,
+                                   task_id=task_id, details={"reason": "the caller went away"})
+                raise
+        finally:
+            self.runs.unregister(run.run_id, task_id)
+        await audit.append("exec.exited", actor=caller.actor(), run_id=run.run_id,
+                           task_id=task_id, details=_outcome_details(result))
+        log.info("exec.exited", run_id=run.run_id, task_id=task_id, summary=result.summary,
+                 wall=round(result.wall_seconds, 4))
+        if result.setup_failure is not None:
+            raise FailedPrecondition(f"{result.setup_failure}; the tool did not run")
+        return result
+
+
+def _outcome_details(result: WorkerResult) -> dict[str, object]:
+    usage = result.usage
+    details: dict[str, object] = {
+        "exited": result.exited, "exit_code": result.exit_code, "signal": result.signal,
+        "stop_reason": result.stop_reason, "wall_seconds": round(result.wall_seconds, 6),
+        "cpu_seconds": round(usage.cpu_seconds, 6), "peak_memory_bytes": usage.peak_memory_bytes,
+        "oom_killed": usage.oom_killed, "pids_limit_hit": usage.pids_limit_hit,
+        "stdout_bytes": result.stdout_bytes, "stderr_bytes": result.stderr_bytes}
+    if result.setup_failure is not None:
+        details["setup_failure"] = {"step": result.setup_failure.step,
+                                    "errno": result.setup_failure.errno,
+                                    "message": result.setup_failure.message}
+    return details

@@ -1,0 +1,90 @@
+"""Runs on disk: SQLite in WAL mode, so a run created is a run that survives a crash.
+
+SQLite over a directory of JSON files: one fsync per transaction, atomic updates, and the
+query side (list by agent, by state) for free. The daemon is the only writer.
+"""
+
+from __future__ import annotations
+
+import sqlite3
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from agentd.errors import NotFound
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS runs (
+    run_id      TEXT PRIMARY KEY,
+    agent       TEXT NOT NULL,
+    stage       TEXT NOT NULL,
+    state       TEXT NOT NULL CHECK (state IN ('open', 'closed')),
+    created_at  REAL NOT NULL,
+    closed_at   REAL,
+    policy_hash TEXT NOT NULL,
+    policy_file TEXT NOT NULL,
+    workspace   TEXT NOT NULL,
+    created_by  TEXT NOT NULL,
+    label       TEXT NOT NULL DEFAULT '',
+    execs       INTEGER NOT NULL DEFAULT 0
+);
+CREATE INDEX IF NOT EXISTS runs_agent ON runs(agent, state);
+"""
+
+
+@dataclass(frozen=True)
+class RunRecord:
+    run_id: str
+    agent: str
+    stage: str
+    state: str
+    created_at: float
+    closed_at: float | None
+    policy_hash: str
+    policy_file: str
+    workspace: str
+    created_by: str
+    label: str
+    execs: int
+
+
+class RunStore:
+    """CRUD over the runs table; every write is its own durable transaction."""
+
+    def __init__(self, path: Path) -> None:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        self._db = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+        self._db.execute("PRAGMA journal_mode=WAL")
+        self._db.execute("PRAGMA synchronous=FULL")
+        self._db.executescript(SCHEMA)
+
+    def close(self) -> None:
+        self._db.close()
+
+    def create(self, record: RunRecord) -> None:
+        self._db.execute(
+            "INSERT INTO runs VALUES (:run_id, :agent, :stage, :state, :created_at, :closed_at,"
+            " :policy_hash, :policy_file, :workspace, :created_by, :label, :execs)",
+            record.__dict__)
+
+    def get(self, run_id: str) -> RunRecord:
+        row = self._db.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
+        if row is None:
+            raise NotFound(f"run {run_id!r} not found; `agentctl run list` shows the runs")
+        return RunRecord(*row)
+
+    def list(self, *, agent: str = "", include_closed: bool = False) -> list[RunRecord]:
+        query = "SELECT * FROM runs WHERE (? = '' OR agent = ?)"
+        if not include_closed:
+            query += " AND state = 'open'"
+        rows = self._db.execute(query + " ORDER BY created_at", (agent, agent)).fetchall()
+        return [RunRecord(*row) for row in rows]
+
+    def count_exec(self, run_id: str) -> None:
+        self._db.execute("UPDATE runs SET execs = execs + 1 WHERE run_id = ?", (run_id,))
+
+    def close_run(self, run_id: str, *, workspace: str) -> RunRecord:
+        self._db.execute(
+            "UPDATE runs SET state = 'closed', closed_at = ?, workspace = ? WHERE run_id = ?",
+            (time.time(), workspace, run_id))
+        return self.get(run_id)

@@ -1,0 +1,182 @@
+"""Shared fixtures: the real daemon, started once per session on unix sockets in a tmp dir.
+
+Integration tests talk gRPC to it exactly as a client would; nothing of the kernel is mocked.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import grpc
+import pytest
+
+from agentd.api.gen.v1 import agentd_pb2 as pb
+from agentd.api.gen.v1 import agentd_pb2_grpc
+
+REPO = Path(__file__).resolve().parent.parent
+
+CONFIG = """
+[daemon]
+state_dir = "state"
+runtime_dir = "run"
+policy_dir = "policies"
+log_format = "json"
+log_level = "debug"
+drain_seconds = 2.0
+tree_head_interval = 5.0
+
+[agents.integration]
+policy = "integration.yaml"
+stage = "prototype"
+
+[agents.integration-userns]
+policy = "integration.yaml"
+stage = "production"
+
+[agents.shell-helper]
+policy = "shell-helper.yaml"
+stage = "prototype"
+
+[agents.cve-triage]
+policy = "cve-triage.yaml"
+stage = "prototype"
+"""
+
+
+@dataclass
+class Result:
+    """What one Exec streamed back."""
+
+    stdout: bytes = b""
+    stderr: bytes = b""
+    events: list[pb.ExecEvent] = field(default_factory=list)
+    outcome: pb.Outcome | None = None
+
+    @property
+    def text(self) -> str:
+        return self.stdout.decode(errors="replace")
+
+
+@dataclass
+class DaemonHandle:
+    base: Path
+    process: subprocess.Popen[bytes]
+    log_path: Path
+
+    def socket(self, role: str = "client") -> Path:
+        name = {"client": "agentd.sock", "approver": "agentd-approver.sock",
+                "admin": "agentd-admin.sock"}[role]
+        return self.base / "run" / name
+
+    def channel(self, role: str = "client") -> grpc.Channel:
+        return grpc.insecure_channel(f"unix:{self.socket(role)}")
+
+    def stub(self, role: str = "client") -> agentd_pb2_grpc.AgentdStub:
+        return agentd_pb2_grpc.AgentdStub(self.channel(role))
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")
+
+
+def write_daemon_dir(base: Path, config: str = CONFIG) -> Path:
+    """A daemon directory: config, the repository's stage ceilings and the test policies."""
+    policies = base / "policies"
+    policies.mkdir(parents=True, exist_ok=True)
+    shutil.copy(REPO / "policies" / "stages.yaml", policies)
+    for name in ("shell-helper.yaml", "cve-triage.yaml"):
+        shutil.copy(REPO / "policies" / name, policies)
+    shutil.copy(REPO / "tests" / "policy_cases" / "integration.yaml", policies)
+    path = base / "agentd.toml"
+    path.write_text(config)
+    return path
+
+
+def start_daemon(base: Path, config: str = CONFIG, timeout: float = 30.0) -> DaemonHandle:
+    config_path = write_daemon_dir(base, config)
+    log_path = base / "daemon.log"
+    with open(log_path, "ab") as log_file:
+        process = subprocess.Popen([sys.executable, "-m", "agentd.daemon", "--config",
+                                    str(config_path)], stdout=log_file, stderr=log_file)
+    handle = DaemonHandle(base, process, log_path)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if process.poll() is not None:
+            raise RuntimeError(f"agentd exited with {process.returncode}:\n{handle.log()}")
+        if handle.socket("admin").exists():
+            try:
+                grpc.channel_ready_future(handle.channel()).result(timeout=1)
+                return handle
+            except grpc.FutureTimeoutError:
+                pass
+        time.sleep(0.05)
+    process.kill()
+    raise RuntimeError(f"agentd did not become ready in {timeout} s:\n{handle.log()}")
+
+
+def stop_daemon(handle: DaemonHandle, sig: int = signal.SIGTERM) -> int:
+    if handle.process.poll() is None:
+        handle.process.send_signal(sig)
+        try:
+            handle.process.wait(timeout=30)
+        except subprocess.TimeoutExpired:
+            handle.process.kill()
+            handle.process.wait()
+    return handle.process.returncode
+
+
+@pytest.fixture(scope="session")
+def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonHandle]:
+    if os.geteuid() != 0:
+        pytest.fail("the integration tests need root (namespaces, cgroups, mounts)")
+    handle = start_daemon(tmp_path_factory.mktemp("agentd"))
+    yield handle
+    stop_daemon(handle)
+
+
+@pytest.fixture(scope="session")
+def stub(daemon: DaemonHandle) -> agentd_pb2_grpc.AgentdStub:
+    return daemon.stub()
+
+
+@pytest.fixture
+def run_id(stub: agentd_pb2_grpc.AgentdStub) -> Iterator[str]:
+    """A fresh run of the `integration` agent, closed after the test."""
+    run = stub.CreateRun(pb.CreateRunRequest(agent="integration"))
+    yield run.run_id
+    try:
+        stub.CloseRun(pb.CloseRunRequest(run_id=run.run_id))
+    except grpc.RpcError:
+        pass
+
+
+def execute(stub: agentd_pb2_grpc.AgentdStub, run_id: str, argv: list[str], *,
+            env: dict[str, str] | None = None, stdin: bytes = b"", cwd: str = "",
+            timeout: float = 0.0) -> Result:
+    """Runs one Exec to completion and gathers its stream."""
+    result = Result()
+    request = pb.ExecRequest(run_id=run_id, argv=argv, env=env or {}, stdin=stdin, cwd=cwd,
+                             timeout_seconds=timeout)
+    for event in stub.Exec(request, timeout=120):
+        result.events.append(event)
+        if event.HasField("output"):
+            if event.output.stream == pb.STREAM_KIND_STDOUT:
+                result.stdout += event.output.data
+            else:
+                result.stderr += event.output.data
+        else:
+            result.outcome = event.outcome
+    assert result.outcome is not None, "the stream ended without an outcome"
+    return result
+
+
+def sh(stub: agentd_pb2_grpc.AgentdStub, run_id: str, script: str, **kwargs: object) -> Result:
+    """Runs `/bin/sh -c script` in a worker."""
+    return execute(stub, run_id, ["/bin/sh", "-c", script], **kwargs)  # type: ignore[arg-type]
