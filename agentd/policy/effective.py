@@ -1,0 +1,146 @@
+"""The effective policy: what one agent may do at one stage on this host, as plain values.
+
+This is what everything below the policy layer works from: the scheduler turns it into a
+`WorkerSpec`, the audit log records its `content_hash`, a refusal quotes `rule(field)`. It
+holds no pydantic model and no reference to the files, so it can be stored, compared and
+sent to another process (`to_json` / `from_json`) without the policy files at hand.
+
+`content_hash` covers exactly the fields that change what a worker may do, plus the policy
+name and stage; it leaves out `source`, `notes` and the rule locations, so that moving a file
+or adding a comment does not make the same capabilities look like a new policy version, while
+any change of a capability or a limit does.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+from collections.abc import Mapping
+from dataclasses import dataclass, field, fields
+from typing import Any, Final
+
+from agentd.policy.rules import Network, Workspace
+
+# Field names a rule can be asked for, as written in a stage section.
+RULE_FIELDS: Final[tuple[str, ...]] = (
+    "exec.allow",
+    "filesystem.read_only",
+    "filesystem.workspace",
+    "network",
+    "user_namespace",
+    "env.set",
+    "env.allow",
+    "env.log",
+    "limits.memory",
+    "limits.pids",
+    "limits.cpu",
+    "limits.wall_time",
+    "limits.output",
+    "limits.tmp",
+    "limits.open_files",
+    "limits.file_size",
+)
+# Fields that are about where things came from, not what the worker may do.
+_NOT_HASHED: Final = frozenset({"source", "content_hash", "notes", "rules", "exec_dropped"})
+
+
+@dataclass(frozen=True, kw_only=True)
+class EffectivePolicy:
+    """An agent's policy at one stage, clamped to the host's ceiling for that stage.
+
+    Build it with `agentd.policy.effective_policy`; constructing one directly (defaults are the
+    safe policy defaults) is meant for tests of the layers above. Treat `env_set` as read-only.
+    """
+
+    agent_policy: str
+    """The policy's name."""
+    stage: str
+    source: str = "<memory>"
+    """The policy file it was loaded from."""
+    content_hash: str = field(init=False)
+    """"sha256:<hex>" of the canonical JSON of the effective fields."""
+    exec_allow: tuple[str, ...] = ()
+    read_only: tuple[str, ...] = ()
+    workspace: Workspace = "read_write"
+    network: Network = "none"
+    user_namespace: bool = False
+    env_set: Mapping[str, str] = field(default_factory=dict)
+    env_allow: tuple[str, ...] = ()
+    env_log: tuple[str, ...] = ()
+    memory_bytes: int = 256 << 20
+    pids: int = 64
+    cpu: float = 1.0
+    wall_seconds: float = 60.0
+    output_bytes: int = 1 << 20
+    tmp_bytes: int = 64 << 20
+    open_files: int = 256
+    file_size_bytes: int = 1 << 30
+    notes: tuple[str, ...] = ()
+    """What the stage ceiling changed, one human-readable line each."""
+    rules: Mapping[str, str] = field(default_factory=dict)
+    """Field (one of RULE_FIELDS) -> "file:line dotted.field" of the rule that decides it."""
+    exec_dropped: Mapping[str, str] = field(default_factory=dict)
+    """Exec entries the policy grants but the stage ceiling does not -> the ceiling's rule."""
+
+    def __post_init__(self) -> None:
+        object.__setattr__(self, "env_set", dict(self.env_set))
+        object.__setattr__(self, "cpu", float(self.cpu))
+        object.__setattr__(self, "wall_seconds", float(self.wall_seconds))
+        object.__setattr__(self, "content_hash", content_hash_of(self.hashed_fields()))
+
+    def __hash__(self) -> int:
+        # env_set is a dict, so the generated hash would fail; equal objects share the hash.
+        return hash((self.content_hash, self.source, self.notes))
+
+    def rule(self, field: str) -> str:
+        """Where the rule deciding `field` ("exec.allow", "limits.wall_time", ...) is written.
+
+        The policy's line when the policy decided it, the stages file's line when the stage
+        ceiling did; e.g. "policies/cve-triage.yaml:12 stages.prototype.exec.allow".
+        """
+        if field not in RULE_FIELDS:
+            raise ValueError(f"no policy field {field!r}; fields are {', '.join(RULE_FIELDS)}")
+        return self.rules.get(field) or f"{self.source} stages.{self.stage}.{field}"
+
+    def hashed_fields(self) -> dict[str, Any]:
+        """The fields the content hash covers, as JSON values."""
+        return {
+            f.name: _jsonable(getattr(self, f.name))
+            for f in fields(self)
+            if f.name not in _NOT_HASHED
+        }
+
+    def to_json(self) -> dict[str, Any]:
+        """Every field as JSON values (lists for tuples), for storage or another process."""
+        return {f.name: _jsonable(getattr(self, f.name)) for f in fields(self)}
+
+    @classmethod
+    def from_json(cls, data: Mapping[str, Any]) -> EffectivePolicy:
+        """The inverse of `to_json`; refuses data whose `content_hash` does not match."""
+        values = {k: v for k, v in data.items() if k != "content_hash"}
+        for name in ("exec_allow", "read_only", "env_allow", "env_log", "notes"):
+            if name in values:
+                values[name] = tuple(values[name])
+        effective = cls(**values)
+        if "content_hash" in data and data["content_hash"] != effective.content_hash:
+            raise ValueError(
+                f"content_hash {data['content_hash']} does not match the fields"
+                f" ({effective.content_hash}); the stored effective policy was altered"
+            )
+        return effective
+
+
+def content_hash_of(values: Mapping[str, Any]) -> str:
+    """"sha256:<hex>" of `values` as canonical JSON (sorted keys, no spaces, UTF-8)."""
+    canonical = json.dumps(
+        values, sort_keys=True, separators=(",", ":"), ensure_ascii=False, allow_nan=False
+    )
+    return "sha256:" + hashlib.sha256(canonical.encode("utf-8")).hexdigest()
+
+
+def _jsonable(value: Any) -> Any:
+    if isinstance(value, tuple):
+        return list(value)
+    if isinstance(value, Mapping):
+        return dict(value)
+    return value

@@ -1,0 +1,194 @@
+"""The sections of one stage: what an agent may execute, see, set and use.
+
+These models are shared by agent policies (`stages.<stage>` of a Policy) and host ceilings
+(`stages.<stage>` of StageCeilings). Every field has a default that grants nothing beyond the
+minimum a worker needs, so a field left out never widens what an agent can do; an unknown field
+is an error (`extra="forbid"`), never ignored, because a misspelt `read_onyl:` that silently did
+nothing would be a policy that says one thing and enforces another.
+
+Inheritance between stages works on what was *written* (pydantic's `model_fields_set`), not on
+the defaults, so a default in a higher stage never hides a value inherited from a lower one;
+see `agentd.policy.model`.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Annotated, Any, Final, Literal
+
+from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
+
+from agentd.policy.paths import ExecEntry, HostPath
+from agentd.policy.sizes import Cores, Duration, Size
+
+Workspace = Literal["read_write", "read_only", "none"]
+Network = Literal["none"]
+
+# Most restrictive first: clamping takes the lower of the policy's and the ceiling's.
+WORKSPACE_ORDER: Final[tuple[Workspace, ...]] = ("none", "read_only", "read_write")
+
+ENV_NAME_PATTERN: Final = r"^[A-Za-z_][A-Za-z0-9_]*$"
+_ENV_NAME = re.compile(ENV_NAME_PATTERN)
+PID_MAX_LIMIT: Final = 4_194_304  # the kernel's upper bound for pids.max and pid numbers
+NR_OPEN_MAX: Final = 1_048_576  # default fs.nr_open: RLIMIT_NOFILE cannot exceed it
+
+
+def check_env_name(value: Any) -> str:
+    """Return `value` if it is a portable environment variable name, else raise ValueError."""
+    if not isinstance(value, str) or not _ENV_NAME.fullmatch(value):
+        raise ValueError(
+            f"{value!r} is not an environment variable name; use letters, digits and _,"
+            " not starting with a digit (e.g. PYTHONPATH)"
+        )
+    return value
+
+
+def _check_env_value(value: Any) -> str:
+    if not isinstance(value, str):
+        message = f"{value!r} is not a string; quote the value, e.g. \"{value}\""
+        raise ValueError(message)  # noqa: TRY004 - pydantic reports ValueError, not TypeError
+    if "\0" in value:
+        raise ValueError("the value contains a NUL byte, which cannot be passed to a process")
+    return value
+
+
+EnvName = Annotated[
+    str,
+    BeforeValidator(check_env_name),
+    WithJsonSchema({"type": "string", "pattern": ENV_NAME_PATTERN}),
+]
+EnvValue = Annotated[str, BeforeValidator(_check_env_value), WithJsonSchema({"type": "string"})]
+
+
+def _no_duplicates(values: tuple[str, ...]) -> tuple[str, ...]:
+    """Refuse a list that names the same thing twice (after normalisation)."""
+    seen: set[str] = set()
+    for value in values:
+        if value in seen:
+            raise ValueError(f"{value} is listed twice (after normalisation); remove one")
+        seen.add(value)
+    return values
+
+
+class Rules(BaseModel):
+    """Base of every section: frozen, unknown fields refused, field docstrings in the schema."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+
+class ExecRules(Rules):
+    """What may be executed. Matched against the executable path the caller gives (argv[0])."""
+
+    allow: tuple[ExecEntry, ...] = ()
+    """Absolute paths of executables, or directories ending in '/' for every executable below
+    them. Empty (the default): nothing may run."""
+
+    _unique = field_validator("allow")(_no_duplicates)
+
+
+class FilesystemRules(Rules):
+    """What of the host the worker sees, besides its own /tmp."""
+
+    read_only: tuple[HostPath, ...] = ()
+    """Host paths bound read-only at the same place inside the worker."""
+
+    workspace: Workspace = "read_write"
+    """How the run's workspace is mounted at /workspace: read_write, read_only or none."""
+
+    _unique = field_validator("read_only")(_no_duplicates)
+
+
+class EnvRules(Rules):
+    """The worker's environment: nothing of the daemon's environment is passed on."""
+
+    set: dict[EnvName, EnvValue] = Field(default_factory=dict)
+    """Variables always set in the worker."""
+
+    allow: tuple[EnvName, ...] = ()
+    """Names the caller may set per call; any other name is refused."""
+
+    log: tuple[EnvName, ...] = ()
+    """Names whose values may be written to the audit log; must be in set or allow. Values of
+    other variables are recorded as redacted."""
+
+    _unique = field_validator("allow", "log")(_no_duplicates)
+
+
+class Limits(Rules):
+    """Resource limits of one task (its whole process tree)."""
+
+    memory: Size = Field(default="256MiB", validate_default=True)
+    """Memory of the task's cgroup (memory.max), e.g. 512MiB."""
+
+    pids: int = Field(default=64, strict=True, gt=0, le=PID_MAX_LIMIT)
+    """Processes and threads at once (pids.max)."""
+
+    cpu: Cores = 1.0
+    """CPU cores (cpu.max), may be fractional."""
+
+    wall_time: Duration = Field(default="60s", validate_default=True)
+    """Wall-clock time before the task is killed, e.g. 60s, 5m."""
+
+    output: Size = Field(default="1MiB", validate_default=True)
+    """Bytes of stdout and stderr kept together; the rest is cut off."""
+
+    tmp: Size = Field(default="64MiB", validate_default=True)
+    """Size of the worker's private /tmp (tmpfs)."""
+
+    open_files: int = Field(default=256, strict=True, gt=0, le=NR_OPEN_MAX)
+    """Open file descriptors per process (RLIMIT_NOFILE)."""
+
+    file_size: Size = Field(default="1GiB", validate_default=True)
+    """Largest file a process may write (RLIMIT_FSIZE)."""
+
+
+def _network_none(value: Any) -> Any:
+    """Say plainly that egress is not there yet, instead of a bare 'must be none'."""
+    if value == "none":
+        return value
+    raise ValueError(
+        f"network {value!r} is not supported: agentd/v1 has no network egress yet, only"
+        " 'none' (loopback only); write network: none"
+    )
+
+
+class CeilingRules(Rules):
+    """The most any agent may have at one stage of `policies/stages.yaml`."""
+
+    exec: ExecRules = Field(default_factory=ExecRules)
+    """The most an agent may execute at this stage."""
+
+    filesystem: FilesystemRules = Field(default_factory=FilesystemRules)
+    """The host paths an agent may see, and the most workspace access, at this stage."""
+
+    network: Network = "none"
+    """Only 'none' (loopback only) exists in agentd/v1."""
+
+    limits: Limits = Field(default_factory=Limits)
+    """The highest limits an agent may have at this stage."""
+
+    _network = field_validator("network", mode="before")(_network_none)
+
+
+class StageRules(Rules):
+    """What an agent may do at one stage, before the host ceiling is applied."""
+
+    exec: ExecRules = Field(default_factory=ExecRules)
+    """What the agent may execute."""
+
+    filesystem: FilesystemRules = Field(default_factory=FilesystemRules)
+    """Host paths (read-only) and the workspace mode."""
+
+    network: Network = "none"
+    """Only 'none' (loopback only) exists in agentd/v1."""
+
+    user_namespace: bool = Field(default=False, strict=True)
+    """Run the worker in a user namespace (its root is not the host's root)."""
+
+    env: EnvRules = Field(default_factory=EnvRules)
+    """Environment variables set, allowed and logged."""
+
+    limits: Limits = Field(default_factory=Limits)
+    """Resource limits; each is lowered to the stage's ceiling."""
+
+    _network = field_validator("network", mode="before")(_network_none)

@@ -1,0 +1,167 @@
+"""Clamping an agent's policy to its stage's ceiling: `effective_policy`.
+
+The agent's policy says what the agent wants at a stage; `policies/stages.yaml` says the most
+any agent may have there. The effective policy is the intersection, computed field by field:
+
+    exec.allow            entries not within a ceiling entry are dropped (not narrowed)
+    filesystem.read_only  paths not at or below a ceiling path are dropped
+    filesystem.workspace  the more restrictive: none < read_only < read_write
+    network               the more restrictive (only "none" exists in v1)
+    limits.*              the lower of the two
+    env.*, user_namespace from the policy (the ceiling has no say)
+
+An entry is dropped rather than narrowed (`/usr/` against a ceiling of `/usr/bin/` is dropped,
+not turned into `/usr/bin/`) so that the effective policy never contains a rule nobody wrote.
+Every change is recorded in `notes` with the ceiling's file and line, because a clamp that
+happens silently looks, to the person debugging a refusal, like a policy that lies.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from typing import Final
+
+from agentd.errors import InvalidArgument, PermissionDenied
+from agentd.policy.effective import EffectivePolicy
+from agentd.policy.model import STAGES, Document, Policy, ResolvedStage, StageCeilings
+from agentd.policy.paths import exec_entry_covers, is_at_or_below
+from agentd.policy.rules import WORKSPACE_ORDER, CeilingRules, Limits, StageRules
+from agentd.policy.sizes import format_duration, format_size
+
+# limits field -> (EffectivePolicy attribute, how to show a value in a note)
+_LIMITS: Final[dict[str, tuple[str, Callable[[float], str]]]] = {
+    "memory": ("memory_bytes", lambda v: format_size(int(v))),
+    "pids": ("pids", lambda v: str(int(v))),
+    "cpu": ("cpu", lambda v: f"{v:g}"),
+    "wall_time": ("wall_seconds", format_duration),
+    "output": ("output_bytes", lambda v: format_size(int(v))),
+    "tmp": ("tmp_bytes", lambda v: format_size(int(v))),
+    "open_files": ("open_files", lambda v: str(int(v))),
+    "file_size": ("file_size_bytes", lambda v: format_size(int(v))),
+}
+assert set(_LIMITS) == set(Limits.model_fields)
+
+
+def effective_policy(policy: Policy, stage: str, ceilings: StageCeilings) -> EffectivePolicy:
+    """`policy` at `stage`, clamped to the stage's ceiling, with a note for every clamp.
+
+    Raises InvalidArgument for an unknown stage name, and PermissionDenied when the policy
+    declares no section at or below `stage` (the agent may not run there at all).
+    """
+    if stage not in STAGES:
+        raise InvalidArgument(f"unknown stage {stage!r}; stages are {', '.join(STAGES)}")
+    resolved = policy.resolve(stage)
+    if resolved is None:
+        raise PermissionDenied(
+            f"policy {policy.name} declares no section at or below stage {stage}, so the agent"
+            f" cannot run at {stage}; add stages.{stage} to the policy to allow it",
+            rule=policy.where("stages"),
+        )
+    return _Clamp(policy, resolved, ceilings).run()
+
+
+class _Clamp:
+    """One clamping of one resolved stage; collects the notes and the rule of each field."""
+
+    def __init__(self, policy: Policy, resolved: ResolvedStage, ceilings: StageCeilings) -> None:
+        self.policy = policy
+        self.resolved = resolved
+        self.stage = resolved.stage
+        self.ceilings = ceilings
+        self.notes: list[str] = []
+        self.rules: dict[str, str] = {}
+
+    def run(self) -> EffectivePolicy:
+        wants: StageRules = self.resolved.rules
+        ceiling: CeilingRules = self.ceilings.ceiling(self.stage)
+        for field in ("exec.allow", "filesystem.read_only", "network", "user_namespace",
+                      "env.set", "env.allow", "env.log"):
+            self.rules[field] = self._policy_rule(field)
+
+        exec_allow: list[str] = []
+        exec_dropped: dict[str, str] = {}
+        for entry in wants.exec.allow:
+            if any(exec_entry_covers(top, entry) for top in ceiling.exec.allow):
+                exec_allow.append(entry)
+            else:
+                exec_dropped[entry] = self._ceiling_rule("exec.allow")
+                self._dropped("exec.allow", entry)
+
+        read_only: list[str] = []
+        for path in wants.filesystem.read_only:
+            if any(is_at_or_below(path, top) for top in ceiling.filesystem.read_only):
+                read_only.append(path)
+            else:
+                self._dropped("filesystem.read_only", path)
+
+        workspace = wants.filesystem.workspace
+        self.rules["filesystem.workspace"] = self._policy_rule("filesystem.workspace")
+        top = ceiling.filesystem.workspace
+        if WORKSPACE_ORDER.index(top) < WORKSPACE_ORDER.index(workspace):
+            self._lowered("filesystem.workspace", workspace, top)
+            workspace = top
+
+        limits: dict[str, float] = {}
+        for name, (attribute, show) in _LIMITS.items():
+            wanted: float = getattr(wants.limits, name)
+            most: float = getattr(ceiling.limits, name)
+            self.rules[f"limits.{name}"] = self._policy_rule(f"limits.{name}")
+            if most < wanted:
+                self._lowered(f"limits.{name}", show(wanted), show(most))
+                wanted = most
+            limits[attribute] = wanted
+
+        env = wants.env
+        return EffectivePolicy(
+            agent_policy=self.policy.name,
+            stage=self.stage,
+            source=self.policy.source,
+            exec_allow=tuple(exec_allow),
+            read_only=tuple(read_only),
+            workspace=workspace,
+            network="none",  # the only value either side can hold in v1
+            user_namespace=wants.user_namespace,
+            env_set=dict(env.set),
+            env_allow=env.allow,
+            env_log=tuple(n for n in env.log if n in env.set or n in env.allow),
+            memory_bytes=int(limits["memory_bytes"]),
+            pids=int(limits["pids"]),
+            cpu=float(limits["cpu"]),
+            wall_seconds=float(limits["wall_seconds"]),
+            output_bytes=int(limits["output_bytes"]),
+            tmp_bytes=int(limits["tmp_bytes"]),
+            open_files=int(limits["open_files"]),
+            file_size_bytes=int(limits["file_size_bytes"]),
+            notes=tuple(self.notes),
+            rules=dict(self.rules),
+            exec_dropped=exec_dropped,
+        )
+
+    def _policy_rule(self, field: str) -> str:
+        """Where the policy writes `field` for this stage (maybe inherited, maybe default)."""
+        declaring = self.resolved.origin.get(field, self.resolved.base)
+        return self.policy.where(
+            f"stages.{declaring}.{field}", fallback=f"stages.{self.resolved.base}"
+        )
+
+    def _ceiling_rule(self, field: str) -> str:
+        return self.ceilings.where(f"stages.{self.stage}.{field}", fallback=f"stages.{self.stage}")
+
+    def _dropped(self, field: str, entry: str) -> None:
+        self.notes.append(
+            f"{field}: {entry} dropped: not allowed at stage {self.stage}"
+            f" ({_at(self.ceilings, f'stages.{self.stage}.{field}', f'stages.{self.stage}')})"
+        )
+
+    def _lowered(self, field: str, wanted: str, most: str) -> None:
+        self.rules[field] = self._ceiling_rule(field)
+        self.notes.append(
+            f"{field}: {wanted} lowered to {most}: the most allowed at stage {self.stage}"
+            f" ({_at(self.ceilings, f'stages.{self.stage}.{field}', f'stages.{self.stage}')})"
+        )
+
+
+def _at(document: Document, field: str, fallback: str) -> str:
+    """`"<file>:<line>"` of `field`, or of `fallback` when `field` is not written."""
+    line = document.line(field) or document.line(fallback)
+    return document.source if line is None else f"{document.source}:{line}"
