@@ -122,7 +122,7 @@ def contain(spec: WorkerSpec, *, new_root: str, seccomp_program: bytes, go_fd: i
                 seccomp.enter(seccomp_program)
         with _step(step, "execve"):
             os.execve(spec.argv[0], list(spec.argv), spec.env)
-    except BaseException as exc:  # noqa: BLE001 - the child must report, never unwind
+    except BaseException as exc:
         err = exc.errno if isinstance(exc, OSError) and exc.errno else 0
         detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         if step.name == "execve":

@@ -171,7 +171,8 @@ class Launcher:
         try:
             report = json.loads(child.error)
         except ValueError:
-            report = {"step": "unknown", "errno": 0, "message": child.error.decode(errors="replace")}
+            report = {"step": "unknown", "errno": 0,
+                      "message": child.error.decode(errors="replace")}
         send_message(self.sock, {"op": "failed", "id": child.request_id, **report})
 
     def _on_exit(self, child: _Child) -> None:

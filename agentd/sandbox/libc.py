@@ -10,6 +10,7 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+from typing import Any, Union
 
 _libc = ctypes.CDLL(None, use_errno=True)
 _libc.syscall.restype = ctypes.c_long
@@ -84,7 +85,10 @@ def _check(result: int, what: str) -> int:
     return result
 
 
-def syscall(name: str, *args: int | ctypes.c_void_p | ctypes.c_char_p | None) -> int:
+SyscallArg = Union[int, "ctypes._SimpleCData[Any]", None]
+
+
+def syscall(name: str, *args: SyscallArg) -> int:
     """Calls a syscall by name from the table above; raises OSError on failure."""
     return _check(int(_libc.syscall(ctypes.c_long(SYSCALL[name]), *args)), name)
 

@@ -73,6 +73,7 @@ class Worker:
         self._output = {STDOUT: 0, STDERR: 0}
         self._queue: asyncio.Queue[tuple[str, bytes] | None] = asyncio.Queue()
         self._open_streams = 2
+        self._marks: list[tuple[str, float]] = []
 
     def stop(self, reason: str) -> None:
         """Kills the whole worker (first reason wins); returns at once, the kill runs async."""
@@ -84,9 +85,11 @@ class Worker:
 
     async def run(self, stdin: bytes, on_output: OutputSink) -> WorkerResult:
         limits = self.spec.limits
+        self._mark("begin")
         self._cgroup = await asyncio.to_thread(
             self._cgroups.create, self.spec.task_id,
             CgroupLimits(memory_bytes=limits.memory_bytes, pids=limits.pids, cpu=limits.cpu))
+        self._mark("cgroup created")
         started_at = time.monotonic()
         try:
             return await self._run(stdin, on_output, started_at)
@@ -96,6 +99,16 @@ class Worker:
                 with contextlib.suppress(Exception):
                     await self._killing
             await asyncio.to_thread(cgroup.remove)
+            self._mark("cgroup removed")
+            log.debug("worker.timing", task_id=self.spec.task_id, **self._phases())
+
+    def _mark(self, phase: str) -> None:
+        self._marks.append((phase, time.perf_counter()))
+
+    def _phases(self) -> dict[str, float]:
+        """Milliseconds between successive marks: where a worker's time went."""
+        return {f"{name}_ms": round((t - prev) * 1e3, 3)
+                for (_, prev), (name, t) in zip(self._marks, self._marks[1:], strict=False)}
 
     async def _run(self, stdin: bytes, on_output: OutputSink, started_at: float
                    ) -> WorkerResult:
@@ -118,13 +131,17 @@ class Worker:
         watcher = loop.create_task(self._watch_limits())
         failure: SetupFailure | None = None
         try:
+            self._mark("spawn sent")
             try:
                 await spawned.started
             except SetupError as exc:
                 failure = exc.failure
+            self._mark("started")
             while (item := await self._queue.get()) is not None:
                 await on_output(*item)
+            self._mark("output closed")
             status = await spawned.exited
+            self._mark("exited")
         except asyncio.CancelledError:
             self.stop("cancelled")
             raise
@@ -136,6 +153,7 @@ class Worker:
                 loop.remove_reader(fd)
                 os.close(fd)
         usage = await asyncio.to_thread(self._cgroup.usage)
+        self._mark("usage read")
         if self._stop_reason is None and usage.oom_killed:
             self._stop_reason = "memory"
         if usage.oom_killed or usage.pids_limit_hit:
