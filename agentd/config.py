@@ -39,7 +39,8 @@ class DaemonSection(_Strict):
     worker_gid: int = Field(default=65534, ge=1)
     # Where agentd's cgroup subtree lives; "" means under the daemon's own cgroup.
     cgroup_parent: str = ""
-    cgroup_backend: Literal["auto", "v1", "v2"] = "auto"
+    # auto tries v2, then hybrid (v1 limits + the unified mount's cgroup.kill), then v1.
+    cgroup_backend: Literal["auto", "v2", "hybrid", "v1"] = "auto"
     # Seconds a SIGTERM waits for running tool calls before killing them.
     drain_seconds: float = Field(default=10.0, ge=0)
     max_concurrent_workers: int = Field(default=64, ge=1)

@@ -84,11 +84,9 @@ class Worker:
                 asyncio.to_thread(self._cgroup.kill))
 
     async def run(self, stdin: bytes, on_output: OutputSink) -> WorkerResult:
-        limits = self.spec.limits
         self._mark("begin")
         self._cgroup = await asyncio.to_thread(
-            self._cgroups.create, self.spec.task_id,
-            CgroupLimits(memory_bytes=limits.memory_bytes, pids=limits.pids, cpu=limits.cpu))
+            self._cgroups.create, self.spec.task_id, CgroupLimits.from_limits(self.spec.limits))
         self._mark("cgroup created")
         started_at = time.monotonic()
         try:

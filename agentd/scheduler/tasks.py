@@ -53,6 +53,11 @@ def _validate(request: ExecRequest) -> None:
         raise InvalidArgument("stdin is larger than 16 MiB; put large inputs in the workspace")
 
 
+def _cwd(request: ExecRequest, policy: EffectivePolicy) -> str:
+    """The working directory: as asked, else the workspace (or /tmp when there is none)."""
+    return request.cwd or ("/workspace" if policy.workspace != "none" else "/tmp")
+
+
 def resolve_executable(name: str, policy: EffectivePolicy) -> str:
     """argv[0] as the worker will see it: absolute as given, or found on the worker's PATH.
 
@@ -95,7 +100,7 @@ class TaskRunner:
                         file_size_bytes=policy.file_size_bytes)
         return WorkerSpec(
             task_id=task_id, argv=(executable, *request.argv[1:]), env=env,
-            cwd=request.cwd or ("/workspace" if policy.workspace != "none" else "/tmp"),
+            cwd=_cwd(request, policy),
             uid=self.uid, gid=self.gid, user_namespace=policy.user_namespace,
             read_only=policy.read_only,
             workspace=workspace if policy.workspace != "none" else None,
@@ -118,7 +123,7 @@ class TaskRunner:
                 "cwd": request.cwd, "timeout_seconds": request.timeout_seconds}
         try:
             executable = resolve_executable(request.argv[0], policy)
-            decide_exec(policy, executable, request.env, request.cwd or "/workspace",
+            decide_exec(policy, executable, request.env, _cwd(request, policy),
                         request.timeout_seconds)
         except (PermissionDenied, InvalidArgument) as exc:
             await audit.append("exec.refused", actor=caller.actor(), run_id=run.run_id,

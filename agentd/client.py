@@ -1,0 +1,360 @@
+"""A synchronous client for agentd's gRPC API over its unix socket.
+
+    with AgentdClient() as client:                 # socket: see resolve_socket()
+        run = client.create_run("cve-triage")
+        for event in client.exec(run.run_id, ["python3", "-V"]):
+            if isinstance(event, Output):
+                ...                                # event.stream, event.data
+            else:                                  # the last event is always an Outcome
+                print(event.exit_code)
+        client.close_run(run.run_id)
+
+The client returns frozen dataclasses (`Run`, `Output`, `Outcome`), never protobuf messages:
+this module and `agentd.api` are the only users of the generated stubs, so nothing above it
+(agentctl, agent frameworks) depends on them. Every failed call raises `ClientError`, whose
+`code` is the gRPC status name ("NOT_FOUND", "PERMISSION_DENIED", ...). A tool that exits
+non-zero or is killed is not an error: `exec` reports it in its final `Outcome`.
+"""
+
+from __future__ import annotations
+
+import enum
+import os
+from collections.abc import Iterator, Mapping, Sequence
+from dataclasses import dataclass
+from datetime import UTC, datetime
+from types import TracebackType
+from typing import Self
+
+import grpc
+
+from agentd.api.gen.v1 import agentd_pb2 as pb
+from agentd.api.gen.v1 import agentd_pb2_grpc as pb_grpc
+
+__all__ = [
+    "DEV_SOCKET",
+    "SYSTEM_SOCKET",
+    "AgentdClient",
+    "ClientError",
+    "ExecEvent",
+    "Outcome",
+    "Output",
+    "Run",
+    "RunState",
+    "StopReason",
+    "Stream",
+    "resolve_socket",
+]
+
+#: Where `make run` (development mode) puts the socket, relative to the checkout.
+DEV_SOCKET = os.path.join("var", "run", "agentd.sock")
+#: Where the systemd service puts it.
+SYSTEM_SOCKET = "/run/agentd/agentd.sock"
+SOCKET_ENV = "AGENTD_SOCKET"
+
+#: Deadline of the unary calls, in seconds. Exec has none: the daemon enforces the tool's
+#: wall time itself, and a client deadline would race with it.
+DEFAULT_CALL_TIMEOUT = 60.0
+
+
+def resolve_socket(flag: str | None = None) -> str:
+    """Returns the socket path to use: `flag` > $AGENTD_SOCKET > ./var/run/agentd.sock if it
+    exists (development mode) > /run/agentd/agentd.sock."""
+    if flag:
+        return flag
+    from_env = os.environ.get(SOCKET_ENV, "")
+    if from_env:
+        return from_env
+    if os.path.exists(DEV_SOCKET):
+        return os.path.abspath(DEV_SOCKET)
+    return SYSTEM_SOCKET
+
+
+class ClientError(Exception):
+    """A call to agentd failed; `code` is the gRPC status name and `message` says what to do.
+
+    Retrying helps only for UNAVAILABLE and RESOURCE_EXHAUSTED; anything else needs the
+    request, the policy or the run's state changed first.
+    """
+
+    def __init__(self, code: str, message: str) -> None:
+        super().__init__(message)
+        self.code = code
+        self.message = message
+
+    def __str__(self) -> str:
+        return self.message
+
+
+def error_from_rpc(exc: grpc.RpcError, socket_path: str) -> ClientError:
+    """Translates a grpc error into a ClientError; the one place where that happens."""
+    code_fn = getattr(exc, "code", None)
+    details_fn = getattr(exc, "details", None)
+    status = code_fn() if callable(code_fn) else None
+    code = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
+    details = str(details_fn() or "") if callable(details_fn) else ""
+    if code == "UNAVAILABLE" and _is_connect_failure(details, socket_path):
+        if "Permission denied" in details:
+            return ClientError(
+                code,
+                f"cannot reach agentd at {socket_path}: permission denied on the socket "
+                "(ask an operator for access to it, or use --socket)",
+            )
+        return ClientError(
+            code,
+            f"cannot reach agentd at {socket_path}: is it running? "
+            "(start it with `make run` or `systemctl start agentd`)",
+        )
+    return ClientError(code, details or code.lower().replace("_", " "))
+
+
+def _is_connect_failure(details: str, socket_path: str) -> bool:
+    # A daemon that is up but draining also says UNAVAILABLE, with its own message; only a
+    # failure to connect gets the "is it running?" hint.
+    return details.startswith("failed to connect") or not os.path.exists(socket_path)
+
+
+class RunState(enum.StrEnum):
+    """Whether a run still accepts work."""
+
+    UNSPECIFIED = "unspecified"
+    OPEN = "open"
+    CLOSED = "closed"
+
+
+class Stream(enum.StrEnum):
+    """Which of the tool's output streams a chunk came from."""
+
+    STDOUT = "stdout"
+    STDERR = "stderr"
+
+
+class StopReason(enum.StrEnum):
+    """Why the daemon stopped the tool; NONE when the tool ended on its own."""
+
+    NONE = "none"
+    TIMEOUT = "timeout"
+    MEMORY = "memory"
+    PIDS = "pids"
+    OUTPUT = "output"
+    CANCELLED = "cancelled"
+    SHUTDOWN = "shutdown"
+
+
+_RUN_STATES = {
+    pb.RUN_STATE_OPEN: RunState.OPEN,
+    pb.RUN_STATE_CLOSED: RunState.CLOSED,
+}
+_STREAMS = {pb.STREAM_KIND_STDOUT: Stream.STDOUT, pb.STREAM_KIND_STDERR: Stream.STDERR}
+_STOP_REASONS = {
+    pb.STOP_REASON_NONE: StopReason.NONE,
+    pb.STOP_REASON_TIMEOUT: StopReason.TIMEOUT,
+    pb.STOP_REASON_MEMORY: StopReason.MEMORY,
+    pb.STOP_REASON_PIDS: StopReason.PIDS,
+    pb.STOP_REASON_OUTPUT: StopReason.OUTPUT,
+    pb.STOP_REASON_CANCELLED: StopReason.CANCELLED,
+    pb.STOP_REASON_SHUTDOWN: StopReason.SHUTDOWN,
+}
+
+
+@dataclass(frozen=True)
+class Run:
+    """One execution of an agent, as the daemon reported it."""
+
+    run_id: str
+    agent: str
+    stage: str
+    state: RunState
+    created_at: datetime | None
+    closed_at: datetime | None
+    policy_hash: str
+    policy_file: str
+    workspace: str  # "" once removed
+    created_by: str
+    execs: int
+
+    @classmethod
+    def from_proto(cls, msg: pb.Run) -> Run:
+        """Converts the API message."""
+        return cls(
+            run_id=msg.run_id,
+            agent=msg.agent,
+            stage=msg.stage,
+            state=_RUN_STATES.get(msg.state, RunState.UNSPECIFIED),
+            created_at=(
+                msg.created_at.ToDatetime(tzinfo=UTC) if msg.HasField("created_at") else None
+            ),
+            closed_at=msg.closed_at.ToDatetime(tzinfo=UTC) if msg.HasField("closed_at") else None,
+            policy_hash=msg.policy_hash,
+            policy_file=msg.policy_file,
+            workspace=msg.workspace,
+            created_by=msg.created_by,
+            execs=msg.execs,
+        )
+
+
+@dataclass(frozen=True)
+class Output:
+    """A chunk of the tool's stdout or stderr, in the order the tool produced it."""
+
+    stream: Stream
+    data: bytes
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """How the tool ended: the last event of every exec stream."""
+
+    task_id: str
+    exited: bool  # exit_code is meaningful only when set
+    exit_code: int
+    signal: int  # the killing signal, 0 if none
+    stop_reason: StopReason
+    wall_seconds: float
+    cpu_seconds: float
+    peak_memory_bytes: int
+    stdout_bytes: int
+    stderr_bytes: int
+    summary: str  # "exited 0", "killed: memory limit 64 MiB"
+    pids_limit_hit: bool  # a fork failed on the pids limit at least once
+
+    @classmethod
+    def from_proto(cls, msg: pb.Outcome) -> Outcome:
+        """Converts the API message."""
+        return cls(
+            task_id=msg.task_id,
+            exited=msg.exited,
+            exit_code=msg.exit_code,
+            signal=msg.signal,
+            stop_reason=_STOP_REASONS.get(msg.stop_reason, StopReason.NONE),
+            wall_seconds=msg.wall_seconds,
+            cpu_seconds=msg.cpu_seconds,
+            peak_memory_bytes=msg.peak_memory_bytes,
+            stdout_bytes=msg.stdout_bytes,
+            stderr_bytes=msg.stderr_bytes,
+            summary=msg.summary,
+            pids_limit_hit=msg.pids_limit_hit,
+        )
+
+
+ExecEvent = Output | Outcome
+
+
+class AgentdClient:
+    """A connection to one agentd over its unix socket; safe to share between threads."""
+
+    def __init__(self, socket: str | None = None, *, timeout: float = DEFAULT_CALL_TIMEOUT):
+        self.socket = resolve_socket(socket)
+        self.timeout = timeout
+        # An absolute target: "unix:relative" would depend on the cwd of whoever resolves it.
+        self._channel = grpc.insecure_channel(f"unix:{os.path.abspath(self.socket)}")
+        self._stub = pb_grpc.AgentdStub(self._channel)
+
+    @property
+    def channel(self) -> grpc.Channel:
+        """The underlying channel, for stubs of other agentd services (e.g. audit)."""
+        return self._channel
+
+    def close(self) -> None:
+        """Closes the channel; streams still open are cancelled."""
+        self._channel.close()
+
+    def __enter__(self) -> Self:
+        return self
+
+    def __exit__(
+        self,
+        exc_type: type[BaseException] | None,
+        exc: BaseException | None,
+        tb: TracebackType | None,
+    ) -> None:
+        self.close()
+
+    def error(self, exc: grpc.RpcError) -> ClientError:
+        """Translates a grpc error raised by a call on `channel` into a ClientError."""
+        return error_from_rpc(exc, self.socket)
+
+    def create_run(self, agent: str, label: str = "") -> Run:
+        """Creates a run of a registered agent."""
+        request = pb.CreateRunRequest(agent=agent, label=label)
+        try:
+            return Run.from_proto(self._stub.CreateRun(request, timeout=self.timeout))
+        except grpc.RpcError as exc:
+            raise self.error(exc) from None
+
+    def get_run(self, run_id: str) -> Run:
+        """Returns one run; NOT_FOUND if there is no such run."""
+        request = pb.GetRunRequest(run_id=run_id)
+        try:
+            return Run.from_proto(self._stub.GetRun(request, timeout=self.timeout))
+        except grpc.RpcError as exc:
+            raise self.error(exc) from None
+
+    def list_runs(self, agent: str = "", include_closed: bool = False) -> list[Run]:
+        """Returns the open runs (and closed ones if asked), of one agent if `agent` is set."""
+        request = pb.ListRunsRequest(agent=agent, include_closed=include_closed)
+        try:
+            response = self._stub.ListRuns(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise self.error(exc) from None
+        return [Run.from_proto(run) for run in response.runs]
+
+    def close_run(self, run_id: str, keep_workspace: bool = False) -> Run:
+        """Kills what still runs in the run and removes its workspace unless keep_workspace."""
+        request = pb.CloseRunRequest(run_id=run_id, keep_workspace=keep_workspace)
+        try:
+            return Run.from_proto(self._stub.CloseRun(request, timeout=self.timeout))
+        except grpc.RpcError as exc:
+            raise self.error(exc) from None
+
+    def exec(
+        self,
+        run_id: str,
+        argv: Sequence[str],
+        *,
+        env: Mapping[str, str] | None = None,
+        stdin: bytes = b"",
+        cwd: str = "",
+        timeout: float = 0.0,
+    ) -> Iterator[ExecEvent]:
+        """Runs one tool call; yields Output chunks as they arrive, then exactly one Outcome.
+
+        `timeout` is the tool's wall time in seconds (0: the policy's). Closing the iterator
+        early cancels the call, and the daemon kills the tool.
+        """
+        request = pb.ExecRequest(
+            run_id=run_id,
+            argv=list(argv),
+            env=dict(env or {}),
+            stdin=stdin,
+            cwd=cwd,
+            timeout_seconds=timeout,
+        )
+        call = self._stub.Exec(request)
+        return self._events(call)
+
+    def _events(self, call: grpc.CallIterator[pb.ExecEvent]) -> Iterator[ExecEvent]:
+        done = False
+        try:
+            for event in call:
+                kind = event.WhichOneof("event")
+                if kind == "output":
+                    stream = _STREAMS.get(event.output.stream, Stream.STDOUT)
+                    yield Output(stream=stream, data=event.output.data)
+                elif kind == "outcome":
+                    done = True
+                    yield Outcome.from_proto(event.outcome)
+                    return
+        except grpc.RpcError as exc:
+            done = True
+            raise self.error(exc) from None
+        finally:
+            if not done:
+                _cancel(call)
+        raise ClientError("INTERNAL", "agentd ended the exec stream without an outcome")
+
+
+def _cancel(call: object) -> None:
+    cancel = getattr(call, "cancel", None)
+    if callable(cancel):
+        cancel()
