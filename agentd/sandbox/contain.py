@@ -4,12 +4,11 @@ Runs in the child of the launcher's clone(), which already put it in new pid, mo
 and net namespaces (and a user namespace when asked). The order matters and is the point of
 this module:
 
-    wait for the parent (cgroup joined, id maps written)
-    stdio, new session, die with the launcher
+    die with the launcher; stdio; new session
+    new root (mounts), pivot_root; loopback up; rlimits, cwd
+    wait for the parent (it moved us into our cgroup meanwhile; with a user namespace,
+        it maps our ids, and we wait for that first, since unmapped ids cannot create files)
     cgroup namespace, hostname
-    new root (mounts), pivot_root
-    loopback up
-    rlimits, cwd
     # from here on, not root
     drop privileges (no_new_privs, every capability, unprivileged uid/gid)
     Landlock
@@ -67,6 +66,15 @@ def _executables(spec: WorkerSpec) -> list[str]:
     return allowed
 
 
+def _close_all_but(*keep: int) -> None:
+    """Closes every fd above stderr except `keep`."""
+    low = 3
+    for fd in sorted(k for k in keep if k >= 3):
+        os.closerange(low, fd)
+        low = fd + 1
+    os.closerange(low, 1 << 20)
+
+
 def _wait_for_parent(go_fd: int) -> None:
     # EOF instead of the byte means the launcher died before releasing us.
     if os.read(go_fd, 1) != b"g":
@@ -81,22 +89,20 @@ def contain(spec: WorkerSpec, *, new_root: str, seccomp_program: bytes, go_fd: i
     try:
         with _step(step, "pdeathsig"):
             libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
-        with _step(step, "wait for parent"):
-            _wait_for_parent(go_fd)
+        if spec.user_namespace:
+            with _step(step, "wait for parent"):
+                _wait_for_parent(go_fd)
         with _step(step, "stdio"):
             for target, fd in enumerate(stdio):
                 os.dup2(fd, target, inheritable=True)
             # Nothing of the launcher (its socket, other workers' pipes) may reach the tool.
-            os.closerange(3, err_fd)
-            os.closerange(err_fd + 1, 1 << 20)
+            _close_all_but(err_fd, go_fd)
             # Python ignores SIGPIPE and SIGXFSZ; ignored signals survive execve.
             for sig in (signal.SIGPIPE, signal.SIGXFSZ):
                 signal.signal(sig, signal.SIG_DFL)
             signal.pthread_sigmask(signal.SIG_SETMASK, [])
             # A new session: no controlling terminal, so no TIOCSTI into the operator's shell.
             os.setsid()
-        with _step(step, "namespaces"):
-            namespaces.enter(spec)
         with _step(step, "mounts"):
             mounts.enter(spec, new_root)
         with _step(step, "network"):
@@ -106,6 +112,13 @@ def contain(spec: WorkerSpec, *, new_root: str, seccomp_program: bytes, go_fd: i
                                    fsize=spec.limits.file_size_bytes)
         with _step(step, "chdir"):
             os.chdir(spec.cwd)
+        if not spec.user_namespace:
+            # The parent's cgroup.procs writes (an RCU grace period on cgroup v1) overlapped
+            # with building the root; nothing of the tool runs before we are in the cgroup.
+            with _step(step, "wait for parent"):
+                _wait_for_parent(go_fd)
+        with _step(step, "namespaces"):
+            namespaces.enter(spec)
         executables = _executables(spec)
         # from here on, not root
         with _step(step, "drop privileges"):
