@@ -17,7 +17,6 @@ from __future__ import annotations
 
 import argparse
 import asyncio
-import contextlib
 import os
 import shutil
 import signal
@@ -27,7 +26,7 @@ from pathlib import Path
 import structlog
 
 from agentd import logs, systemd
-from agentd.api.server import Servers, agentd_registration
+from agentd.api.server import Servers, agentd_registration, audit_registration
 from agentd.api.service import AgentdServicer
 from agentd.audit import AuditLog
 from agentd.config import Config, load_config
@@ -59,10 +58,8 @@ class Daemon:
                                worker_gid=d.worker_gid, max_workers=d.max_concurrent_workers)
         self.tasks = TaskRunner(self.runs, launcher, cgroups, worker_uid=d.worker_uid,
                                 worker_gid=d.worker_gid)
-        registrations = [agentd_registration(AgentdServicer(self.runs, self.tasks))]
-        with contextlib.suppress(ImportError):
-            from agentd.api.audit_service import audit_registration
-            registrations.append(audit_registration(audit))
+        registrations = [agentd_registration(AgentdServicer(self.runs, self.tasks)),
+                         audit_registration(audit)]
         self.servers = Servers(config.role_sockets(),
                                {"client": d.socket_group, "approver": d.approver_group},
                                registrations)
@@ -102,7 +99,7 @@ class Daemon:
             try:
                 await self.audit.sign_tree_head()
             except AgentdError as exc:
-                log.error("audit.tree_head_failed", error=str(exc))
+                log.exception("audit.tree_head_failed", error=str(exc))
 
     async def _watchdog(self) -> None:
         interval = systemd.watchdog_interval()
@@ -132,7 +129,7 @@ def _clean_closed_workspaces(store: RunStore, state_dir: Path) -> None:
 
 
 def start(config: Config) -> Daemon:
-    """Steps 1–4 of the start-up order; raises AgentdError with a clear message."""
+    """Steps 1 to 4 of the start-up order; raises AgentdError with a clear message."""
     registry = AgentRegistry.load(config)
     _prepare_dirs(config)
     launcher = LauncherClient(str(config.daemon.runtime_dir / "worker-root"))

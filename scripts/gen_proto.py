@@ -30,7 +30,8 @@ def generate(out_root: Path) -> Path:
             shutil.copy(proto, staged / proto.name)
         include = str(Path(protoc.__file__).parent / "_proto")
         plugin = Path(sys.executable).parent / "protoc-gen-mypy"
-        args = ["protoc", f"--plugin=protoc-gen-mypy={plugin}", f"-I{tmp}", f"-I{include}", f"--python_out={out_root}",
+        args = ["protoc", f"--plugin=protoc-gen-mypy={plugin}", f"-I{tmp}", f"-I{include}",
+                f"--python_out={out_root}",
                 f"--grpc_python_out={out_root}", f"--mypy_out={out_root}",
                 f"--plugin=protoc-gen-mypy_grpc={plugin.with_name('protoc-gen-mypy_grpc')}",
                 f"--mypy_grpc_out={out_root}",
@@ -48,10 +49,11 @@ def main() -> int:
         fresh = generate(Path(tmp))
         if check:
             names = sorted(p.name for p in fresh.iterdir() if p.is_file())
-            current = sorted(p.name for p in TARGET.glob("*") if p.is_file()) if TARGET.exists() else []
+            current = sorted(p.name for p in TARGET.glob("*") if p.is_file())
             _, mismatch, errors = filecmp.cmpfiles(fresh, TARGET, names, shallow=False)
             if names != current or mismatch or errors:
-                print("agentd/api/gen is out of date with proto/: run `make proto`", file=sys.stderr)
+                print("agentd/api/gen is out of date with proto/: run `make proto`",
+                      file=sys.stderr)
                 return 1
             return 0
         if TARGET.exists():

@@ -5,6 +5,7 @@ Integration tests talk gRPC to it exactly as a client would; nothing of the kern
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import signal
@@ -151,10 +152,8 @@ def run_id(stub: agentd_pb2_grpc.AgentdStub) -> Iterator[str]:
     """A fresh run of the `integration` agent, closed after the test."""
     run = stub.CreateRun(pb.CreateRunRequest(agent="integration"))
     yield run.run_id
-    try:
+    with contextlib.suppress(grpc.RpcError):
         stub.CloseRun(pb.CloseRunRequest(run_id=run.run_id))
-    except grpc.RpcError:
-        pass
 
 
 def execute(stub: agentd_pb2_grpc.AgentdStub, run_id: str, argv: list[str], *,

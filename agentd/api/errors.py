@@ -42,7 +42,7 @@ def map_unary(method: str, behaviour: Callable[[Any, Any], Awaitable[Any]]
             return await behaviour(request, context)
         except (grpc.aio.AbortError, grpc.aio.UsageError):
             raise
-        except Exception as exc:  # noqa: BLE001 - mapped to a status, bugs logged
+        except Exception as exc:
             await abort_with(context, exc, method)
     return wrapper
 
@@ -55,6 +55,6 @@ def map_stream(method: str, behaviour: Callable[[Any, Any], AsyncIterator[Any]]
                 yield item
         except (grpc.aio.AbortError, grpc.aio.UsageError):
             raise
-        except Exception as exc:  # noqa: BLE001 - mapped to a status, bugs logged
+        except Exception as exc:
             await abort_with(context, exc, method)
     return wrapper

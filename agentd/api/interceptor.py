@@ -36,7 +36,7 @@ def _denied(method: str, role: str) -> PermissionDenied:
                             "socket of a role that may", rule=f"api roles: {method}")
 
 
-class RoleInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[misc]
+class RoleInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Sets `current_caller`, enforces PERMISSIONS and maps exceptions to statuses."""
 
     def __init__(self, role: str, socket_path: str) -> None:

@@ -12,13 +12,16 @@ import grp
 import os
 from collections.abc import Callable
 from pathlib import Path
+
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection
 
-from agentd.api.gen.v1 import agentd_pb2, agentd_pb2_grpc
+from agentd.api.audit_service import AuditServicer
+from agentd.api.gen.v1 import agentd_pb2, agentd_pb2_grpc, audit_pb2, audit_pb2_grpc
 from agentd.api.interceptor import RoleInterceptor
 from agentd.api.service import AgentdServicer
+from agentd.audit import AuditLog
 
 # Mode of each role's socket; the group comes from the config (socket_group, approver_group).
 SOCKET_MODES = {"client": 0o660, "approver": 0o660, "admin": 0o600}
@@ -33,6 +36,15 @@ def agentd_registration(servicer: AgentdServicer) -> Registration:
     return register
 
 
+def audit_registration(audit: AuditLog) -> Registration:
+    servicer = AuditServicer(audit)
+
+    def register(server: grpc.aio.Server) -> list[str]:
+        audit_pb2_grpc.add_AuditServiceServicer_to_server(servicer, server)
+        return [audit_pb2.DESCRIPTOR.services_by_name["AuditService"].full_name]
+    return register
+
+
 class Servers:
     """Starts and stops the role servers together; owns the shared health status."""
 
@@ -41,7 +53,7 @@ class Servers:
         self.sockets = sockets
         self.groups = groups
         self.registrations = registrations
-        self.health = health.aio.HealthServicer()
+        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
         self._servers: list[grpc.aio.Server] = []
         self._services: list[str] = []
 
