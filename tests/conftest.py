@@ -7,10 +7,12 @@ from __future__ import annotations
 
 import contextlib
 import os
+import secrets
 import shutil
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections.abc import Iterator
 from dataclasses import dataclass, field
@@ -33,6 +35,9 @@ log_format = "json"
 log_level = "debug"
 drain_seconds = 2.0
 tree_head_interval = 5.0
+# Its own cgroup subtree: a daemon removes every task cgroup it finds under its parent at
+# start, so daemons sharing one would kill each other's workers.
+cgroup_parent = "agentd-test-{instance}"
 
 [agents.integration]
 policy = "integration.yaml"
@@ -96,8 +101,26 @@ def write_daemon_dir(base: Path, config: str = CONFIG) -> Path:
         shutil.copy(REPO / "policies" / name, policies)
     shutil.copy(REPO / "tests" / "policy_cases" / "integration.yaml", policies)
     path = base / "agentd.toml"
-    path.write_text(config)
+    path.write_text(config.replace("{instance}", secrets.token_hex(4)))
     return path
+
+
+def remove_cgroup_parents(config_path: Path) -> None:
+    """Removes the (empty) per-instance cgroup parents a test daemon made."""
+    text = config_path.read_text()
+    marker = 'cgroup_parent = "'
+    if marker not in text:
+        return
+    name = text.split(marker, 1)[1].split('"', 1)[0]
+    for line in Path("/proc/self/cgroup").read_text().splitlines():
+        _, controllers, own = line.split(":", 2)
+        mount = controllers.split(",")[0].removeprefix("name=") or "unified"
+        for parent in (Path("/sys/fs/cgroup", mount, own.lstrip("/"), name),
+                       Path("/sys/fs/cgroup", mount, name)):
+            if parent.is_dir():
+                for child in sorted(parent.glob("**/"), key=lambda p: -len(p.parts)):
+                    with contextlib.suppress(OSError):
+                        child.rmdir()
 
 
 def start_daemon(base: Path, config: str = CONFIG, timeout: float = 30.0) -> DaemonHandle:
@@ -130,16 +153,29 @@ def stop_daemon(handle: DaemonHandle, sig: int = signal.SIGTERM) -> int:
         except subprocess.TimeoutExpired:
             handle.process.kill()
             handle.process.wait()
+    if sig != signal.SIGKILL:
+        remove_cgroup_parents(handle.base / "agentd.toml")
     return handle.process.returncode
 
 
+def daemon_base() -> Path:
+    """A directory for a test daemon that an unprivileged uid can cross (pytest's are 0700):
+    a worker in a user namespace reaches its mount points with no privilege over host inodes.
+    """
+    base = Path(tempfile.mkdtemp(prefix="agentd-test-"))
+    base.chmod(0o755)
+    return base
+
+
 @pytest.fixture(scope="session")
-def daemon(tmp_path_factory: pytest.TempPathFactory) -> Iterator[DaemonHandle]:
+def daemon() -> Iterator[DaemonHandle]:
     if os.geteuid() != 0:
         pytest.fail("the integration tests need root (namespaces, cgroups, mounts)")
-    handle = start_daemon(tmp_path_factory.mktemp("agentd"))
+    base = daemon_base()
+    handle = start_daemon(base)
     yield handle
     stop_daemon(handle)
+    shutil.rmtree(base, ignore_errors=True)
 
 
 @pytest.fixture(scope="session")

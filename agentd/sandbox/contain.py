@@ -92,6 +92,9 @@ def contain(spec: WorkerSpec, *, new_root: str, seccomp_program: bytes, go_fd: i
         if spec.user_namespace:
             with _step(step, "wait for parent"):
                 _wait_for_parent(go_fd)
+            with _step(step, "filesystem ids"):
+                # Only the worker's ids are mapped; files of the new root are created as them.
+                libc.set_filesystem_ids(spec.uid, spec.gid)
         with _step(step, "stdio"):
             for target, fd in enumerate(stdio):
                 os.dup2(fd, target, inheritable=True)

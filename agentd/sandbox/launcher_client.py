@@ -59,7 +59,7 @@ class LauncherClient:
 
     def start(self) -> None:
         """Starts the launcher; call before the daemon starts any thread."""
-        os.makedirs(self.new_root, mode=0o700, exist_ok=True)
+        os.makedirs(self.new_root, mode=0o711, exist_ok=True)
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._process = subprocess.Popen(
             [sys.executable, "-m", "agentd.sandbox.launcher", str(theirs.fileno()), self.new_root],

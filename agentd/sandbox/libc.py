@@ -22,6 +22,8 @@ _libc.setns.argtypes = [ctypes.c_int, ctypes.c_int]
 _libc.prctl.argtypes = [ctypes.c_int, ctypes.c_ulong, ctypes.c_ulong, ctypes.c_ulong,
                         ctypes.c_ulong]
 _libc.sethostname.argtypes = [ctypes.c_char_p, ctypes.c_size_t]
+_libc.setfsuid.argtypes = [ctypes.c_uint]
+_libc.setfsgid.argtypes = [ctypes.c_uint]
 
 # Namespace flags (linux/sched.h).
 CLONE_NEWNS = 0x00020000
@@ -146,6 +148,17 @@ def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 
 def sethostname(name: str) -> None:
     raw = name.encode()
     _check(_libc.sethostname(raw, len(raw)), "sethostname")
+
+
+def set_filesystem_ids(uid: int, gid: int) -> None:
+    """Sets fsuid/fsgid (the ids files are created with) and checks the kernel took them.
+
+    setfsuid() reports no error; a second call returns the value in force.
+    """
+    _libc.setfsgid(gid)
+    _libc.setfsuid(uid)
+    if _libc.setfsgid(gid) != gid or _libc.setfsuid(uid) != uid:
+        raise OSError(22, f"setfsuid/setfsgid to {uid}/{gid} refused (is the id mapped?)")
 
 
 class _CapHeader(ctypes.Structure):

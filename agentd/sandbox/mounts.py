@@ -3,9 +3,11 @@
 Runs in the child, inside its new mount namespace, before privileges are dropped. The root
 is built the way bubblewrap builds one: a tmpfs, read-only recursive binds of the granted host
 paths (host symlinks such as merged-/usr's /bin -> usr/bin are recreated as symlinks), the
-run's workspace at /workspace, a size-capped /tmp, a fresh /proc with the kernel knobs made
-read-only or masked as Docker does, and a minimal /dev with its own devpts. Then pivot_root
-and the old root is detached, so no host path outside the grants stays reachable.
+run's workspace at /workspace and a size-capped /tmp (both noexec unless the policy allows
+executing there: otherwise ld.so would run any ELF a tool writes), a fresh /proc with the
+kernel knobs made read-only or masked as Docker does, and a minimal /dev with its own devpts.
+Then pivot_root and the old root is detached, so no host path outside the grants stays
+reachable.
 
 Read-only is applied with mount_setattr(AT_RECURSIVE) rather than a bind remount, because a
 remount only changes the top mount and would leave submounts of a granted tree writable.
@@ -61,10 +63,20 @@ def _grant(host_path: str, root: str) -> None:
     _bind(host_path, target, _READ_ONLY)
 
 
-def _build_proc(root: str) -> None:
+def _executable_under(directory: str, spec: WorkerSpec) -> bool:
+    """Whether the policy lets the worker execute files it can write (under `directory`)."""
+    return any(p == directory or p.startswith(directory + "/") for p in spec.exec_allow)
+
+
+def _build_proc(root: str, *, memfd_noexec: bool) -> None:
     proc = root + "/proc"
     _mkdirs(proc)
     libc.mount("proc", proc, "proc", _NOSUID_NODEV | libc.MS_NOEXEC)
+    if memfd_noexec and os.path.exists(f"{proc}/sys/vm/memfd_noexec"):
+        # Landlock cannot see memfds (an internal mount): forbid executing them in this pid
+        # namespace. Only real root can set it; a user-namespace worker goes without.
+        with open(f"{proc}/sys/vm/memfd_noexec", "w") as f:
+            f.write("2")
     for name in PROC_READ_ONLY:
         path = f"{proc}/{name}"
         if os.path.exists(path):
@@ -122,13 +134,15 @@ def enter(spec: WorkerSpec, new_root: str) -> None:
         _grant(path, new_root)
     if spec.workspace is not None:
         _bind(spec.workspace, new_root + "/workspace",
-              _NOSUID_NODEV_ATTR | (0 if spec.workspace_writable else libc.MOUNT_ATTR_RDONLY))
+              _NOSUID_NODEV_ATTR | (0 if spec.workspace_writable else libc.MOUNT_ATTR_RDONLY)
+              | (0 if _executable_under("/workspace", spec) else libc.MOUNT_ATTR_NOEXEC))
     else:
         _mkdirs(new_root + "/workspace")
     _mkdirs(new_root + "/tmp")
-    libc.mount("tmpfs", new_root + "/tmp", "tmpfs", _NOSUID_NODEV,
+    libc.mount("tmpfs", new_root + "/tmp", "tmpfs",
+               _NOSUID_NODEV | (0 if _executable_under("/tmp", spec) else libc.MS_NOEXEC),
                f"mode=1777,size={spec.limits.tmp_bytes}")
-    _build_proc(new_root)
+    _build_proc(new_root, memfd_noexec=not spec.user_namespace)
     _build_dev(new_root)
     _write_etc(new_root, spec)
 

@@ -50,8 +50,15 @@ class RunManager:
             raise InvalidArgument("label is longer than 200 characters; shorten it")
         agent = self.registry.get(agent_name)
         run_id = "r-" + secrets.token_hex(6)
-        workspace = self._runs_dir / run_id / "workspace"
-        workspace.mkdir(parents=True, mode=0o700)
+        # runs/ and runs/<id>/ can be crossed but not listed (0711): a host process of the
+        # worker uid cannot find a workspace without its random run id, while a worker in a
+        # user namespace (no privilege over host inodes) can still reach its own to bind it.
+        run_dir = self._runs_dir / run_id
+        for directory in (self._runs_dir, run_dir):
+            directory.mkdir(mode=0o711, exist_ok=True)
+            directory.chmod(0o711)
+        workspace = run_dir / "workspace"
+        workspace.mkdir(mode=0o700)
         os.chown(workspace, self._uid, self._gid)
         record = RunRecord(
             run_id=run_id, agent=agent.name, stage=agent.stage, state="open",
