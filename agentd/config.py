@@ -10,9 +10,9 @@ import grp
 import re
 import tomllib
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator
 
 from agentd.errors import InvalidArgument
 
@@ -20,15 +20,20 @@ _NAME = re.compile(r"^[a-z][a-z0-9-]{0,62}$")
 
 
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid", frozen=True)
+    # strict: "5" is not 5 and true is not 1; a config value has the type it is documented with.
+    model_config = ConfigDict(extra="forbid", frozen=True, strict=True)
+
+
+# Paths are written as strings in TOML: the one coercion allowed.
+ConfigPath = Annotated[Path, Strict(False)]
 
 
 class DaemonSection(_Strict):
     """Where the daemon keeps things and how it talks."""
 
-    state_dir: Path = Path("/var/lib/agentd")
-    runtime_dir: Path = Path("/run/agentd")
-    policy_dir: Path = Path("/etc/agentd/policies")
+    state_dir: ConfigPath = Path("/var/lib/agentd")
+    runtime_dir: ConfigPath = Path("/run/agentd")
+    policy_dir: ConfigPath = Path("/etc/agentd/policies")
     stages_file: str = "stages.yaml"
     log_format: Literal["json", "console"] = "json"
     log_level: Literal["debug", "info", "warning", "error"] = "info"
@@ -41,7 +46,8 @@ class DaemonSection(_Strict):
     cgroup_parent: str = ""
     # auto tries v2, then hybrid (v1 limits + the unified mount's cgroup.kill), then v1.
     cgroup_backend: Literal["auto", "v2", "hybrid", "v1"] = "auto"
-    # Seconds a SIGTERM waits for running tool calls before killing them.
+    # On SIGTERM running tool calls are killed at once; this is how long their calls then have
+    # to deliver the outcome before the servers close.
     drain_seconds: float = Field(default=10.0, ge=0)
     max_concurrent_workers: int = Field(default=64, ge=1)
     # Seconds between signed tree heads of the audit log when idle.

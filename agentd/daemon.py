@@ -30,8 +30,8 @@ from agentd.api.server import Servers, agentd_registration, audit_registration
 from agentd.api.service import AgentdServicer
 from agentd.audit import AuditLog
 from agentd.config import Config, load_config
-from agentd.errors import AgentdError
-from agentd.identity import SYSTEM
+from agentd.errors import AgentdError, PermissionDenied
+from agentd.identity import SYSTEM, Caller
 from agentd.sandbox.cgroups import CgroupDriver, probe
 from agentd.sandbox.launcher_client import LauncherClient
 from agentd.scheduler.agents import AgentRegistry
@@ -62,7 +62,7 @@ class Daemon:
                          audit_registration(audit)]
         self.servers = Servers(config.role_sockets(),
                                {"client": d.socket_group, "approver": d.approver_group},
-                               registrations)
+                               registrations, self._record_denial)
         self._stopping = asyncio.Event()
 
     async def serve(self) -> None:
@@ -71,7 +71,7 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
         await self.servers.start()
-        background = [loop.create_task(self._sign_heads()), loop.create_task(self._watchdog())]
+        background = [loop.create_task(self._probe_audit()), loop.create_task(self._watchdog())]
         systemd.notify("READY=1\nSTATUS=serving")
         log.info("agentd.ready", sockets={r: str(p) for r, p in self.config.role_sockets().items()},
                  cgroups=self.cgroups.describe(), launcher_pid=self.launcher.pid,
@@ -81,6 +81,11 @@ class Daemon:
         await self.drain()
         for task in background:
             task.cancel()
+
+    async def _record_denial(self, caller: Caller, method: str, denied: PermissionDenied
+                             ) -> None:
+        await self.audit.append("api.denied", actor=caller.actor(), details={
+            "method": method, "reason": denied.message, "rule": denied.rule})
 
     async def drain(self) -> None:
         log.info("agentd.draining", running=self.runs.running())
@@ -92,14 +97,13 @@ class Daemon:
                                 details={"killed_tasks": killed})
         log.info("agentd.stopped", killed=killed)
 
-    async def _sign_heads(self) -> None:
-        """Signs a tree head on a timer, so even an idle log's tail is covered by a signature."""
+    async def _probe_audit(self) -> None:
+        """While the audit log cannot be written, tries again every second (fail closed until
+        then: new work gets UNAVAILABLE); the log records when and why it resumed."""
         while True:
-            await asyncio.sleep(self.config.daemon.tree_head_interval)
-            try:
-                await self.audit.sign_tree_head()
-            except AgentdError as exc:
-                log.exception("audit.tree_head_failed", error=str(exc))
+            await asyncio.sleep(1.0)
+            if not self.audit.healthy and await self.audit.probe():
+                log.warning("audit.resumed")
 
     async def _watchdog(self) -> None:
         interval = systemd.watchdog_interval()
@@ -140,7 +144,7 @@ def start(config: Config) -> Daemon:
     cgroups = probe(parent=d.cgroup_parent or None,
                     prefer=None if d.cgroup_backend == "auto" else d.cgroup_backend)
     stale = cgroups.cleanup_stale()
-    audit = AuditLog.open(d.state_dir / "audit")
+    audit = AuditLog.open(d.state_dir / "audit", head_interval=d.tree_head_interval)
     store = RunStore(d.state_dir / "state.db")
     _clean_closed_workspaces(store, d.state_dir)
     audit.append_sync("daemon.started", actor=SYSTEM.actor(), details={

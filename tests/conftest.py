@@ -6,8 +6,8 @@ Integration tests talk gRPC to it exactly as a client would; nothing of the kern
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import os
-import secrets
 import shutil
 import signal
 import subprocess
@@ -101,7 +101,9 @@ def write_daemon_dir(base: Path, config: str = CONFIG) -> Path:
         shutil.copy(REPO / "policies" / name, policies)
     shutil.copy(REPO / "tests" / "policy_cases" / "integration.yaml", policies)
     path = base / "agentd.toml"
-    path.write_text(config.replace("{instance}", secrets.token_hex(4)))
+    # Stable per directory: a daemon restarted on the same directory finds its own leftovers.
+    instance = hashlib.sha256(str(base.resolve()).encode()).hexdigest()[:8]
+    path.write_text(config.replace("{instance}", instance))
     return path
 
 

@@ -36,12 +36,17 @@ def _denied(method: str, role: str) -> PermissionDenied:
                             "socket of a role that may", rule=f"api roles: {method}")
 
 
+# Records a refusal (caller, method, rule) before the caller hears of it.
+DenialRecorder = Callable[[Caller, str, PermissionDenied], Awaitable[None]]
+
+
 class RoleInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
     """Sets `current_caller`, enforces PERMISSIONS and maps exceptions to statuses."""
 
-    def __init__(self, role: str, socket_path: str) -> None:
+    def __init__(self, role: str, socket_path: str, on_denied: DenialRecorder) -> None:
         self.role = role
         self.socket_path = socket_path
+        self.on_denied = on_denied
 
     async def intercept_service(
         self, continuation: Callable[[grpc.HandlerCallDetails], Awaitable[Any]],
@@ -57,17 +62,20 @@ class RoleInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         metadata = dict(handler_call_details.invocation_metadata or ())
         claimed = str(metadata.get("agentd-caller-name", ""))[:100]
 
-        def bind(context: Any) -> None:
-            current_caller.set(Caller(role=role, socket=self.socket_path,
-                                      peer=context.peer() or "", claimed_name=claimed))
+        async def bind(context: Any) -> None:
+            caller = Caller(role=role, socket=self.socket_path, peer=context.peer() or "",
+                            claimed_name=claimed)
+            current_caller.set(caller)
             if not permitted:
-                raise _denied(method, role)
+                denied = _denied(method, role)
+                await self.on_denied(caller, method, denied)
+                raise denied
 
         if handler.unary_unary is not None:
             inner = handler.unary_unary
 
             async def unary(request: Any, context: Any) -> Any:
-                bind(context)
+                await bind(context)
                 return await inner(request, context)
 
             return grpc.unary_unary_rpc_method_handler(
@@ -77,7 +85,7 @@ class RoleInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
             inner_stream = handler.unary_stream
 
             async def stream(request: Any, context: Any) -> Any:
-                bind(context)
+                await bind(context)
                 async for item in inner_stream(request, context):
                     yield item
 

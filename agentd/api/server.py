@@ -19,14 +19,16 @@ from grpc_reflection.v1alpha import reflection
 
 from agentd.api.audit_service import AuditServicer
 from agentd.api.gen.v1 import agentd_pb2, agentd_pb2_grpc, audit_pb2, audit_pb2_grpc
-from agentd.api.interceptor import RoleInterceptor
+from agentd.api.interceptor import DenialRecorder, RoleInterceptor
 from agentd.api.service import AgentdServicer
 from agentd.audit import AuditLog
+from agentd.scheduler.tasks import MAX_ARGV_BYTES, MAX_STDIN_BYTES
 
 # Mode of each role's socket; the group comes from the config (socket_group, approver_group).
 SOCKET_MODES = {"client": 0o660, "approver": 0o660, "admin": 0o600}
 
 Registration = Callable[[grpc.aio.Server], list[str]]
+MAX_REQUEST_BYTES = MAX_STDIN_BYTES + MAX_ARGV_BYTES + (1 << 20)
 
 
 def agentd_registration(servicer: AgentdServicer) -> Registration:
@@ -49,7 +51,8 @@ class Servers:
     """Starts and stops the role servers together; owns the shared health status."""
 
     def __init__(self, sockets: dict[str, Path], groups: dict[str, str],
-                 registrations: list[Registration]) -> None:
+                 registrations: list[Registration], on_denied: DenialRecorder) -> None:
+        self.on_denied = on_denied
         self.sockets = sockets
         self.groups = groups
         self.registrations = registrations
@@ -76,8 +79,12 @@ class Servers:
         path.parent.mkdir(parents=True, exist_ok=True)
         with contextlib.suppress(FileNotFoundError):
             path.unlink()  # a socket left by a daemon that was killed
-        server = grpc.aio.server(interceptors=[RoleInterceptor(role, str(path))],
-                                 options=[("grpc.so_reuseport", 0)])
+        server = grpc.aio.server(
+            interceptors=[RoleInterceptor(role, str(path), self.on_denied)],
+            # Room for the largest valid Exec (stdin and argv), so the daemon's own size checks
+            # answer with their explanation instead of gRPC's generic limit.
+            options=[("grpc.so_reuseport", 0),
+                     ("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])
         names: list[str] = []
         for register in self.registrations:
             names += register(server)

@@ -10,7 +10,8 @@ this module:
         it maps our ids, and we wait for that first, since unmapped ids cannot create files)
     cgroup namespace, hostname
     # from here on, not root
-    drop privileges (no_new_privs, every capability, unprivileged uid/gid)
+    drop privileges (no_new_privs, every capability, unprivileged uid/gid), and re-arm the
+        death signal the uid change cleared
     Landlock
     # seccomp must be last: it forbids what the steps above needed
     seccomp, execve
@@ -24,6 +25,7 @@ from __future__ import annotations
 import errno as errno_mod
 import json
 import os
+import select
 import signal
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -73,6 +75,15 @@ def _close_all_but(*keep: int) -> None:
         os.closerange(low, fd)
         low = fd + 1
     os.closerange(low, 1 << 20)
+
+
+def _check_launcher_alive(err_fd: int) -> None:
+    """The launcher holds the read end of the error pipe: POLLERR on ours means it is gone."""
+    poller = select.poll()
+    poller.register(err_fd, select.POLLOUT)
+    for _, events in poller.poll(0):
+        if events & select.POLLERR:
+            raise OSError(errno_mod.ECHILD, "the launcher died while the worker was starting")
 
 
 def _wait_for_parent(go_fd: int) -> None:
@@ -126,6 +137,11 @@ def contain(spec: WorkerSpec, *, new_root: str, seccomp_program: bytes, go_fd: i
         # from here on, not root
         with _step(step, "drop privileges"):
             privileges.drop(spec.uid, spec.gid)
+        with _step(step, "pdeathsig again"):
+            # Changing uid/gid cleared the death signal; re-arm it, then make sure the
+            # launcher did not die in between (getppid() is 0 for a pid namespace's pid 1).
+            libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+            _check_launcher_alive(err_fd)
         if spec.landlock:
             with _step(step, "landlock"):
                 write = ["/tmp"] + (["/workspace"] if spec.workspace and spec.workspace_writable

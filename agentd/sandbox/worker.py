@@ -74,9 +74,12 @@ class Worker:
         self._queue: asyncio.Queue[tuple[str, bytes] | None] = asyncio.Queue()
         self._open_streams = 2
         self._marks: list[tuple[str, float]] = []
+        self._exited = False
 
     def stop(self, reason: str) -> None:
         """Kills the whole worker (first reason wins); returns at once, the kill runs async."""
+        if self._exited and reason != "output":
+            return  # the tool had already ended: nothing was stopped for `reason`
         if self._stop_reason is None:
             self._stop_reason = reason
         if self._cgroup is not None and self._killing is None:
@@ -124,6 +127,7 @@ class Worker:
         for fd, kind in ((out_r, STDOUT), (err_r, STDERR)):
             os.set_blocking(fd, False)
             loop.add_reader(fd, self._on_readable, fd, kind)
+        spawned.exited.add_done_callback(self._on_exit)
         feeder = loop.create_task(self._feed_stdin(in_w, stdin))
         timer = loop.call_later(self.spec.limits.wall_seconds, self.stop, "timeout")
         watcher = loop.create_task(self._watch_limits())
@@ -152,10 +156,12 @@ class Worker:
                 os.close(fd)
         usage = await asyncio.to_thread(self._cgroup.usage)
         self._mark("usage read")
+        # A limit that ended the tool is its stop reason even when the kernel acted before the
+        # watcher did: the OOM killer, or a refused fork the tool died of.
         if self._stop_reason is None and usage.oom_killed:
             self._stop_reason = "memory"
-        if usage.oom_killed or usage.pids_limit_hit:
-            self.stop(self._stop_reason or "pids")
+        elif self._stop_reason is None and usage.pids_limit_hit:
+            self._stop_reason = "pids"
         return WorkerResult(
             task_id=self.spec.task_id, exited=os.WIFEXITED(status),
             exit_code=os.WEXITSTATUS(status) if os.WIFEXITED(status) else -1,
@@ -163,6 +169,10 @@ class Worker:
             stop_reason=self._stop_reason, wall_seconds=time.monotonic() - started_at,
             usage=usage, stdout_bytes=self._output[STDOUT], stderr_bytes=self._output[STDERR],
             setup_failure=failure)
+
+    def _on_exit(self, _: asyncio.Future[int]) -> None:
+        # pid 1 is gone, so is its pid namespace: a timer firing now stops nothing.
+        self._exited = True
 
     def _on_readable(self, fd: int, kind: str) -> None:
         try:

@@ -40,6 +40,8 @@ class RunManager:
         self._gid = worker_gid
         self._max_workers = max_workers
         self._workers: dict[str, dict[str, Worker]] = {}  # run_id -> task_id -> worker
+        # Runs between the start and the end of CloseRun: no new work may enter them.
+        self._closing: set[str] = set()
         self.draining = False
 
     # -- runs ---------------------------------------------------------------------------
@@ -81,17 +83,30 @@ class RunManager:
 
     async def close_run(self, run_id: str, caller: Caller, *, keep_workspace: bool = False
                         ) -> RunRecord:
+        self.check_open(run_id)
+        self._closing.add(run_id)
+        try:
+            killed = await self.stop_workers(run_id, "cancelled")
+            workspace = self.store.get(run_id).workspace if keep_workspace else ""
+            if not keep_workspace:
+                await asyncio.to_thread(shutil.rmtree, self._runs_dir / run_id)
+            await self.audit.append("run.closed", actor=caller.actor(), run_id=run_id,
+                                    details={"kept_workspace": keep_workspace,
+                                             "killed_tasks": killed})
+            await self.audit.sign_tree_head()
+            log.info("run.closed", run_id=run_id, kept_workspace=keep_workspace, killed=killed)
+            return self.store.close_run(run_id, workspace=workspace)
+        finally:
+            self._closing.discard(run_id)
+
+    def check_open(self, run_id: str) -> RunRecord:
+        """The run, if new work may enter it; FAILED_PRECONDITION if closed or closing."""
         record = self.store.get(run_id)
         if record.state == "closed":
-            raise FailedPrecondition(f"run {run_id} is already closed")
-        killed = await self.stop_workers(run_id, "cancelled")
-        workspace = record.workspace if keep_workspace else ""
-        if not keep_workspace:
-            await asyncio.to_thread(shutil.rmtree, self._runs_dir / run_id, True)
-        await self.audit.append("run.closed", actor=caller.actor(), run_id=run_id, details={
-            "kept_workspace": keep_workspace, "killed_tasks": killed})
-        log.info("run.closed", run_id=run_id, kept_workspace=keep_workspace, killed=killed)
-        return self.store.close_run(run_id, workspace=workspace)
+            raise FailedPrecondition(f"run {run_id} is closed; create a new run")
+        if run_id in self._closing:
+            raise FailedPrecondition(f"run {run_id} is being closed; create a new run")
+        return record
 
     # -- workers --------------------------------------------------------------------------
 
@@ -104,7 +119,9 @@ class RunManager:
                               "refuses new work until it can record it again")
 
     def register(self, run_id: str, worker: Worker) -> None:
-        running = sum(len(tasks) for tasks in self._workers.values())
+        """Admits a worker into a run; called with no await since the run was checked open."""
+        self.check_open(run_id)
+        running = self.running()
         if running >= self._max_workers:
             raise ResourceExhausted(f"{running} workers are running, the daemon's limit "
                                     "(max_concurrent_workers); retry when some have finished")

@@ -8,13 +8,14 @@ worker starts; and its outcome is recorded before the caller hears of it.
 from __future__ import annotations
 
 import asyncio
+import math
 import os
 import secrets
 from dataclasses import dataclass, field
 
 import structlog
 
-from agentd.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from agentd.errors import AgentdError, FailedPrecondition, InvalidArgument
 from agentd.identity import Caller
 from agentd.policy import EffectivePolicy, decide_exec
 from agentd.sandbox.cgroups import CgroupDriver
@@ -42,6 +43,8 @@ class ExecRequest:
 
 
 def _validate(request: ExecRequest) -> None:
+    if not math.isfinite(request.timeout_seconds):
+        raise InvalidArgument("timeout_seconds must be a finite number of seconds")
     if not request.argv or not request.argv[0]:
         raise InvalidArgument("argv is empty; give the command to run, e.g. ['/bin/sh', '-c', "
                               "'echo hi']")
@@ -110,27 +113,27 @@ class TaskRunner:
     async def exec(self, request: ExecRequest, caller: Caller, on_output: OutputSink
                    ) -> WorkerResult:
         self.runs.check_accepting()
-        _validate(request)
-        run = self.runs.get_run(request.run_id)
-        if run.state != "open":
-            raise FailedPrecondition(f"run {run.run_id} is closed; create a new run")
-        agent = self.runs.registry.get(run.agent)
-        policy = agent.policy
         task_id = "t-" + secrets.token_hex(8)
         audit = self.runs.audit
-        base = {"argv": request.argv, "env_names": sorted(request.env),
-                "env_logged": {k: v for k, v in request.env.items() if k in policy.env_log},
-                "cwd": request.cwd, "timeout_seconds": request.timeout_seconds}
+        base: dict[str, object] = {
+            "argv": request.argv[:64], "env_names": sorted(request.env)[:64],
+            "cwd": request.cwd, "timeout_seconds": request.timeout_seconds
+            if math.isfinite(request.timeout_seconds) else str(request.timeout_seconds)}
         try:
+            run = self.runs.check_open(request.run_id)
+            policy = self.runs.registry.get(run.agent).policy
+            base["env_logged"] = {k: v for k, v in request.env.items() if k in policy.env_log}
+            _validate(request)
             executable = resolve_executable(request.argv[0], policy)
             decide_exec(policy, executable, request.env, _cwd(request, policy),
                         request.timeout_seconds)
-        except (PermissionDenied, InvalidArgument) as exc:
-            await audit.append("exec.refused", actor=caller.actor(), run_id=run.run_id,
+        except AgentdError as exc:
+            # Every refused call is on record too, whatever refused it.
+            await audit.append("exec.refused", actor=caller.actor(), run_id=request.run_id,
                                task_id=task_id, details={**base, "error": exc.code,
                                                          "reason": exc.message,
                                                          "rule": getattr(exc, "rule", None)})
-            log.info("exec.refused", run_id=run.run_id, reason=exc.message)
+            log.info("exec.refused", run_id=request.run_id, reason=exc.message)
             raise
         timeout = request.timeout_seconds or policy.wall_seconds
         spec = self._spec(task_id, request, executable, run.workspace, policy, timeout)
@@ -152,6 +155,7 @@ class TaskRunner:
             self.runs.unregister(run.run_id, task_id)
         await audit.append("exec.exited", actor=caller.actor(), run_id=run.run_id,
                            task_id=task_id, details=_outcome_details(result))
+        await audit.sign_tree_head()  # the outcome is acknowledged under a signed head
         log.info("exec.exited", run_id=run.run_id, task_id=task_id, summary=result.summary,
                  wall=round(result.wall_seconds, 4))
         if result.setup_failure is not None:

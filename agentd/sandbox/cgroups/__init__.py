@@ -336,7 +336,7 @@ def probe(*, root: str = "/sys/fs/cgroup", parent: str | None = None,
     this process's cgroup; default "agentd" for v1, the delegated cgroup itself for v2).
     `prefer` is "v2", "hybrid" (v1 limits, cgroup2 kill) or "v1" (the cgroup2 mount ignored)
     and makes any other backend an error. Raises Unavailable naming what is missing."""
-    from agentd.sandbox.cgroups import v1, v2  # noqa: PLC0415 - the backends import this module
+    from agentd.sandbox.cgroups import v1, v2
 
     if prefer not in (None, "v2", "hybrid", "v1"):
         raise InvalidArgument(f"unknown cgroup backend {prefer!r}: use 'v2', 'hybrid' or 'v1'")
