@@ -8,7 +8,7 @@ from pathlib import Path
 
 import pytest
 
-from agentd.errors import InvalidArgument, PermissionDenied
+from agentd.errors import InvalidArgument, PermissionDenied, PolicyError
 from agentd.policy import (
     STAGES,
     EffectivePolicy,
@@ -211,5 +211,34 @@ class TestEffectivePolicyValue:
         """Every limit has a rule field."""
         assert {f for f in RULE_FIELDS if f.startswith("limits.")} == {
             "limits.memory", "limits.pids", "limits.cpu", "limits.wall_time", "limits.output",
-            "limits.tmp", "limits.open_files", "limits.file_size",
+            "limits.tmp", "limits.open_files", "limits.file_size", "limits.writes",
         }
+
+
+class TestApprovalRules:
+    """approval.required_for: which steps wait for a human."""
+
+    def _policy(self, tmp_path: Path, triggers: str) -> Path:
+        path = tmp_path / "p.yaml"
+        path.write_text(
+            "apiVersion: agentd/v1\nkind: Policy\nname: p\nstages:\n  prototype:\n"
+            "    exec: {allow: [/bin/sh]}\n  pilot:\n"
+            f"    approval: {{required_for: {triggers}}}\n")
+        return path
+
+    def test_triggers_reach_the_effective_policy(self, tmp_path: Path) -> None:
+        """Declared triggers appear at the stage that declares them, and not below it."""
+        ceilings = load_stage_ceilings(REPO / "policies" / "stages.yaml")
+        policy = load_policy(self._policy(tmp_path, "[exec:/usr/bin/rm, user_namespace]"))
+        pilot = effective_policy(policy, "pilot", ceilings)
+        assert pilot.approval_required_for == ("exec:/usr/bin/rm", "user_namespace")
+        assert ":8 " in pilot.rule("approval.required_for")
+        assert effective_policy(policy, "prototype", ceilings).approval_required_for == ()
+
+    def test_unknown_trigger_names_the_line(self, tmp_path: Path) -> None:
+        """An unknown trigger is an error with the file, line and field."""
+        with pytest.raises(PolicyError) as caught:
+            load_policy(self._policy(tmp_path, "[network]"))
+        assert caught.value.line == 8
+        assert caught.value.field is not None
+        assert "approval.required_for" in caught.value.field

@@ -39,6 +39,8 @@ RULE_FIELDS: Final[tuple[str, ...]] = (
     "limits.tmp",
     "limits.open_files",
     "limits.file_size",
+    "limits.writes",
+    "approval.required_for",
 )
 # Fields that are about where things came from, not what the worker may do.
 _NOT_HASHED: Final = frozenset({"source", "content_hash", "notes", "rules", "exec_dropped"})
@@ -75,6 +77,9 @@ class EffectivePolicy:
     tmp_bytes: int = 64 << 20
     open_files: int = 256
     file_size_bytes: int = 1 << 30
+    writes_bytes: int = 1 << 20
+    approval_required_for: tuple[str, ...] = ()
+    """Approval triggers (see ApprovalRules): a step matching one waits for Approve."""
     notes: tuple[str, ...] = ()
     """What the stage ceiling changed, one human-readable line each."""
     rules: Mapping[str, str] = field(default_factory=dict)
@@ -118,7 +123,8 @@ class EffectivePolicy:
     def from_json(cls, data: Mapping[str, Any]) -> EffectivePolicy:
         """The inverse of `to_json`; refuses data whose `content_hash` does not match."""
         values = {k: v for k, v in data.items() if k != "content_hash"}
-        for name in ("exec_allow", "read_only", "env_allow", "env_log", "notes"):
+        for name in ("exec_allow", "read_only", "env_allow", "env_log", "notes",
+                     "approval_required_for"):
             if name in values:
                 values[name] = tuple(values[name])
         effective = cls(**values)

@@ -140,6 +140,8 @@ class Limits(Rules):
 
     file_size: Size = Field(default="1GiB", validate_default=True)
     """Largest file a process may write (RLIMIT_FSIZE)."""
+    writes: Size = Field(default="1MiB", validate_default=True)
+    """Bytes of structured results a task may write to $AGENTD_WRITES_FD in one step."""
 
 
 def _network_none(value: Any) -> Any:
@@ -150,6 +152,33 @@ def _network_none(value: Any) -> Any:
         f"network {value!r} is not supported: agentd/v1 has no network egress yet, only"
         " 'none' (loopback only); write network: none"
     )
+
+
+def _check_approval_trigger(value: Any) -> str:
+    """`exec` (every step), `exec:/path` or `exec:/tree/` (steps running it), `user_namespace`."""
+    if value in ("exec", "user_namespace"):
+        return str(value)
+    if isinstance(value, str) and value.startswith("exec:/") and ".." not in value:
+        return value
+    raise ValueError(
+        f"{value!r} is not an approval trigger; use exec (every step), exec:/usr/bin/tool or"
+        " exec:/usr/bin/ (steps running that executable or one below that directory), or"
+        " user_namespace"
+    )
+
+
+ApprovalTrigger = Annotated[str, BeforeValidator(_check_approval_trigger),
+                            WithJsonSchema({"type": "string"})]
+
+
+class ApprovalRules(Rules):
+    """What needs a human's approval before a step may run at this stage."""
+
+    required_for: tuple[ApprovalTrigger, ...] = ()
+    """Triggers: exec (every step), exec:/path or exec:/dir/ (a step with a task running that
+    executable), user_namespace. A matching step waits, persisted, for Approve."""
+
+    _unique = field_validator("required_for")(_no_duplicates)
 
 
 class CeilingRules(Rules):
@@ -190,5 +219,7 @@ class StageRules(Rules):
 
     limits: Limits = Field(default_factory=Limits)
     """Resource limits; each is lowered to the stage's ceiling."""
+    approval: ApprovalRules = Field(default_factory=ApprovalRules)
+    """Steps that wait for an approver before they run."""
 
     _network = field_validator("network", mode="before")(_network_none)

@@ -38,6 +38,7 @@ _LIMITS: Final[dict[str, tuple[str, Callable[[float], str]]]] = {
     "tmp": ("tmp_bytes", lambda v: format_size(int(v))),
     "open_files": ("open_files", lambda v: str(int(v))),
     "file_size": ("file_size_bytes", lambda v: format_size(int(v))),
+    "writes": ("writes_bytes", lambda v: format_size(int(v))),
 }
 assert set(_LIMITS) == set(Limits.model_fields)
 
@@ -112,6 +113,7 @@ class _Clamp:
             limits[attribute] = wanted
 
         env = wants.env
+        self.rules["approval.required_for"] = self._policy_rule("approval.required_for")
         return EffectivePolicy(
             agent_policy=self.policy.name,
             stage=self.stage,
@@ -132,6 +134,8 @@ class _Clamp:
             tmp_bytes=int(limits["tmp_bytes"]),
             open_files=int(limits["open_files"]),
             file_size_bytes=int(limits["file_size_bytes"]),
+            writes_bytes=int(limits["writes_bytes"]),
+            approval_required_for=wants.approval.required_for,
             notes=tuple(self.notes),
             rules=dict(self.rules),
             exec_dropped=exec_dropped,

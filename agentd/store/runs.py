@@ -26,7 +26,11 @@ CREATE TABLE IF NOT EXISTS runs (
     workspace   TEXT NOT NULL,
     created_by  TEXT NOT NULL,
     label       TEXT NOT NULL DEFAULT '',
-    execs       INTEGER NOT NULL DEFAULT 0
+    execs       INTEGER NOT NULL DEFAULT 0,
+    step        INTEGER NOT NULL DEFAULT 0,
+    channels    TEXT NOT NULL DEFAULT '[]',
+    forked_from TEXT NOT NULL DEFAULT '',
+    forked_at   INTEGER NOT NULL DEFAULT 0
 );
 CREATE INDEX IF NOT EXISTS runs_agent ON runs(agent, state);
 """
@@ -46,6 +50,10 @@ class RunRecord:
     created_by: str
     label: str
     execs: int
+    step: int = 0
+    channels: str = "[]"  # JSON list of channel declarations
+    forked_from: str = ""
+    forked_at: int = 0
 
 
 class RunStore:
@@ -57,6 +65,22 @@ class RunStore:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=FULL")
         self._db.executescript(SCHEMA)
+        self._migrate()
+
+    def _migrate(self) -> None:
+        """Adds the columns later versions introduced to a database made by an earlier one."""
+        have = {row[1] for row in self._db.execute("PRAGMA table_info(runs)")}
+        for column, decl in (("step", "INTEGER NOT NULL DEFAULT 0"),
+                             ("channels", "TEXT NOT NULL DEFAULT '[]'"),
+                             ("forked_from", "TEXT NOT NULL DEFAULT ''"),
+                             ("forked_at", "INTEGER NOT NULL DEFAULT 0")):
+            if column not in have:
+                self._db.execute(f"ALTER TABLE runs ADD COLUMN {column} {decl}")
+
+    @property
+    def connection(self) -> sqlite3.Connection:
+        """The one connection, shared with the step store (one writer, one transaction)."""
+        return self._db
 
     def close(self) -> None:
         self._db.close()
@@ -64,7 +88,8 @@ class RunStore:
     def create(self, record: RunRecord) -> None:
         self._db.execute(
             "INSERT INTO runs VALUES (:run_id, :agent, :stage, :state, :created_at, :closed_at,"
-            " :policy_hash, :policy_file, :workspace, :created_by, :label, :execs)",
+            " :policy_hash, :policy_file, :workspace, :created_by, :label, :execs, :step,"
+            " :channels, :forked_from, :forked_at)",
             record.__dict__)
 
     def get(self, run_id: str) -> RunRecord:

@@ -59,6 +59,46 @@ class AgentdStub:
                 request_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ExecRequest.SerializeToString,
                 response_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ExecEvent.FromString,
                 _registered_method=True)
+        self.Step = channel.unary_unary(
+                '/agentd.v1.Agentd/Step',
+                request_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StepRequest.SerializeToString,
+                response_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StepReply.FromString,
+                _registered_method=True)
+        self.StreamStep = channel.unary_stream(
+                '/agentd.v1.Agentd/StreamStep',
+                request_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StepRequest.SerializeToString,
+                response_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StepEvent.FromString,
+                _registered_method=True)
+        self.Approve = channel.unary_unary(
+                '/agentd.v1.Agentd/Approve',
+                request_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ApproveRequest.SerializeToString,
+                response_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StepReply.FromString,
+                _registered_method=True)
+        self.ListSteps = channel.unary_unary(
+                '/agentd.v1.Agentd/ListSteps',
+                request_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ListStepsRequest.SerializeToString,
+                response_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ListStepsResponse.FromString,
+                _registered_method=True)
+        self.ListCheckpoints = channel.unary_unary(
+                '/agentd.v1.Agentd/ListCheckpoints',
+                request_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ListCheckpointsRequest.SerializeToString,
+                response_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ListCheckpointsResponse.FromString,
+                _registered_method=True)
+        self.Rollback = channel.unary_unary(
+                '/agentd.v1.Agentd/Rollback',
+                request_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.Run.FromString,
+                _registered_method=True)
+        self.Fork = channel.unary_unary(
+                '/agentd.v1.Agentd/Fork',
+                request_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ForkRequest.SerializeToString,
+                response_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.Run.FromString,
+                _registered_method=True)
+        self.ExportCheckpoint = channel.unary_stream(
+                '/agentd.v1.Agentd/ExportCheckpoint',
+                request_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ExportCheckpointRequest.SerializeToString,
+                response_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ExportChunk.FromString,
+                _registered_method=True)
 
 
 class AgentdServicer:
@@ -92,7 +132,65 @@ class AgentdServicer:
 
     def Exec(self, request, context):
         """Runs one tool call in a confined worker. Streams stdout and stderr chunks in the order they
-        were produced, then exactly one message carrying the outcome.
+        were produced, then exactly one message carrying the outcome. An Exec is a step of one task:
+        its file changes and channel writes are committed only if it succeeds.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Step(self, request, context):
+        """Runs one BSP superstep: every task in parallel on the state committed by the previous step,
+        then, at the barrier, all of their changes atomically or none. The reply says committed,
+        failed (which task and why, or which conflict), or pending approval.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StreamStep(self, request, context):
+        """The same, streaming each task's output and outcome as it happens, then the StepReply.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Approve(self, request, context):
+        """Decides a step that waits for approval (approver role; never the step's requester).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListSteps(self, request, context):
+        """The run's steps, oldest first: the timeline of what ran, what it changed, how long it took.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ListCheckpoints(self, request, context):
+        """Missing associated documentation comment in .proto file."""
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Rollback(self, request, context):
+        """The run's state becomes that checkpoint's; later checkpoints are dropped. O(1).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def Fork(self, request, context):
+        """A new run sharing the checkpoint's workspace layers and channel values. O(1).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ExportCheckpoint(self, request, context):
+        """A tarball of the workspace at a checkpoint, in chunks.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -125,6 +223,46 @@ def add_AgentdServicer_to_server(servicer, server):
                     servicer.Exec,
                     request_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ExecRequest.FromString,
                     response_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ExecEvent.SerializeToString,
+            ),
+            'Step': grpc.unary_unary_rpc_method_handler(
+                    servicer.Step,
+                    request_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StepRequest.FromString,
+                    response_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StepReply.SerializeToString,
+            ),
+            'StreamStep': grpc.unary_stream_rpc_method_handler(
+                    servicer.StreamStep,
+                    request_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StepRequest.FromString,
+                    response_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StepEvent.SerializeToString,
+            ),
+            'Approve': grpc.unary_unary_rpc_method_handler(
+                    servicer.Approve,
+                    request_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ApproveRequest.FromString,
+                    response_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StepReply.SerializeToString,
+            ),
+            'ListSteps': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListSteps,
+                    request_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ListStepsRequest.FromString,
+                    response_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ListStepsResponse.SerializeToString,
+            ),
+            'ListCheckpoints': grpc.unary_unary_rpc_method_handler(
+                    servicer.ListCheckpoints,
+                    request_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ListCheckpointsRequest.FromString,
+                    response_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ListCheckpointsResponse.SerializeToString,
+            ),
+            'Rollback': grpc.unary_unary_rpc_method_handler(
+                    servicer.Rollback,
+                    request_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.RollbackRequest.FromString,
+                    response_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.Run.SerializeToString,
+            ),
+            'Fork': grpc.unary_unary_rpc_method_handler(
+                    servicer.Fork,
+                    request_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ForkRequest.FromString,
+                    response_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.Run.SerializeToString,
+            ),
+            'ExportCheckpoint': grpc.unary_stream_rpc_method_handler(
+                    servicer.ExportCheckpoint,
+                    request_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ExportCheckpointRequest.FromString,
+                    response_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ExportChunk.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -262,6 +400,222 @@ class Agentd:
             '/agentd.v1.Agentd/Exec',
             agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ExecRequest.SerializeToString,
             agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ExecEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Step(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.Agentd/Step',
+            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StepRequest.SerializeToString,
+            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StepReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StreamStep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/agentd.v1.Agentd/StreamStep',
+            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StepRequest.SerializeToString,
+            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StepEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Approve(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.Agentd/Approve',
+            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ApproveRequest.SerializeToString,
+            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StepReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListSteps(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.Agentd/ListSteps',
+            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ListStepsRequest.SerializeToString,
+            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ListStepsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ListCheckpoints(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.Agentd/ListCheckpoints',
+            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ListCheckpointsRequest.SerializeToString,
+            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ListCheckpointsResponse.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Rollback(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.Agentd/Rollback',
+            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.RollbackRequest.SerializeToString,
+            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.Run.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def Fork(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.Agentd/Fork',
+            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ForkRequest.SerializeToString,
+            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.Run.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ExportCheckpoint(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/agentd.v1.Agentd/ExportCheckpoint',
+            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ExportCheckpointRequest.SerializeToString,
+            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ExportChunk.FromString,
             options,
             channel_credentials,
             insecure,

@@ -46,8 +46,27 @@ class AgentdStub:
     """Kills whatever still runs in the run and removes its workspace unless keep_workspace."""
     Exec: _grpc.UnaryStreamMultiCallable[_agentd_pb2.ExecRequest, _agentd_pb2.ExecEvent]
     """Runs one tool call in a confined worker. Streams stdout and stderr chunks in the order they
-    were produced, then exactly one message carrying the outcome.
+    were produced, then exactly one message carrying the outcome. An Exec is a step of one task:
+    its file changes and channel writes are committed only if it succeeds.
     """
+    Step: _grpc.UnaryUnaryMultiCallable[_agentd_pb2.StepRequest, _agentd_pb2.StepReply]
+    """Runs one BSP superstep: every task in parallel on the state committed by the previous step,
+    then, at the barrier, all of their changes atomically or none. The reply says committed,
+    failed (which task and why, or which conflict), or pending approval.
+    """
+    StreamStep: _grpc.UnaryStreamMultiCallable[_agentd_pb2.StepRequest, _agentd_pb2.StepEvent]
+    """The same, streaming each task's output and outcome as it happens, then the StepReply."""
+    Approve: _grpc.UnaryUnaryMultiCallable[_agentd_pb2.ApproveRequest, _agentd_pb2.StepReply]
+    """Decides a step that waits for approval (approver role; never the step's requester)."""
+    ListSteps: _grpc.UnaryUnaryMultiCallable[_agentd_pb2.ListStepsRequest, _agentd_pb2.ListStepsResponse]
+    """The run's steps, oldest first: the timeline of what ran, what it changed, how long it took."""
+    ListCheckpoints: _grpc.UnaryUnaryMultiCallable[_agentd_pb2.ListCheckpointsRequest, _agentd_pb2.ListCheckpointsResponse]
+    Rollback: _grpc.UnaryUnaryMultiCallable[_agentd_pb2.RollbackRequest, _agentd_pb2.Run]
+    """The run's state becomes that checkpoint's; later checkpoints are dropped. O(1)."""
+    Fork: _grpc.UnaryUnaryMultiCallable[_agentd_pb2.ForkRequest, _agentd_pb2.Run]
+    """A new run sharing the checkpoint's workspace layers and channel values. O(1)."""
+    ExportCheckpoint: _grpc.UnaryStreamMultiCallable[_agentd_pb2.ExportCheckpointRequest, _agentd_pb2.ExportChunk]
+    """A tarball of the workspace at a checkpoint, in chunks."""
 
 @_typing.type_check_only
 class AgentdAsyncStub(AgentdStub):
@@ -60,8 +79,27 @@ class AgentdAsyncStub(AgentdStub):
     """Kills whatever still runs in the run and removes its workspace unless keep_workspace."""
     Exec: _aio.UnaryStreamMultiCallable[_agentd_pb2.ExecRequest, _agentd_pb2.ExecEvent]  # type: ignore[assignment]
     """Runs one tool call in a confined worker. Streams stdout and stderr chunks in the order they
-    were produced, then exactly one message carrying the outcome.
+    were produced, then exactly one message carrying the outcome. An Exec is a step of one task:
+    its file changes and channel writes are committed only if it succeeds.
     """
+    Step: _aio.UnaryUnaryMultiCallable[_agentd_pb2.StepRequest, _agentd_pb2.StepReply]  # type: ignore[assignment]
+    """Runs one BSP superstep: every task in parallel on the state committed by the previous step,
+    then, at the barrier, all of their changes atomically or none. The reply says committed,
+    failed (which task and why, or which conflict), or pending approval.
+    """
+    StreamStep: _aio.UnaryStreamMultiCallable[_agentd_pb2.StepRequest, _agentd_pb2.StepEvent]  # type: ignore[assignment]
+    """The same, streaming each task's output and outcome as it happens, then the StepReply."""
+    Approve: _aio.UnaryUnaryMultiCallable[_agentd_pb2.ApproveRequest, _agentd_pb2.StepReply]  # type: ignore[assignment]
+    """Decides a step that waits for approval (approver role; never the step's requester)."""
+    ListSteps: _aio.UnaryUnaryMultiCallable[_agentd_pb2.ListStepsRequest, _agentd_pb2.ListStepsResponse]  # type: ignore[assignment]
+    """The run's steps, oldest first: the timeline of what ran, what it changed, how long it took."""
+    ListCheckpoints: _aio.UnaryUnaryMultiCallable[_agentd_pb2.ListCheckpointsRequest, _agentd_pb2.ListCheckpointsResponse]  # type: ignore[assignment]
+    Rollback: _aio.UnaryUnaryMultiCallable[_agentd_pb2.RollbackRequest, _agentd_pb2.Run]  # type: ignore[assignment]
+    """The run's state becomes that checkpoint's; later checkpoints are dropped. O(1)."""
+    Fork: _aio.UnaryUnaryMultiCallable[_agentd_pb2.ForkRequest, _agentd_pb2.Run]  # type: ignore[assignment]
+    """A new run sharing the checkpoint's workspace layers and channel values. O(1)."""
+    ExportCheckpoint: _aio.UnaryStreamMultiCallable[_agentd_pb2.ExportCheckpointRequest, _agentd_pb2.ExportChunk]  # type: ignore[assignment]
+    """A tarball of the workspace at a checkpoint, in chunks."""
 
 class AgentdServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -101,7 +139,74 @@ class AgentdServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_agentd_pb2.ExecEvent], _abc.AsyncIterator[_agentd_pb2.ExecEvent]]:
         """Runs one tool call in a confined worker. Streams stdout and stderr chunks in the order they
-        were produced, then exactly one message carrying the outcome.
+        were produced, then exactly one message carrying the outcome. An Exec is a step of one task:
+        its file changes and channel writes are committed only if it succeeds.
         """
+
+    @_abc_1.abstractmethod
+    def Step(
+        self,
+        request: _agentd_pb2.StepRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agentd_pb2.StepReply, _abc.Awaitable[_agentd_pb2.StepReply]]:
+        """Runs one BSP superstep: every task in parallel on the state committed by the previous step,
+        then, at the barrier, all of their changes atomically or none. The reply says committed,
+        failed (which task and why, or which conflict), or pending approval.
+        """
+
+    @_abc_1.abstractmethod
+    def StreamStep(
+        self,
+        request: _agentd_pb2.StepRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_agentd_pb2.StepEvent], _abc.AsyncIterator[_agentd_pb2.StepEvent]]:
+        """The same, streaming each task's output and outcome as it happens, then the StepReply."""
+
+    @_abc_1.abstractmethod
+    def Approve(
+        self,
+        request: _agentd_pb2.ApproveRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agentd_pb2.StepReply, _abc.Awaitable[_agentd_pb2.StepReply]]:
+        """Decides a step that waits for approval (approver role; never the step's requester)."""
+
+    @_abc_1.abstractmethod
+    def ListSteps(
+        self,
+        request: _agentd_pb2.ListStepsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agentd_pb2.ListStepsResponse, _abc.Awaitable[_agentd_pb2.ListStepsResponse]]:
+        """The run's steps, oldest first: the timeline of what ran, what it changed, how long it took."""
+
+    @_abc_1.abstractmethod
+    def ListCheckpoints(
+        self,
+        request: _agentd_pb2.ListCheckpointsRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agentd_pb2.ListCheckpointsResponse, _abc.Awaitable[_agentd_pb2.ListCheckpointsResponse]]: ...
+
+    @_abc_1.abstractmethod
+    def Rollback(
+        self,
+        request: _agentd_pb2.RollbackRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agentd_pb2.Run, _abc.Awaitable[_agentd_pb2.Run]]:
+        """The run's state becomes that checkpoint's; later checkpoints are dropped. O(1)."""
+
+    @_abc_1.abstractmethod
+    def Fork(
+        self,
+        request: _agentd_pb2.ForkRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agentd_pb2.Run, _abc.Awaitable[_agentd_pb2.Run]]:
+        """A new run sharing the checkpoint's workspace layers and channel values. O(1)."""
+
+    @_abc_1.abstractmethod
+    def ExportCheckpoint(
+        self,
+        request: _agentd_pb2.ExportCheckpointRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_agentd_pb2.ExportChunk], _abc.AsyncIterator[_agentd_pb2.ExportChunk]]:
+        """A tarball of the workspace at a checkpoint, in chunks."""
 
 def add_AgentdServicer_to_server(servicer: AgentdServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

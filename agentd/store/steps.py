@@ -1,0 +1,205 @@
+"""Steps and checkpoints on disk, in the same SQLite database as the runs.
+
+A checkpoint is what a committed step left: the run's workspace layer stack and its channel
+values and versions. The run's `step` column points at its current checkpoint; rollback moves
+the pointer back and deletes the later checkpoints, fork copies rows: both touch metadata only,
+never the workspace, so they cost the same for ten files or a hundred thousand.
+
+Every step attempt (committed, failed, pending approval, discarded, interrupted by a crash) is
+kept in `steps`, so a run's timeline survives rollbacks. Committing a step is one transaction:
+the checkpoint row, the run's pointer and the attempt's state change together or not at all.
+"""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import time
+from dataclasses import dataclass
+from typing import Any
+
+from agentd.errors import NotFound
+
+SCHEMA = """
+CREATE TABLE IF NOT EXISTS checkpoints (
+    run_id       TEXT NOT NULL,
+    step         INTEGER NOT NULL,
+    layers       TEXT NOT NULL,      -- JSON list of layer ids, lowest first
+    channels     TEXT NOT NULL,      -- JSON {name: {value, version, seen}}
+    committed_at REAL NOT NULL,
+    PRIMARY KEY (run_id, step)
+);
+CREATE TABLE IF NOT EXISTS steps (
+    attempt      INTEGER PRIMARY KEY AUTOINCREMENT,
+    run_id       TEXT NOT NULL,
+    step         INTEGER NOT NULL,
+    state        TEXT NOT NULL CHECK (state IN ('pending_approval', 'running', 'committed',
+                                                 'failed', 'discarded', 'interrupted')),
+    request      TEXT NOT NULL,      -- JSON: the tasks as submitted
+    reply        TEXT NOT NULL DEFAULT '{}',
+    reason       TEXT NOT NULL DEFAULT '',
+    requested_by TEXT NOT NULL,
+    decided_by   TEXT NOT NULL DEFAULT '',
+    created_at   REAL NOT NULL,
+    finished_at  REAL
+);
+CREATE INDEX IF NOT EXISTS steps_run ON steps(run_id, step);
+"""
+
+
+@dataclass(frozen=True)
+class CheckpointRecord:
+    run_id: str
+    step: int
+    layers: list[str]
+    channels: dict[str, Any]
+    committed_at: float
+
+
+@dataclass(frozen=True)
+class StepRecord:
+    attempt: int
+    run_id: str
+    step: int
+    state: str
+    request: dict[str, Any]
+    reply: dict[str, Any]
+    reason: str
+    requested_by: str
+    decided_by: str
+    created_at: float
+    finished_at: float | None
+
+
+def _checkpoint(row: tuple[Any, ...]) -> CheckpointRecord:
+    return CheckpointRecord(row[0], row[1], json.loads(row[2]), json.loads(row[3]), row[4])
+
+
+def _step(row: tuple[Any, ...]) -> StepRecord:
+    return StepRecord(row[0], row[1], row[2], row[3], json.loads(row[4]), json.loads(row[5]),
+                      row[6], row[7], row[8], row[9], row[10])
+
+
+class StepStore:
+    """Checkpoints and step attempts; shares the runs' connection (one writer, WAL)."""
+
+    def __init__(self, db: sqlite3.Connection) -> None:
+        self._db = db
+        self._db.executescript(SCHEMA)
+
+    # -- checkpoints ---------------------------------------------------------------------
+
+    def add_checkpoint(self, cp: CheckpointRecord) -> None:
+        self._db.execute("INSERT INTO checkpoints VALUES (?, ?, ?, ?, ?)",
+                         (cp.run_id, cp.step, json.dumps(cp.layers), json.dumps(cp.channels),
+                          cp.committed_at))
+
+    def checkpoint(self, run_id: str, step: int) -> CheckpointRecord:
+        row = self._db.execute("SELECT * FROM checkpoints WHERE run_id = ? AND step = ?",
+                               (run_id, step)).fetchone()
+        if row is None:
+            raise NotFound(f"run {run_id} has no checkpoint at step {step}; "
+                           "`agentctl checkpoints RUN` lists them")
+        return _checkpoint(row)
+
+    def checkpoints(self, run_id: str) -> list[CheckpointRecord]:
+        rows = self._db.execute("SELECT * FROM checkpoints WHERE run_id = ? ORDER BY step",
+                                (run_id,)).fetchall()
+        return [_checkpoint(r) for r in rows]
+
+    def referenced_layers(self) -> set[str]:
+        layers: set[str] = set()
+        for (text,) in self._db.execute("SELECT layers FROM checkpoints"):
+            layers.update(json.loads(text))
+        return layers
+
+    def replace_layers(self, old: list[str], new: list[str]) -> int:
+        """Rewrites every checkpoint whose stack starts with `old` to start with `new` instead
+        (a squash: same content, fewer layers). Returns how many were rewritten."""
+        count = 0
+        rows = self._db.execute("SELECT run_id, step, layers FROM checkpoints").fetchall()
+        with self._db:
+            for run_id, step, text in rows:
+                layers = json.loads(text)
+                if layers[:len(old)] == old:
+                    self._db.execute(
+                        "UPDATE checkpoints SET layers = ? WHERE run_id = ? AND step = ?",
+                        (json.dumps(new + layers[len(old):]), run_id, step))
+                    count += 1
+        return count
+
+    # -- steps ---------------------------------------------------------------------------
+
+    def begin(self, run_id: str, step: int, state: str, request: dict[str, Any],
+              requested_by: str) -> int:
+        cursor = self._db.execute(
+            "INSERT INTO steps (run_id, step, state, request, requested_by, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (run_id, step, state, json.dumps(request), requested_by, time.time()))
+        return int(cursor.lastrowid or 0)
+
+    def finish(self, attempt: int, state: str, *, reply: dict[str, Any], reason: str = "",
+               decided_by: str | None = None) -> None:
+        self._db.execute(
+            "UPDATE steps SET state = ?, reply = ?, reason = ?, finished_at = ?,"
+            " decided_by = COALESCE(?, decided_by) WHERE attempt = ?",
+            (state, json.dumps(reply), reason, time.time(), decided_by, attempt))
+
+    def set_state(self, attempt: int, state: str, decided_by: str = "") -> None:
+        self._db.execute("UPDATE steps SET state = ?, decided_by = ? WHERE attempt = ?",
+                         (state, decided_by, attempt))
+
+    def commit(self, attempt: int, checkpoint: CheckpointRecord, reply: dict[str, Any]) -> None:
+        """The step's checkpoint, the run's pointer and the attempt's state, atomically."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self.add_checkpoint(checkpoint)
+            self._db.execute("UPDATE runs SET step = ? WHERE run_id = ?",
+                             (checkpoint.step, checkpoint.run_id))
+            self.finish(attempt, "committed", reply=reply)
+
+    def attempts(self, run_id: str) -> list[StepRecord]:
+        rows = self._db.execute("SELECT * FROM steps WHERE run_id = ? ORDER BY attempt",
+                                (run_id,)).fetchall()
+        return [_step(r) for r in rows]
+
+    def pending(self, run_id: str, step: int) -> StepRecord:
+        row = self._db.execute(
+            "SELECT * FROM steps WHERE run_id = ? AND step = ? AND state = 'pending_approval'"
+            " ORDER BY attempt DESC LIMIT 1", (run_id, step)).fetchone()
+        if row is None:
+            raise NotFound(f"run {run_id} has no step {step} waiting for approval")
+        return _step(row)
+
+    def in_state(self, state: str) -> list[StepRecord]:
+        rows = self._db.execute("SELECT * FROM steps WHERE state = ?", (state,)).fetchall()
+        return [_step(r) for r in rows]
+
+    def rollback(self, run_id: str, step: int) -> list[str]:
+        """Drops checkpoints after `step` and points the run at it; returns dropped layers."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            later = self._db.execute(
+                "SELECT layers FROM checkpoints WHERE run_id = ? AND step > ?",
+                (run_id, step)).fetchall()
+            self._db.execute("DELETE FROM checkpoints WHERE run_id = ? AND step > ?",
+                             (run_id, step))
+            self._db.execute("UPDATE runs SET step = ? WHERE run_id = ?", (step, run_id))
+            self._db.execute(
+                "UPDATE steps SET state = 'discarded', reason = 'rolled back'"
+                " WHERE run_id = ? AND step > ? AND state = 'pending_approval'", (run_id, step))
+        dropped: set[str] = set()
+        for (text,) in later:
+            dropped.update(json.loads(text))
+        return sorted(dropped)
+
+    def fork(self, source: CheckpointRecord, new_run_id: str) -> None:
+        """The new run's checkpoint 0..step are the source's, sharing its layers."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            for cp in self.checkpoints(source.run_id):
+                if cp.step <= source.step:
+                    self.add_checkpoint(CheckpointRecord(new_run_id, cp.step, cp.layers,
+                                                         cp.channels, cp.committed_at))
+            self._db.execute("UPDATE runs SET step = ? WHERE run_id = ?",
+                             (source.step, new_run_id))
