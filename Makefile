@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv run test lint bench proto clean
+.PHONY: venv run test lint bench proto clean install vm-test
 
 venv: $(STAMP)
 
@@ -29,6 +29,17 @@ lint: venv
 
 bench: venv
 	$(BIN)/python -m tests.bench.run $(BENCH_ARGS)
+
+# Installs agentd on this host as a systemd service (needs root): wheel -> /opt/agentd, units,
+# groups (sysusers), directories (tmpfiles). See README "Running as a service".
+install: venv
+	rm -rf dist && $(BIN)/pip wheel -q --no-deps --no-build-isolation -w dist .
+	scripts/install.sh dist/agentd-*.whl
+
+# Boots a Debian VM with systemd and cgroup v2 (QEMU, TCG), installs the wheel and units, runs
+# the end-to-end suite inside. Cache: vm-tests/cache/; console log: vm-tests/cache/console.log.
+vm-test: venv
+	vm-tests/run.sh
 
 # Regenerates the committed stubs in agentd/api/gen from proto/ (grpcio-tools is pinned).
 proto: venv

@@ -9,7 +9,15 @@
                 print(event.exit_code)
         client.close_run(run.run_id)
 
-The client returns frozen dataclasses (`Run`, `Output`, `Outcome`), never protobuf messages:
+Steps (BSP supersteps: tasks in parallel, all their changes committed at the barrier or none):
+
+        tasks = [TaskSpec("build", ["make"]), TaskSpec("lint", ["ruff", "check", "."])]
+        for event in client.stream_step(run.run_id, tasks):
+            ...                                    # TaskOutput, TaskReport, then a StepReply
+        client.list_checkpoints(run.run_id)        # rollback(), fork(), export_checkpoint()
+
+The client returns frozen dataclasses (`Run`, `Output`, `Outcome`, `StepReply`, ...), never
+protobuf messages:
 this module and `agentd.api` are the only users of the generated stubs, so nothing above it
 (agentctl, agent frameworks) depends on them. Every failed call raises `ClientError`, whose
 `code` is the gRPC status name ("NOT_FOUND", "PERMISSION_DENIED", ...). A tool that exits
@@ -19,30 +27,41 @@ non-zero or is killed is not an error: `exec` reports it in its final `Outcome`.
 from __future__ import annotations
 
 import enum
+import json
 import os
 from collections.abc import Iterator, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from types import TracebackType
-from typing import Self
+from typing import Any, Self
 
 import grpc
+from google.protobuf.timestamp_pb2 import Timestamp
 
 from agentd.api.gen.v1 import agentd_pb2 as pb
 from agentd.api.gen.v1 import agentd_pb2_grpc as pb_grpc
 
 __all__ = [
     "DEV_SOCKET",
+    "REDUCERS",
     "SYSTEM_SOCKET",
     "AgentdClient",
+    "ChannelDecl",
+    "Checkpoint",
     "ClientError",
     "ExecEvent",
     "Outcome",
     "Output",
     "Run",
     "RunState",
+    "StepEvent",
+    "StepReply",
+    "StepState",
     "StopReason",
     "Stream",
+    "TaskOutput",
+    "TaskReport",
+    "TaskSpec",
     "resolve_socket",
 ]
 
@@ -141,6 +160,20 @@ class StopReason(enum.StrEnum):
     SHUTDOWN = "shutdown"
 
 
+class StepState(enum.StrEnum):
+    """Where a step stands; COMMITTED, FAILED and DISCARDED are final."""
+
+    UNSPECIFIED = "unspecified"
+    PENDING_APPROVAL = "pending_approval"  # waits for an approver (see AgentdClient.approve)
+    RUNNING = "running"
+    COMMITTED = "committed"  # every change of every task was applied, as one checkpoint
+    FAILED = "failed"  # nothing was applied: a task failed, or two tasks conflicted
+    DISCARDED = "discarded"  # rejected by an approver, or the run moved on before approval
+
+
+#: How a channel merges the writes of one step (see agentd.scheduler.channels).
+REDUCERS = ("last_value", "append", "topic", "barrier")
+
 _RUN_STATES = {
     pb.RUN_STATE_OPEN: RunState.OPEN,
     pb.RUN_STATE_CLOSED: RunState.CLOSED,
@@ -155,6 +188,38 @@ _STOP_REASONS = {
     pb.STOP_REASON_CANCELLED: StopReason.CANCELLED,
     pb.STOP_REASON_SHUTDOWN: StopReason.SHUTDOWN,
 }
+_STEP_STATES = {
+    pb.STEP_STATE_PENDING_APPROVAL: StepState.PENDING_APPROVAL,
+    pb.STEP_STATE_RUNNING: StepState.RUNNING,
+    pb.STEP_STATE_COMMITTED: StepState.COMMITTED,
+    pb.STEP_STATE_FAILED: StepState.FAILED,
+    pb.STEP_STATE_DISCARDED: StepState.DISCARDED,
+}
+
+
+def _time(msg: Timestamp) -> datetime:
+    return msg.ToDatetime(tzinfo=UTC)
+
+
+@dataclass(frozen=True)
+class ChannelDecl:
+    """A channel of a run: run state written by tasks and merged at the barrier by `reducer`
+    (one of REDUCERS); a barrier channel waits for all of `barrier_tasks` to have written."""
+
+    name: str
+    reducer: str
+    barrier_tasks: tuple[str, ...] = ()
+
+    def to_proto(self) -> pb.ChannelDecl:
+        """The API message."""
+        return pb.ChannelDecl(
+            name=self.name, reducer=self.reducer, barrier_tasks=list(self.barrier_tasks)
+        )
+
+    @classmethod
+    def from_proto(cls, msg: pb.ChannelDecl) -> ChannelDecl:
+        """Converts the API message."""
+        return cls(name=msg.name, reducer=msg.reducer, barrier_tasks=tuple(msg.barrier_tasks))
 
 
 @dataclass(frozen=True)
@@ -172,6 +237,10 @@ class Run:
     workspace: str  # "" once removed
     created_by: str
     execs: int
+    step: int = 0  # the last committed step; 0 before the first
+    forked_from: str = ""  # the run this one was forked from, "" if none
+    forked_at_step: int = 0
+    channels: tuple[ChannelDecl, ...] = ()
 
     @classmethod
     def from_proto(cls, msg: pb.Run) -> Run:
@@ -190,6 +259,10 @@ class Run:
             workspace=msg.workspace,
             created_by=msg.created_by,
             execs=msg.execs,
+            step=msg.step,
+            forked_from=msg.forked_from,
+            forked_at_step=msg.forked_at_step,
+            channels=tuple(ChannelDecl.from_proto(c) for c in msg.channels),
         )
 
 
@@ -217,6 +290,11 @@ class Outcome:
     stderr_bytes: int
     summary: str  # "exited 0", "killed: memory limit 64 MiB"
     pids_limit_hit: bool  # a fork failed on the pids limit at least once
+    # For exec (a step of one task): whether its changes were committed, as which step, and
+    # if not, why. Unset in the outcomes of a multi-task step (see StepReply).
+    committed: bool = False
+    step: int = 0
+    step_failure: str = ""
 
     @classmethod
     def from_proto(cls, msg: pb.Outcome) -> Outcome:
@@ -234,10 +312,144 @@ class Outcome:
             stderr_bytes=msg.stderr_bytes,
             summary=msg.summary,
             pids_limit_hit=msg.pids_limit_hit,
+            committed=msg.committed,
+            step=msg.step,
+            step_failure=msg.step_failure,
         )
 
 
 ExecEvent = Output | Outcome
+
+
+@dataclass(frozen=True)
+class TaskSpec:
+    """One task of a step: a tool call, named uniquely within the step.
+
+    `timeout` is the tool's wall time in seconds (0: the policy's). With `allow_failure`, a
+    non-zero exit does not fail the step (a task killed for a limit still does).
+    """
+
+    name: str
+    argv: tuple[str, ...]
+    env: Mapping[str, str] = field(default_factory=dict)
+    stdin: bytes = b""
+    cwd: str = ""
+    timeout: float = 0.0
+    allow_failure: bool = False
+
+    def to_proto(self) -> pb.TaskSpec:
+        """The API message."""
+        return pb.TaskSpec(
+            name=self.name,
+            argv=list(self.argv),
+            env=dict(self.env),
+            stdin=self.stdin,
+            cwd=self.cwd,
+            timeout_seconds=self.timeout,
+            allow_failure=self.allow_failure,
+        )
+
+
+@dataclass(frozen=True)
+class TaskOutput:
+    """A chunk of one task's stdout or stderr, as the task produced it."""
+
+    task: str
+    stream: Stream
+    data: bytes
+
+
+@dataclass(frozen=True)
+class TaskReport:
+    """How one task of a step ended and what it changed."""
+
+    name: str
+    outcome: Outcome | None  # None when the task did not run (e.g. pending approval)
+    changed_paths: tuple[str, ...]  # relative to /workspace
+    writes: int  # channel writes it made
+    failure: str  # why this task failed the step, "" if it did not
+    stdout: bytes
+    stderr: bytes
+
+    @classmethod
+    def from_proto(cls, msg: pb.TaskReport) -> TaskReport:
+        """Converts the API message."""
+        return cls(
+            name=msg.name,
+            outcome=Outcome.from_proto(msg.outcome) if msg.HasField("outcome") else None,
+            changed_paths=tuple(msg.changed_paths),
+            writes=msg.writes,
+            failure=msg.failure,
+            stdout=msg.stdout,
+            stderr=msg.stderr,
+        )
+
+
+@dataclass(frozen=True)
+class StepReply:
+    """One attempt at a step: what became of it, per task, and the channels after it."""
+
+    run_id: str
+    step: int  # the number it was planned as: the run's last committed step + 1
+    state: StepState
+    reason: str  # why it failed, is pending or was discarded; "" when committed
+    conflicts: tuple[str, ...]
+    tasks: tuple[TaskReport, ...]
+    # Channel values after the step (decoded from JSON; the raw text if it is not JSON).
+    channels: Mapping[str, Any]
+    versions: Mapping[str, int]
+    wall_seconds: float
+    created_at: datetime | None
+    requested_by: str
+    decided_by: str  # the approver, for a step that needed one
+
+    @classmethod
+    def from_proto(cls, msg: pb.StepReply) -> StepReply:
+        """Converts the API message."""
+        return cls(
+            run_id=msg.run_id,
+            step=msg.step,
+            state=_STEP_STATES.get(msg.state, StepState.UNSPECIFIED),
+            reason=msg.reason,
+            conflicts=tuple(msg.conflicts),
+            tasks=tuple(TaskReport.from_proto(t) for t in msg.tasks),
+            channels={name: _json_value(text) for name, text in sorted(msg.channels.items())},
+            versions=dict(sorted(msg.versions.items())),
+            wall_seconds=msg.wall_seconds,
+            created_at=_time(msg.created_at) if msg.HasField("created_at") else None,
+            requested_by=msg.requested_by,
+            decided_by=msg.decided_by,
+        )
+
+
+def _json_value(text: str) -> Any:
+    try:
+        return json.loads(text)
+    except ValueError:
+        return text
+
+
+StepEvent = TaskOutput | TaskReport | StepReply
+
+
+@dataclass(frozen=True)
+class Checkpoint:
+    """A committed step the run can be rolled back to, forked from or exported."""
+
+    step: int
+    committed_at: datetime | None
+    layers: int  # workspace layers under it, the base included
+    versions: Mapping[str, int]  # channel name -> version
+
+    @classmethod
+    def from_proto(cls, msg: pb.Checkpoint) -> Checkpoint:
+        """Converts the API message."""
+        return cls(
+            step=msg.step,
+            committed_at=_time(msg.committed_at) if msg.HasField("committed_at") else None,
+            layers=msg.layers,
+            versions=dict(sorted(msg.versions.items())),
+        )
 
 
 class AgentdClient:
@@ -274,9 +486,11 @@ class AgentdClient:
         """Translates a grpc error raised by a call on `channel` into a ClientError."""
         return error_from_rpc(exc, self.socket)
 
-    def create_run(self, agent: str, label: str = "") -> Run:
-        """Creates a run of a registered agent."""
-        request = pb.CreateRunRequest(agent=agent, label=label)
+    def create_run(self, agent: str, label: str = "", channels: Sequence[ChannelDecl] = ()) -> Run:
+        """Creates a run of a registered agent, with the channels its tasks will write."""
+        request = pb.CreateRunRequest(
+            agent=agent, label=label, channels=[c.to_proto() for c in channels]
+        )
         try:
             return Run.from_proto(self._stub.CreateRun(request, timeout=self.timeout))
         except grpc.RpcError as exc:
@@ -352,6 +566,120 @@ class AgentdClient:
             if not done:
                 _cancel(call)
         raise ClientError("INTERNAL", "agentd ended the exec stream without an outcome")
+
+    def step(self, run_id: str, tasks: Sequence[TaskSpec]) -> StepReply:
+        """Runs one step and returns how it ended: committed, failed or pending approval.
+
+        A failed step is not an error (nothing was applied; the reply says why). No deadline:
+        the daemon enforces each task's wall time.
+        """
+        request = pb.StepRequest(run_id=run_id, tasks=[t.to_proto() for t in tasks])
+        try:
+            return StepReply.from_proto(self._stub.Step(request))
+        except grpc.RpcError as exc:
+            raise self.error(exc) from None
+
+    def stream_step(self, run_id: str, tasks: Sequence[TaskSpec]) -> Iterator[StepEvent]:
+        """Runs one step; yields TaskOutput chunks and a TaskReport per task as they happen,
+        then exactly one StepReply.
+
+        Closing the iterator early cancels the call: the daemon kills the tasks and applies
+        nothing.
+        """
+        request = pb.StepRequest(run_id=run_id, tasks=[t.to_proto() for t in tasks])
+        return self._step_events(self._stub.StreamStep(request))
+
+    def _step_events(self, call: grpc.CallIterator[pb.StepEvent]) -> Iterator[StepEvent]:
+        done = False
+        try:
+            for event in call:
+                kind = event.WhichOneof("event")
+                if kind == "output":
+                    chunk = event.output.chunk
+                    stream = _STREAMS.get(chunk.stream, Stream.STDOUT)
+                    yield TaskOutput(task=event.output.task, stream=stream, data=chunk.data)
+                elif kind == "task_done":
+                    yield TaskReport.from_proto(event.task_done)
+                elif kind == "done":
+                    done = True
+                    yield StepReply.from_proto(event.done)
+                    return
+        except grpc.RpcError as exc:
+            done = True
+            raise self.error(exc) from None
+        finally:
+            if not done:
+                _cancel(call)
+        raise ClientError("INTERNAL", "agentd ended the step stream without a reply")
+
+    def approve(self, run_id: str, step: int, approve: bool, reason: str = "") -> StepReply:
+        """Approves (the step runs now, and the reply says how it ended) or rejects (it is
+        discarded) a step that waits for approval.
+
+        Only the approver role may call it, on the approver socket, and never for a step it
+        requested itself: PERMISSION_DENIED otherwise.
+        """
+        request = pb.ApproveRequest(run_id=run_id, step=step, approve=approve, reason=reason)
+        try:
+            return StepReply.from_proto(self._stub.Approve(request))
+        except grpc.RpcError as exc:
+            raise self.error(exc) from None
+
+    def list_steps(self, run_id: str) -> list[StepReply]:
+        """Every attempt at a step in the run, oldest first: its timeline."""
+        request = pb.ListStepsRequest(run_id=run_id)
+        try:
+            response = self._stub.ListSteps(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise self.error(exc) from None
+        return [StepReply.from_proto(step) for step in response.steps]
+
+    def list_checkpoints(self, run_id: str) -> list[Checkpoint]:
+        """The run's checkpoints, oldest first."""
+        request = pb.ListCheckpointsRequest(run_id=run_id)
+        try:
+            response = self._stub.ListCheckpoints(request, timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise self.error(exc) from None
+        return [Checkpoint.from_proto(c) for c in response.checkpoints]
+
+    def rollback(self, run_id: str, step: int) -> Run:
+        """Makes checkpoint `step` the run's state; later checkpoints are dropped."""
+        request = pb.RollbackRequest(run_id=run_id, step=step)
+        try:
+            return Run.from_proto(self._stub.Rollback(request, timeout=self.timeout))
+        except grpc.RpcError as exc:
+            raise self.error(exc) from None
+
+    def fork(self, run_id: str, step: int, label: str = "") -> Run:
+        """Creates a new run that starts from checkpoint `step` of `run_id`; returns it."""
+        request = pb.ForkRequest(run_id=run_id, step=step, label=label)
+        try:
+            return Run.from_proto(self._stub.Fork(request, timeout=self.timeout))
+        except grpc.RpcError as exc:
+            raise self.error(exc) from None
+
+    def export_checkpoint(self, run_id: str, step: int) -> Iterator[bytes]:
+        """Yields a tarball of the workspace at checkpoint `step`, chunk by chunk.
+
+        The tarball is complete only if the iterator ends without raising; closing it early
+        cancels the export.
+        """
+        request = pb.ExportCheckpointRequest(run_id=run_id, step=step)
+        return self._chunks(self._stub.ExportCheckpoint(request))
+
+    def _chunks(self, call: grpc.CallIterator[pb.ExportChunk]) -> Iterator[bytes]:
+        done = False
+        try:
+            for chunk in call:
+                yield chunk.data
+            done = True
+        except grpc.RpcError as exc:
+            done = True
+            raise self.error(exc) from None
+        finally:
+            if not done:
+                _cancel(call)
 
 
 def _cancel(call: object) -> None:

@@ -18,14 +18,12 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
-import shutil
 import signal
 import sys
-from pathlib import Path
 
 import structlog
 
-from agentd import logs, systemd
+from agentd import activation, logs, systemd
 from agentd.api.server import Servers, agentd_registration, audit_registration
 from agentd.api.service import AgentdServicer
 from agentd.audit import AuditLog
@@ -36,8 +34,11 @@ from agentd.sandbox.cgroups import CgroupDriver, probe
 from agentd.sandbox.launcher_client import LauncherClient
 from agentd.scheduler.agents import AgentRegistry
 from agentd.scheduler.runs import RunManager
+from agentd.scheduler.steps import StepRunner, recover_steps
 from agentd.scheduler.tasks import TaskRunner
+from agentd.store.layers import LayerStore
 from agentd.store.runs import RunStore
+from agentd.store.steps import StepStore
 
 log = structlog.get_logger("agentd")
 
@@ -46,21 +47,26 @@ class Daemon:
     """Everything the daemon owns, in the order it was started."""
 
     def __init__(self, config: Config, registry: AgentRegistry, launcher: LauncherClient,
-                 cgroups: CgroupDriver, audit: AuditLog, store: RunStore) -> None:
+                 cgroups: CgroupDriver, audit: AuditLog, store: RunStore, step_store: StepStore,
+                 layers: LayerStore) -> None:
         self.config = config
         self.launcher = launcher
         self.cgroups = cgroups
         self.audit = audit
         self.store = store
         d = config.daemon
-        self.runs = RunManager(registry=registry, store=store, audit=audit,
-                               state_dir=d.state_dir, worker_uid=d.worker_uid,
-                               worker_gid=d.worker_gid, max_workers=d.max_concurrent_workers)
+        self.runs = RunManager(registry=registry, store=store, steps=step_store, layers=layers,
+                               audit=audit, worker_uid=d.worker_uid, worker_gid=d.worker_gid,
+                               max_workers=d.max_concurrent_workers)
         self.tasks = TaskRunner(self.runs, launcher, cgroups, worker_uid=d.worker_uid,
                                 worker_gid=d.worker_gid)
-        registrations = [agentd_registration(AgentdServicer(self.runs, self.tasks)),
+        self.steps = StepRunner(self.runs, self.tasks, step_store, layers)
+        registrations = [agentd_registration(AgentdServicer(self.runs, self.steps)),
                          audit_registration(audit)]
-        self.servers = Servers(config.role_sockets(),
+        # Under systemd the role sockets are its own (passed, listening); grpc then serves on
+        # private sockets that the activation forwarder feeds (see agentd.activation).
+        self.activation = activation.Activation.from_environment(d.runtime_dir)
+        self.servers = Servers(self.activation.grpc_sockets(config.role_sockets()),
                                {"client": d.socket_group, "approver": d.approver_group},
                                registrations, self._record_denial)
         self._stopping = asyncio.Event()
@@ -71,6 +77,7 @@ class Daemon:
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
         await self.servers.start()
+        await self.activation.start()
         background = [loop.create_task(self._probe_audit()), loop.create_task(self._watchdog())]
         systemd.notify("READY=1\nSTATUS=serving")
         log.info("agentd.ready", sockets={r: str(p) for r, p in self.config.role_sockets().items()},
@@ -90,9 +97,11 @@ class Daemon:
     async def drain(self) -> None:
         log.info("agentd.draining", running=self.runs.running())
         self.runs.draining = True
+        await self.activation.stop_accepting()  # new callers wait in systemd's backlog
         await self.servers.not_serving()
         killed = await self.runs.stop_workers(None, "shutdown")
         await self.servers.stop(grace=self.config.daemon.drain_seconds)
+        await self.activation.close()
         await self.audit.append("daemon.stopped", actor=SYSTEM.actor(),
                                 details={"killed_tasks": killed})
         log.info("agentd.stopped", killed=killed)
@@ -127,13 +136,6 @@ def _prepare_dirs(config: Config) -> None:
     root.chmod(0o711)
 
 
-def _clean_closed_workspaces(store: RunStore, state_dir: Path) -> None:
-    """Removes what a crash left between 'workspace deleted' and 'run closed'."""
-    for run in store.list(include_closed=True):
-        if run.state == "closed" and not run.workspace:
-            shutil.rmtree(state_dir / "runs" / run.run_id, ignore_errors=True)
-
-
 def start(config: Config) -> Daemon:
     """Steps 1 to 4 of the start-up order; raises AgentdError with a clear message."""
     registry = AgentRegistry.load(config)
@@ -146,15 +148,19 @@ def start(config: Config) -> Daemon:
     stale = cgroups.cleanup_stale()
     audit = AuditLog.open(d.state_dir / "audit", head_interval=d.tree_head_interval)
     store = RunStore(d.state_dir / "state.db")
-    _clean_closed_workspaces(store, d.state_dir)
+    step_store = StepStore(store.connection)
+    layers = LayerStore(d.state_dir / "workspaces")
+    # Steps that were running when the daemon died applied nothing; mark them, drop leftovers.
+    recovered = recover_steps(step_store, layers)
     audit.append_sync("daemon.started", actor=SYSTEM.actor(), details={
         "pid": os.getpid(), "cgroups": cgroups.describe(), "stale_cgroups_removed": stale,
+        "recovered": recovered,
         "agents": {name: {"stage": registry.get(name).stage,
                           "policy_hash": registry.get(name).policy.content_hash}
                    for name in registry.names()}})
     if stale:
         log.warning("agentd.recovered", stale_cgroups_removed=stale)
-    return Daemon(config, registry, launcher, cgroups, audit, store)
+    return Daemon(config, registry, launcher, cgroups, audit, store, step_store, layers)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -6,6 +6,7 @@
     ├── PermissionDenied             refused by a policy rule or a role        PERMISSION_DENIED
     ├── NotFound                     no such run, agent or checkpoint          NOT_FOUND
     ├── FailedPrecondition           right request, wrong state                FAILED_PRECONDITION
+    ├── Aborted                      lost a race: another step holds the run    ABORTED
     ├── ResourceExhausted            a limit of the host or of the daemon      RESOURCE_EXHAUSTED
     ├── DeadlineExceeded             the caller's deadline passed              DEADLINE_EXCEEDED
     ├── Unavailable                  the daemon cannot take work right now     UNAVAILABLE
@@ -73,6 +74,12 @@ class FailedPrecondition(AgentdError):
     """The request is valid but the object is in the wrong state; change the state first."""
 
     code = "FAILED_PRECONDITION"
+
+
+class Aborted(AgentdError):
+    """Another step is running on the same run (one writer per run); retry after it ends."""
+
+    code = "ABORTED"
 
 
 class ResourceExhausted(AgentdError):

@@ -2,12 +2,18 @@
 
 from __future__ import annotations
 
+import json
+from collections.abc import Iterable
+
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from agentd.api.gen.v1 import agentd_pb2 as pb
 from agentd.sandbox.worker import WorkerResult
+from agentd.scheduler import channels
+from agentd.scheduler.steps import StepResult, TaskReport, TaskRequest
 from agentd.scheduler.tasks import ExecRequest
 from agentd.store.runs import RunRecord
+from agentd.store.steps import CheckpointRecord, StepRecord
 
 STOP_REASONS = {
     None: pb.STOP_REASON_NONE, "timeout": pb.STOP_REASON_TIMEOUT,
@@ -32,7 +38,11 @@ def run_to_proto(run: RunRecord) -> pb.Run:
         state=pb.RUN_STATE_OPEN if run.state == "open" else pb.RUN_STATE_CLOSED,
         created_at=_timestamp(run.created_at), closed_at=_timestamp(run.closed_at),
         policy_hash=run.policy_hash, policy_file=run.policy_file, workspace=run.workspace,
-        created_by=run.created_by, execs=run.execs)
+        created_by=run.created_by, execs=run.execs, step=run.step,
+        forked_from=run.forked_from, forked_at_step=run.forked_at,
+        channels=[pb.ChannelDecl(name=c["name"], reducer=c["reducer"],
+                                 barrier_tasks=c.get("barrier_tasks", []))
+                  for c in json.loads(run.channels)])
 
 
 def exec_request(request: pb.ExecRequest) -> ExecRequest:
@@ -54,3 +64,68 @@ def outcome_event(result: WorkerResult) -> pb.ExecEvent:
         peak_memory_bytes=usage.peak_memory_bytes, stdout_bytes=result.stdout_bytes,
         stderr_bytes=result.stderr_bytes, summary=result.summary,
         pids_limit_hit=usage.pids_limit_hit))
+
+
+STEP_STATES = {
+    "pending_approval": pb.STEP_STATE_PENDING_APPROVAL, "running": pb.STEP_STATE_RUNNING,
+    "committed": pb.STEP_STATE_COMMITTED, "failed": pb.STEP_STATE_FAILED,
+    "discarded": pb.STEP_STATE_DISCARDED, "interrupted": pb.STEP_STATE_FAILED,
+}
+
+
+def channel_specs(decls: Iterable[pb.ChannelDecl]) -> list[channels.ChannelSpec]:
+    return [channels.ChannelSpec(name=d.name, reducer=d.reducer,  # type: ignore[arg-type]
+                                 barrier_tasks=tuple(d.barrier_tasks)) for d in decls]
+
+
+def task_requests(tasks: Iterable[pb.TaskSpec]) -> list[TaskRequest]:
+    return [TaskRequest(name=t.name, argv=list(t.argv), env=dict(t.env), stdin=t.stdin,
+                        cwd=t.cwd, timeout_seconds=t.timeout_seconds,
+                        allow_failure=t.allow_failure) for t in tasks]
+
+
+def outcome(result: WorkerResult) -> pb.Outcome:
+    return outcome_event(result).outcome
+
+
+def task_report(report: TaskReport) -> pb.TaskReport:
+    message = pb.TaskReport(name=report.name, changed_paths=report.changed_paths,
+                            writes=len(report.writes), failure=report.failure)
+    if report.result is not None:
+        message.outcome.CopyFrom(outcome(report.result))
+    return message
+
+
+def step_result(result: StepResult) -> pb.StepReply:
+    return pb.StepReply(
+        run_id=result.run_id, step=result.step, state=STEP_STATES[result.state],
+        reason=result.reason, conflicts=result.conflicts,
+        tasks=[task_report(t) for t in result.tasks],
+        channels={k: json.dumps(v, sort_keys=True) for k, v in result.channels.items()},
+        versions=result.versions, wall_seconds=result.wall_seconds,
+        created_at=_timestamp(result.created_at), requested_by=result.requested_by,
+        decided_by=result.decided_by)
+
+
+def step_record(record: StepRecord) -> pb.StepReply:
+    """A stored attempt, for the timeline (task outcomes as summaries, not live objects)."""
+    reply = record.reply
+    return pb.StepReply(
+        run_id=record.run_id, step=record.step, state=STEP_STATES[record.state],
+        reason=record.reason, conflicts=reply.get("conflicts", []),
+        tasks=[pb.TaskReport(name=t["name"], failure=t.get("failure", ""),
+                             changed_paths=t.get("changed", []), writes=t.get("writes", 0),
+                             outcome=pb.Outcome(summary=(t.get("outcome") or {}).get(
+                                 "summary", ""), wall_seconds=(t.get("outcome") or {}).get(
+                                 "wall", 0.0)))
+               for t in reply.get("tasks", [])] or [
+                   pb.TaskReport(name=t["name"]) for t in record.request.get("tasks", [])],
+        versions=reply.get("versions", {}), wall_seconds=reply.get("wall", 0.0),
+        created_at=_timestamp(record.created_at), requested_by=record.requested_by,
+        decided_by=record.decided_by)
+
+
+def checkpoint(record: CheckpointRecord) -> pb.Checkpoint:
+    return pb.Checkpoint(step=record.step, committed_at=_timestamp(record.committed_at),
+                         layers=len(record.layers),
+                         versions={k: v["version"] for k, v in record.channels.items()})

@@ -14,6 +14,7 @@ from typing import Any
 import grpc
 import structlog
 
+from agentd import activation
 from agentd.api.errors import map_stream, map_unary
 from agentd.errors import PermissionDenied
 from agentd.identity import Caller
@@ -28,6 +29,12 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "/agentd.v1.Agentd/CreateRun": frozenset({"client", "admin"}),
     "/agentd.v1.Agentd/CloseRun": frozenset({"client", "admin"}),
     "/agentd.v1.Agentd/Exec": frozenset({"client", "admin"}),
+    "/agentd.v1.Agentd/Step": frozenset({"client", "admin"}),
+    "/agentd.v1.Agentd/StreamStep": frozenset({"client", "admin"}),
+    "/agentd.v1.Agentd/Rollback": frozenset({"client", "admin"}),
+    "/agentd.v1.Agentd/Fork": frozenset({"client", "admin"}),
+    "/agentd.v1.Agentd/ExportCheckpoint": frozenset({"client", "admin"}),
+    "/agentd.v1.Agentd/Approve": frozenset({"approver", "admin"}),
 }
 
 
@@ -63,8 +70,11 @@ class RoleInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         claimed = str(metadata.get("agentd-caller-name", ""))[:100]
 
         async def bind(context: Any) -> None:
-            caller = Caller(role=role, socket=self.socket_path, peer=context.peer() or "",
-                            claimed_name=claimed)
+            # Under socket activation the forwarder knows the caller's SO_PEERCRED.
+            creds = activation.peer_of(context.peer())
+            peer = (f"uid={creds.uid} gid={creds.gid} pid={creds.pid}" if creds
+                    else context.peer() or "")
+            caller = Caller(role=role, socket=self.socket_path, peer=peer, claimed_name=claimed)
             current_caller.set(caller)
             if not permitted:
                 denied = _denied(method, role)

@@ -8,30 +8,31 @@ to statuses by the interceptor; no business logic lives here.
 from __future__ import annotations
 
 import asyncio
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
 from agentd.api import convert
 from agentd.api.gen.v1 import agentd_pb2 as pb
 from agentd.api.gen.v1 import agentd_pb2_grpc
 from agentd.api.interceptor import current_caller
-from agentd.errors import InvalidArgument
+from agentd.errors import FailedPrecondition, InvalidArgument
 from agentd.scheduler.runs import RunManager
-from agentd.scheduler.tasks import TaskRunner
+from agentd.scheduler.steps import StepListener, StepResult, StepRunner, TaskReport, TaskRequest
 
 # Output chunks buffered for a slow client before the worker's reader waits for it.
 STREAM_BUFFER = 256
 
 
 class AgentdServicer(agentd_pb2_grpc.AgentdServicer):
-    def __init__(self, runs: RunManager, tasks: TaskRunner) -> None:
+    def __init__(self, runs: RunManager, steps: StepRunner) -> None:
         self.runs = runs
-        self.tasks = tasks
+        self.steps = steps
 
     async def CreateRun(self, request: pb.CreateRunRequest, context: Any) -> pb.Run:
         if not request.agent:
             raise InvalidArgument("agent is required: the name of a registered agent")
-        run = await self.runs.create_run(request.agent, current_caller.get(), request.label)
+        run = await self.runs.create_run(request.agent, current_caller.get(), request.label,
+                                         convert.channel_specs(request.channels))
         return convert.run_to_proto(run)
 
     async def GetRun(self, request: pb.GetRunRequest, context: Any) -> pb.Run:
@@ -47,28 +48,136 @@ class AgentdServicer(agentd_pb2_grpc.AgentdServicer):
         return convert.run_to_proto(run)
 
     async def Exec(self, request: pb.ExecRequest, context: Any) -> AsyncIterator[pb.ExecEvent]:
-        queue: asyncio.Queue[pb.ExecEvent | None] = asyncio.Queue(STREAM_BUFFER)
+        task = TaskRequest(name="exec", argv=list(request.argv), env=dict(request.env),
+                           stdin=request.stdin, cwd=request.cwd,
+                           timeout_seconds=request.timeout_seconds)
 
-        async def on_output(kind: str, data: bytes) -> None:
-            await queue.put(convert.output_event(kind, data))
+        async def finish(result: StepResult) -> pb.ExecEvent:
+            if result.state == "pending_approval":
+                raise FailedPrecondition(f"step {result.step} {result.reason}; it runs once "
+                                         "approved (`agentctl approve`)")
+            report = result.tasks[0] if result.tasks else None
+            if report is None or report.result is None:
+                raise FailedPrecondition(result.reason or "the tool did not run")
+            if report.result.setup_failure is not None:
+                raise FailedPrecondition(f"{report.result.setup_failure}; the tool did not run")
+            event = convert.outcome_event(report.result)
+            event.outcome.committed = result.state == "committed"
+            event.outcome.step = result.step
+            event.outcome.step_failure = "" if result.state == "committed" else result.reason
+            return event
 
-        async def execute() -> pb.ExecEvent:
+        async for item in _stream_step(
+                lambda listener: self.steps.step(_run_id(request.run_id), [task],
+                                                 current_caller.get(), listener)):
+            if isinstance(item, StepResult):
+                yield await finish(item)
+            elif isinstance(item, tuple):
+                yield convert.output_event(item[1], item[2])
+
+    async def Step(self, request: pb.StepRequest, context: Any) -> pb.StepReply:
+        result = await self.steps.step(_run_id(request.run_id),
+                                       convert.task_requests(request.tasks), current_caller.get())
+        return convert.step_result(result)
+
+    async def StreamStep(self, request: pb.StepRequest, context: Any
+                         ) -> AsyncIterator[pb.StepEvent]:
+        tasks = convert.task_requests(request.tasks)
+        async for item in _stream_step(
+                lambda listener: self.steps.step(_run_id(request.run_id), tasks,
+                                                 current_caller.get(), listener)):
+            yield _step_event(item)
+
+    async def Approve(self, request: pb.ApproveRequest, context: Any) -> pb.StepReply:
+        result = await self.steps.approve(_run_id(request.run_id), request.step,
+                                          request.approve, request.reason, current_caller.get())
+        return convert.step_result(result)
+
+    async def ListSteps(self, request: pb.ListStepsRequest, context: Any
+                        ) -> pb.ListStepsResponse:
+        run_id = _run_id(request.run_id)
+        self.runs.get_run(run_id)
+        return pb.ListStepsResponse(steps=[convert.step_record(r)
+                                           for r in self.runs.steps.attempts(run_id)])
+
+    async def ListCheckpoints(self, request: pb.ListCheckpointsRequest, context: Any
+                              ) -> pb.ListCheckpointsResponse:
+        run_id = _run_id(request.run_id)
+        self.runs.get_run(run_id)
+        return pb.ListCheckpointsResponse(checkpoints=[
+            convert.checkpoint(c) for c in self.runs.steps.checkpoints(run_id)])
+
+    async def Rollback(self, request: pb.RollbackRequest, context: Any) -> pb.Run:
+        run_id = _run_id(request.run_id)
+        await self.steps.rollback(run_id, request.step, current_caller.get())
+        return convert.run_to_proto(self.runs.get_run(run_id))
+
+    async def Fork(self, request: pb.ForkRequest, context: Any) -> pb.Run:
+        run = await self.runs.fork(_run_id(request.run_id), request.step, current_caller.get(),
+                                   request.label)
+        return convert.run_to_proto(run)
+
+    async def ExportCheckpoint(self, request: pb.ExportCheckpointRequest, context: Any
+                               ) -> AsyncIterator[pb.ExportChunk]:
+        queue: asyncio.Queue[bytes | None] = asyncio.Queue(STREAM_BUFFER)
+        loop = asyncio.get_running_loop()
+
+        def sink(data: bytes) -> None:  # called from the exporting thread
+            asyncio.run_coroutine_threadsafe(queue.put(data), loop).result()
+
+        async def export() -> None:
             try:
-                result = await self.tasks.exec(convert.exec_request(request),
-                                               current_caller.get(), on_output)
-                return convert.outcome_event(result)
+                await self.steps.export(_run_id(request.run_id), request.step,
+                                        current_caller.get(), sink)
             finally:
                 await queue.put(None)
 
-        task = asyncio.get_running_loop().create_task(execute())
+        task = loop.create_task(export())
         try:
-            while (event := await queue.get()) is not None:
-                yield event
-            yield await task
+            while (chunk := await queue.get()) is not None:
+                yield pb.ExportChunk(data=chunk)
+            await task
         finally:
-            if not task.done():  # the caller went away: the worker is killed, not orphaned
+            if not task.done():
                 task.cancel()
                 await asyncio.gather(task, return_exceptions=True)
+
+
+async def _stream_step(start: Callable[[StepListener], Awaitable[StepResult]]
+                       ) -> AsyncIterator[Any]:
+    """Runs a step, yielding its events as they happen and then its StepResult; a caller that
+    goes away cancels the step (its workers are killed, nothing is applied)."""
+    queue: asyncio.Queue[Any] = asyncio.Queue(STREAM_BUFFER)
+    done = object()
+
+    async def listener(kind: str, payload: Any) -> None:
+        await queue.put(payload)
+
+    async def run() -> StepResult:
+        try:
+            return await start(listener)
+        finally:
+            await queue.put(done)
+
+    task = asyncio.get_running_loop().create_task(run())
+    try:
+        while (item := await queue.get()) is not done:
+            yield item
+        yield await task
+    finally:
+        if not task.done():
+            task.cancel()
+            await asyncio.gather(task, return_exceptions=True)
+
+
+def _step_event(item: Any) -> pb.StepEvent:
+    if isinstance(item, StepResult):
+        return pb.StepEvent(done=convert.step_result(item))
+    if isinstance(item, TaskReport):
+        return pb.StepEvent(task_done=convert.task_report(item))
+    name, kind, data = item
+    return pb.StepEvent(output=pb.TaskOutput(task=name, chunk=convert.output_event(
+        kind, data).output))
 
 
 def _run_id(run_id: str) -> str:

@@ -2,6 +2,8 @@
 
     agentctl [--socket PATH] run create|list|show|close ...
     agentctl [--socket PATH] exec RUN [options] -- CMD [ARG...]
+    agentctl [--socket PATH] step RUN --task [NAME=]CMD... | approve RUN STEP | timeline RUN
+    agentctl [--socket PATH] checkpoints RUN | rollback|fork|export RUN STEP ...
     agentctl policy check FILE... | policy schema
     agentctl [--socket PATH] audit ...            (when agentd.cli.audit_cmd is installed)
 
@@ -10,9 +12,10 @@ Every subcommand module exposes `register(subparsers)`, which adds its parsers a
 (an `AgentdClient`) or `args.channel()` (its grpc channel, for stubs of other services); both
 connect on first use, so commands that work locally (`policy check`) never touch the socket.
 
-Exit status: the handler's (for `exec`, the tool's); 2 for a usage error or bad input
-(INVALID_ARGUMENT); 1 for any other error, shown as one line, `agentctl: <what went wrong>`,
-never as a traceback (set AGENTCTL_DEBUG=1 to get one for an unexpected error).
+Exit status: the handler's (for `exec`, the tool's; for `step`, 3 when pending approval); 2
+for a usage error or bad input (INVALID_ARGUMENT); 1 for any other error, shown as one line,
+`agentctl: <what went wrong>`, never as a traceback (set AGENTCTL_DEBUG=1 to get one for an
+unexpected error).
 """
 
 from __future__ import annotations
@@ -29,7 +32,7 @@ from typing import Any, NoReturn
 
 import grpc
 
-from agentd.cli import exec_cmd, policy_cmd, runs_cmd
+from agentd.cli import exec_cmd, policy_cmd, runs_cmd, steps_cmd
 from agentd.cli.output import UsageError
 from agentd.client import AgentdClient, ClientError, error_from_rpc, resolve_socket
 
@@ -89,6 +92,7 @@ def build_parser() -> Parser:
     subparsers = parser.add_subparsers(dest="command_name", metavar="COMMAND", required=True)
     runs_cmd.register(subparsers)
     exec_cmd.register(subparsers)
+    steps_cmd.register(subparsers)
     policy_cmd.register(subparsers)
     _register_optional(subparsers, "agentd.cli.audit_cmd", "audit", "the audit log")
     return parser

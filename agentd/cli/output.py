@@ -1,8 +1,14 @@
 """How agentctl shows things: tables and key/value blocks for people, JSON for programs.
 
-The JSON shapes are an interface (scripts parse them): a run is an object with the field
-names of the API's `Run` message, enums as lower-case words and times as RFC 3339 strings
-(null when unset); `run list --json` is `{"runs": [...]}` so that it can grow fields.
+The JSON shapes are an interface (scripts parse them): a run, a step (`StepReply`) and a
+checkpoint are objects with the field names of the API's messages, enums as lower-case words
+and times as RFC 3339 strings (null when unset); lists are wrapped (`{"runs": [...]}`,
+`{"steps": [...]}`, `{"checkpoints": [...]}`) so that they can grow fields.
+
+Text for people that the daemon got from a tool or an agent (task names, reasons, changed
+paths) goes through `printable`: a confined agent chooses its file names, and must not be able
+to send escape sequences to the operator's terminal. Task output itself is passed through
+as it is, like `exec` does.
 """
 
 from __future__ import annotations
@@ -13,7 +19,10 @@ from collections.abc import Sequence
 from datetime import datetime
 from typing import Any, TextIO
 
-from agentd.client import Outcome, Run, StopReason
+from agentd.client import Checkpoint, Outcome, Run, StepReply, StepState, StopReason, TaskReport
+
+#: How many changed paths the timeline shows per task before "and N more".
+CHANGED_PATHS_SHOWN = 3
 
 
 class UsageError(Exception):
@@ -47,6 +56,13 @@ def run_to_json(run: Run) -> dict[str, Any]:
         "workspace": run.workspace,
         "created_by": run.created_by,
         "execs": run.execs,
+        "step": run.step,
+        "forked_from": run.forked_from,
+        "forked_at_step": run.forked_at_step,
+        "channels": [
+            {"name": c.name, "reducer": c.reducer, "barrier_tasks": list(c.barrier_tasks)}
+            for c in run.channels
+        ],
     }
 
 
@@ -62,10 +78,14 @@ def runs_table(runs: Sequence[Run]) -> str:
     rows = [
         (r.run_id, r.agent, r.stage, str(r.state), _when(r.created_at), str(r.execs)) for r in runs
     ]
-    widths = [max(len(row[i]) for row in [header, *rows]) for i in range(len(header))]
+    return _table([header, *rows])
+
+
+def _table(rows: Sequence[Sequence[str]]) -> str:
+    widths = [max(len(row[i]) for row in rows) for i in range(len(rows[0]))]
     lines = [
         "  ".join(cell.ljust(w) for cell, w in zip(row, widths, strict=True)).rstrip()
-        for row in [header, *rows]
+        for row in rows
     ]
     return "\n".join(lines) + "\n"
 
@@ -83,7 +103,13 @@ def run_details(run: Run) -> str:
         ("policy", f"{run.policy_file or '-'} (sha256 {run.policy_hash or '-'})"),
         ("workspace", run.workspace or "(removed)"),
         ("execs", str(run.execs)),
+        ("step", str(run.step) if run.step else "0 (nothing committed yet)"),
     ]
+    if run.forked_from:
+        fields.append(("forked from", f"{run.forked_from} at step {run.forked_at_step}"))
+    fields.extend(
+        ("channel", channel_text(c.name, c.reducer, c.barrier_tasks)) for c in run.channels
+    )
     width = max(len(key) for key, _ in fields) + 1
     return "".join(f"{(key + ':').ljust(width)} {value}\n" for key, value in fields)
 
@@ -131,3 +157,208 @@ def _iso(when: datetime | None) -> str | None:
 
 def _when(when: datetime | None) -> str:
     return when.strftime("%Y-%m-%d %H:%M:%SZ") if when else "-"
+
+
+def printable(text: str) -> str:
+    """`text` with every character that is not printable shown as a \\uXXXX escape."""
+    return "".join(c if c.isprintable() else f"\\u{ord(c):04x}" for c in text)
+
+
+def channel_text(name: str, reducer: str, barrier_tasks: Sequence[str]) -> str:
+    """A channel as `run create --channel` takes it: NAME:REDUCER[:TASK,TASK...]."""
+    tasks = f":{','.join(barrier_tasks)}" if barrier_tasks else ""
+    return printable(f"{name}:{reducer}{tasks}")
+
+
+def seconds(value: float) -> str:
+    """0.2134 -> "0.21 s"."""
+    return f"{value:.2f} s"
+
+
+# --- steps -------------------------------------------------------------------------------------
+
+
+def outcome_to_json(outcome: Outcome) -> dict[str, Any]:
+    """The JSON object of a tool's outcome."""
+    return {
+        "task_id": outcome.task_id,
+        "exited": outcome.exited,
+        "exit_code": outcome.exit_code,
+        "signal": outcome.signal,
+        "stop_reason": str(outcome.stop_reason),
+        "wall_seconds": outcome.wall_seconds,
+        "cpu_seconds": outcome.cpu_seconds,
+        "peak_memory_bytes": outcome.peak_memory_bytes,
+        "stdout_bytes": outcome.stdout_bytes,
+        "stderr_bytes": outcome.stderr_bytes,
+        "summary": outcome.summary,
+        "pids_limit_hit": outcome.pids_limit_hit,
+    }
+
+
+def task_to_json(task: TaskReport) -> dict[str, Any]:
+    """The JSON object of one task of a step; its output as text (invalid UTF-8 replaced)."""
+    return {
+        "name": task.name,
+        "outcome": outcome_to_json(task.outcome) if task.outcome else None,
+        "changed_paths": list(task.changed_paths),
+        "writes": task.writes,
+        "failure": task.failure,
+        "stdout": task.stdout.decode("utf-8", "replace"),
+        "stderr": task.stderr.decode("utf-8", "replace"),
+    }
+
+
+def step_to_json(step: StepReply) -> dict[str, Any]:
+    """The JSON object of one attempt at a step."""
+    return {
+        "run_id": step.run_id,
+        "step": step.step,
+        "state": str(step.state),
+        "reason": step.reason,
+        "conflicts": list(step.conflicts),
+        "tasks": [task_to_json(t) for t in step.tasks],
+        "channels": dict(step.channels),
+        "versions": dict(step.versions),
+        "wall_seconds": step.wall_seconds,
+        "created_at": _iso(step.created_at),
+        "requested_by": step.requested_by,
+        "decided_by": step.decided_by,
+    }
+
+
+def step_summary(step: StepReply) -> str:
+    """What became of a step, for people: one line, then one line per conflict, e.g.
+    "step 3 committed (2 tasks, 0.21 s)" or "step 3 failed: task t2: exited 1"."""
+    what = f"step {step.step}"
+    reason = printable(step.reason)
+    if step.state is StepState.COMMITTED:
+        count = len(step.tasks)
+        line = f"{what} committed ({count} task{'s' if count != 1 else ''}, "
+        line += f"{seconds(step.wall_seconds)})"
+    elif step.state is StepState.FAILED:
+        line = f"{what} failed: {reason or 'no reason given'}"
+    elif step.state is StepState.PENDING_APPROVAL:
+        line = f"{what} pending approval: {reason or 'an approver must decide'}"
+    elif step.state is StepState.DISCARDED:
+        line = f"{what} discarded: {reason or 'rejected'}"
+    else:
+        line = f"{what} {_state_words(step.state)}" + (f": {reason}" if reason else "")
+    conflicts = "".join(f"  conflict: {printable(c)}\n" for c in step.conflicts)
+    return line + "\n" + conflicts
+
+
+def checkpoint_to_json(checkpoint: Checkpoint) -> dict[str, Any]:
+    """The JSON object of one checkpoint."""
+    return {
+        "step": checkpoint.step,
+        "committed_at": _iso(checkpoint.committed_at),
+        "layers": checkpoint.layers,
+        "versions": dict(checkpoint.versions),
+    }
+
+
+def checkpoints_table(checkpoints: Sequence[Checkpoint]) -> str:
+    """A table of checkpoints: STEP, COMMITTED, LAYERS, VERSIONS (`channel=version ...`)."""
+    header = ("STEP", "COMMITTED", "LAYERS", "VERSIONS")
+    rows = [
+        (
+            str(c.step),
+            _when(c.committed_at),
+            str(c.layers),
+            printable(" ".join(f"{name}={v}" for name, v in c.versions.items())) or "-",
+        )
+        for c in checkpoints
+    ]
+    return _table([header, *rows])
+
+
+def timeline(steps: Sequence[StepReply]) -> str:
+    """Every attempt at a step, oldest first: a heading line (step, state, when, how long, by
+    whom), the reason and conflicts, then one line per task (name, outcome, wall time, what
+    it changed) and why it failed the step, if it did::
+
+        step 2  failed     2024-05-01 10:00:00Z  1.02 s  requested by uid:1000
+          reason: task t2: exited 1
+          t1  exited 0  0.10 s  changed a.txt, b.txt, c.txt and 2 more
+          t2  exited 1  1.00 s  no changes
+              failed: exited 1
+    """
+    headings = [
+        (
+            f"step {s.step}",
+            _state_words(s.state),
+            _when(s.created_at),
+            seconds(s.wall_seconds) if s.wall_seconds else "-",
+            _by_whom(s),
+        )
+        for s in steps
+    ]
+    heading_lines = _table(headings).splitlines() if steps else []
+    out: list[str] = []
+    for step, heading in zip(steps, heading_lines, strict=True):
+        out.append(heading)
+        if step.reason:
+            out.append(f"  reason: {printable(step.reason)}")
+        out.extend(f"  conflict: {printable(c)}" for c in step.conflicts)
+        out.extend(_task_lines(step.tasks))
+    return "".join(line + "\n" for line in out)
+
+
+def _task_lines(tasks: Sequence[TaskReport]) -> list[str]:
+    if not tasks:
+        return []
+    rows = [
+        (
+            printable(t.name),
+            _task_outcome(t.outcome),
+            seconds(t.outcome.wall_seconds) if t.outcome else "-",
+            _changes(t),
+        )
+        for t in tasks
+    ]
+    lines = []
+    indent = " " * (2 + max(len(row[0]) for row in rows) + 2)
+    for task, line in zip(tasks, _table(rows).splitlines(), strict=True):
+        lines.append(f"  {line}")
+        if task.failure:
+            lines.append(f"{indent}failed: {printable(task.failure)}")
+    return lines
+
+
+def _task_outcome(outcome: Outcome | None) -> str:
+    if outcome is None:
+        return "not run"
+    if outcome.summary:
+        return printable(outcome.summary)
+    if outcome.exited or outcome.signal:
+        return _describe(outcome)
+    return "-"
+
+
+def _changes(task: TaskReport) -> str:
+    if task.outcome is None:
+        return ""
+    paths = [printable(p) for p in task.changed_paths]
+    if not paths:
+        text = "no changes"
+    else:
+        text = "changed " + ", ".join(paths[:CHANGED_PATHS_SHOWN])
+        if len(paths) > CHANGED_PATHS_SHOWN:
+            text += f" and {len(paths) - CHANGED_PATHS_SHOWN} more"
+    if task.writes:
+        text += f"; {task.writes} channel write{'s' if task.writes != 1 else ''}"
+    return text
+
+
+def _by_whom(step: StepReply) -> str:
+    parts = []
+    if step.requested_by:
+        parts.append(f"requested by {printable(step.requested_by)}")
+    if step.decided_by:
+        parts.append(f"decided by {printable(step.decided_by)}")
+    return ", ".join(parts)
+
+
+def _state_words(state: StepState) -> str:
+    return str(state).replace("_", " ")

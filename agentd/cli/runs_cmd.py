@@ -2,6 +2,9 @@
 
 Human output goes to stdout in the forms of `agentd.cli.output`; `run create` prints only the
 run id so that `RUN=$(agentctl run create --agent x)` works. `--json` prints the API's view.
+
+`run create --channel NAME:REDUCER[:TASK,TASK...]` declares a channel of the run (state its
+steps' tasks write and the barrier merges); the task list is for, and only for, `barrier`.
 """
 
 from __future__ import annotations
@@ -11,6 +14,7 @@ import sys
 from typing import Any
 
 from agentd.cli import output
+from agentd.client import REDUCERS, ChannelDecl
 
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
@@ -22,6 +26,15 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     create.add_argument("--agent", required=True, metavar="NAME", help="the registered agent")
     create.add_argument(
         "--label", default="", metavar="TEXT", help="free text recorded with the run"
+    )
+    create.add_argument(
+        "--channel",
+        dest="channels",  # not `channel`: args.channel() is the session's grpc channel
+        action="append",
+        default=[],
+        metavar="NAME:REDUCER[:TASK,...]",
+        help=f"declare a channel (repeatable); REDUCER is one of {', '.join(REDUCERS)}; "
+        "a barrier lists the tasks it waits for, e.g. votes:barrier:t1,t2",
     )
     _json_flag(create)
     create.set_defaults(func=cmd_create)
@@ -50,9 +63,43 @@ def _json_flag(parser: argparse.ArgumentParser) -> None:
     parser.add_argument("--json", action="store_true", help="print JSON instead of text")
 
 
+def parse_channels(items: list[str]) -> list[ChannelDecl]:
+    """Turns `NAME:REDUCER[:TASK,...]` items into declarations; UsageError when one is
+    malformed, names an unknown reducer, lists tasks for anything but a barrier (or none for
+    a barrier), or repeats a name. The daemon checks the names themselves."""
+    decls: list[ChannelDecl] = []
+    for item in items:
+        name, _, rest = item.partition(":")
+        reducer, has_tasks, task_list = rest.partition(":")
+        if not name or not reducer:
+            raise output.UsageError(
+                f"--channel expects NAME:REDUCER[:TASK,...], got {item!r} "
+                "(e.g. plan:last_value or votes:barrier:t1,t2)"
+            )
+        if reducer not in REDUCERS:
+            raise output.UsageError(
+                f"--channel {item!r}: unknown reducer {reducer!r}; use one of {', '.join(REDUCERS)}"
+            )
+        tasks = tuple(task_list.split(",")) if has_tasks else ()
+        if reducer == "barrier" and (not tasks or "" in tasks):
+            raise output.UsageError(
+                f"--channel {item!r}: a barrier channel lists the tasks it waits for, "
+                f"e.g. {name}:barrier:t1,t2"
+            )
+        if reducer != "barrier" and has_tasks:
+            raise output.UsageError(
+                f"--channel {item!r}: only a barrier channel takes a list of tasks"
+            )
+        if any(d.name == name for d in decls):
+            raise output.UsageError(f"--channel {name} is declared more than once")
+        decls.append(ChannelDecl(name=name, reducer=reducer, barrier_tasks=tasks))
+    return decls
+
+
 def cmd_create(args: argparse.Namespace) -> int:
     """`run create`: prints the new run's id (or the whole run with --json)."""
-    run = args.client().create_run(args.agent, label=args.label)
+    channels = parse_channels(args.channels)
+    run = args.client().create_run(args.agent, label=args.label, channels=channels)
     if args.json:
         output.print_json(output.run_to_json(run))
     else:

@@ -23,6 +23,7 @@ Any failure is written to the error pipe as {"step", "errno", "message"} and the
 from __future__ import annotations
 
 import errno as errno_mod
+import fcntl
 import json
 import os
 import select
@@ -38,6 +39,9 @@ from agentd.sandbox.spec import WorkerSpec
 LANDLOCK_DEVICES = ("/dev/null", "/dev/zero", "/dev/full", "/dev/random", "/dev/urandom",
                     "/dev/tty", "/dev/pts", "/dev/ptmx")
 
+
+# Where the fds the child must keep are parked while stdio and extras are put in place.
+_HIGH_FD = 512
 
 # The dynamic loaders of the architectures agentd runs on, where the root has them.
 ELF_LOADERS = ("/lib64/ld-linux-x86-64.so.2", "/lib/ld-linux-aarch64.so.1")
@@ -71,7 +75,7 @@ def _executables(spec: WorkerSpec) -> list[str]:
 def _close_all_but(*keep: int) -> None:
     """Closes every fd above stderr except `keep`."""
     low = 3
-    for fd in sorted(k for k in keep if k >= 3):
+    for fd in sorted({k for k in keep if k >= 3}):
         os.closerange(low, fd)
         low = fd + 1
     os.closerange(low, 1 << 20)
@@ -94,7 +98,7 @@ def _wait_for_parent(go_fd: int) -> None:
 
 
 def contain(spec: WorkerSpec, *, new_root: str, seccomp_program: bytes, go_fd: int,
-            err_fd: int, stdio: tuple[int, int, int]) -> NoReturn:
+            err_fd: int, fds: tuple[int, ...]) -> NoReturn:
     """Confines the calling (freshly cloned) process and execs the tool; never returns."""
     step = _Step
     try:
@@ -107,10 +111,15 @@ def contain(spec: WorkerSpec, *, new_root: str, seccomp_program: bytes, go_fd: i
                 # Only the worker's ids are mapped; files of the new root are created as them.
                 libc.set_filesystem_ids(spec.uid, spec.gid)
         with _step(step, "stdio"):
-            for target, fd in enumerate(stdio):
+            # Out of the way first, so that placing fds at 0, 1, 2, 3, ... clobbers none of them.
+            err_fd = fcntl.fcntl(err_fd, fcntl.F_DUPFD_CLOEXEC, _HIGH_FD)
+            if not spec.user_namespace:
+                go_fd = fcntl.fcntl(go_fd, fcntl.F_DUPFD_CLOEXEC, _HIGH_FD)
+            moved = [fcntl.fcntl(fd, fcntl.F_DUPFD_CLOEXEC, _HIGH_FD) for fd in fds]
+            for target, fd in enumerate(moved):
                 os.dup2(fd, target, inheritable=True)
             # Nothing of the launcher (its socket, other workers' pipes) may reach the tool.
-            _close_all_but(err_fd, go_fd)
+            _close_all_but(*range(len(moved)), err_fd, go_fd)
             # Python ignores SIGPIPE and SIGXFSZ; ignored signals survive execve.
             for sig in (signal.SIGPIPE, signal.SIGXFSZ):
                 signal.signal(sig, signal.SIG_DFL)
@@ -144,7 +153,8 @@ def contain(spec: WorkerSpec, *, new_root: str, seccomp_program: bytes, go_fd: i
             _check_launcher_alive(err_fd)
         if spec.landlock:
             with _step(step, "landlock"):
-                write = ["/tmp"] + (["/workspace"] if spec.workspace and spec.workspace_writable
+                has_workspace = spec.workspace is not None or bool(spec.workspace_layers)
+                write = ["/tmp"] + (["/workspace"] if has_workspace and spec.workspace_writable
                                     else [])
                 landlock.enter(read=["/"], write=write, execute=executables,
                                devices=LANDLOCK_DEVICES)

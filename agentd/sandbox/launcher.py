@@ -5,7 +5,7 @@ forks a worker itself. It starts this process once, before any thread exists, an
 over a SOCK_SEQPACKET socketpair (one JSON message per packet, fds passed with SCM_RIGHTS):
 
     daemon                              launcher                          worker
-      │ spawn{id,spec,join} + 3 fds ──▶  │
+      │ spawn{id,spec,join} + fds ─────▶ │   (stdin, stdout, stderr, then extras → 3, 4, …)
       │                                  │ clone(NEWPID|NEWNS|…) ──────────▶ │ blocks on go pipe
       │                                  │ pid → cgroup.procs; uid/gid maps  │
       │                                  │ go ─────────────────────────────▶ │ contain(): mounts,
@@ -110,7 +110,7 @@ class Launcher:
         message, fds = recv_message(self.sock)
         if message is None or message.get("op") == "shutdown":
             return False
-        if message.get("op") == "spawn" and len(fds) == FDS_PER_SPAWN:
+        if message.get("op") == "spawn" and len(fds) >= FDS_PER_SPAWN:
             self._spawn(message, fds)
         else:
             for fd in fds:
@@ -133,7 +133,7 @@ class Launcher:
             return
         if pid == 0:  # the worker
             contain(spec, new_root=self.new_root, seccomp_program=self.seccomp_program,
-                    go_fd=go_r, err_fd=err_w, stdio=(fds[0], fds[1], fds[2]))
+                    go_fd=go_r, err_fd=err_w, fds=tuple(fds))
         for fd in (go_r, err_w, *fds):
             os.close(fd)
         child = _Child(request_id, pid, err_r, os.pidfd_open(pid))

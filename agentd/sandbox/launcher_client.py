@@ -81,9 +81,10 @@ class LauncherClient:
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
 
-    async def spawn(self, spec: WorkerSpec, join_paths: list[str], stdio: tuple[int, int, int]
+    async def spawn(self, spec: WorkerSpec, join_paths: list[str], fds: tuple[int, ...]
                     ) -> Spawned:
-        """Asks for a worker; the caller keeps (and closes) its copies of `stdio`."""
+        """Asks for a worker with stdin, stdout, stderr and extras `fds`; the caller keeps (and
+        closes) its copies."""
         if self._sock is None or (self._process and self._process.poll() is not None):
             self._restart()
         assert self._sock is not None
@@ -92,7 +93,7 @@ class LauncherClient:
         self._pending[request_id] = spawned
         message = {"op": "spawn", "id": request_id, "spec": spec.to_json(), "join": join_paths}
         try:
-            send_message(self._sock, message, list(stdio))
+            send_message(self._sock, message, list(fds))
         except OSError as exc:
             del self._pending[request_id]
             raise Unavailable(f"cannot reach the worker launcher: {exc}") from exc

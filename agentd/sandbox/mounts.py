@@ -17,7 +17,7 @@ from __future__ import annotations
 
 import os
 
-from agentd.sandbox import libc
+from agentd.sandbox import libc, overlay
 from agentd.sandbox.spec import WorkerSpec
 
 # Devices a worker gets, bound from the host's nodes (a worker has no CAP_MKNOD).
@@ -132,7 +132,13 @@ def enter(spec: WorkerSpec, new_root: str) -> None:
     libc.mount("tmpfs", new_root, "tmpfs", _NOSUID_NODEV, "mode=0755,size=1m")
     for path in spec.read_only:
         _grant(path, new_root)
-    if spec.workspace is not None:
+    if spec.workspace_layers and spec.workspace_upper and spec.workspace_work:
+        _mkdirs(new_root + "/workspace")
+        overlay.mount_workspace(
+            new_root + "/workspace", spec.workspace_layers, spec.workspace_upper,
+            spec.workspace_work, attrs=_NOSUID_NODEV_ATTR
+            | (0 if _executable_under("/workspace", spec) else libc.MOUNT_ATTR_NOEXEC))
+    elif spec.workspace is not None:
         _bind(spec.workspace, new_root + "/workspace",
               _NOSUID_NODEV_ATTR | (0 if spec.workspace_writable else libc.MOUNT_ATTR_RDONLY)
               | (0 if _executable_under("/workspace", spec) else libc.MOUNT_ATTR_NOEXEC))

@@ -44,6 +44,13 @@ class WorkerSpec:
     # Host directory bound at /workspace; None for no workspace.
     workspace: str | None = None
     workspace_writable: bool = True
+    # Or the run's layer stack (host paths, lowest first) mounted with overlayfs at /workspace,
+    # writes going to this task's own upper (and its overlay work dir).
+    workspace_layers: tuple[str, ...] = ()
+    workspace_upper: str | None = None
+    workspace_work: str | None = None
+    # How many fds beyond stdio the worker receives; they become fds 3, 4, ... in the tool.
+    extra_fds: int = 0
     # Paths (inside the worker) that may be executed; a path ending in "/" allows a tree.
     exec_allow: tuple[str, ...] = ()
     limits: Limits = field(default_factory=Limits)
@@ -56,7 +63,7 @@ class WorkerSpec:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> WorkerSpec:
         limits = Limits(**data.pop("limits"))
-        for name in ("argv", "read_only", "exec_allow"):
+        for name in ("argv", "read_only", "exec_allow", "workspace_layers"):
             data[name] = tuple(data[name])
         return cls(limits=limits, **data)
 

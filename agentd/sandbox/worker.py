@@ -62,9 +62,11 @@ class WorkerResult:
 class Worker:
     """Runs one WorkerSpec to completion; `stop(reason)` may be called from anywhere."""
 
-    def __init__(self, spec: WorkerSpec, *, launcher: LauncherClient, cgroups: CgroupDriver
-                 ) -> None:
+    def __init__(self, spec: WorkerSpec, *, launcher: LauncherClient, cgroups: CgroupDriver,
+                 extra_fds: tuple[int, ...] = ()) -> None:
+        """`extra_fds` become fds 3, 4, ... in the tool; the caller keeps and closes them."""
         self.spec = spec
+        self._extra_fds = extra_fds
         self._launcher = launcher
         self._cgroups = cgroups
         self._cgroup: TaskCgroup | None = None
@@ -120,7 +122,7 @@ class Worker:
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
         try:
             spawned = await self._launcher.spawn(self.spec, self._cgroup.join_paths(),
-                                                 (in_r, out_w, err_w))
+                                                 (in_r, out_w, err_w, *self._extra_fds))
         finally:
             for fd in (in_r, out_w, err_w):
                 os.close(fd)

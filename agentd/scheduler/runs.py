@@ -1,19 +1,20 @@
-"""Runs: create, look up, close; and the one gate every tool call passes through.
+"""Runs: create, look up, fork, close; and the one gate every tool call passes through.
 
-A run owns a workspace directory (owned by the worker uid, mode 0700) and is bound to its
-agent's effective policy at creation. Closing a run kills whatever still runs in it and
-removes the workspace unless the caller keeps it. Every transition is audited before it is
+A run is bound to its agent's effective policy at creation and owns a workspace: a stack of
+immutable layers (an empty base, then one per committed step) and its declared channels.
+Closing a run kills whatever still runs in it and drops its checkpoints (and the layers no
+other run shares) unless the caller keeps them. Every transition is audited before it is
 acknowledged.
 """
 
 from __future__ import annotations
 
 import asyncio
-import os
+import dataclasses
+import json
 import secrets
-import shutil
 import time
-from pathlib import Path
+from collections.abc import Sequence
 
 import structlog
 
@@ -21,8 +22,11 @@ from agentd.audit import AuditLog
 from agentd.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
 from agentd.identity import Caller
 from agentd.sandbox.worker import Worker
+from agentd.scheduler import channels
 from agentd.scheduler.agents import AgentRegistry
+from agentd.store.layers import LayerStore
 from agentd.store.runs import RunRecord, RunStore
+from agentd.store.steps import CheckpointRecord, StepStore
 
 log = structlog.get_logger("agentd.runs")
 
@@ -30,12 +34,14 @@ log = structlog.get_logger("agentd.runs")
 class RunManager:
     """Owns runs and the workers running in them."""
 
-    def __init__(self, *, registry: AgentRegistry, store: RunStore, audit: AuditLog,
-                 state_dir: Path, worker_uid: int, worker_gid: int, max_workers: int) -> None:
+    def __init__(self, *, registry: AgentRegistry, store: RunStore, steps: StepStore,
+                 layers: LayerStore, audit: AuditLog, worker_uid: int, worker_gid: int,
+                 max_workers: int) -> None:
         self.registry = registry
         self.store = store
+        self.steps = steps
+        self.layers = layers
         self.audit = audit
-        self._runs_dir = state_dir / "runs"
         self._uid = worker_uid
         self._gid = worker_gid
         self._max_workers = max_workers
@@ -46,40 +52,44 @@ class RunManager:
 
     # -- runs ---------------------------------------------------------------------------
 
-    async def create_run(self, agent_name: str, caller: Caller, label: str = "") -> RunRecord:
+    async def create_run(self, agent_name: str, caller: Caller, label: str = "",
+                         channel_specs: Sequence[channels.ChannelSpec] = ()) -> RunRecord:
         self.check_accepting()
         if len(label) > 200:
             raise InvalidArgument("label is longer than 200 characters; shorten it")
         agent = self.registry.get(agent_name)
+        specs = channels.declare(channel_specs)
         run_id = "r-" + secrets.token_hex(6)
-        # runs/ and runs/<id>/ can be crossed but not listed (0711): a host process of the
-        # worker uid cannot find a workspace without its random run id, while a worker in a
-        # user namespace (no privilege over host inodes) can still reach its own to bind it.
-        run_dir = self._runs_dir / run_id
-        for directory in (self._runs_dir, run_dir):
-            directory.mkdir(mode=0o711, exist_ok=True)
-            directory.chmod(0o711)
-        workspace = run_dir / "workspace"
-        workspace.mkdir(mode=0o700)
-        os.chown(workspace, self._uid, self._gid)
+        base = await asyncio.to_thread(self.layers.create_base, self._uid, self._gid)
         record = RunRecord(
             run_id=run_id, agent=agent.name, stage=agent.stage, state="open",
             created_at=time.time(), closed_at=None, policy_hash=agent.policy.content_hash,
-            policy_file=agent.policy_file, workspace=str(workspace), created_by=str(caller),
-            label=label, execs=0)
+            policy_file=agent.policy_file, workspace="", created_by=str(caller),
+            label=label, execs=0,
+            channels=json.dumps([dataclasses.asdict(spec) for spec in specs.values()]))
         await self.audit.append("run.created", actor=caller.actor(), run_id=run_id, details={
             "agent": agent.name, "stage": agent.stage, "policy_hash": record.policy_hash,
-            "policy_file": record.policy_file, "label (caller-supplied)": label})
-        self.store.create(record)
+            "policy_file": record.policy_file, "label (caller-supplied)": label,
+            "channels": json.loads(record.channels), "base_layer": base})
+        initial = {name: {"value": v.value, "version": v.version, "seen": list(v.seen)}
+                   for name, v in channels.initial_state(specs).items()}
+        self.steps.create_run(record, CheckpointRecord(run_id, 0, [base], initial, time.time()))
         log.info("run.created", run_id=run_id, agent=agent.name, stage=agent.stage,
                  caller=str(caller))
-        return record
+        return self.get_run(run_id)
 
     def get_run(self, run_id: str) -> RunRecord:
-        return self.store.get(run_id)
+        """The run, with `workspace` the top layer of its current checkpoint (read-only)."""
+        record = self.store.get(run_id)
+        if record.state == "open" or record.workspace:
+            checkpoint = self.steps.checkpoint(run_id, record.step)
+            record = dataclasses.replace(
+                record, workspace=str(self.layers.path(checkpoint.layers[-1])))
+        return record
 
     def list_runs(self, agent: str = "", include_closed: bool = False) -> list[RunRecord]:
-        return self.store.list(agent=agent, include_closed=include_closed)
+        return [self.get_run(r.run_id)
+                for r in self.store.list(agent=agent, include_closed=include_closed)]
 
     async def close_run(self, run_id: str, caller: Caller, *, keep_workspace: bool = False
                         ) -> RunRecord:
@@ -87,17 +97,42 @@ class RunManager:
         self._closing.add(run_id)
         try:
             killed = await self.stop_workers(run_id, "cancelled")
-            workspace = self.store.get(run_id).workspace if keep_workspace else ""
-            if not keep_workspace:
-                await asyncio.to_thread(shutil.rmtree, self._runs_dir / run_id)
             await self.audit.append("run.closed", actor=caller.actor(), run_id=run_id,
                                     details={"kept_workspace": keep_workspace,
                                              "killed_tasks": killed})
+            self.store.close_run(run_id, workspace="kept" if keep_workspace else "")
+            if not keep_workspace:
+                dropped = self.steps.drop_run(run_id)
+                await asyncio.to_thread(self.release_layers, dropped)
             await self.audit.sign_tree_head()
             log.info("run.closed", run_id=run_id, kept_workspace=keep_workspace, killed=killed)
-            return self.store.close_run(run_id, workspace=workspace)
+            return self.get_run(run_id)
         finally:
             self._closing.discard(run_id)
+
+    def release_layers(self, candidates: Sequence[str]) -> None:
+        """Deletes the layers no checkpoint of any run (forks included) refers to any more."""
+        referenced = self.steps.referenced_layers()
+        for layer in candidates:
+            if layer not in referenced:
+                self.layers.delete(layer)
+
+    async def fork(self, run_id: str, step: int, caller: Caller, label: str = "") -> RunRecord:
+        """A new run of the same agent sharing the checkpoint's layers: O(1) in their size."""
+        self.check_accepting()
+        source = self.store.get(run_id)
+        checkpoint = self.steps.checkpoint(run_id, step)
+        new_id = "r-" + secrets.token_hex(6)
+        record = dataclasses.replace(
+            source, run_id=new_id, state="open", created_at=time.time(), closed_at=None,
+            workspace="", created_by=str(caller), label=label, execs=0, step=step,
+            forked_from=run_id, forked_at=step)
+        await self.audit.append("run.forked", actor=caller.actor(), run_id=new_id, details={
+            "from_run": run_id, "at_step": step, "layers": checkpoint.layers,
+            "label (caller-supplied)": label})
+        self.steps.fork(checkpoint, record)
+        await self.audit.sign_tree_head()
+        return self.get_run(new_id)
 
     def check_open(self, run_id: str) -> RunRecord:
         """The run, if new work may enter it; FAILED_PRECONDITION if closed or closing."""

@@ -93,14 +93,25 @@ class TaskRunner:
         self.uid = worker_uid
         self.gid = worker_gid
 
-    def _spec(self, task_id: str, request: ExecRequest, executable: str, workspace: str,
-              policy: EffectivePolicy, timeout: float) -> WorkerSpec:
+    def check(self, request: ExecRequest, policy: EffectivePolicy) -> str:
+        """Validates a tool call and decides it by policy; returns the resolved executable.
+
+        Raises InvalidArgument for a malformed call, PermissionDenied naming the rule.
+        """
+        _validate(request)
+        executable = resolve_executable(request.argv[0], policy)
+        decide_exec(policy, executable, request.env, _cwd(request, policy),
+                    request.timeout_seconds)
+        return executable
+
+    def build_spec(self, task_id: str, request: ExecRequest, executable: str,
+                   policy: EffectivePolicy, workspace: str | None = None) -> WorkerSpec:
         env = {"PATH": DEFAULT_PATH, "HOME": "/workspace", "TMPDIR": "/tmp",
                "AGENTD_TASK_ID": task_id, **policy.env_set, **request.env}
         limits = Limits(memory_bytes=policy.memory_bytes, pids=policy.pids, cpu=policy.cpu,
-                        wall_seconds=timeout, output_bytes=policy.output_bytes,
-                        tmp_bytes=policy.tmp_bytes, open_files=policy.open_files,
-                        file_size_bytes=policy.file_size_bytes)
+                        wall_seconds=request.timeout_seconds or policy.wall_seconds,
+                        output_bytes=policy.output_bytes, tmp_bytes=policy.tmp_bytes,
+                        open_files=policy.open_files, file_size_bytes=policy.file_size_bytes)
         return WorkerSpec(
             task_id=task_id, argv=(executable, *request.argv[1:]), env=env,
             cwd=_cwd(request, policy),
@@ -110,57 +121,74 @@ class TaskRunner:
             workspace_writable=policy.workspace == "read_write",
             exec_allow=policy.exec_allow, limits=limits)
 
-    async def exec(self, request: ExecRequest, caller: Caller, on_output: OutputSink
-                   ) -> WorkerResult:
-        self.runs.check_accepting()
-        task_id = "t-" + secrets.token_hex(8)
+    async def refused(self, request: ExecRequest, caller: Caller, task_id: str,
+                      error: AgentdError, policy: EffectivePolicy | None) -> None:
+        """Every refused call is on record too, whatever refused it."""
+        await self.runs.audit.append(
+            "exec.refused", actor=caller.actor(), run_id=request.run_id, task_id=task_id,
+            details={**_request_details(request, policy), "error": error.code,
+                     "reason": error.message, "rule": getattr(error, "rule", None)})
+        log.info("exec.refused", run_id=request.run_id, reason=error.message)
+
+    async def run_worker(self, worker: Worker, request: ExecRequest, caller: Caller,
+                         policy: EffectivePolicy, on_output: OutputSink) -> WorkerResult:
+        """Records the spawn, runs the worker, records the exit: the record comes first."""
         audit = self.runs.audit
-        base: dict[str, object] = {
-            "argv": request.argv[:64], "env_names": sorted(request.env)[:64],
-            "cwd": request.cwd, "timeout_seconds": request.timeout_seconds
-            if math.isfinite(request.timeout_seconds) else str(request.timeout_seconds)}
+        spec = worker.spec
+        run_id, task_id = request.run_id, spec.task_id
+        self.runs.register(run_id, worker)
         try:
-            run = self.runs.check_open(request.run_id)
-            policy = self.runs.registry.get(run.agent).policy
-            base["env_logged"] = {k: v for k, v in request.env.items() if k in policy.env_log}
-            _validate(request)
-            executable = resolve_executable(request.argv[0], policy)
-            decide_exec(policy, executable, request.env, _cwd(request, policy),
-                        request.timeout_seconds)
-        except AgentdError as exc:
-            # Every refused call is on record too, whatever refused it.
-            await audit.append("exec.refused", actor=caller.actor(), run_id=request.run_id,
-                               task_id=task_id, details={**base, "error": exc.code,
-                                                         "reason": exc.message,
-                                                         "rule": getattr(exc, "rule", None)})
-            log.info("exec.refused", run_id=request.run_id, reason=exc.message)
-            raise
-        timeout = request.timeout_seconds or policy.wall_seconds
-        spec = self._spec(task_id, request, executable, run.workspace, policy, timeout)
-        worker = Worker(spec, launcher=self.launcher, cgroups=self.cgroups)
-        self.runs.register(run.run_id, worker)
-        try:
-            await audit.append("exec.allowed", actor=caller.actor(), run_id=run.run_id,
+            await audit.append("exec.allowed", actor=caller.actor(), run_id=run_id,
                                task_id=task_id, details={
-                                   **base, "executable": executable, "stage": policy.stage,
+                                   **_request_details(request, policy),
+                                   "executable": spec.argv[0], "stage": policy.stage,
                                    "policy_hash": policy.content_hash})
-            self.runs.store.count_exec(run.run_id)
+            self.runs.store.count_exec(run_id)
             try:
                 result = await worker.run(request.stdin, on_output)
             except asyncio.CancelledError:
-                await audit.append("exec.cancelled", actor=caller.actor(), run_id=run.run_id,
+                await audit.append("exec.cancelled", actor=caller.actor(), run_id=run_id,
                                    task_id=task_id, details={"reason": "the caller went away"})
                 raise
         finally:
-            self.runs.unregister(run.run_id, task_id)
-        await audit.append("exec.exited", actor=caller.actor(), run_id=run.run_id,
+            self.runs.unregister(run_id, task_id)
+        await audit.append("exec.exited", actor=caller.actor(), run_id=run_id,
                            task_id=task_id, details=_outcome_details(result))
-        await audit.sign_tree_head()  # the outcome is acknowledged under a signed head
-        log.info("exec.exited", run_id=run.run_id, task_id=task_id, summary=result.summary,
+        log.info("exec.exited", run_id=run_id, task_id=task_id, summary=result.summary,
                  wall=round(result.wall_seconds, 4))
+        return result
+
+    async def exec(self, request: ExecRequest, caller: Caller, on_output: OutputSink
+                   ) -> WorkerResult:
+        """A tool call on the run's workspace directory, bound directly (no step)."""
+        self.runs.check_accepting()
+        task_id = "t-" + secrets.token_hex(8)
+        policy: EffectivePolicy | None = None
+        try:
+            run = self.runs.check_open(request.run_id)
+            policy = self.runs.registry.get(run.agent).policy
+            executable = self.check(request, policy)
+        except AgentdError as exc:
+            await self.refused(request, caller, task_id, exc, policy)
+            raise
+        spec = self.build_spec(task_id, request, executable, policy, run.workspace)
+        worker = Worker(spec, launcher=self.launcher, cgroups=self.cgroups)
+        result = await self.run_worker(worker, request, caller, policy, on_output)
+        await self.runs.audit.sign_tree_head()  # the outcome is acknowledged under a signed head
         if result.setup_failure is not None:
             raise FailedPrecondition(f"{result.setup_failure}; the tool did not run")
         return result
+
+
+def _request_details(request: ExecRequest, policy: EffectivePolicy | None) -> dict[str, object]:
+    """What the audit log keeps of a call: never an environment value the policy does not mark
+    as safe to log."""
+    logged = policy.env_log if policy is not None else ()
+    timeout = request.timeout_seconds
+    return {"argv": request.argv[:64], "env_names": sorted(request.env)[:64],
+            "env_logged": {k: v for k, v in request.env.items() if k in logged},
+            "cwd": request.cwd,
+            "timeout_seconds": timeout if math.isfinite(timeout) else str(timeout)}
 
 
 def _outcome_details(result: WorkerResult) -> dict[str, object]:

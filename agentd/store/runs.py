@@ -86,7 +86,12 @@ class RunStore:
         self._db.close()
 
     def create(self, record: RunRecord) -> None:
-        self._db.execute(
+        self.insert(self._db, record)
+
+    @staticmethod
+    def insert(db: sqlite3.Connection, record: RunRecord) -> None:
+        """Inserts with `db`, so a caller can make it part of a larger transaction."""
+        db.execute(
             "INSERT INTO runs VALUES (:run_id, :agent, :stage, :state, :created_at, :closed_at,"
             " :policy_hash, :policy_file, :workspace, :created_by, :label, :execs, :step,"
             " :channels, :forked_from, :forked_at)",

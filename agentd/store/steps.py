@@ -19,6 +19,7 @@ from dataclasses import dataclass
 from typing import Any
 
 from agentd.errors import NotFound
+from agentd.store.runs import RunRecord, RunStore
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS checkpoints (
@@ -186,20 +187,35 @@ class StepStore:
                              (run_id, step))
             self._db.execute("UPDATE runs SET step = ? WHERE run_id = ?", (step, run_id))
             self._db.execute(
-                "UPDATE steps SET state = 'discarded', reason = 'rolled back'"
-                " WHERE run_id = ? AND step > ? AND state = 'pending_approval'", (run_id, step))
+                "UPDATE steps SET state = 'discarded', reason = ?"
+                " WHERE run_id = ? AND step > ? AND state IN ('pending_approval', 'committed')",
+                (f"rolled back to step {step}", run_id, step))
         dropped: set[str] = set()
         for (text,) in later:
             dropped.update(json.loads(text))
         return sorted(dropped)
 
-    def fork(self, source: CheckpointRecord, new_run_id: str) -> None:
-        """The new run's checkpoint 0..step are the source's, sharing its layers."""
+    def create_run(self, run: RunRecord, base: CheckpointRecord) -> None:
+        """The run and its checkpoint 0 (the empty base layer), together or not at all."""
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
+            RunStore.insert(self._db, run)
+            self.add_checkpoint(base)
+
+    def fork(self, source: CheckpointRecord, run: RunRecord) -> None:
+        """A new run whose checkpoints 0..step are the source's, sharing their layers."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            RunStore.insert(self._db, run)
             for cp in self.checkpoints(source.run_id):
                 if cp.step <= source.step:
-                    self.add_checkpoint(CheckpointRecord(new_run_id, cp.step, cp.layers,
+                    self.add_checkpoint(CheckpointRecord(run.run_id, cp.step, cp.layers,
                                                          cp.channels, cp.committed_at))
-            self._db.execute("UPDATE runs SET step = ? WHERE run_id = ?",
-                             (source.step, new_run_id))
+
+    def drop_run(self, run_id: str) -> list[str]:
+        """Deletes a closed run's checkpoints; returns the layers they referred to."""
+        layers: set[str] = set()
+        for cp in self.checkpoints(run_id):
+            layers.update(cp.layers)
+        self._db.execute("DELETE FROM checkpoints WHERE run_id = ?", (run_id,))
+        return sorted(layers)

@@ -420,6 +420,9 @@ class Outcome(_message.Message):
     STDERR_BYTES_FIELD_NUMBER: _builtins.int
     SUMMARY_FIELD_NUMBER: _builtins.int
     PIDS_LIMIT_HIT_FIELD_NUMBER: _builtins.int
+    COMMITTED_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    STEP_FAILURE_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     exited: _builtins.bool
     """Set when the tool exited; exit_code is meaningful only then."""
@@ -436,6 +439,12 @@ class Outcome(_message.Message):
     """Human-readable summary ("exited 0", "killed: memory limit 64 MiB")."""
     pids_limit_hit: _builtins.bool
     """The pids limit was reached at least once (fork failed with EAGAIN), even if the tool went on."""
+    committed: _builtins.bool
+    """For Exec (a step of one task): whether its file changes and writes were committed, as
+    which step, and if not, why (a failing tool commits nothing).
+    """
+    step: _builtins.int
+    step_failure: _builtins.str
     def __init__(
         self,
         *,
@@ -451,10 +460,13 @@ class Outcome(_message.Message):
         stderr_bytes: _builtins.int = ...,
         summary: _builtins.str = ...,
         pids_limit_hit: _builtins.bool = ...,
+        committed: _builtins.bool = ...,
+        step: _builtins.int = ...,
+        step_failure: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["cpu_seconds", b"cpu_seconds", "exit_code", b"exit_code", "exited", b"exited", "peak_memory_bytes", b"peak_memory_bytes", "pids_limit_hit", b"pids_limit_hit", "signal", b"signal", "stderr_bytes", b"stderr_bytes", "stdout_bytes", b"stdout_bytes", "stop_reason", b"stop_reason", "summary", b"summary", "task_id", b"task_id", "wall_seconds", b"wall_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed", b"committed", "cpu_seconds", b"cpu_seconds", "exit_code", b"exit_code", "exited", b"exited", "peak_memory_bytes", b"peak_memory_bytes", "pids_limit_hit", b"pids_limit_hit", "signal", b"signal", "stderr_bytes", b"stderr_bytes", "stdout_bytes", b"stdout_bytes", "step", b"step", "step_failure", b"step_failure", "stop_reason", b"stop_reason", "summary", b"summary", "task_id", b"task_id", "wall_seconds", b"wall_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
