@@ -60,7 +60,8 @@ class Daemon:
                                max_workers=d.max_concurrent_workers)
         self.tasks = TaskRunner(self.runs, launcher, cgroups, worker_uid=d.worker_uid,
                                 worker_gid=d.worker_gid)
-        self.steps = StepRunner(self.runs, self.tasks, step_store, layers)
+        self.steps = StepRunner(self.runs, self.tasks, step_store, layers,
+                                squash_depth=d.squash_depth)
         registrations = [agentd_registration(AgentdServicer(self.runs, self.steps)),
                          audit_registration(audit)]
         # Under systemd the role sockets are its own (passed, listening); grpc then serves on

@@ -196,7 +196,8 @@ def mount_workspace(target: str, lowers: Sequence[str], upper: str, work: str, *
 
     `work` must be an empty directory on the upper's filesystem. `attrs` are MOUNT_ATTR_*
     flags of the new mount (add MOUNT_ATTR_NOEXEC unless the policy lets the workspace be
-    executed). Raises OSError(EROFS) if overlay fell back to a read-only mount.
+    executed; MOUNT_ATTR_RDONLY is ignored: a read-only workspace is `mount_readonly`).
+    Raises OSError(EROFS) if overlay fell back to a read-only mount.
     """
     _check_lowers(lowers, minimum=1)
     _mount_overlay(target, lowers, (upper, work), attrs & ~libc.MOUNT_ATTR_RDONLY)

@@ -37,7 +37,7 @@ from agentd.errors import (
     InvalidArgument,
     PermissionDenied,
 )
-from agentd.identity import Caller
+from agentd.identity import SYSTEM, Caller
 from agentd.policy import EffectivePolicy
 from agentd.sandbox.worker import Worker, WorkerResult
 from agentd.scheduler import barrier, channels
@@ -138,12 +138,17 @@ class StepRunner:
     """Runs, approves, rolls back and forks steps of the RunManager's runs."""
 
     def __init__(self, runs: RunManager, tasks: TaskRunner, steps: StepStore,
-                 layers: LayerStore) -> None:
+                 layers: LayerStore, *, squash_depth: int = 128) -> None:
         self.runs = runs
         self.tasks = tasks
         self.steps = steps
         self.layers = layers
+        self.squash_depth = squash_depth
         self._active: set[str] = set()
+        # Layers a squash replaced: deleted once no step runs (a running task may have them
+        # mounted as lowers).
+        self._to_release: set[str] = set()
+        self._background: set[asyncio.Task[None]] = set()
 
     # -- planning ---------------------------------------------------------------------------
 
@@ -301,6 +306,10 @@ class StepRunner:
                                              "tasks": [r.to_json() for r in reports]})
             self.steps.commit(attempt, checkpoint, result.to_json())
             await self.runs.audit.sign_tree_head()
+            if len(layers) >= self.squash_depth:
+                squash = asyncio.get_running_loop().create_task(self._squash(run_id, layers))
+                self._background.add(squash)
+                squash.add_done_callback(self._background.discard)
             return result
         finally:
             result.tasks = reports
@@ -313,6 +322,30 @@ class StepRunner:
             for report in reports:
                 self.layers.remove_upper(report.task_id)
             self._active.discard(run_id)
+            self._release_if_idle()
+
+    async def _squash(self, run_id: str, stack: list[str]) -> None:
+        """Merges a deep stack into one layer, in the background; every checkpoint built on
+        that stack then starts from the merged layer: same content, fewer lowers to mount
+        (overlayfs stacks at most 500)."""
+        try:
+            merged = await asyncio.to_thread(self.layers.squash, stack)
+            rewritten = self.steps.replace_layers(stack, [merged])
+            await self.runs.audit.append("workspace.squashed", actor=SYSTEM.actor(),
+                                         run_id=run_id, details={
+                                             "layers": len(stack), "into": merged,
+                                             "checkpoints_rewritten": rewritten})
+            log.info("workspace.squashed", run_id=run_id, layers=len(stack), into=merged)
+            self._to_release.update(stack)
+            self._release_if_idle()
+        except (AgentdError, OSError):
+            # The stack stays as it was: correct, only deeper. The next commit tries again.
+            log.exception("workspace.squash_failed", run_id=run_id)
+
+    def _release_if_idle(self) -> None:
+        if self._to_release and not self._active:
+            released, self._to_release = self._to_release, set()
+            self.runs.release_layers(sorted(released))
 
     async def _run_task(self, run_id: str, task: TaskRequest, executable: str,
                         layers: list[str], policy: EffectivePolicy, snapshot: dict[str, Any],

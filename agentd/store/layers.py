@@ -9,8 +9,10 @@ private writable directory (with its overlay work dir) for one step.
     root/layers/.tmp-<hex>/     a layer being built; after a crash, garbage (gc removes it)
     root/layers/.del-<hex>/     a layer being deleted
     root/uppers/<task>/upper    a task's upper (owner: the worker's uid, 0755)
-    (root, layers/, uppers/ and uppers/<task>/ are 0711: crossable by a worker's ids)
     root/uppers/<task>/work     its overlay work dir (owner: the worker's uid, 0700)
+
+root, layers/, uppers/ and uppers/<task>/ are 0711: a user-namespace worker's overlay crosses
+them with the worker's ids (so must every directory above root), nobody else lists them.
 
 Lifecycle of a step: `new_upper` per task → the worker mounts the stack under it
 (`agentd.sandbox.overlay.mount_workspace`) → at the barrier, with every task's processes dead,
@@ -43,10 +45,12 @@ Design choices, with the alternatives:
 - Squash walks the layers top-down in Python, with no mount, and *hard-links* every file of
   the merged view into the new layer: layers are immutable, so sharing inodes is safe, costs
   O(entries) metadata and no data (a copy through a read-only mount costs O(bytes) and twice
-  the disk; see tests/bench/layers_bench.py). A file linked past the filesystem's link limit
-  is copied. The same walker feeds `export_tar`.
+  the disk). Measured on 100,000 small files over 21 layers: 3.1 s by links vs 8.2 s for
+  `cp -a` out of a read-only mount plus syncfs (tests/bench/layers_bench.py); the gap grows
+  with file sizes. A file linked past the filesystem's link limit is copied. The same walker
+  feeds `export_tar`.
 - Hard links made by a task survive commit (rename keeps the inode); overlay with index=off
-  breaks a link when one of its names is later copied up, as docker's overlay2 does, so
+  breaks a link when one of its names is later copied up (as under docker's overlay2), so
   across steps links degrade to independent copies. Nothing here relies on link counts.
 """
 
@@ -483,8 +487,9 @@ class LayerStore:
         """Removes layers not in `referenced`, leftovers of interrupted builds and deletes,
         and the uppers of tasks not in `keep_uppers` (default: all of them, right at start-up
         when no task runs; pass the running tasks' ids otherwise); returns what it removed
-        (`l-…`, `.tmp-…`, `.del-…`, `uppers/<task>`). `referenced` must include the inputs of
-        any squash in progress."""
+        (`l-…`, `.tmp-…`, `.del-…`, `uppers/<task>`). A layer that commit or squash has
+        returned but no checkpoint records yet is unreferenced, as are a running squash's
+        inputs: run gc at start-up, or pass those in `referenced`."""
         removed = []
         with self._lock:
             building = set(self._building)

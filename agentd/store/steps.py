@@ -118,8 +118,9 @@ class StepStore:
         """Rewrites every checkpoint whose stack starts with `old` to start with `new` instead
         (a squash: same content, fewer layers). Returns how many were rewritten."""
         count = 0
-        rows = self._db.execute("SELECT run_id, step, layers FROM checkpoints").fetchall()
         with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            rows = self._db.execute("SELECT run_id, step, layers FROM checkpoints").fetchall()
             for run_id, step, text in rows:
                 layers = json.loads(text)
                 if layers[:len(old)] == old:
