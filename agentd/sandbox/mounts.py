@@ -134,10 +134,13 @@ def enter(spec: WorkerSpec, new_root: str) -> None:
         _grant(path, new_root)
     if spec.workspace_layers and spec.workspace_upper and spec.workspace_work:
         _mkdirs(new_root + "/workspace")
-        overlay.mount_workspace(
-            new_root + "/workspace", spec.workspace_layers, spec.workspace_upper,
-            spec.workspace_work, attrs=_NOSUID_NODEV_ATTR
-            | (0 if _executable_under("/workspace", spec) else libc.MOUNT_ATTR_NOEXEC))
+        attrs = _NOSUID_NODEV_ATTR | (0 if _executable_under("/workspace", spec)
+                                      else libc.MOUNT_ATTR_NOEXEC)
+        if spec.workspace_writable:
+            overlay.mount_workspace(new_root + "/workspace", spec.workspace_layers,
+                                    spec.workspace_upper, spec.workspace_work, attrs=attrs)
+        else:
+            overlay.mount_readonly(new_root + "/workspace", spec.workspace_layers, attrs=attrs)
     elif spec.workspace is not None:
         _bind(spec.workspace, new_root + "/workspace",
               _NOSUID_NODEV_ATTR | (0 if spec.workspace_writable else libc.MOUNT_ATTR_RDONLY)

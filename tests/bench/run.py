@@ -9,7 +9,8 @@ import importlib
 import json
 import sys
 
-BENCHES = {"spawn": "tests.bench.spawn_bench", "audit": "tests.bench.audit_bench"}
+BENCHES = {"spawn": "tests.bench.spawn_bench", "audit": "tests.bench.audit_bench",
+           "layers": "tests.bench.layers_bench", "steps": "tests.bench.steps_bench"}
 
 
 def report(name: str, figures: dict[str, float]) -> None:

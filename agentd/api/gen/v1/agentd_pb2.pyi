@@ -137,7 +137,9 @@ class Run(_message.Message):
     """sha256 of the effective policy (the agent's policy clamped to its stage's ceiling)."""
     policy_file: _builtins.str
     workspace: _builtins.str
-    """The workspace directory on the host; "" once removed."""
+    """The top layer of the run's current checkpoint on the host (only that step's changes; the
+    whole workspace is the stack: ExportCheckpoint materialises it); "" once removed.
+    """
     created_by: _builtins.str
     """Identity of the caller that created the run, as the daemon established it."""
     execs: _builtins.int
