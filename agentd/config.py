@@ -50,9 +50,10 @@ class DaemonSection(_Strict):
     # to deliver the outcome before the servers close.
     drain_seconds: float = Field(default=10.0, ge=0)
     max_concurrent_workers: int = Field(default=64, ge=1)
-    # A run's layer stack this deep is squashed into one layer in the background (overlayfs
-    # mounts at most 500 lowers, and every lower costs at each mount).
-    squash_depth: int = Field(default=128, ge=2, le=400)
+    # A run's layer stack this deep is squashed into one layer in the background: overlayfs
+    # mounts at most 500 lowers, kernels before 6.8 fit about 140 in one mount's options, and
+    # every lower costs at each mount.
+    squash_depth: int = Field(default=100, ge=2, le=400)
     # Seconds between signed tree heads of the audit log when idle.
     tree_head_interval: float = Field(default=60.0, gt=0)
 

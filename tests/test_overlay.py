@@ -36,6 +36,8 @@ CHILD = r"""
 import json, os, subprocess, sys
 from agentd.sandbox import libc, overlay
 req = json.loads(sys.argv[1])
+if req.get("legacy"):
+    overlay._LOWERDIR_PLUS = False  # as on a kernel before 6.8
 libc.unshare(libc.CLONE_NEWNS | (libc.CLONE_NEWUSER if req["userns"] else 0))
 if req["userns"]:
     print(json.dumps({"map": os.getpid()}), flush=True)
@@ -94,13 +96,15 @@ class Mounted:
 
 @contextlib.contextmanager
 def mounted(base: Path, lowers: Sequence[Path | str], upper: Path | None = None,
-            work: Path | None = None, *, userns: bool = False) -> Iterator[Mounted]:
+            work: Path | None = None, *, userns: bool = False, legacy: bool = False
+            ) -> Iterator[Mounted]:
     """Mounts `lowers` (lowest first) [under `upper`] in a child; OSError if it fails."""
     target = base / f"mnt-{next(_targets)}"
     target.mkdir()
     request = {"target": str(target), "lowers": [str(p) for p in lowers],
                "upper": None if upper is None else str(upper),
-               "work": None if work is None else str(work), "userns": userns}
+               "work": None if work is None else str(work), "userns": userns,
+               "legacy": legacy}
     proc = subprocess.Popen([sys.executable, "-c", CHILD, json.dumps(request)], text=True,
                             stdin=subprocess.PIPE, stdout=subprocess.PIPE)
     assert proc.stdout is not None
@@ -254,6 +258,32 @@ class TestMountWorkspace:
             m.sh("echo 1 > new; rm f; rm -rf d; mkdir d; echo 2 > d/z; id -u > who")
             assert (m.path / "who").read_text() == "65534\n"
             assert os.listdir(m.path / "d") == ["z"]
+
+
+class TestLegacyMount:
+    """Kernels before 6.8 (Debian 12's 6.1) have no `lowerdir+`: one option string instead."""
+
+    def test_stack_mounts_with_relative_layer_names(self, base: Path) -> None:
+        """Forty layers of one parent mount through mount(2), top-most last, writes go up."""
+        layers = base / "layers"
+        lowers = [make_dir(layers / f"l-{i:024x}", {"f": str(i), f"only-{i}": "x"})
+                  for i in range(40)]
+        upper, work = upper_and_work(base)
+        with mounted(base, lowers, upper, work, legacy=True) as m:
+            assert (m.path / "f").read_text() == "39"
+            assert (m.path / "only-0").read_text() == "x"
+            m.sh("echo new > g")
+            assert "lowerdir=" in m.mountinfo()
+        assert (upper / "g").read_text() == "new\n"
+
+    def test_too_many_layers_for_one_page_are_refused(self, base: Path) -> None:
+        """Past one page of options the mount is refused with E2BIG, asking for a squash."""
+        layers = base / "layers"
+        lowers = [make_dir(layers / f"l-{i:024x}") for i in range(200)]
+        upper, work = upper_and_work(base)
+        with pytest.raises(OSError) as caught, mounted(base, lowers, upper, work, legacy=True):
+            pass
+        assert caught.value.errno == errno.E2BIG
 
 
 class TestUserNamespace:

@@ -167,8 +167,55 @@ def _check_lowers(lowers: Sequence[str], *, minimum: int) -> None:
                                    f"overlayfs stacks at most {MAX_LOWERS}: squash the stack")
 
 
+def _kernel_has_lowerdir_plus() -> bool:
+    """`lowerdir+` (one layer per fsconfig call) exists from Linux 6.8; Debian 12 has 6.1."""
+    release = os.uname().release.split("-")[0].split(".")
+    try:
+        return (int(release[0]), int(release[1])) >= (6, 8)
+    except (IndexError, ValueError):
+        return False
+
+
+_LOWERDIR_PLUS = _kernel_has_lowerdir_plus()
+_LEGACY_DATA_MAX = 4095  # mount(2) copies at most one page of options
+
+
+def _mount_overlay_legacy(target: str, lowers: Sequence[str],
+                          upper: tuple[str, str] | None, attrs: int) -> None:
+    """mount(2) with a `lowerdir=a:b:c` option string, for kernels before 6.8.
+
+    The string must fit in a page, so the layers are named relative to their common parent
+    (made the working directory for the call): ~27 bytes a layer, room for about 140; the
+    daemon squashes long before that.
+    """
+    parents = {os.path.dirname(lower) for lower in lowers}
+    base = parents.pop() if len(parents) == 1 else None
+    names = [os.path.basename(lower) if base else lower for lower in reversed(lowers)]
+    if any(c in name for name in names for c in ":,\\"):
+        raise OSError(errno.EINVAL, "overlay: a layer path contains ':', ',' or '\\'")
+    options = ["lowerdir=" + ":".join(names)]
+    if upper is not None:
+        options += [f"upperdir={upper[0]}", f"workdir={upper[1]}"]
+    options += [key if value is None else f"{key}={value}" for key, value in OPTIONS]
+    data = ",".join(options)
+    if len(data) > _LEGACY_DATA_MAX:
+        raise OSError(errno.E2BIG, f"overlay: {len(lowers)} layers do not fit in one mount's "
+                                   "options on this kernel (< 6.8); squash the stack")
+    previous = os.getcwd()
+    if base:
+        os.chdir(base)
+    try:
+        # MOUNT_ATTR_{RDONLY,NOSUID,NODEV,NOEXEC} are the same bits as MS_{...}.
+        libc.mount("overlay", target, "overlay", attrs & 0xF, data)
+    finally:
+        os.chdir(previous)
+
+
 def _mount_overlay(target: str, lowers: Sequence[str], upper: tuple[str, str] | None,
                    attrs: int) -> None:
+    if not _LOWERDIR_PLUS:
+        _mount_overlay_legacy(target, lowers, upper, attrs)
+        return
     fs_fd = _syscall(_SYS_FSOPEN, "fsopen overlay", ctypes.c_char_p(b"overlay"),
                      ctypes.c_uint(_FSOPEN_CLOEXEC))
     try:

@@ -138,7 +138,7 @@ class StepRunner:
     """Runs, approves, rolls back and forks steps of the RunManager's runs."""
 
     def __init__(self, runs: RunManager, tasks: TaskRunner, steps: StepStore,
-                 layers: LayerStore, *, squash_depth: int = 128) -> None:
+                 layers: LayerStore, *, squash_depth: int = 100) -> None:
         self.runs = runs
         self.tasks = tasks
         self.steps = steps
