@@ -29,6 +29,7 @@ import asyncio
 import errno
 import functools
 import json
+import os
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator, Mapping
@@ -51,6 +52,10 @@ log = structlog.get_logger("agentd.audit")
 
 SYSTEM_ACTOR: Mapping[str, Any] = {"role": "system", "component": "audit"}
 _READ_SLICE = 512
+
+
+# Free space below which the log counts as full even if a small write would still succeed.
+RESERVE_BYTES = 256 << 10
 
 
 @dataclass
@@ -171,10 +176,35 @@ class AuditLog:
         """Number of durable records."""
         return self._store.size
 
+    def has_room(self) -> bool:
+        """Whether the log's filesystem has RESERVE_BYTES free. A write that fits in the slack
+        of a file's last page succeeds on a full disk; work that will need records later (an
+        outcome after a spawn) must not start on that."""
+        st = os.statvfs(self.directory)
+        return st.f_bavail * st.f_frsize >= RESERVE_BYTES
+
+    def check_room(self) -> bool:
+        """has_room(); when there is none, the log counts as failed (so work is refused, and
+        the resumption is recorded as audit.resumed) until probe() finds room and writes."""
+        if self.has_room():
+            return True
+        if self._failure is None:
+            self._failure = _Failure(since=record.now(), reason=(
+                f"its filesystem has less than {RESERVE_BYTES >> 10} KiB free"))
+        return False
+
+    @property
+    def failure_reason(self) -> str:
+        """Why the log stopped taking records ("" while healthy)."""
+        return "" if self._failure is None else self._failure.reason
+
     async def probe(self) -> bool:
-        """Tries to write again after a failure (an audit.resumed record); True if healthy."""
+        """Tries to write again after a failure (an audit.resumed record); True if healthy.
+        Not before the filesystem has RESERVE_BYTES free again."""
         if self._failure is None:
             return True
+        if not self.has_room():
+            return False
         pending = self._submit(None, asyncio.get_running_loop())
         assert pending.afuture is not None
         try:

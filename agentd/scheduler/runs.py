@@ -67,10 +67,17 @@ class RunManager:
             policy_file=agent.policy_file, workspace="", created_by=str(caller),
             label=label, execs=0,
             channels=json.dumps([dataclasses.asdict(spec) for spec in specs.values()]))
-        await self.audit.append("run.created", actor=caller.actor(), run_id=run_id, details={
-            "agent": agent.name, "stage": agent.stage, "policy_hash": record.policy_hash,
-            "policy_file": record.policy_file, "label (caller-supplied)": label,
-            "channels": json.loads(record.channels), "base_layer": base})
+        try:
+            await self.audit.append("run.created", actor=caller.actor(), run_id=run_id,
+                                    details={"agent": agent.name, "stage": agent.stage,
+                                             "policy_hash": record.policy_hash,
+                                             "policy_file": record.policy_file,
+                                             "label (caller-supplied)": label,
+                                             "channels": json.loads(record.channels),
+                                             "base_layer": base})
+        except BaseException:
+            await asyncio.to_thread(self.layers.delete, base)  # no record, no run: no leftover
+            raise
         initial = {name: {"value": v.value, "version": v.version, "seen": list(v.seen)}
                    for name, v in channels.initial_state(specs).items()}
         self.steps.create_run(record, CheckpointRecord(run_id, 0, [base], initial, time.time()))
@@ -149,9 +156,9 @@ class RunManager:
         """Refuses new work while draining or while the audit log cannot record it."""
         if self.draining:
             raise Unavailable("agentd is shutting down; retry against the restarted daemon")
-        if not self.audit.healthy:
-            raise Unavailable("the audit log is not writable (disk full or I/O error); agentd "
-                              "refuses new work until it can record it again")
+        if not self.audit.check_room() or not self.audit.healthy:
+            raise Unavailable(f"the audit log is not writable ({self.audit.failure_reason}); "
+                              "agentd refuses new work until it can record it again")
 
     def register(self, run_id: str, worker: Worker) -> None:
         """Admits a worker into a run; called with no await since the run was checked open."""

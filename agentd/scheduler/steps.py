@@ -314,15 +314,21 @@ class StepRunner:
         finally:
             result.tasks = reports
             result.wall_seconds = time.monotonic() - started
-            if result.state != "committed":
-                self.steps.finish(attempt, "failed", reply=result.to_json(), reason=result.reason)
-                await self.runs.audit.append("step.failed", actor=caller.actor(), run_id=run_id,
-                                             details={"step": number, "reason": result.reason,
-                                                      "conflicts": result.conflicts})
-            for report in reports:
-                self.layers.remove_upper(report.task_id)
-            self._active.discard(run_id)
-            self._release_if_idle()
+            try:
+                if result.state != "committed":
+                    self.steps.finish(attempt, "failed", reply=result.to_json(),
+                                      reason=result.reason)
+                    await self.runs.audit.append(
+                        "step.failed", actor=caller.actor(), run_id=run_id,
+                        details={"step": number, "reason": result.reason,
+                                 "conflicts": result.conflicts})
+            finally:
+                # Even if the record cannot be written (disk full): the run must not stay
+                # held, nor the uppers stay behind.
+                for report in reports:
+                    self.layers.remove_upper(report.task_id)
+                self._active.discard(run_id)
+                self._release_if_idle()
 
     async def _squash(self, run_id: str, stack: list[str]) -> None:
         """Merges a deep stack into one layer, in the background; every checkpoint built on
