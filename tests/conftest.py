@@ -160,6 +160,31 @@ def stop_daemon(handle: DaemonHandle, sig: int = signal.SIGTERM) -> int:
     return handle.process.returncode
 
 
+def marked_processes(marker: str) -> list[int]:
+    """Pids of host processes whose command line or environment carries `marker`."""
+    needle = marker.encode()
+    found = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit() or int(entry) == os.getpid():
+            continue
+        for name in ("cmdline", "environ"):
+            try:
+                if needle in Path(f"/proc/{entry}/{name}").read_bytes():
+                    found.append(int(entry))
+                    break
+            except OSError:
+                continue
+    return found
+
+
+def wait_until_gone(marker: str, timeout: float = 3.0) -> list[int]:
+    """Waits for every process carrying `marker` to go; returns those still there."""
+    deadline = time.monotonic() + timeout
+    while (left := marked_processes(marker)) and time.monotonic() < deadline:
+        time.sleep(0.05)
+    return left
+
+
 def daemon_base() -> Path:
     """A directory for a test daemon that an unprivileged uid can cross (pytest's are 0700):
     a worker in a user namespace reaches its mount points with no privilege over host inodes.

@@ -4,6 +4,11 @@ Nothing of the kernel is mocked: every Exec runs a real confined worker. Checks 
 the host's view (processes left behind, the workspace on disk, the audit log) read /proc, the
 daemon's directory and its audit segments directly.
 
+The workspace is a stack of immutable layers (agentd/store/layers.py) and an Exec is a step of
+one task: what it changes in /workspace becomes a new layer only if it exits 0. On the host,
+`Run.workspace` is the top layer of the run's current checkpoint: a step that changed nothing
+adds no layer, so a file may live in a lower one.
+
 A note on signals, found while writing TestExitAndSignals: the tool is pid 1 of its own pid
 namespace, and the kernel delivers to a namespace's init only the signals it has a handler
 for (never SIGKILL or SIGSTOP) when they come from inside the namespace. So `kill -TERM $$`
@@ -20,7 +25,9 @@ import hashlib
 import json
 import math
 import os
+import re
 import stat
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -37,7 +44,14 @@ from grpc_reflection.v1alpha.proto_reflection_descriptor_database import (
 
 from agentd.api.gen.v1 import agentd_pb2 as pb
 from agentd.api.gen.v1 import agentd_pb2_grpc
-from tests.conftest import DaemonHandle, Result, execute, sh
+from tests.conftest import (
+    DaemonHandle,
+    Result,
+    execute,
+    marked_processes,
+    sh,
+    wait_until_gone,
+)
 
 pytestmark = pytest.mark.privileged
 
@@ -47,6 +61,8 @@ MiB = 1 << 20
 MEMORY_LIMIT = 128 * MiB
 OUTPUT_LIMIT = 1 * MiB
 WALL_LIMIT = 30.0
+WORKER_UID = 65534
+LAYER_ID = re.compile(r"l-[0-9a-f]{24}")
 
 
 # --- helpers ---------------------------------------------------------------------------------
@@ -68,29 +84,38 @@ def events_of(daemon: DaemonHandle, run_id: str) -> list[str]:
     return [r["event"] for r in audit_records(daemon, run_id)]
 
 
-def marked_processes(marker: str) -> list[int]:
-    """Pids of host processes whose command line or environment carries `marker`."""
-    needle = marker.encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        for name in ("cmdline", "environ"):
-            try:
-                if needle in Path(f"/proc/{entry}/{name}").read_bytes():
-                    found.append(int(entry))
-                    break
-            except OSError:
-                continue
-    return found
+def run_layers(daemon: DaemonHandle, run_id: str) -> set[Path]:
+    """Every layer the run ever made, as its audit records name them: the base layer of
+    run.created and the new layer of each step.committing (a step that changed no file makes
+    none). Fork shares its source's layers and makes none of its own."""
+    ids = set()
+    for rec in audit_records(daemon, run_id):
+        if rec["event"] == "run.created":
+            ids.add(rec["details"]["base_layer"])
+        elif rec["event"] == "step.committing" and rec["details"]["layer"]:
+            ids.add(rec["details"]["layer"])
+    return {layers_dir(daemon) / layer for layer in ids}
 
 
-def wait_until_gone(marker: str, timeout: float = 3.0) -> list[int]:
-    """Waits for every process carrying `marker` to go; returns those still there."""
-    deadline = time.monotonic() + timeout
-    while (left := marked_processes(marker)) and time.monotonic() < deadline:
-        time.sleep(0.05)
-    return left
+def layers_dir(daemon: DaemonHandle) -> Path:
+    """Where the daemon keeps published workspace layers (agentd/store/layers.py)."""
+    return daemon.base / "state" / "workspaces" / "layers"
+
+
+def layers_on_disk(daemon: DaemonHandle) -> set[str]:
+    """The ids of every published layer of the daemon."""
+    return {p.name for p in layers_dir(daemon).iterdir() if LAYER_ID.fullmatch(p.name)}
+
+
+def upper_of(daemon: DaemonHandle, task_id: str) -> Path:
+    """Where a task's writable upper (and overlay work dir) lives while its step runs."""
+    return daemon.base / "state" / "workspaces" / "uppers" / task_id
+
+
+def checkpoint_layers(stub: Stub, run_id: str) -> list[tuple[int, int]]:
+    """(step, number of layers) of each of the run's checkpoints, oldest first."""
+    reply = stub.ListCheckpoints(pb.ListCheckpointsRequest(run_id=run_id))
+    return [(c.step, c.layers) for c in reply.checkpoints]
 
 
 def ready_event(daemon: DaemonHandle) -> dict[str, Any]:
@@ -159,13 +184,34 @@ class TestRuns:
         finally:
             stub.CloseRun(pb.CloseRunRequest(run_id=run.run_id))
 
-    def test_workspace_is_private_to_the_worker_uid(self, stub: Stub, run_id: str) -> None:
-        """The workspace exists on the host, owned by the worker uid, mode 0700."""
+    def test_workspace_layers_are_owned_by_the_worker_uid(self, stub: Stub, run_id: str,
+                                                          daemon: DaemonHandle) -> None:
+        """A new run's workspace is its empty base layer, a directory owned by the worker uid,
+        mode 0755 (/workspace as the worker sees it), under root-owned 0711 directories that
+        other host users can cross but not list; a committed layer's root keeps that owner and
+        mode."""
         run = stub.GetRun(pb.GetRunRequest(run_id=run_id))
-        info = os.stat(run.workspace)
+        base = Path(run.workspace)
+        assert LAYER_ID.fullmatch(base.name), base
+        assert base.parent == layers_dir(daemon)
+        info = os.lstat(base)
         assert stat.S_ISDIR(info.st_mode)
-        assert stat.S_IMODE(info.st_mode) == 0o700
-        assert info.st_uid == 65534
+        assert (stat.S_IMODE(info.st_mode), info.st_uid, info.st_gid) == (
+            0o755, WORKER_UID, WORKER_UID)
+        assert os.listdir(base) == []
+        for directory in (base.parent, base.parent.parent, base.parent.parent / "uppers"):
+            st = os.lstat(directory)
+            assert (stat.S_IMODE(st.st_mode), st.st_uid, st.st_gid) == (0o711, 0, 0), directory
+        result = sh(stub, run_id, "echo x > file")
+        assert result.outcome is not None
+        assert result.outcome.committed
+        top = Path(stub.GetRun(pb.GetRunRequest(run_id=run_id)).workspace)
+        assert top != base
+        info = os.lstat(top)
+        assert (stat.S_IMODE(info.st_mode), info.st_uid, info.st_gid) == (
+            0o755, WORKER_UID, WORKER_UID)
+        st = os.lstat(top / "file")
+        assert (st.st_uid, st.st_gid) == (WORKER_UID, WORKER_UID)
 
     def test_created_by_carries_the_role_of_the_socket(self, stub: Stub, daemon: DaemonHandle,
                                                       run_id: str) -> None:
@@ -212,29 +258,60 @@ class TestRuns:
                 stub.CloseRun(pb.CloseRunRequest(run_id=run.run_id))
 
     def test_close_removes_the_workspace(self, stub: Stub, daemon: DaemonHandle) -> None:
-        """CloseRun marks the run closed, clears its workspace field and deletes the directory."""
+        """CloseRun marks the run closed, clears its workspace field and deletes every layer of
+        the run (the base and each committed step's) and its tasks' uppers."""
         run = stub.CreateRun(pb.CreateRunRequest(agent="integration"))
-        sh(stub, run.run_id, "echo data > file")
+        result = sh(stub, run.run_id, "echo data > file")
+        assert result.outcome is not None
+        assert result.outcome.committed
+        top = Path(stub.GetRun(pb.GetRunRequest(run_id=run.run_id)).workspace)
+        layers = run_layers(daemon, run.run_id)
+        assert layers == {Path(run.workspace), top}
+        assert all(layer.is_dir() for layer in layers)
         closed = stub.CloseRun(pb.CloseRunRequest(run_id=run.run_id))
         assert closed.state == pb.RUN_STATE_CLOSED
         assert closed.HasField("closed_at")
         assert closed.workspace == ""
-        assert not Path(run.workspace).exists()
-        assert not Path(run.workspace).parent.exists()
+        assert [str(layer) for layer in layers if layer.exists()] == []
+        assert not upper_of(daemon, result.outcome.task_id).exists()
         assert stub.GetRun(pb.GetRunRequest(run_id=run.run_id)).state == pb.RUN_STATE_CLOSED
         assert "run.closed" in events_of(daemon, run.run_id)
 
-    def test_close_with_keep_workspace_leaves_it(self, stub: Stub) -> None:
-        """keep_workspace leaves the directory and what the tools wrote in it."""
+    def test_close_keeps_the_layers_a_fork_shares(self, stub: Stub,
+                                                  daemon: DaemonHandle) -> None:
+        """Closing a run leaves the layers a fork of it still uses (the fork reads its file);
+        closing the fork too deletes them."""
+        run = stub.CreateRun(pb.CreateRunRequest(agent="integration"))
+        sh(stub, run.run_id, "echo shared > file")
+        layers = run_layers(daemon, run.run_id)
+        fork = stub.Fork(pb.ForkRequest(run_id=run.run_id, step=1))
+        try:
+            assert run_layers(daemon, fork.run_id) == set()  # the fork made no layer
+            stub.CloseRun(pb.CloseRunRequest(run_id=run.run_id))
+            assert all(layer.is_dir() for layer in layers)
+            assert Path(fork.workspace) in layers
+            assert (Path(fork.workspace) / "file").read_text() == "shared\n"
+            assert sh(stub, fork.run_id, "cat file").stdout == b"shared\n"
+        finally:
+            stub.CloseRun(pb.CloseRunRequest(run_id=fork.run_id))
+        assert [str(layer) for layer in layers if layer.exists()] == []
+
+    def test_close_with_keep_workspace_leaves_it(self, stub: Stub,
+                                                 daemon: DaemonHandle) -> None:
+        """keep_workspace leaves the run's layers, and the closed run's workspace still names
+        its top layer, holding what the tools wrote."""
         run = stub.CreateRun(pb.CreateRunRequest(agent="integration"))
         sh(stub, run.run_id, "echo kept > file")
+        top = stub.GetRun(pb.GetRunRequest(run_id=run.run_id)).workspace
         closed = stub.CloseRun(pb.CloseRunRequest(run_id=run.run_id, keep_workspace=True))
         assert closed.state == pb.RUN_STATE_CLOSED
-        assert closed.workspace == run.workspace
-        assert (Path(run.workspace) / "file").read_text() == "kept\n"
+        assert closed.workspace == top
+        assert (Path(top) / "file").read_text() == "kept\n"
+        assert all(layer.is_dir() for layer in run_layers(daemon, run.run_id))
 
     def test_workspace_persists_between_execs(self, stub: Stub, run_id: str) -> None:
-        """What one Exec writes in /workspace the next one reads, and the host sees it."""
+        """What one Exec writes in /workspace the next one reads, and the host sees it in the
+        run's top layer."""
         sh(stub, run_id, "echo hello > note")
         assert sh(stub, run_id, "cat note").stdout == b"hello\n"
         workspace = stub.GetRun(pb.GetRunRequest(run_id=run_id)).workspace
@@ -288,11 +365,13 @@ class TestRuns:
         assert code_of(calls[method]) == grpc.StatusCode.NOT_FOUND
 
     def test_exec_racing_a_close_is_refused(self, stub: Stub, daemon: DaemonHandle) -> None:
-        """Once CloseRun is under way no Exec of the run starts, and the closed run's workspace
-        is gone when the dust settles (nothing re-creates it behind the close)."""
+        """Once CloseRun is under way no Exec of the run starts, and every layer of the closed
+        run is gone when the dust settles, those of Execs that ran before the close included
+        (nothing commits a step behind the close)."""
         run = stub.CreateRun(pb.CreateRunRequest(agent="integration"))
-        # Enough files that removing the workspace takes a while (about 0.5 s here); made
-        # from the host, where no cgroup limit slows their creation down.
+        # Enough files that deleting the run's layers takes a while (about 0.5 s here); made
+        # from the host, where no cgroup limit slows their creation down, in the run's only
+        # layer (the base: the top of its current checkpoint).
         many = Path(run.workspace) / "many"
         many.mkdir()
         for i in range(40000):
@@ -316,11 +395,51 @@ class TestRuns:
                 [t for t, what in late if what == "ran"],
             "other refusals than FAILED_PRECONDITION":
                 [what for _, what in late if what not in ("ran", "FAILED_PRECONDITION")],
-            "closed run's workspace still on disk": Path(run.workspace).exists(),
+            "closed run's layers still on disk":
+                sorted(str(p) for p in run_layers(daemon, run.run_id) if p.exists()),
             "exec.allowed audited after run.closed":
                 "exec.allowed" in events[events.index("run.closed"):],
+            "step committed after run.closed":
+                "step.committing" in events[events.index("run.closed"):],
         }
         assert not any(problems.values()), problems
+
+    def test_close_during_a_commit_leaves_nothing_of_the_run(self, stub: Stub,
+                                                             daemon: DaemonHandle) -> None:
+        """A CloseRun sent while an Exec's changes are being committed (its new layer is being
+        built) leaves no layer and no checkpoint of the closed run, and no step is committed
+        after run.closed."""
+        run = stub.CreateRun(pb.CreateRunRequest(agent="integration"))
+        # Thousands of new files: the commit fsyncs each, which takes a while (about 0.5 s).
+        program = ("import os\nos.mkdir('many')\nfor i in range(5000):\n"
+                   "    open('many/%d' % i, 'w').close()\n")
+        results: list[Result] = []
+        exec_thread = threading.Thread(target=lambda: results.append(
+            execute(stub, run.run_id, ["/usr/bin/python3", "-c", program])))
+        exec_thread.start()
+        building = False
+        while exec_thread.is_alive() and not building:
+            # A layer being built: agentd/store/layers.py names it .tmp-<hex> until published.
+            building = any(p.name.startswith(".tmp-") for p in layers_dir(daemon).iterdir())
+            time.sleep(0.002)
+        try:
+            assert building, "the Exec ended before its commit was seen: nothing raced it"
+            closed = stub.CloseRun(pb.CloseRunRequest(run_id=run.run_id))
+        finally:
+            exec_thread.join(timeout=60)
+        assert closed.state == pb.RUN_STATE_CLOSED
+        assert results
+        assert results[0].outcome is not None
+        events = events_of(daemon, run.run_id)
+        problems = {
+            "closed run's layers still on disk":
+                sorted(str(p) for p in run_layers(daemon, run.run_id) if p.exists()),
+            "checkpoints of the closed run":
+                checkpoint_layers(stub, run.run_id),
+            "step committed after run.closed":
+                "step.committing" in events[events.index("run.closed"):],
+        }
+        assert not any(problems.values()), (problems, results[0].outcome)
 
     def test_close_kills_a_running_exec(self, stub: Stub, marker: str) -> None:
         """CloseRun of a run with a running tool ends its Exec with stop_reason CANCELLED."""
@@ -334,6 +453,84 @@ class TestRuns:
         assert rest[-1].outcome.stop_reason == pb.STOP_REASON_CANCELLED
         assert rest[-1].outcome.signal == 9
         assert wait_until_gone(marker, timeout=1.0) == []
+
+
+# --- exec: a step of one task ----------------------------------------------------------------
+
+
+def workspace_of(stub: Stub, run_id: str) -> str:
+    return stub.GetRun(pb.GetRunRequest(run_id=run_id)).workspace
+
+
+class TestExecIsAStep:
+    def test_successful_exec_commits_a_step(self, stub: Stub, daemon: DaemonHandle,
+                                            run_id: str) -> None:
+        """An Exec that exits 0 commits its file changes as the run's next step, in a new
+        layer, and the next Exec sees them."""
+        assert stub.GetRun(pb.GetRunRequest(run_id=run_id)).step == 0
+        base = workspace_of(stub, run_id)
+        result = sh(stub, run_id, "echo one > made")
+        outcome = result.outcome
+        assert outcome is not None
+        assert (outcome.exit_code, outcome.committed, outcome.step, outcome.step_failure) == (
+            0, True, 1, "")
+        run = stub.GetRun(pb.GetRunRequest(run_id=run_id))
+        assert run.step == 1
+        assert run.workspace != base
+        assert (Path(run.workspace) / "made").read_text() == "one\n"
+        assert checkpoint_layers(stub, run_id) == [(0, 1), (1, 2)]
+        assert not upper_of(daemon, outcome.task_id).exists()
+        again = sh(stub, run_id, "cat made")
+        assert again.stdout == b"one\n"
+        assert again.outcome is not None
+        assert (again.outcome.committed, again.outcome.step) == (True, 2)
+        assert stub.GetRun(pb.GetRunRequest(run_id=run_id)).step == 2
+
+    @pytest.mark.parametrize(("ending", "timeout", "why"), [
+        ("exit 1", 0.0, "exited 1"),
+        ("sleep 30", 0.5, "stopped for timeout"),
+    ], ids=["exit-1", "timeout"])
+    def test_failing_exec_commits_nothing(self, stub: Stub, daemon: DaemonHandle, run_id: str,
+                                          ending: str, timeout: float, why: str) -> None:
+        """An Exec that fails (exit 1, or stopped at its timeout) after writing, changing and
+        deleting files applies none of it: no new step, checkpoint or layer, and step_failure
+        says why."""
+        sh(stub, run_id, "echo kept > kept; echo old > changed")
+        before = stub.GetRun(pb.GetRunRequest(run_id=run_id))
+        assert before.step == 1
+        checkpoints = checkpoint_layers(stub, run_id)
+        on_disk = layers_on_disk(daemon)
+        result = sh(stub, run_id, f"echo new > made; echo new > changed; rm kept; {ending}",
+                    timeout=timeout)
+        outcome = result.outcome
+        assert outcome is not None
+        assert not outcome.committed
+        assert why in outcome.step_failure
+        if ending == "exit 1":
+            assert (outcome.exited, outcome.exit_code) == (True, 1)
+        else:
+            assert outcome.stop_reason == pb.STOP_REASON_TIMEOUT
+        after = stub.GetRun(pb.GetRunRequest(run_id=run_id))
+        assert (after.step, after.workspace, after.execs) == (
+            before.step, before.workspace, before.execs + 1)
+        assert checkpoint_layers(stub, run_id) == checkpoints
+        assert layers_on_disk(daemon) == on_disk
+        assert not upper_of(daemon, outcome.task_id).exists()
+        look = sh(stub, run_id, "cat kept changed; test -e made || echo absent")
+        assert look.stdout == b"kept\nold\nabsent\n"
+
+    def test_exec_that_writes_nothing_commits_no_layer(self, stub: Stub, run_id: str) -> None:
+        """An Exec that exits 0 without changing a file still commits a step, on the same layers
+        as the step before (no new layer, the same top layer)."""
+        sh(stub, run_id, "echo x > file")
+        before = stub.GetRun(pb.GetRunRequest(run_id=run_id))
+        result = sh(stub, run_id, "cat file >/dev/null")
+        assert result.outcome is not None
+        assert (result.outcome.committed, result.outcome.step) == (True, before.step + 1)
+        after = stub.GetRun(pb.GetRunRequest(run_id=run_id))
+        assert after.step == before.step + 1
+        assert after.workspace == before.workspace
+        assert checkpoint_layers(stub, run_id) == [(0, 1), (1, 2), (2, 2)]
 
 
 # --- exec: streaming -------------------------------------------------------------------------
@@ -554,10 +751,13 @@ class TestLimits:
 
 class TestRefusals:
     def assert_no_worker(self, stub: Stub, daemon: DaemonHandle, run_id: str) -> list[str]:
-        """The call started nothing: no exec.allowed in the audit log, execs still 0."""
+        """The call started nothing: no exec.allowed or step.started in the audit log, execs
+        still 0, no step committed."""
         events = events_of(daemon, run_id)
         assert "exec.allowed" not in events
-        assert stub.GetRun(pb.GetRunRequest(run_id=run_id)).execs == 0
+        assert "step.started" not in events
+        run = stub.GetRun(pb.GetRunRequest(run_id=run_id))
+        assert (run.execs, run.step) == (0, 0)
         return events
 
     @pytest.mark.parametrize(("argv", "env", "timeout", "rule"), [
@@ -637,11 +837,13 @@ class TestRefusals:
         self.assert_no_worker(stub, daemon, run_id)
 
     def test_missing_cwd_is_a_setup_failure(self, stub: Stub, run_id: str) -> None:
-        """A well-formed cwd that does not exist fails the call, naming the setup step."""
+        """A well-formed cwd that does not exist fails the call, naming the setup step, and
+        commits no step."""
         with pytest.raises(grpc.RpcError) as caught:
             execute(stub, run_id, ["/bin/true"], cwd="/workspace/absent")
         assert caught.value.code() == grpc.StatusCode.FAILED_PRECONDITION
         assert "chdir" in caught.value.details()
+        assert stub.GetRun(pb.GetRunRequest(run_id=run_id)).step == 0
 
 
 # --- roles -----------------------------------------------------------------------------------
@@ -720,17 +922,24 @@ class TestHealthAndReflection:
         assert caught.value.code() == grpc.StatusCode.NOT_FOUND
 
     def test_reflection_lists_and_describes_the_services(self, daemon: DaemonHandle) -> None:
-        """Server reflection lists agentd, health and reflection and describes Agentd's methods."""
+        """Server reflection lists agentd, health and reflection and describes Agentd's methods,
+        the step API and Exec's step outcome included."""
         with daemon.channel() as channel:
             database = ProtoReflectionDescriptorDatabase(channel)
             services = set(database.get_services())
             pool = DescriptorPool(database)
             agentd = pool.FindServiceByName("agentd.v1.Agentd")
             methods = {m.name for m in agentd.methods}
+            outcome = pool.FindMessageTypeByName("agentd.v1.Outcome")
         assert {"agentd.v1.Agentd", "grpc.health.v1.Health",
                 "grpc.reflection.v1alpha.ServerReflection"} <= services
-        assert methods == {"CreateRun", "GetRun", "ListRuns", "CloseRun", "Exec"}
+        assert methods == {"CreateRun", "GetRun", "ListRuns", "CloseRun", "Exec", "Step",
+                           "StreamStep", "Approve", "ListSteps", "ListCheckpoints", "Rollback",
+                           "Fork", "ExportCheckpoint"}
         assert agentd.methods_by_name["Exec"].output_type.full_name == "agentd.v1.ExecEvent"
+        assert agentd.methods_by_name["Exec"].server_streaming
+        assert agentd.methods_by_name["Step"].output_type.full_name == "agentd.v1.StepReply"
+        assert {"committed", "step", "step_failure"} <= set(outcome.fields_by_name)
 
 
 # --- cancel ----------------------------------------------------------------------------------

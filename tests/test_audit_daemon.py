@@ -43,6 +43,7 @@ from tests.conftest import (
     DaemonHandle,
     daemon_base,
     execute,
+    marked_processes,
     remove_cgroup_parents,
     start_daemon,
     stop_daemon,
@@ -65,23 +66,6 @@ def read_records(audit: Path) -> list[dict[str, Any]]:
     for number in list_segments(audit):
         data = segment_path(audit, number).read_bytes()
         found += [json.loads(line) for line in data.split(b"\n")[:-1]]
-    return found
-
-
-def marked_processes(marker: str) -> list[int]:
-    """Pids of host processes whose command line or environment carries `marker`."""
-    needle = marker.encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        for name in ("cmdline", "environ"):
-            try:
-                if needle in Path(f"/proc/{entry}/{name}").read_bytes():
-                    found.append(int(entry))
-                    break
-            except OSError:
-                continue
     return found
 
 
@@ -166,8 +150,9 @@ def small_audit_fs(bed: Bed) -> Iterator[Bed]:
 
 class Load:
     """N client threads looping short Execs until the daemon dies, and one long task that is
-    sure to be running at the kill; keeps every Outcome received, i.e. acknowledged. Each
-    thread works in a run of its own (a run takes one call at a time)."""
+    sure to be running at the kill; keeps every Outcome received, i.e. acknowledged, and the
+    (run, step) each reported committed. Each thread works in a run of its own (a run takes
+    one call at a time)."""
 
     LONG = "echo started; sleep 30"
 
@@ -175,6 +160,7 @@ class Load:
         self.handle, self.marker = handle, marker
         self.long_run_id = ""
         self.acked: list[pb.Outcome] = []
+        self.committed: list[tuple[str, int]] = []
         self.unexpected: list[str] = []
         self.codes_after_kill: list[grpc.StatusCode] = []
         self.killed = threading.Event()
@@ -216,7 +202,10 @@ class Load:
             assert result.outcome is not None
             with self._lock:
                 self.acked.append(result.outcome)
+                if result.outcome.committed:
+                    self.committed.append((run_id, result.outcome.step))
             assert result.stdout == b"x\n", result.stdout
+            assert result.outcome.committed, result.outcome.step_failure
             i += 1
 
     def _long(self, stub: agentd_pb2_grpc.AgentdStub, _: int) -> None:
@@ -289,10 +278,13 @@ class TestKillNineUnderLoad:
         """Six times on one directory: kill -9 the daemon at a random moment of concurrent
         Execs (every other time also leaving a torn record, as a kill mid-write would),
         restart it, and find the log recovered by itself, the cut recorded, the log clean and
-        contiguous, every acknowledged result recorded, no worker of the killed daemon left."""
+        contiguous, every acknowledged result recorded, every step reported committed still
+        committed (its record in the log, its run at that step or later), no worker of the
+        killed daemon left."""
         seed = random.randrange(1 << 32)  # named in every failure, to replay a round
         rng = random.Random(seed)
         acked: list[pb.Outcome] = []
+        committed: list[tuple[str, int]] = []
         handle = bed.start()
         for round_ in range(self.ROUNDS):
             where = f"round {round_} (seed {seed})"
@@ -312,10 +304,12 @@ class TestKillNineUnderLoad:
             # Every call in flight, the long task's included, ends UNAVAILABLE for its client.
             assert set(load.codes_after_kill) == {grpc.StatusCode.UNAVAILABLE}
             acked += load.acked
+            committed += load.committed
             torn = tear_tail(bed.audit, rng) if round_ % 2 else None
 
             handle = bed.start()  # recovers by itself, or this raises with the daemon's log
             self._check_log(bed, where, round_ + 2, load.long_run_id, acked, torn)
+            self._check_steps(bed, handle, where, committed)
             assert wait_for(lambda: not marked_processes(bed.marker), 5), (
                 f"{where}: processes of the killed daemon's tasks are left: "
                 f"{marked_processes(bed.marker)}")
@@ -324,6 +318,25 @@ class TestKillNineUnderLoad:
         assert verify(bed.audit).ok
         assert marked_processes(bed.marker) == []
         assert len(acked) >= 5 * self.ROUNDS
+
+    @staticmethod
+    def _check_steps(bed: Bed, handle: DaemonHandle, where: str,
+                     committed: list[tuple[str, int]]) -> None:
+        """Every step a client was told was committed has its step.committing record, and the
+        restarted daemon has its run at that step or later (nothing rolls back)."""
+        records = {(r["run_id"], r["details"]["step"]) for r in read_records(bed.audit)
+                   if r["event"] == "step.committing"}
+        missing = sorted(set(committed) - records)
+        assert missing == [], f"{where}: committed steps without a step.committing record"
+        last: dict[str, int] = {}
+        for run_id, step in committed:
+            last[run_id] = max(step, last.get(run_id, 0))
+        with handle.channel() as channel:
+            stub = agentd_pb2_grpc.AgentdStub(channel)
+            behind = {run_id: (step, stub.GetRun(pb.GetRunRequest(run_id=run_id)).step)
+                      for run_id, step in last.items()}
+        behind = {run_id: steps for run_id, steps in behind.items() if steps[1] < steps[0]}
+        assert behind == {}, f"{where}: runs behind their acknowledged steps (acked, now)"
 
     @staticmethod
     def _check_log(bed: Bed, where: str, starts: int, long_run_id: str,

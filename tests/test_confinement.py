@@ -20,6 +20,7 @@ each specific errno a wall gives, never "any failure".
 from __future__ import annotations
 
 import contextlib
+import fcntl
 import hashlib
 import json
 import os
@@ -245,8 +246,11 @@ class TestProcessIsolation:
             victim.wait()
 
     def test_no_daemon_or_launcher_fd_is_inherited(self, stub: Stub, run_id: str) -> None:
-        """The tool starts with exactly fds 0, 1 and 2 (pipes), nothing of the launcher."""
+        """The tool starts with exactly fds 0, 1 and 2 (pipes), 3 (the write end of its step's
+        writes pipe) and 4 (its sealed channel snapshot, which it cannot change): nothing of the
+        daemon or the launcher."""
         out = in_worker(stub, run_id, """
+            import fcntl
             fds = {}
             for fd in os.listdir("/proc/self/fd"):
                 try:
@@ -254,10 +258,26 @@ class TestProcessIsolation:
                 except OSError:  # the listing's own directory fd, closed by now
                     pass
             out["fds"] = fds
+            out["env"] = [os.environ.get("AGENTD_WRITES_FD"), os.environ.get("AGENTD_CHANNELS_FD")]
+            out["access"] = [fcntl.fcntl(fd, fcntl.F_GETFL) & os.O_ACCMODE for fd in range(5)]
+            out["seals"] = fcntl.fcntl(4, fcntl.F_GET_SEALS)
+            out["snapshot"] = json.loads(os.pread(4, 65536, 0))
+            out["overwrite"] = attempt(os.pwrite, 4, b"{}", 0)
+            out["truncate"] = attempt(os.ftruncate, 4, 0)
+            out["grow"] = attempt(os.ftruncate, 4, 1 << 20)
+            out["unseal"] = attempt(fcntl.fcntl, 4, fcntl.F_ADD_SEALS, 0)
         """)
-        fds = {int(fd): target for fd, target in out["fds"].items()}
-        assert sorted(fds) == [0, 1, 2], out
-        assert all(target.startswith("pipe:") for target in fds.values()), out
+        fds = {int(fd): target for fd, target in out.pop("fds").items()}
+        assert sorted(fds) == [0, 1, 2, 3, 4], fds
+        assert all(fds[fd].startswith("pipe:") for fd in (0, 1, 2, 3)), fds
+        assert len({fds[fd] for fd in (0, 1, 2, 3)}) == 4, fds  # four different pipes
+        assert fds[4] == "/memfd:agentd-channels (deleted)", fds
+        seals = fcntl.F_SEAL_SEAL | fcntl.F_SEAL_SHRINK | fcntl.F_SEAL_GROW | fcntl.F_SEAL_WRITE
+        assert out.pop("seals") & seals == seals
+        assert out == {"env": ["3", "4"],
+                       "access": [os.O_RDONLY, os.O_WRONLY, os.O_WRONLY, os.O_WRONLY, os.O_RDWR],
+                       "snapshot": {}, "overwrite": "EPERM", "truncate": "EPERM",
+                       "grow": "EPERM", "unseal": "EPERM"}
 
     def test_a_concurrent_worker_is_invisible(self, stub: Stub, run_id: str) -> None:
         """While another run's worker runs, this worker cannot see or signal it."""
@@ -707,10 +727,11 @@ class TestHostFiles:
 
     def test_daemon_state_dir_is_invisible(self, stub: Stub, run_id: str,
                                            daemon: DaemonHandle) -> None:
-        """The daemon's directory, state database, audit log and sockets do not exist in the
-        worker, and /workspace/.. is the worker's own root."""
+        """The daemon's directory, state database, audit log, workspace layers and sockets do
+        not exist in the worker, and /workspace/.. is the worker's own root."""
         paths = [daemon.base, daemon.base / "state", daemon.base / "state" / "state.db",
-                 daemon.base / "state" / "audit", daemon.socket("client"),
+                 daemon.base / "state" / "audit", daemon.base / "state" / "workspaces",
+                 workspace_of(stub, run_id), daemon.socket("client"),
                  daemon.socket("admin"), daemon.base / "agentd.toml"]
         assert all(p.exists() for p in paths)
         out = in_worker(stub, run_id, f"""
@@ -730,15 +751,18 @@ class TestHostFiles:
         assert out == {"environ": "ENOENT"}
 
     def test_worker_environment_is_only_the_expected_set(self, stub: Stub, run_id: str) -> None:
-        """The tool's environ is PATH, HOME, TMPDIR, AGENTD_TASK_ID, LANG and the requested
-        GREETING; nothing of the daemon's environment leaks."""
+        """The tool's environ is PATH, HOME, TMPDIR, AGENTD_TASK_ID, LANG, the step's
+        AGENTD_WRITES_FD and AGENTD_CHANNELS_FD and the requested GREETING; nothing of the
+        daemon's environment leaks."""
         result = execute(stub, run_id, ["/usr/bin/env", "-0"], env={"GREETING": "hi"})
         assert result.outcome is not None
         assert result.outcome.exit_code == 0
         env = dict(item.split("=", 1) for item in result.text.split("\0") if item)
-        assert set(env) == {"PATH", "HOME", "TMPDIR", "AGENTD_TASK_ID", "LANG", "GREETING"}
+        assert set(env) == {"PATH", "HOME", "TMPDIR", "AGENTD_TASK_ID", "LANG", "GREETING",
+                            "AGENTD_WRITES_FD", "AGENTD_CHANNELS_FD"}
         assert env["AGENTD_TASK_ID"] == result.outcome.task_id
         assert (env["HOME"], env["TMPDIR"], env["GREETING"]) == ("/workspace", "/tmp", "hi")
+        assert (env["AGENTD_WRITES_FD"], env["AGENTD_CHANNELS_FD"]) == ("3", "4")
 
     def test_loader_variables_are_refused_by_policy(self, stub: Stub, run_id: str) -> None:
         """A request that sets LD_PRELOAD is refused with PERMISSION_DENIED before any worker."""
@@ -841,8 +865,9 @@ class TestSymlinks:
 
     def test_host_side_symlink_to_a_host_secret_is_unreadable(
             self, stub: Stub, run_id: str, tmp_path: Path, daemon: DaemonHandle) -> None:
-        """Symlinks planted in the run's workspace on the host, to a world-readable host secret
-        (absolute, relative, via /proc/<daemon>/root) and to /etc/shadow, read ENOENT."""
+        """Symlinks planted on the host in the run's current top layer (what the next Exec
+        mounts), to a world-readable host secret (absolute, relative, via /proc/<daemon>/root)
+        and to /etc/shadow, read ENOENT."""
         secret = tmp_path / "secret.txt"
         secret.write_text("TOP-SECRET")
         secret.chmod(0o644)
@@ -854,16 +879,20 @@ class TestSymlinks:
         out = in_worker(stub, run_id, """
             for name in ("abs", "rel", "proc", "shadow"):
                 out[name] = attempt(open, "/workspace/" + name)
+            out["planted"] = all(os.path.islink("/workspace/" + name)
+                                 for name in ("abs", "rel", "proc", "shadow"))
         """)
-        assert out == dict.fromkeys(["abs", "rel", "proc", "shadow"], "ENOENT")
+        assert out == {**dict.fromkeys(["abs", "rel", "proc", "shadow"], "ENOENT"),
+                       "planted": True}
 
     def test_close_run_does_not_follow_workspace_symlinks(self, stub: Stub, run_id: str,
                                                           tmp_path: Path) -> None:
-        """Removing a workspace at CloseRun deletes the worker's symlinks, never their host
-        targets (a directory and a file outside the workspace)."""
+        """Deleting the run's layers at CloseRun deletes the worker's committed symlinks, never
+        their host targets (a directory and a file outside the workspace)."""
         victim = tmp_path / "victim"
         victim.mkdir()
         (victim / "keep").write_text("keep")
+        base = workspace_of(stub, run_id)
         out = in_worker(stub, run_id, f"""
             os.symlink({str(victim)!r}, "/workspace/dirlink")
             os.makedirs("/workspace/sub/deeper")
@@ -873,9 +902,13 @@ class TestSymlinks:
         """)
         assert out == {"ok": True}
         workspace = workspace_of(stub, run_id)
+        assert (workspace / "dirlink").is_symlink()
+        assert (workspace / "sub" / "deeper" / "filelink").is_symlink()
         stub.CloseRun(pb.CloseRunRequest(run_id=run_id))
         assert not workspace.exists()
+        assert not base.exists()
         assert (victim / "keep").read_text() == "keep"
+        assert sorted(p.name for p in victim.iterdir()) == ["keep"]
 
 
 # --- network and terminal ----------------------------------------------------------------------

@@ -28,14 +28,25 @@ import pytest
 
 from agentd.api.gen.v1 import agentd_pb2 as pb
 from agentd.sandbox.cgroups import find_hierarchies
-from tests.conftest import CONFIG, DaemonHandle, sh, start_daemon, stop_daemon, write_daemon_dir
+from tests.conftest import (
+    CONFIG,
+    DaemonHandle,
+    marked_processes,
+    sh,
+    start_daemon,
+    stop_daemon,
+    write_daemon_dir,
+)
 
 pytestmark = pytest.mark.privileged
 
-# A tool that double-forks and setsid()s a grandchild, then sleeps: after "started" the
-# grandchild exists, in a session of its own, reparented to the tool (pid 1 of its namespace).
+# A tool that writes a file in /workspace, double-forks and setsid()s a grandchild, then
+# sleeps: after "started" the file is in the task's upper and the grandchild exists, in a
+# session of its own, reparented to the tool (pid 1 of its namespace).
 DOUBLE_FORK = """
 import os, sys, time
+with open("/workspace/half-applied", "w") as f:
+    f.write("never committed")
 if os.fork() == 0:
     os.setsid()
     if os.fork() == 0:
@@ -55,23 +66,6 @@ def agentd_command() -> list[str]:
     """The installed `agentd` entry point, or the module when it is not installed."""
     script = Path(sys.executable).parent / "agentd"
     return [str(script)] if script.exists() else [sys.executable, "-m", "agentd.daemon"]
-
-
-def marked_processes(marker: str) -> list[int]:
-    """Pids of host processes whose command line or environment carries `marker`."""
-    needle = marker.encode()
-    found = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit() or int(entry) == os.getpid():
-            continue
-        for name in ("cmdline", "environ"):
-            try:
-                if needle in Path(f"/proc/{entry}/{name}").read_bytes():
-                    found.append(int(entry))
-                    break
-            except OSError:
-                continue
-    return found
 
 
 def command_of(pid: int) -> str:
@@ -207,8 +201,9 @@ def start_long_exec(handle: DaemonHandle, run_id: str, argv: list[str], marker: 
 
 class TestSigterm:
     def test_sigterm_during_exec_drains(self, bed: Bed) -> None:
-        """SIGTERM ends a running Exec with a SHUTDOWN outcome, leaves no process and no task
-        cgroup, stops the launcher and the daemon exits 0 having recorded the stop."""
+        """SIGTERM ends a running Exec with a SHUTDOWN outcome and its step failed, uncommitted,
+        leaves no process, no task cgroup and no upper, stops the launcher and the daemon exits
+        0 having recorded the failed step and then the stop."""
         handle = bed.start()
         launcher = log_events(handle, "agentd.ready")[0]["launcher_pid"]
         parents = cgroup_parents(handle)
@@ -229,6 +224,8 @@ class TestSigterm:
         assert outcome.task_id == task_id
         assert not outcome.exited
         assert outcome.signal == 9
+        assert not outcome.committed
+        assert "shutdown" in outcome.step_failure
 
         assert handle.process.wait(timeout=15) == 0
         assert marked_processes(bed.marker) == []
@@ -239,7 +236,11 @@ class TestSigterm:
         records = audit_records(bed.base)
         exited = [r for r in records if r["event"] == "exec.exited" and r["task_id"] == task_id]
         assert exited[0]["details"]["stop_reason"] == "shutdown"
+        assert [r["details"]["step"] for r in records if r["event"] == "step.failed"
+                and r["run_id"] == run.run_id] == [1]
+        assert not [r for r in records if r["event"] == "step.committing"]
         assert records[-1]["event"] == "daemon.stopped"
+        assert not (bed.base / "state" / "workspaces" / "uppers" / task_id).exists()
 
     @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
     def test_idle_daemon_stops_cleanly(self, bed: Bed, sig: signal.Signals) -> None:
@@ -286,7 +287,9 @@ class TestSigkill:
 
     def test_restart_cleans_up_and_serves(self, bed: Bed) -> None:
         """A new daemon on the same directory removes the stale task cgroup (and kills what
-        is in it), serves Exec again, and still lists the runs created before."""
+        is in it), records the interrupted step as failed with nothing of it applied (the
+        file its tool wrote is not in the workspace, its upper is gone), serves Exec again,
+        and still lists the runs created before."""
         _, run_id, task_id, parents = kill_during_double_fork(bed)
         second = bed.start()
         assert cgroup_parents(second) == parents
@@ -299,14 +302,24 @@ class TestSigkill:
         assert len(started) == 2
         assert task_id in started[-1]["details"]["stale_cgroups_removed"]
 
+        assert started[-1]["details"]["recovered"]["interrupted_steps"] == [
+            {"run_id": run_id, "step": 1}]
+        assert not (bed.base / "state" / "workspaces" / "uppers" / task_id).exists()
+
         stub = second.stub()
         runs = stub.ListRuns(pb.ListRunsRequest()).runs
         assert run_id in {r.run_id for r in runs}
-        assert stub.GetRun(pb.GetRunRequest(run_id=run_id)).execs == 1
-        result = sh(stub, run_id, "echo back")
-        assert result.stdout == b"back\n"
+        run = stub.GetRun(pb.GetRunRequest(run_id=run_id))
+        assert (run.execs, run.step) == (1, 0)
+        [interrupted] = stub.ListSteps(pb.ListStepsRequest(run_id=run_id)).steps
+        assert (interrupted.step, interrupted.state) == (1, pb.STEP_STATE_FAILED)
+        assert "daemon stopped" in interrupted.reason
+        assert os.listdir(run.workspace) == []
+        result = sh(stub, run_id, "echo back; test -e half-applied || echo absent")
+        assert result.stdout == b"back\nabsent\n"
         assert result.outcome is not None
         assert result.outcome.exit_code == 0
+        assert (result.outcome.committed, result.outcome.step) == (True, 1)
         assert stop_daemon(second) == 0
 
 

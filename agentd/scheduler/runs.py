@@ -48,6 +48,8 @@ class RunManager:
         self._workers: dict[str, dict[str, Worker]] = {}  # run_id -> task_id -> worker
         # Runs between the start and the end of CloseRun: no new work may enter them.
         self._closing: set[str] = set()
+        # Runs with a step between its plan and its commit (kept by the StepRunner).
+        self.steps_in_flight: set[str] = set()
         self.draining = False
 
     # -- runs ---------------------------------------------------------------------------
@@ -104,6 +106,11 @@ class RunManager:
         self._closing.add(run_id)
         try:
             killed = await self.stop_workers(run_id, "cancelled")
+            # A step past its workers may be committing: let it end (committed or failed)
+            # before the run's checkpoints go, so no commit lands on a closed run.
+            deadline = time.monotonic() + 30
+            while run_id in self.steps_in_flight and time.monotonic() < deadline:
+                await asyncio.sleep(0.02)
             await self.audit.append("run.closed", actor=caller.actor(), run_id=run_id,
                                     details={"kept_workspace": keep_workspace,
                                              "killed_tasks": killed})

@@ -144,7 +144,7 @@ class StepRunner:
         self.steps = steps
         self.layers = layers
         self.squash_depth = squash_depth
-        self._active: set[str] = set()
+        self._active = runs.steps_in_flight  # shared: CloseRun waits for these
         # Layers a squash replaced: deleted once no step runs (a running task may have them
         # mounted as lowers).
         self._to_release: set[str] = set()
@@ -304,6 +304,8 @@ class StepRunner:
                                              "step": number, "layer": layer,
                                              "changed_channels": sorted(changed),
                                              "tasks": [r.to_json() for r in reports]})
+            result.tasks = reports
+            result.wall_seconds = time.monotonic() - started
             self.steps.commit(attempt, checkpoint, result.to_json())
             await self.runs.audit.sign_tree_head()
             if len(layers) >= self.squash_depth:
@@ -415,8 +417,10 @@ class StepRunner:
         self.steps.checkpoint(run_id, number)  # NOT_FOUND if it does not exist
         await self.runs.audit.append("run.rolled_back", actor=caller.actor(), run_id=run_id,
                                      details={"from_step": run.step, "to_step": number})
-        self.steps.rollback(run_id, number)
+        dropped = self.steps.rollback(run_id, number)
         await self.runs.audit.sign_tree_head()
+        self._to_release.update(dropped)  # those no other checkpoint (a fork's) still uses
+        self._release_if_idle()
 
     async def export(self, run_id: str, number: int, caller: Caller, sink: Callable[[bytes], None]
                      ) -> None:
