@@ -212,7 +212,8 @@ class TestSigterm:
         call, task_id = start_long_exec(
             handle, run.run_id, ["/bin/sh", "-c", "echo started; sleep 300 & sleep 300",
                                  bed.marker], bed.marker)
-        assert len(marked_processes(bed.marker)) >= 2
+        # "started" comes before the shell forks its two sleeps: wait for both.
+        assert wait_for(lambda: len(marked_processes(bed.marker)) >= 2, 5)
         assert task_cgroups(parents, task_id)
 
         handle.process.send_signal(signal.SIGTERM)
