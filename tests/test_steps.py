@@ -48,6 +48,7 @@ from tests.conftest import (
     DaemonHandle,
     daemon_base,
     execute,
+    marked_processes,
     start_daemon,
     stop_daemon,
 )
@@ -218,17 +219,6 @@ def audit_records(handle: DaemonHandle) -> list[dict[str, Any]]:
     return records
 
 
-def marked_processes(marker: str) -> list[int]:
-    """Pids of host processes whose command line carries `marker`."""
-    found = []
-    for entry in os.listdir("/proc"):
-        if entry.isdigit() and int(entry) != os.getpid():
-            with contextlib.suppress(OSError):
-                if marker.encode() in Path(f"/proc/{entry}/cmdline").read_bytes():
-                    found.append(int(entry))
-    return found
-
-
 def wait_for(condition: Callable[[], object], timeout: float) -> bool:
     deadline = time.monotonic() + timeout
     while not condition():
@@ -330,18 +320,21 @@ class TestIsolation:
 
     def test_every_task_starts_from_the_same_checkpoint(self, stub: Stub,
                                                         runs: Callable[..., str]) -> None:
-        """Tasks started together read the same committed state, whichever of them runs first."""
+        """Six tasks started together, writing at staggered times, each read the committed
+        state and none of the files the others wrote before it looked."""
         run_id = runs()
         step(stub, run_id, task("setup", "echo 1 > n; " + emit("lv", 1)))
-        reader = "sleep 0.$(($0 % 3)); cat n; cat <&$AGENTD_CHANNELS_FD; echo $0 > out.$0"
+        reader = ("sleep 0.$(($0 % 3)); echo $0 > out.$0; cat n; ls | grep -c '^out'; "
+                  "cat <&$AGENTD_CHANNELS_FD")
         out = stream(stub, run_id, *(pb.TaskSpec(name=f"t{i}", argv=["/bin/sh", "-c", reader,
                                                                       str(i)])
                                      for i in range(6)))
         assert out.reply.state == COMMITTED, out.reply
         for i in range(6):
-            first, snapshot = out.stdout[f"t{i}"].decode().split("\n", 1)
-            assert first == "1"
+            n, outs, snapshot = out.stdout[f"t{i}"].decode().split("\n", 2)
+            assert (n, outs) == ("1", "1"), f"t{i} saw {outs} out.* files"
             assert json.loads(snapshot)["lv"] == 1
+        assert len(files(view(stub, run_id, 2))) == 7
 
     def test_snapshot_fd_cannot_be_written(self, stub: Stub, runs: Callable[..., str]) -> None:
         """The channel snapshot is read-only: a task writing to it fails to, and the next task
@@ -372,11 +365,10 @@ class TestDeterminism:
         for _ in range(self.REPEATS):
             run_id = runs()
             delays = dict(zip(names, rng.sample([0.0, 0.05, 0.1, 0.15], 4), strict=True))
-            out = stream(stub, run_id, *(
-                task(name, f"sleep {delays[name]}; mkdir -p out; echo {name} > out/{name}; "
-                           + "; ".join([emit("ap", name), emit("ap", [name, 2]),
-                                        emit("tp", name), emit("br", name)][:3 + (name in "xy")]))
-                for name in names))
+            out = stream(stub, run_id, *(task(name, "; ".join([
+                f"sleep {delays[name]}", f"mkdir -p out; echo {name} > out/{name}",
+                emit("ap", name), emit("ap", [name, 2]), emit("tp", name),
+                *([emit("br", name)] if name in ("x", "y") else [])])) for name in names))
             assert out.reply.state == COMMITTED, out.reply
             assert [t.name for t in out.reply.tasks] == names
             orders.add(tuple(out.done_order))
@@ -501,7 +493,8 @@ class TestConflicts:
                      task("two", second + "; " + emit("ap", "two")))
         assert reply.state == FAILED, reply
         assert reply.conflicts, reply
-        assert any(path in c and "one" in c and "two" in c for c in reply.conflicts), reply
+        assert any((c.startswith(f"{path}:") or f"written under {path}," in c)
+                   and "tasks 'one' and 'two'" in c for c in reply.conflicts), reply
         assert "conflict" in reply.reason
         _assert_nothing_applied(stub, run_id, 1, before)
 
@@ -515,7 +508,7 @@ class TestConflicts:
         reply = step(stub, run_id, task("one", emit("lv", 1) + "; echo 1 > one"),
                      task("two", emit("lv", 1)))
         assert reply.state == FAILED
-        assert any("lv" in c and "one" in c and "two" in c for c in reply.conflicts), reply
+        assert reply.conflicts == ["tasks one and two both wrote channel 'lv' (last_value)"]
         _assert_nothing_applied(stub, run_id, 1, before)
         assert snapshot_at(stub, run_id, 1)["lv"] == "before"
 

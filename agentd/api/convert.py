@@ -90,7 +90,8 @@ def outcome(result: WorkerResult) -> pb.Outcome:
 
 def task_report(report: TaskReport) -> pb.TaskReport:
     message = pb.TaskReport(name=report.name, changed_paths=report.changed_paths,
-                            writes=len(report.writes), failure=report.failure)
+                            writes=len(report.writes), failure=report.failure,
+                            stdout=report.stdout, stderr=report.stderr)
     if report.result is not None:
         message.outcome.CopyFrom(outcome(report.result))
     return message

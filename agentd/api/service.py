@@ -174,7 +174,10 @@ def _step_event(item: Any) -> pb.StepEvent:
     if isinstance(item, StepResult):
         return pb.StepEvent(done=convert.step_result(item))
     if isinstance(item, TaskReport):
-        return pb.StepEvent(task_done=convert.task_report(item))
+        report = convert.task_report(item)
+        report.ClearField("stdout")  # already streamed, chunk by chunk
+        report.ClearField("stderr")
+        return pb.StepEvent(task_done=report)
     name, kind, data = item
     return pb.StepEvent(output=pb.TaskOutput(task=name, chunk=convert.output_event(
         kind, data).output))

@@ -167,6 +167,16 @@ class RunManager:
             raise Unavailable(f"the audit log is not writable ({self.audit.failure_reason}); "
                               "agentd refuses new work until it can record it again")
 
+    def check_capacity(self, wanted: int) -> None:
+        """Refuses a step whose tasks would not all fit under max_concurrent_workers, before
+        any of them starts."""
+        running = self.running()
+        if running + wanted > self._max_workers:
+            raise ResourceExhausted(
+                f"{running} workers are running and this needs {wanted} more; the daemon's "
+                f"limit (max_concurrent_workers) is {self._max_workers}: retry when some have "
+                "finished, or split the step")
+
     def register(self, run_id: str, worker: Worker) -> None:
         """Admits a worker into a run; called with no await since the run was checked open."""
         self.check_open(run_id)

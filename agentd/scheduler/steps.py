@@ -88,6 +88,8 @@ class TaskReport:
     task_id: str = ""
     changes: list[Change] = field(default_factory=list)
     upper: Upper | None = None
+    stdout: bytes = b""
+    stderr: bytes = b""
 
     def to_json(self) -> dict[str, Any]:
         r = self.result
@@ -121,15 +123,26 @@ class StepResult:
 
 
 def approval_triggers(policy: EffectivePolicy, executables: Sequence[str]) -> list[str]:
-    """The policy's approval triggers this step matches (empty: it may run at once)."""
+    """The policy's approval triggers this step matches (empty: it may run at once).
+
+    Paths are compared as real paths (granted paths are bound at the same place in the
+    worker), so /bin/rm cannot slip past exec:/usr/bin/rm on a merged-/usr host. An exec:
+    trigger looks at what each task asks to run (argv[0]), not at what that runs in turn:
+    a policy that lets a shell run must trigger on the shell.
+    """
+    real = [os.path.realpath(exe) for exe in executables]
     hits = []
     for trigger in policy.approval_required_for:
         if trigger == "exec" or (trigger == "user_namespace" and policy.user_namespace):
             hits.append(trigger)
         elif trigger.startswith("exec:"):
             target = trigger.removeprefix("exec:")
-            if any(exe == target or (target.endswith("/") and exe.startswith(target))
-                   for exe in executables):
+            if target.endswith("/"):
+                tree = os.path.realpath(target) + "/"
+                matched = any(exe.startswith(tree) for exe in real)
+            else:
+                matched = os.path.realpath(target) in real
+            if matched:
                 hits.append(trigger)
     return hits
 
@@ -269,10 +282,21 @@ class StepRunner:
                                          details={"step": number, "tasks": [
                                              {"name": t.name, "argv": t.argv[:64]}
                                              for t, _ in planned]})
-            reports = list(await asyncio.gather(*(
-                self._run_task(run_id, t, exe, base.layers, policy, snapshot, specs, caller,
-                               listener)
-                for t, exe in planned)))
+            self.runs.check_capacity(len(planned))
+            # The reports (and their task ids) exist before any task starts, so whatever
+            # happens next, the finally below knows every upper to remove.
+            reports = [TaskReport(t.name, task_id="t-" + secrets.token_hex(8))
+                       for t, _ in planned]
+            try:
+                async with asyncio.TaskGroup() as group:
+                    for report, (task, exe) in zip(reports, planned, strict=True):
+                        group.create_task(self._run_task(
+                            run_id, report, task, exe, base.layers, policy, snapshot, specs,
+                            caller, listener))
+            except BaseExceptionGroup as failed:
+                # One task could not be run at all (not a tool failure: those are results);
+                # the group has cancelled and awaited the others.
+                raise failed.exceptions[0] from None
             results = [barrier.TaskResult(index=i, name=r.name, ok=not r.failure,
                                           reason=r.failure or None, writes=r.writes)
                        for i, r in enumerate(reports)]
@@ -355,13 +379,13 @@ class StepRunner:
             released, self._to_release = self._to_release, set()
             self.runs.release_layers(sorted(released))
 
-    async def _run_task(self, run_id: str, task: TaskRequest, executable: str,
-                        layers: list[str], policy: EffectivePolicy, snapshot: dict[str, Any],
-                        specs: dict[str, channels.ChannelSpec], caller: Caller,
-                        listener: StepListener | None) -> TaskReport:
-        """One task in its own worker on the committed layers; never raises for the tool."""
-        task_id = "t-" + secrets.token_hex(8)
-        report = TaskReport(task.name, task_id=task_id)
+    async def _run_task(self, run_id: str, report: TaskReport, task: TaskRequest,
+                        executable: str, layers: list[str], policy: EffectivePolicy,
+                        snapshot: dict[str, Any], specs: dict[str, channels.ChannelSpec],
+                        caller: Caller, listener: StepListener | None) -> None:
+        """One task in its own worker on the committed layers; fills `report`, never raises
+        for the tool."""
+        task_id = report.task_id
         report.upper = await asyncio.to_thread(self.layers.new_upper, task_id,
                                                self.tasks.uid, self.tasks.gid)
         request = ExecRequest(run_id=run_id, argv=task.argv, env=task.env, stdin=task.stdin,
@@ -379,6 +403,11 @@ class StepRunner:
                         extra_fds=(collector.write_fd, snapshot_fd))
 
         async def on_output(kind: str, data: bytes) -> None:
+            # Kept for the reply too; the worker already cut it at the policy's output limit.
+            if kind == "stdout":
+                report.stdout += data
+            else:
+                report.stderr += data
             if listener is not None:
                 await listener("output", (task.name, kind, data))
 
@@ -402,7 +431,6 @@ class StepRunner:
         report.changed_paths = sorted({c.path for c in report.changes})
         if listener is not None:
             await listener("task_done", report)
-        return report
 
     # -- checkpoints -------------------------------------------------------------------------
 
