@@ -194,6 +194,14 @@ def daemon_base() -> Path:
     return base
 
 
+@pytest.fixture(scope="module")
+def short_tmp() -> Iterator[Path]:
+    """A directory with a short path: unix socket paths are limited to 107 bytes."""
+    path = Path(tempfile.mkdtemp(prefix="agentctl-"))
+    yield path
+    shutil.rmtree(path, ignore_errors=True)
+
+
 @pytest.fixture(scope="session")
 def daemon() -> Iterator[DaemonHandle]:
     if os.geteuid() != 0:

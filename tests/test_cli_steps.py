@@ -21,10 +21,8 @@ import asyncio
 import json
 import os
 import select
-import shutil
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 from collections.abc import AsyncIterator, Iterator
@@ -50,6 +48,7 @@ from agentd.client import (
     TaskReport,
     TaskSpec,
 )
+from tests.fake_servers import ServeInThread
 
 REPO = Path(__file__).resolve().parent.parent
 T0 = 1_700_000_000  # 2023-11-14 22:13:20Z
@@ -378,67 +377,19 @@ class RoleFake(pb_grpc.AgentdServicer):
             yield pb.ExportChunk(data=data)
 
 
-class Servers:
-    """One grpc.aio server per role socket, on one event loop in a daemon thread."""
-
-    def __init__(self, servicers: dict[str, RoleFake]) -> None:
-        self.servicers = servicers
-        self._loop = asyncio.new_event_loop()
-        self._started = threading.Event()
-        self._stop: asyncio.Future[None] | None = None
-        self._thread = threading.Thread(target=self._main, name="fake-agentd", daemon=True)
-
-    def __enter__(self) -> Servers:
-        self._thread.start()
-        assert self._started.wait(10), "fake agentd did not start"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        stop = self._stop
-        assert stop is not None
-        self._loop.call_soon_threadsafe(stop.set_result, None)
-        self._thread.join(10)
-        self._loop.close()
-
-    def _main(self) -> None:
-        self._loop.run_until_complete(self._serve())
-
-    async def _serve(self) -> None:
-        servers = []
-        for path, servicer in self.servicers.items():
-            server = grpc.aio.server()
-            pb_grpc.add_AgentdServicer_to_server(servicer, server)
-            server.add_insecure_port(f"unix:{path}")
-            await server.start()
-            servers.append(server)
-        self._stop = self._loop.create_future()
-        self._started.set()
-        await self._stop
-        for server in servers:
-            await server.stop(grace=None)
-
-
 @pytest.fixture(scope="module")
-def short_tmp() -> Iterator[Path]:
-    """A directory with a short path: unix socket paths are limited to 107 bytes."""
-    path = Path(tempfile.mkdtemp(prefix="agentctl-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def servers(short_tmp: Path) -> Iterator[Servers]:
+def servers(short_tmp: Path) -> Iterator[ServeInThread]:
     state = FakeState()
     servicers = {
         str(short_tmp / "agentd.sock"): RoleFake(state, "client"),
         str(short_tmp / "agentd-approver.sock"): RoleFake(state, "approver"),
     }
-    with Servers(servicers) as running:
+    with ServeInThread(servicers) as running:
         yield running
 
 
 @pytest.fixture
-def fake(servers: Servers) -> FakeState:
+def fake(servers: ServeInThread) -> FakeState:
     state = FakeState()
     for servicer in servers.servicers.values():
         servicer.state = state

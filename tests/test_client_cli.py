@@ -17,11 +17,9 @@ import asyncio
 import json
 import os
 import select
-import shutil
 import signal
 import subprocess
 import sys
-import tempfile
 import threading
 import time
 import types
@@ -47,6 +45,7 @@ from agentd.client import (
     Stream,
     resolve_socket,
 )
+from tests.fake_servers import ServeInThread
 
 REPO = Path(__file__).resolve().parent.parent
 CANNOT_REACH = "is it running? (start it with `make run` or `systemctl start agentd`)"
@@ -186,66 +185,22 @@ class FakeAgentd(pb_grpc.AgentdServicer):
         return self.runs[run_id]
 
 
-class ServerThread:
-    """A grpc.aio server on its own event loop in a daemon thread."""
-
-    def __init__(self, servicer: FakeAgentd, socket_path: str) -> None:
-        self.servicer = servicer
-        self.socket_path = socket_path
-        self._loop = asyncio.new_event_loop()
-        self._started = threading.Event()
-        self._stop: asyncio.Future[None] | None = None
-        self._thread = threading.Thread(target=self._main, name="fake-agentd", daemon=True)
-
-    def __enter__(self) -> ServerThread:
-        self._thread.start()
-        assert self._started.wait(10), "fake agentd did not start"
-        return self
-
-    def __exit__(self, *exc: object) -> None:
-        stop = self._stop
-        assert stop is not None
-        self._loop.call_soon_threadsafe(stop.set_result, None)
-        self._thread.join(10)
-        self._loop.close()
-
-    def _main(self) -> None:
-        self._loop.run_until_complete(self._serve())
-
-    async def _serve(self) -> None:
-        server = grpc.aio.server()
-        pb_grpc.add_AgentdServicer_to_server(self.servicer, server)
-        server.add_insecure_port(f"unix:{self.socket_path}")
-        await server.start()
-        self._stop = self._loop.create_future()
-        self._started.set()
-        await self._stop
-        await server.stop(grace=None)
-
-
 @pytest.fixture(scope="module")
-def short_tmp() -> Iterator[Path]:
-    """A directory with a short path: unix socket paths are limited to 107 bytes."""
-    path = Path(tempfile.mkdtemp(prefix="agentctl-"))
-    yield path
-    shutil.rmtree(path, ignore_errors=True)
-
-
-@pytest.fixture(scope="module")
-def server(short_tmp: Path) -> Iterator[ServerThread]:
-    with ServerThread(FakeAgentd(), str(short_tmp / "agentd.sock")) as running:
-        yield running
+def server(short_tmp: Path) -> Iterator[FakeAgentd]:
+    servicer = FakeAgentd()
+    with ServeInThread({str(short_tmp / "agentd.sock"): servicer}):
+        yield servicer
 
 
 @pytest.fixture
-def fake(server: ServerThread) -> FakeAgentd:
-    server.servicer.reset()
-    return server.servicer
+def fake(server: FakeAgentd) -> FakeAgentd:
+    server.reset()
+    return server
 
 
 @pytest.fixture
-def sock(server: ServerThread) -> str:
-    return server.socket_path
+def sock(server: FakeAgentd, short_tmp: Path) -> str:
+    return str(short_tmp / "agentd.sock")
 
 
 @pytest.fixture
