@@ -393,10 +393,12 @@ class StepRunner:
         spec = self.tasks.build_spec(task_id, request, executable, policy)
         spec = replace(spec, env={**spec.env, "AGENTD_WRITES_FD": str(WRITES_FD),
                                   "AGENTD_CHANNELS_FD": str(CHANNELS_FD)})
-        spec = replace(spec, workspace=None,
-                       workspace_layers=tuple(str(self.layers.path(lid)) for lid in layers),
-                       workspace_upper=str(report.upper.upper),
-                       workspace_work=str(report.upper.work), extra_fds=2)
+        if policy.workspace != "none":
+            spec = replace(spec,
+                           workspace_layers=tuple(str(self.layers.path(lid)) for lid in layers),
+                           workspace_upper=str(report.upper.upper),
+                           workspace_work=str(report.upper.work))
+        spec = replace(spec, extra_fds=2)
         collector = WritesCollector(limit=policy.writes_bytes)
         snapshot_fd = channels_snapshot_fd(snapshot)
         worker = Worker(spec, launcher=self.tasks.launcher, cgroups=self.tasks.cgroups,

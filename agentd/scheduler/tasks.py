@@ -10,12 +10,11 @@ from __future__ import annotations
 import asyncio
 import math
 import os
-import secrets
 from dataclasses import dataclass, field
 
 import structlog
 
-from agentd.errors import AgentdError, FailedPrecondition, InvalidArgument
+from agentd.errors import AgentdError, InvalidArgument
 from agentd.identity import Caller
 from agentd.policy import EffectivePolicy, decide_exec
 from agentd.sandbox.cgroups import CgroupDriver
@@ -105,7 +104,8 @@ class TaskRunner:
         return executable
 
     def build_spec(self, task_id: str, request: ExecRequest, executable: str,
-                   policy: EffectivePolicy, workspace: str | None = None) -> WorkerSpec:
+                   policy: EffectivePolicy) -> WorkerSpec:
+        """The worker for one checked call; the caller adds the workspace (its layer stack)."""
         env = {"PATH": DEFAULT_PATH, "HOME": "/workspace", "TMPDIR": "/tmp",
                "AGENTD_TASK_ID": task_id, **policy.env_set, **request.env}
         limits = Limits(memory_bytes=policy.memory_bytes, pids=policy.pids, cpu=policy.cpu,
@@ -117,7 +117,6 @@ class TaskRunner:
             cwd=_cwd(request, policy),
             uid=self.uid, gid=self.gid, user_namespace=policy.user_namespace,
             read_only=policy.read_only,
-            workspace=workspace if policy.workspace != "none" else None,
             workspace_writable=policy.workspace == "read_write",
             exec_allow=policy.exec_allow, limits=limits)
 
@@ -156,27 +155,6 @@ class TaskRunner:
                            task_id=task_id, details=_outcome_details(result))
         log.info("exec.exited", run_id=run_id, task_id=task_id, summary=result.summary,
                  wall=round(result.wall_seconds, 4))
-        return result
-
-    async def exec(self, request: ExecRequest, caller: Caller, on_output: OutputSink
-                   ) -> WorkerResult:
-        """A tool call on the run's workspace directory, bound directly (no step)."""
-        self.runs.check_accepting()
-        task_id = "t-" + secrets.token_hex(8)
-        policy: EffectivePolicy | None = None
-        try:
-            run = self.runs.check_open(request.run_id)
-            policy = self.runs.registry.get(run.agent).policy
-            executable = self.check(request, policy)
-        except AgentdError as exc:
-            await self.refused(request, caller, task_id, exc, policy)
-            raise
-        spec = self.build_spec(task_id, request, executable, policy, run.workspace)
-        worker = Worker(spec, launcher=self.launcher, cgroups=self.cgroups)
-        result = await self.run_worker(worker, request, caller, policy, on_output)
-        await self.runs.audit.sign_tree_head()  # the outcome is acknowledged under a signed head
-        if result.setup_failure is not None:
-            raise FailedPrecondition(f"{result.setup_failure}; the tool did not run")
         return result
 
 
