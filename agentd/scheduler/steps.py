@@ -226,11 +226,11 @@ class StepRunner:
                                    requested_by=str(caller))
 
     def _no_pending(self, run_id: str) -> None:
-        for attempt in self.steps.attempts(run_id):
-            if attempt.state == "pending_approval":
-                raise FailedPrecondition(
-                    f"step {attempt.step} of run {run_id} waits for approval; approve or reject "
-                    "it first (`agentctl approve`)")
+        pending = self.steps.first_pending(run_id)
+        if pending is not None:
+            raise FailedPrecondition(
+                f"step {pending.step} of run {run_id} waits for approval; approve or reject "
+                "it first (`agentctl approve`)")
 
     async def approve(self, run_id: str, number: int, approve: bool, reason: str,
                       caller: Caller, listener: StepListener | None = None) -> StepResult:

@@ -45,6 +45,7 @@ CREATE TABLE IF NOT EXISTS steps (
     finished_at  REAL
 );
 CREATE INDEX IF NOT EXISTS steps_run ON steps(run_id, step);
+CREATE INDEX IF NOT EXISTS steps_state ON steps(state, run_id);
 """
 
 
@@ -172,6 +173,13 @@ class StepStore:
         if row is None:
             raise NotFound(f"run {run_id} has no step {step} waiting for approval")
         return _step(row)
+
+    def first_pending(self, run_id: str) -> StepRecord | None:
+        """The run's step waiting for approval, if any (at most one can wait)."""
+        row = self._db.execute(
+            "SELECT * FROM steps WHERE run_id = ? AND state = 'pending_approval'"
+            " ORDER BY attempt LIMIT 1", (run_id,)).fetchone()
+        return None if row is None else _step(row)
 
     def in_state(self, state: str) -> list[StepRecord]:
         rows = self._db.execute("SELECT * FROM steps WHERE state = ?", (state,)).fetchall()
