@@ -180,10 +180,7 @@ class RunManager:
     def register(self, run_id: str, worker: Worker) -> None:
         """Admits a worker into a run; called with no await since the run was checked open."""
         self.check_open(run_id)
-        running = self.running()
-        if running >= self._max_workers:
-            raise ResourceExhausted(f"{running} workers are running, the daemon's limit "
-                                    "(max_concurrent_workers); retry when some have finished")
+        self.check_capacity(1)
         self._workers.setdefault(run_id, {})[worker.spec.task_id] = worker
 
     def unregister(self, run_id: str, task_id: str) -> None:

@@ -66,6 +66,11 @@ class TaskRequest:
     timeout_seconds: float = 0.0
     allow_failure: bool = False
 
+    def exec_request(self, run_id: str) -> ExecRequest:
+        """The tool call this task makes, as the policy checks and the worker runs it."""
+        return ExecRequest(run_id=run_id, argv=self.argv, env=self.env, stdin=self.stdin,
+                           cwd=self.cwd, timeout_seconds=self.timeout_seconds)
+
     def to_json(self) -> dict[str, Any]:
         return {"name": self.name, "argv": self.argv, "env": self.env,
                 "stdin": self.stdin.hex(), "cwd": self.cwd,
@@ -183,8 +188,7 @@ class StepRunner:
         policy = self.runs.registry.get(run.agent).policy
         planned = []
         for task in requests:
-            request = ExecRequest(run_id=run_id, argv=task.argv, env=task.env, stdin=task.stdin,
-                                  cwd=task.cwd, timeout_seconds=task.timeout_seconds)
+            request = task.exec_request(run_id)
             try:
                 planned.append((task, self.tasks.check(request, policy)))
             except AgentdError as exc:
@@ -388,8 +392,7 @@ class StepRunner:
         task_id = report.task_id
         report.upper = await asyncio.to_thread(self.layers.new_upper, task_id,
                                                self.tasks.uid, self.tasks.gid)
-        request = ExecRequest(run_id=run_id, argv=task.argv, env=task.env, stdin=task.stdin,
-                              cwd=task.cwd, timeout_seconds=task.timeout_seconds)
+        request = task.exec_request(run_id)
         spec = self.tasks.build_spec(task_id, request, executable, policy)
         spec = replace(spec, env={**spec.env, "AGENTD_WRITES_FD": str(WRITES_FD),
                                   "AGENTD_CHANNELS_FD": str(CHANNELS_FD)})
