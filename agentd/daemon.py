@@ -130,11 +130,6 @@ def _prepare_dirs(config: Config) -> None:
     d = config.daemon
     for path in (d.state_dir, d.runtime_dir):
         path.mkdir(parents=True, exist_ok=True, mode=0o755)
-    # Worker roots are built here, inside each worker's own mount namespace; 0711 so that
-    # a worker in a user namespace (no privilege over host inodes) can mount on it.
-    root = d.runtime_dir / "worker-root"
-    root.mkdir(exist_ok=True, mode=0o711)
-    root.chmod(0o711)
 
 
 def start(config: Config) -> Daemon:

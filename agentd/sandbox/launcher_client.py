@@ -59,7 +59,10 @@ class LauncherClient:
 
     def start(self) -> None:
         """Starts the launcher; call before the daemon starts any thread."""
+        # Worker roots are built on this directory, each in its worker's own mount namespace;
+        # 0711 so that a worker in a user namespace (no privilege over host inodes) can reach it.
         os.makedirs(self.new_root, mode=0o711, exist_ok=True)
+        os.chmod(self.new_root, 0o711)  # noqa: S103 - crossable but not listable, on purpose
         ours, theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         self._process = subprocess.Popen(
             [sys.executable, "-m", "agentd.sandbox.launcher", str(theirs.fileno()), self.new_root],
