@@ -7,9 +7,12 @@ with canned behaviour; the real daemon's tests start the real daemon instead.
 from __future__ import annotations
 
 import asyncio
+import os
+import select
 import threading
+import time
 from collections.abc import Mapping
-from typing import Any
+from typing import IO, Any
 
 import grpc
 
@@ -54,3 +57,15 @@ class ServeInThread:
         await self._stop
         for server in servers:
             await server.stop(grace=None)
+
+
+def read_until(stream: IO[bytes], end: bytes, timeout: float = 20.0) -> bytes:
+    """Reads what a running subprocess has written so far, until `end` appears (or timeout):
+    proof that output arrives live, before the process ends."""
+    seen = b""
+    deadline = time.monotonic() + timeout
+    while end not in seen and time.monotonic() < deadline:
+        readable, _, _ = select.select([stream], [], [], 0.1)
+        if readable:
+            seen += os.read(stream.fileno(), 4096)
+    return seen

@@ -20,7 +20,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import select
 import subprocess
 import sys
 import threading
@@ -48,7 +47,7 @@ from agentd.client import (
     TaskReport,
     TaskSpec,
 )
-from tests.fake_servers import ServeInThread
+from tests.fake_servers import ServeInThread, read_until
 
 REPO = Path(__file__).resolve().parent.parent
 T0 = 1_700_000_000  # 2023-11-14 22:13:20Z
@@ -744,12 +743,7 @@ class TestStepCommand:
         argv = _argv(("step", run_id, "--task", "out:ready wait out:done"), sock)
         with subprocess.Popen(argv, stdout=subprocess.PIPE, env=_env()) as proc:
             assert proc.stdout is not None
-            seen = b""
-            deadline = time.monotonic() + 20
-            while b"\n" not in seen and time.monotonic() < deadline:
-                readable, _, _ = select.select([proc.stdout], [], [], 0.1)
-                if readable:
-                    seen += os.read(proc.stdout.fileno(), 4096)
+            seen = read_until(proc.stdout, b"\n")
             assert seen == b"[t1] ready\n", "the first line did not arrive while the step ran"
             fake.gate.set()
             rest, _ = proc.communicate(timeout=20)

@@ -16,7 +16,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import select
 import signal
 import subprocess
 import sys
@@ -45,7 +44,7 @@ from agentd.client import (
     Stream,
     resolve_socket,
 )
-from tests.fake_servers import ServeInThread
+from tests.fake_servers import ServeInThread, read_until
 
 REPO = Path(__file__).resolve().parent.parent
 CANNOT_REACH = "is it running? (start it with `make run` or `systemctl start agentd`)"
@@ -535,12 +534,7 @@ class TestExecCommand:
         ]
         with subprocess.Popen(argv, stdout=subprocess.PIPE, env=_env()) as proc:
             assert proc.stdout is not None
-            seen = b""
-            deadline = time.monotonic() + 20
-            while b"ready\n" not in seen and time.monotonic() < deadline:
-                readable, _, _ = select.select([proc.stdout], [], [], 0.1)
-                if readable:
-                    seen += os.read(proc.stdout.fileno(), 4096)
+            seen = read_until(proc.stdout, b"ready\n")
             assert seen == b"ready\n", "the first chunk did not arrive while the tool ran"
             fake.gate.set()
             rest, _ = proc.communicate(timeout=20)
