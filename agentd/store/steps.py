@@ -266,4 +266,4 @@ def already_decided(record: StepRecord) -> FailedPrecondition:
     return FailedPrecondition(
         f"step {record.step} of run {record.run_id} was already decided{by}: it is "
         f"{record.state}" + (f" ({record.reason})" if record.reason else "") +
-        "; `agentctl steps RUN` shows it")
+        "; `agentctl timeline RUN` shows it")
