@@ -46,6 +46,7 @@ from agentd.policy import EffectivePolicy
 from agentd.sandbox.worker import Worker, WorkerResult
 from agentd.scheduler import barrier, channels
 from agentd.scheduler.export import Exporter
+from agentd.scheduler.gate import Phase
 from agentd.scheduler.runs import RunManager
 from agentd.scheduler.tasks import ExecRequest, TaskRunner
 from agentd.scheduler.writes import WritesCollector, channels_snapshot_fd
@@ -311,6 +312,7 @@ class StepRunner:
                        caller: Caller, listener: StepListener | None, *, requested_by: str,
                        decided_by: str = "") -> StepResult:
         """Runs a claimed step (the caller holds the run's gate and releases it after)."""
+        gate = self.runs.gates(run_id)  # the claimed gate, even if a close drops it meanwhile
         started = time.monotonic()
         result = StepResult(run_id, number, "failed", requested_by=requested_by,
                             decided_by=decided_by)
@@ -366,10 +368,13 @@ class StepRunner:
             layers = base.layers + ([layer] if layer else [])
             checkpoint = CheckpointRecord(run_id, number, layers, _dump_state(new_state),
                                           time.time())
-            gate = self.runs.gates(run_id)
             async with gate.lock:
-                # The claim kept rollbacks and other steps out; a close may have begun.
-                gate.check_open()
+                # The claim kept rollbacks and other steps out. A close that began after the
+                # step's workers had ended waits for this commit (and then drops it, with the
+                # run); one that gave up waiting has marked the run CLOSED.
+                if gate.phase is Phase.CLOSED:
+                    raise FailedPrecondition(f"run {run_id} was closed while step {number} "
+                                             "ran; nothing of it was applied")
                 result.state = "committed"
                 result.channels = channels.visible(specs, new_state)
                 result.versions = {k: v.version for k, v in new_state.items()}
