@@ -16,15 +16,19 @@ AGENTD_RACE_ROUNDS (default 1) repeats every pair that many times.
 
 from __future__ import annotations
 
+import io
 import itertools
 import os
 import random
 import shutil
 import signal
+import sqlite3
+import tarfile
 import threading
 import time
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 import grpc
@@ -378,3 +382,46 @@ def _wait(condition: Callable[[], bool], timeout: float) -> bool:
             return False
         time.sleep(0.1)
     return True
+
+
+class TestLayerHolds:
+    def test_export_keeps_its_layers_while_a_rollback_releases_them(
+            self, racer: DaemonHandle) -> None:
+        """An export still streaming when a rollback (or squash) releases its checkpoint's
+        layers completes with the whole content; the layers go once it has ended."""
+        client = racer.stub()
+        run_id = client.CreateRun(pb.CreateRunRequest(agent="approvals")).run_id
+        # Many files: the tar writer opens each as it goes, long after the first chunk.
+        reply = step(client, run_id, task(
+            "many", "mkdir d; for i in $(seq 300); do head -c 65536 /dev/zero > d/$i; done"))
+        assert reply.state == COMMITTED
+        top = Path(client.GetRun(pb.GetRunRequest(run_id=run_id)).workspace)  # step 1's layer
+        stream = client.ExportCheckpoint(pb.ExportCheckpointRequest(run_id=run_id, step=1),
+                                         timeout=60)
+        data = next(stream).data
+        client.Rollback(pb.RollbackRequest(run_id=run_id, step=0), timeout=60)
+        assert top.exists(), "the layer was deleted under a running export"
+        data += b"".join(chunk.data for chunk in stream)
+        with tarfile.open(fileobj=io.BytesIO(data), mode="r:") as tar:
+            sizes = [m.size for m in tar if m.isfile()]
+        assert sizes == [65536] * 300
+        assert _wait(lambda: not top.exists(), 30), "the released layer stayed after the export"
+        client.CloseRun(pb.CloseRunRequest(run_id=run_id), timeout=60)
+
+
+class TestListing:
+    def test_one_inconsistent_run_does_not_break_listing(self, racer: DaemonHandle) -> None:
+        """A run whose current checkpoint is missing (made so behind the daemon's back) is
+        still listed, and GetRun and ListRuns answer for every caller."""
+        client = racer.stub()
+        good = client.CreateRun(pb.CreateRunRequest(agent="approvals")).run_id
+        bad = client.CreateRun(pb.CreateRunRequest(agent="approvals")).run_id
+        with sqlite3.connect(racer.base / "state" / "state.db", timeout=30) as db:
+            db.execute("DELETE FROM checkpoints WHERE run_id = ?", (bad,))
+        listed = {r.run_id: r for r in client.ListRuns(pb.ListRunsRequest()).runs}
+        assert {good, bad} <= listed.keys()
+        assert listed[bad].workspace == ""
+        assert listed[good].workspace
+        assert client.GetRun(pb.GetRunRequest(run_id=bad)).run_id == bad
+        for run_id in (good, bad):
+            client.CloseRun(pb.CloseRunRequest(run_id=run_id), timeout=60)
