@@ -31,7 +31,7 @@ from agentd.identity import Caller
 from agentd.sandbox.worker import Worker
 from agentd.scheduler import channels
 from agentd.scheduler.agents import AgentRegistry
-from agentd.scheduler.gate import Phase, RunGates
+from agentd.scheduler.gate import Phase, RunGate, RunGates
 from agentd.store.layers import LayerStore
 from agentd.store.refs import LayerRefs
 from agentd.store.runs import RunRecord, RunStore
@@ -125,7 +125,7 @@ class RunManager:
 
     async def close_run(self, run_id: str, caller: Caller, *, keep_workspace: bool = False
                         ) -> RunRecord:
-        gate = self.gates(run_id)
+        gate = self.gate(run_id)
         async with gate.lock:
             self.check_open(run_id)
             gate.phase = Phase.CLOSING  # from here no step, approval or rollback may begin
@@ -160,7 +160,7 @@ class RunManager:
         it meanwhile), its layers are held while the fork is recorded, and the new run is
         inserted with its checkpoints in one transaction."""
         self.check_accepting()
-        gate = self.gates(run_id)
+        gate = self.gate(run_id)
         async with gate.lock:
             source = self.store.get(run_id)
             checkpoint = self.steps.checkpoint(run_id, step)
@@ -183,8 +183,15 @@ class RunManager:
         record = self.store.get(run_id)
         if record.state == "closed":
             raise FailedPrecondition(f"run {run_id} is closed; create a new run")
-        self.gates(run_id).check_open()
+        self.gate(run_id).check_open()
         return record
+
+    def gate(self, run_id: str) -> RunGate:
+        """The run's gate; NOT_FOUND for an unknown run. Only open runs keep one (so bad or
+        late run ids cannot grow the table): a closed run's is a fresh, CLOSED one."""
+        if self.store.get(run_id).state == "closed":
+            return RunGate(run_id, phase=Phase.CLOSED)
+        return self.gates(run_id)
 
     # -- workers --------------------------------------------------------------------------
 

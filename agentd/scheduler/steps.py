@@ -206,9 +206,9 @@ class StepRunner:
         """Plans the step, then claims the run under its gate (or records it pending
         approval there) and runs it; the claim is released whatever happens."""
         self.runs.check_accepting()
-        gate = self.runs.gates(run_id)
         audit = self.runs.audit
         try:
+            gate = self.runs.gate(run_id)
             gate.check_idle("retry")
             self._no_pending(run_id)
             policy, planned = await self._plan(run_id, requests, caller)
@@ -276,7 +276,7 @@ class StepRunner:
             # Checked against the policy again (it may have changed since the request).
             policy, planned = await self._plan(run_id, requests, caller)
         audit = self.runs.audit
-        gate = self.runs.gates(run_id)
+        gate = self.runs.gate(run_id)
         async with gate.lock:
             pending = self._pending(run_id, number)  # the other decision may have won
             if not approve:
@@ -312,7 +312,7 @@ class StepRunner:
                        caller: Caller, listener: StepListener | None, *, requested_by: str,
                        decided_by: str = "") -> StepResult:
         """Runs a claimed step (the caller holds the run's gate and releases it after)."""
-        gate = self.runs.gates(run_id)  # the claimed gate, even if a close drops it meanwhile
+        gate = self.runs.gate(run_id)  # the claimed gate, even if a close drops it meanwhile
         started = time.monotonic()
         result = StepResult(run_id, number, "failed", requested_by=requested_by,
                             decided_by=decided_by)
@@ -501,7 +501,7 @@ class StepRunner:
     async def rollback(self, run_id: str, number: int, caller: Caller) -> None:
         """Decided under the run's gate: refused (ABORTED) while a step holds the run, so a
         rollback that is acknowledged holds; the dropped layers go once nobody holds them."""
-        gate = self.runs.gates(run_id)
+        gate = self.runs.gate(run_id)
         async with gate.lock:
             gate.check_idle("roll back")
             run = self.runs.check_open(run_id)
