@@ -1,7 +1,8 @@
 """Races between calls on one run, against the real daemon (issue 9, item 5).
 
 Every pair of mutating RPCs (Step, Exec, Approve yes, Approve no, Rollback, Fork, CloseRun,
-ExportCheckpoint) is sent on one run from two threads at once, after random small delays;
+ExportCheckpoint) is sent on one run from two threads at once, after random small delays,
+while the background squash of the run's stack may still be running;
 after each round the run's invariants are checked from what the daemon reports:
 
 - every checkpoint's content is what its step made (the setup's are unchanged, a new one is
@@ -45,6 +46,7 @@ from tests.test_steps import (
     DISCARDED,
     PENDING,
     RM_STEP,
+    audit_records,
     export_tree,
     files,
     step,
@@ -60,13 +62,19 @@ REFUSALS = {grpc.StatusCode.ABORTED, grpc.StatusCode.FAILED_PRECONDITION,
 Files = dict[str, str | None]
 
 
+# squash_depth 3: a run's second step starts a background squash (base + 2 layers), which
+# then races whatever the round sends (export, fork, rollback, close).
+RACER_CONFIG = APPROVALS_CONFIG.replace("[daemon]\n", "[daemon]\nsquash_depth = 3\n", 1)
+
+
 @pytest.fixture(scope="module")
 def racer() -> Iterator[DaemonHandle]:
-    """A daemon of this module's own, with the approvals agent (rm waits for an approver)."""
+    """A daemon of this module's own, with the approvals agent (rm waits for an approver)
+    and shallow squashes."""
     base = daemon_base()
     (base / "policies").mkdir()
     shutil.copy(APPROVALS_POLICY, base / "policies")
-    handle = start_daemon(base, APPROVALS_CONFIG)
+    handle = start_daemon(base, RACER_CONFIG)
     try:
         yield handle
     finally:
@@ -325,6 +333,8 @@ class TestRaces:
         # Both sides of the races happened: some calls won, some were refused.
         assert any(k.endswith(":ok") for k in seen), seen
         assert any(not k.endswith(":ok") for k in seen), seen
+        events = [r["event"] for r in audit_records(racer)]
+        assert "workspace.squashed" in events, "no squash ran beside the races"
         assert racer.process.poll() is None
         assert verify(racer.base / "state" / "audit").ok
 
