@@ -18,7 +18,7 @@ class TestLayerRefs:
     def test_release_deletes_only_unreferenced_unheld_layers(self, tmp_path: Path) -> None:
         """Of the candidates, a referenced layer and a held one stay; the others go."""
         store, (a, b, c) = _store(tmp_path)
-        refs = LayerRefs(store, lambda: {a})
+        refs = LayerRefs(store, lambda candidates: {a} & set(candidates))
 
         async def main() -> list[str]:
             refs.hold([b])
@@ -30,7 +30,7 @@ class TestLayerRefs:
     def test_a_held_layer_goes_when_its_last_hold_ends(self, tmp_path: Path) -> None:
         """A released layer held twice survives the first hold's end and goes at the last."""
         store, (a, _, _) = _store(tmp_path)
-        refs = LayerRefs(store, set)
+        refs = LayerRefs(store, lambda candidates: set())
 
         async def main() -> list[bool]:
             first, second = refs.hold([a]), refs.hold([a])
@@ -50,7 +50,7 @@ class TestLayerRefs:
         it) is kept, and forgotten as an orphan."""
         store, (a, _, _) = _store(tmp_path)
         referenced: set[str] = set()
-        refs = LayerRefs(store, lambda: referenced)
+        refs = LayerRefs(store, lambda candidates: referenced & set(candidates))
 
         async def main() -> None:
             async with refs.hold([a]):

@@ -61,7 +61,7 @@ class RunManager:
         # Every transition of a run is decided under its gate (agentd/scheduler/gate.py).
         self.gates = RunGates()
         # Layers in use by readers (tasks, exports, forks, squashes): never deleted under them.
-        self.refs = LayerRefs(layers, steps.referenced_layers)
+        self.refs = LayerRefs(layers, steps.referenced_of)
         self.draining = False
 
     # -- runs ---------------------------------------------------------------------------

@@ -1,6 +1,6 @@
 """Who uses a layer right now: in-memory holds beside the checkpoints' references on disk.
 
-A layer may be deleted only when no checkpoint records it (the store's `referenced_layers`)
+A layer may be deleted only when no checkpoint records it (the store's `referenced_of`)
 *and* nobody reads it at this moment: a running task has it mounted as a lower, an export or
 a squash walks it, a fork is copying the checkpoint that names it. Those readers take a
 `hold` on their stack for as long as they use it; squash, rollback and close hand the layers
@@ -31,7 +31,8 @@ log = structlog.get_logger("agentd.layers")
 class LayerRefs:
     """Counts of in-memory holds per layer, and the one way layers are released."""
 
-    def __init__(self, layers: LayerStore, referenced: Callable[[], set[str]]) -> None:
+    def __init__(self, layers: LayerStore,
+                 referenced: Callable[[Collection[str]], set[str]]) -> None:
         self._layers = layers
         self._referenced = referenced
         self._holds: Counter[str] = Counter()
@@ -63,7 +64,7 @@ class LayerRefs:
 
     async def _collect(self) -> list[str]:
         # Decided here, on the loop thread, with no await before the orphans are claimed.
-        referenced = self._referenced()
+        referenced = self._referenced(self._orphans)
         doomed = sorted(layer for layer in self._orphans
                         if layer not in referenced and self._holds[layer] <= 0)
         self._orphans.difference_update(doomed)

@@ -15,6 +15,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
@@ -114,6 +115,13 @@ class StepStore:
         for (text,) in self._db.execute("SELECT layers FROM checkpoints"):
             layers.update(json.loads(text))
         return layers
+
+    def referenced_of(self, layers: Collection[str]) -> set[str]:
+        """Those of `layers` that a checkpoint of any run still records (a scan per layer
+        inside SQLite, cheaper than `referenced_layers` parsing every stack)."""
+        return {layer for layer in layers if self._db.execute(
+            "SELECT 1 FROM checkpoints WHERE instr(layers, ?) > 0 LIMIT 1",
+            (json.dumps(layer),)).fetchone()}
 
     def replace_layers(self, old: list[str], new: list[str]) -> int:
         """Rewrites every checkpoint whose stack starts with `old` to start with `new` instead
