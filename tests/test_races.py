@@ -357,14 +357,18 @@ class TestExportCancel:
                 20 * 1024 * 1024
             execute(client, run_id, ["/bin/true"])
             baseline = _threads(handle)
-            for _ in range(10):
+            for number in range(10):
                 stream = client.ExportCheckpoint(request, timeout=60)
                 assert next(stream).data
+                if number == 0:  # its writer waits for the client: the count below sees it
+                    assert _threads(handle, "agentd-export") == 1
                 stream.cancel()
             # Within a generous bound, not a timing threshold: before the fix they hung.
             run = client.CreateRun(pb.CreateRunRequest(agent="integration"), timeout=60)
             done = execute(client, run.run_id, ["/bin/sh", "-c", "echo ok"])
             assert done.text == "ok\n"
+            assert _wait(lambda: _threads(handle, "agentd-export") == 0, 30), (
+                "export threads are left")
             assert _wait(lambda: _threads(handle) <= baseline, 30), (
                 f"{_threads(handle)} threads, {baseline} before the exports")
             assert _export_chunks(client, run_id) > 0
@@ -381,8 +385,17 @@ def _export_chunks(client: Any, run_id: str) -> int:
         pb.ExportCheckpointRequest(run_id=run_id, step=1), timeout=60))
 
 
-def _threads(handle: DaemonHandle) -> int:
-    return len(os.listdir(f"/proc/{handle.process.pid}/task"))
+def _threads(handle: DaemonHandle, name: str = "") -> int:
+    """The daemon's threads (those with this name, if one is given)."""
+    tasks = Path(f"/proc/{handle.process.pid}/task")
+    count = 0
+    for task_dir in tasks.iterdir():
+        try:
+            comm = (task_dir / "comm").read_text().strip()
+        except OSError:
+            continue  # ended meanwhile
+        count += not name or comm == name
+    return count
 
 
 def _wait(condition: Callable[[], bool], timeout: float) -> bool:

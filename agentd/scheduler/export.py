@@ -35,6 +35,7 @@ import asyncio
 import contextlib
 import threading
 from collections.abc import AsyncGenerator, Callable
+from pathlib import Path
 from typing import BinaryIO, cast
 
 from agentd.errors import ResourceExhausted
@@ -44,6 +45,7 @@ CHUNK = 256 * 1024      # bytes per streamed message (gRPC's default limit is 4 
 WINDOW = 8              # chunks in flight between the writer and a slow consumer
 POLL_SECONDS = 0.2      # how soon a writer waiting for credit notices a cancel
 MAX_EXPORTS = 16        # writer threads at once
+THREAD = "agentd-export"
 
 
 class _Abandoned(Exception):
@@ -117,6 +119,9 @@ class Exporter:
             self.running -= 1
 
         def body() -> None:
+            # Named for the kernel too, so `top -H` and /proc show what the thread is.
+            with contextlib.suppress(OSError):
+                Path(f"/proc/self/task/{threading.get_native_id()}/comm").write_text(THREAD)
             chunker = _Chunker(deliver, credits, cancel)
             try:
                 write(cast(BinaryIO, chunker))
@@ -133,7 +138,7 @@ class Exporter:
                     loop.call_soon_threadsafe(ended)
 
         self.running += 1
-        thread = threading.Thread(target=body, name="agentd-export", daemon=True)
+        thread = threading.Thread(target=body, name=THREAD, daemon=True)
         try:
             thread.start()
         except BaseException:
