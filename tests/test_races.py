@@ -448,3 +448,23 @@ class TestListing:
         assert client.GetRun(pb.GetRunRequest(run_id=bad)).run_id == bad
         for run_id in (good, bad):
             client.CloseRun(pb.CloseRunRequest(run_id=run_id), timeout=60)
+
+
+class TestDecisions:
+    def test_a_second_decision_is_told_who_decided(self, racer: DaemonHandle) -> None:
+        """Once a pending step is rejected, an approval of it gets FAILED_PRECONDITION naming
+        the rejecter, and nothing of the step runs."""
+        client = racer.stub()
+        run_id = client.CreateRun(pb.CreateRunRequest(agent="approvals",
+                                                      channels=CHANNELS)).run_id
+        assert step(client, run_id, *RM_STEP).state == PENDING
+        rejected = racer.stub("admin").Approve(pb.ApproveRequest(
+            run_id=run_id, step=1, approve=False, reason="no"), timeout=60)
+        assert rejected.state == DISCARDED
+        with pytest.raises(grpc.RpcError) as late:
+            racer.stub("approver").Approve(pb.ApproveRequest(
+                run_id=run_id, step=1, approve=True, reason="yes"), timeout=60)
+        assert late.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert f"already decided by {rejected.decided_by}" in (late.value.details() or "")
+        assert client.GetRun(pb.GetRunRequest(run_id=run_id)).step == 0
+        client.CloseRun(pb.CloseRunRequest(run_id=run_id), timeout=60)
