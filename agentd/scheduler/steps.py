@@ -375,20 +375,20 @@ class StepRunner:
                 if gate.phase is Phase.CLOSED:
                     raise FailedPrecondition(f"run {run_id} was closed while step {number} "
                                              "ran; nothing of it was applied")
-                result.state = "committed"
+                result.state = "committed"  # as the stored reply says, if the commit lands
                 result.channels = channels.visible(specs, new_state)
                 result.versions = {k: v.version for k, v in new_state.items()}
-                await self.runs.audit.append("step.committing", actor=caller.actor(),
-                                             run_id=run_id, details={
-                                                 "step": number, "layer": layer,
-                                                 "changed_channels": sorted(changed),
-                                                 "tasks": [r.to_json() for r in reports]})
                 result.tasks = reports
-                result.wall_seconds = time.monotonic() - started
                 try:
+                    await self.runs.audit.append("step.committing", actor=caller.actor(),
+                                                 run_id=run_id, details={
+                                                     "step": number, "layer": layer,
+                                                     "changed_channels": sorted(changed),
+                                                     "tasks": [r.to_json() for r in reports]})
+                    result.wall_seconds = time.monotonic() - started
                     self.steps.commit(attempt, checkpoint, result.to_json())
                 except BaseException:
-                    result.state = "failed"
+                    result.state = "failed"  # the finally below records it so
                     raise
             layer = None  # a checkpoint records it now
             await self.runs.audit.sign_tree_head()
