@@ -8,6 +8,7 @@ to statuses by the interceptor; no business logic lives here.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 from collections.abc import AsyncIterator, Awaitable, Callable
 from typing import Any
 
@@ -119,28 +120,10 @@ class AgentdServicer(agentd_pb2_grpc.AgentdServicer):
 
     async def ExportCheckpoint(self, request: pb.ExportCheckpointRequest, context: Any
                                ) -> AsyncIterator[pb.ExportChunk]:
-        queue: asyncio.Queue[bytes | None] = asyncio.Queue(STREAM_BUFFER)
-        loop = asyncio.get_running_loop()
-
-        def sink(data: bytes) -> None:  # called from the exporting thread
-            asyncio.run_coroutine_threadsafe(queue.put(data), loop).result()
-
-        async def export() -> None:
-            try:
-                await self.steps.export(_run_id(request.run_id), request.step,
-                                        current_caller.get(), sink)
-            finally:
-                await queue.put(None)
-
-        task = loop.create_task(export())
-        try:
-            while (chunk := await queue.get()) is not None:
+        chunks = self.steps.export(_run_id(request.run_id), request.step, current_caller.get())
+        async with contextlib.aclosing(chunks):  # a client gone stops the writer's thread
+            async for chunk in chunks:
                 yield pb.ExportChunk(data=chunk)
-            await task
-        finally:
-            if not task.done():
-                task.cancel()
-                await asyncio.gather(task, return_exceptions=True)
 
 
 async def _stream_step(start: Callable[[StepListener], Awaitable[StepResult]]

@@ -10,6 +10,7 @@ acknowledged.
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import dataclasses
 import json
 import secrets
@@ -19,16 +20,27 @@ from collections.abc import Sequence
 import structlog
 
 from agentd.audit import AuditLog
-from agentd.errors import FailedPrecondition, InvalidArgument, ResourceExhausted, Unavailable
+from agentd.errors import (
+    FailedPrecondition,
+    InvalidArgument,
+    NotFound,
+    ResourceExhausted,
+    Unavailable,
+)
 from agentd.identity import Caller
 from agentd.sandbox.worker import Worker
 from agentd.scheduler import channels
 from agentd.scheduler.agents import AgentRegistry
+from agentd.scheduler.gate import Phase, RunGate, RunGates
 from agentd.store.layers import LayerStore
+from agentd.store.refs import LayerRefs
 from agentd.store.runs import RunRecord, RunStore
 from agentd.store.steps import CheckpointRecord, StepStore
 
 log = structlog.get_logger("agentd.runs")
+
+# How long CloseRun waits for a step of the run to end once its workers are killed.
+CLOSE_WAIT_SECONDS = 30.0
 
 
 class RunManager:
@@ -46,10 +58,10 @@ class RunManager:
         self._gid = worker_gid
         self._max_workers = max_workers
         self._workers: dict[str, dict[str, Worker]] = {}  # run_id -> task_id -> worker
-        # Runs between the start and the end of CloseRun: no new work may enter them.
-        self._closing: set[str] = set()
-        # Runs with a step between its plan and its commit (kept by the StepRunner).
-        self.steps_in_flight: set[str] = set()
+        # Every transition of a run is decided under its gate (agentd/scheduler/gate.py).
+        self.gates = RunGates()
+        # Layers in use by readers (tasks, exports, forks, squashes): never deleted under them.
+        self.refs = LayerRefs(layers, steps.referenced_of)
         self.draining = False
 
     # -- runs ---------------------------------------------------------------------------
@@ -88,10 +100,21 @@ class RunManager:
         return self.get_run(run_id)
 
     def get_run(self, run_id: str) -> RunRecord:
-        """The run, with `workspace` the top layer of its current checkpoint (read-only)."""
+        """The run, with `workspace` the top layer of its current checkpoint (read-only).
+
+        A run whose current checkpoint is missing (an inconsistency: it should not happen) is
+        returned with `problem` saying so rather than raising, so that one bad run never
+        breaks a listing."""
         record = self.store.get(run_id)
         if record.state == "open" or record.workspace:
-            checkpoint = self.steps.checkpoint(run_id, record.step)
+            try:
+                checkpoint = self.steps.checkpoint(run_id, record.step)
+            except NotFound:
+                log.warning("run.checkpoint_missing", run_id=run_id, step=record.step)
+                return dataclasses.replace(
+                    record, workspace="",
+                    problem=f"its checkpoint at step {record.step} is missing; roll it back "
+                            "to a checkpoint that exists, or close it")
             record = dataclasses.replace(
                 record, workspace=str(self.layers.path(checkpoint.layers[-1])))
         return record
@@ -102,49 +125,56 @@ class RunManager:
 
     async def close_run(self, run_id: str, caller: Caller, *, keep_workspace: bool = False
                         ) -> RunRecord:
-        self.check_open(run_id)
-        self._closing.add(run_id)
+        gate = self.gate(run_id)
+        async with gate.lock:
+            self.check_open(run_id)
+            gate.phase = Phase.CLOSING  # from here no step, approval or rollback may begin
         try:
             killed = await self.stop_workers(run_id, "cancelled")
-            # A step past its workers may be committing: let it end (committed or failed)
-            # before the run's checkpoints go, so no commit lands on a closed run.
-            deadline = time.monotonic() + 30
-            while run_id in self.steps_in_flight and time.monotonic() < deadline:
-                await asyncio.sleep(0.02)
-            await self.audit.append("run.closed", actor=caller.actor(), run_id=run_id,
-                                    details={"kept_workspace": keep_workspace,
-                                             "killed_tasks": killed})
-            self.store.close_run(run_id, workspace="kept" if keep_workspace else "")
-            if not keep_workspace:
-                dropped = self.steps.drop_run(run_id)
-                await asyncio.to_thread(self.release_layers, dropped)
+            # A step past its workers may be at its barrier: let it end (its commit sees
+            # CLOSING under the gate and fails) before the run's checkpoints go. Its layers
+            # are held, so even a step that outlives the wait reads nothing deleted.
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(gate.idle.wait(), timeout=CLOSE_WAIT_SECONDS)
+            async with gate.lock:
+                await self.audit.append("run.closed", actor=caller.actor(), run_id=run_id,
+                                        details={"kept_workspace": keep_workspace,
+                                                 "killed_tasks": killed})
+                self.store.close_run(run_id, workspace="kept" if keep_workspace else "")
+                dropped = [] if keep_workspace else self.steps.drop_run(run_id)
+                gate.phase = Phase.CLOSED
+            await self.refs.release(dropped)
             await self.audit.sign_tree_head()
             log.info("run.closed", run_id=run_id, kept_workspace=keep_workspace, killed=killed)
             return self.get_run(run_id)
         finally:
-            self._closing.discard(run_id)
-
-    def release_layers(self, candidates: Sequence[str]) -> None:
-        """Deletes the layers no checkpoint of any run (forks included) refers to any more."""
-        referenced = self.steps.referenced_layers()
-        for layer in candidates:
-            if layer not in referenced:
-                self.layers.delete(layer)
+            if gate.phase is Phase.CLOSING:
+                gate.phase = Phase.OPEN  # the close failed (e.g. audit log down): still open
+            else:
+                self.gates.forget(run_id)
 
     async def fork(self, run_id: str, step: int, caller: Caller, label: str = "") -> RunRecord:
-        """A new run of the same agent sharing the checkpoint's layers: O(1) in their size."""
+        """A new run of the same agent sharing the checkpoint's layers: O(1) in their size.
+
+        The source's checkpoint is read under the source's gate (no rollback or close moves
+        it meanwhile), its layers are held while the fork is recorded, and the new run is
+        inserted with its checkpoints in one transaction."""
         self.check_accepting()
-        source = self.store.get(run_id)
-        checkpoint = self.steps.checkpoint(run_id, step)
-        new_id = "r-" + secrets.token_hex(6)
-        record = dataclasses.replace(
-            source, run_id=new_id, state="open", created_at=time.time(), closed_at=None,
-            workspace="", created_by=str(caller), label=label, execs=0, step=step,
-            forked_from=run_id, forked_at=step)
-        await self.audit.append("run.forked", actor=caller.actor(), run_id=new_id, details={
-            "from_run": run_id, "at_step": step, "layers": checkpoint.layers,
-            "label (caller-supplied)": label})
-        self.steps.fork(checkpoint, record)
+        gate = self.gate(run_id)
+        async with gate.lock:
+            source = self.store.get(run_id)
+            checkpoint = self.steps.checkpoint(run_id, step)
+            async with self.refs.hold(checkpoint.layers):
+                new_id = "r-" + secrets.token_hex(6)
+                record = dataclasses.replace(
+                    source, run_id=new_id, state="open", created_at=time.time(),
+                    closed_at=None, workspace="", created_by=str(caller), label=label, execs=0,
+                    step=step, forked_from=run_id, forked_at=step)
+                await self.audit.append("run.forked", actor=caller.actor(), run_id=new_id,
+                                        details={"from_run": run_id, "at_step": step,
+                                                 "layers": checkpoint.layers,
+                                                 "label (caller-supplied)": label})
+                self.steps.fork(checkpoint, record)
         await self.audit.sign_tree_head()
         return self.get_run(new_id)
 
@@ -153,9 +183,15 @@ class RunManager:
         record = self.store.get(run_id)
         if record.state == "closed":
             raise FailedPrecondition(f"run {run_id} is closed; create a new run")
-        if run_id in self._closing:
-            raise FailedPrecondition(f"run {run_id} is being closed; create a new run")
+        self.gate(run_id).check_open()
         return record
+
+    def gate(self, run_id: str) -> RunGate:
+        """The run's gate; NOT_FOUND for an unknown run. Only open runs keep one (so bad or
+        late run ids cannot grow the table): a closed run's is a fresh, CLOSED one."""
+        if self.store.get(run_id).state == "closed":
+            return RunGate(run_id, phase=Phase.CLOSED)
+        return self.gates(run_id)
 
     # -- workers --------------------------------------------------------------------------
 

@@ -12,21 +12,24 @@ The loop follows LangGraph's Pregel loop, applied to side effects on a host:
    values and versions) and the run's pointer change in one SQLite transaction, after the
    step's audit record is durable. Only then is the step reported committed.
 
-One writer per run: a second Step on a run whose step is still running gets ABORTED at once
-(rather than queueing behind it), so a client always knows which state its step ran on.
+One writer per run: a step claims its run under the run's gate (agentd/scheduler/gate.py)
+between its plan and its commit; a second Step, an approval or a rollback on a run whose step
+is still running gets ABORTED at once (rather than queueing behind it), so a client always
+knows which state its call acted on.
 """
 
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import functools
 import json
 import os
 import secrets
 import time
-from collections.abc import Awaitable, Callable, Sequence
+from collections.abc import AsyncGenerator, Awaitable, Callable, Sequence
 from dataclasses import dataclass, field, replace
-from typing import Any, BinaryIO, cast
+from typing import Any
 
 import structlog
 
@@ -35,17 +38,21 @@ from agentd.errors import (
     AgentdError,
     FailedPrecondition,
     InvalidArgument,
+    NotFound,
     PermissionDenied,
 )
 from agentd.identity import SYSTEM, Caller
 from agentd.policy import EffectivePolicy
 from agentd.sandbox.worker import Worker, WorkerResult
 from agentd.scheduler import barrier, channels
+from agentd.scheduler.export import Exporter
+from agentd.scheduler.gate import Phase
 from agentd.scheduler.runs import RunManager
 from agentd.scheduler.tasks import ExecRequest, TaskRunner
 from agentd.scheduler.writes import WritesCollector, channels_snapshot_fd
 from agentd.store.layers import Change, LayerStore, Upper
-from agentd.store.steps import CheckpointRecord, StepStore
+from agentd.store.refs import Hold
+from agentd.store.steps import CheckpointRecord, StepRecord, StepStore, already_decided
 
 log = structlog.get_logger("agentd.steps")
 
@@ -162,10 +169,7 @@ class StepRunner:
         self.steps = steps
         self.layers = layers
         self.squash_depth = squash_depth
-        self._active = runs.steps_in_flight  # shared: CloseRun waits for these
-        # Layers a squash replaced: deleted once no step runs (a running task may have them
-        # mounted as lowers).
-        self._to_release: set[str] = set()
+        self.exports = Exporter()
         self._background: set[asyncio.Task[None]] = set()
 
     # -- planning ---------------------------------------------------------------------------
@@ -199,35 +203,47 @@ class StepRunner:
 
     async def step(self, run_id: str, requests: Sequence[TaskRequest], caller: Caller,
                    listener: StepListener | None = None) -> StepResult:
+        """Plans the step, then claims the run under its gate (or records it pending
+        approval there) and runs it; the claim is released whatever happens."""
         self.runs.check_accepting()
-        if run_id in self._active:
-            raise Aborted(f"another step is running on run {run_id}; one writer per run: retry "
-                          "when it has ended")
         audit = self.runs.audit
         try:
+            gate = self.runs.gate(run_id)
+            gate.check_idle("retry")
             self._no_pending(run_id)
             policy, planned = await self._plan(run_id, requests, caller)
+        except Aborted:
+            raise
         except AgentdError as exc:
             await audit.append("step.refused", actor=caller.actor(), run_id=run_id, details={
                 "tasks": [t.name for t in requests][:MAX_TASKS], "error": exc.code,
                 "reason": exc.message, "rule": getattr(exc, "rule", None)})
             raise
-        run = self.runs.get_run(run_id)
-        number = run.step + 1
         request = {"tasks": [t.to_json() for t in requests]}
         triggers = approval_triggers(policy, [exe for _, exe in planned])
-        if triggers:
-            self.steps.begin(run_id, number, "pending_approval", request, str(caller))
-            reason = (f"needs approval ({', '.join(triggers)}; rule: "
-                      f"{policy.rule('approval.required_for')})")
-            await audit.append("step.pending_approval", actor=caller.actor(), run_id=run_id,
-                               details={"step": number, "triggers": triggers,
-                                        "tasks": [t.name for t in requests]})
-            return StepResult(run_id, number, "pending_approval", reason=reason,
-                              requested_by=str(caller))
-        attempt = self.steps.begin(run_id, number, "running", request, str(caller))
-        return await self._execute(run_id, number, attempt, planned, policy, caller, listener,
-                                   requested_by=str(caller))
+        async with gate.lock:
+            # Decided again under the gate: the plan above awaited, the run may have moved.
+            gate.check_idle("retry")
+            run = self.runs.check_open(run_id)
+            self._no_pending(run_id)
+            number = run.step + 1
+            if triggers:
+                self.steps.begin(run_id, number, "pending_approval", request, str(caller))
+                reason = (f"needs approval ({', '.join(triggers)}; rule: "
+                          f"{policy.rule('approval.required_for')})")
+                await audit.append("step.pending_approval", actor=caller.actor(),
+                                   run_id=run_id, details={
+                                       "step": number, "triggers": triggers,
+                                       "tasks": [t.name for t in requests]})
+                return StepResult(run_id, number, "pending_approval", reason=reason,
+                                  requested_by=str(caller))
+            gate.claim(f"step {number}")
+        try:
+            attempt = self.steps.begin(run_id, number, "running", request, str(caller))
+            return await self._execute(run_id, number, attempt, planned, policy, caller,
+                                       listener, requested_by=str(caller))
+        finally:
+            gate.release()
 
     def _no_pending(self, run_id: str) -> None:
         pending = self.steps.first_pending(run_id)
@@ -236,34 +252,58 @@ class StepRunner:
                 f"step {pending.step} of run {run_id} waits for approval; approve or reject "
                 "it first (`agentctl approve`)")
 
+    def _pending(self, run_id: str, number: int) -> StepRecord:
+        """The attempt at step `number` waiting for a decision; NOT_FOUND if there is none,
+        FAILED_PRECONDITION naming the decider if it was decided already."""
+        latest = self.steps.latest(run_id, number)
+        if latest is not None and latest.state == "pending_approval":
+            return latest
+        if latest is not None and latest.decided_by:
+            raise already_decided(latest)
+        raise NotFound(f"run {run_id} has no step {number} waiting for approval")
+
     async def approve(self, run_id: str, number: int, approve: bool, reason: str,
                       caller: Caller, listener: StepListener | None = None) -> StepResult:
-        pending = self.steps.pending(run_id, number)
+        """Exactly one decision wins: the pending attempt moves to running or discarded
+        under the run's gate; a later decision gets FAILED_PRECONDITION naming the winner."""
+        pending = self._pending(run_id, number)
         if pending.requested_by == str(caller):
             raise PermissionDenied("the requester of a step cannot approve it; another approver "
                                    "must decide", rule="approvals: requester != approver")
-        audit = self.runs.audit
-        await audit.append("step.approval", actor=caller.actor(), run_id=run_id, details={
-            "step": number, "approved": approve, "reason": reason})
-        if not approve:
-            self.steps.finish(pending.attempt, "discarded", reply={}, reason=reason or "rejected",
-                              decided_by=str(caller))
-            return StepResult(run_id, number, "discarded", reason=reason or "rejected",
-                              requested_by=pending.requested_by, decided_by=str(caller))
-        if run_id in self._active:
-            raise Aborted(f"another step is running on run {run_id}; retry the approval later")
-        run = self.runs.check_open(run_id)
-        if run.step + 1 != number:
-            self.steps.finish(pending.attempt, "discarded", reply={},
-                              reason="the run moved on before approval", decided_by=str(caller))
-            raise FailedPrecondition(f"run {run_id} is no longer at step {number - 1}; the "
-                                     "pending step was discarded, submit it again")
         requests = [TaskRequest.from_json(t) for t in pending.request["tasks"]]
-        policy, planned = await self._plan(run_id, requests, caller)
-        self.steps.set_state(pending.attempt, "running", decided_by=str(caller))
-        return await self._execute(run_id, number, pending.attempt, planned, policy, caller,
-                                   listener, requested_by=pending.requested_by,
-                                   decided_by=str(caller))
+        planned: list[tuple[TaskRequest, str]] = []
+        if approve:
+            # Checked against the policy again (it may have changed since the request).
+            policy, planned = await self._plan(run_id, requests, caller)
+        audit = self.runs.audit
+        gate = self.runs.gate(run_id)
+        async with gate.lock:
+            pending = self._pending(run_id, number)  # the other decision may have won
+            if not approve:
+                await audit.append("step.approval", actor=caller.actor(), run_id=run_id,
+                                   details={"step": number, "approved": False,
+                                            "reason": reason})
+                self.steps.decide(pending.attempt, "discarded", decided_by=str(caller),
+                                  reason=reason or "rejected")
+                return StepResult(run_id, number, "discarded", reason=reason or "rejected",
+                                  requested_by=pending.requested_by, decided_by=str(caller))
+            gate.check_idle("retry the approval")
+            run = self.runs.check_open(run_id)
+            await audit.append("step.approval", actor=caller.actor(), run_id=run_id,
+                               details={"step": number, "approved": True, "reason": reason})
+            if run.step + 1 != number:
+                self.steps.decide(pending.attempt, "discarded", decided_by=str(caller),
+                                  reason="the run moved on before approval")
+                raise FailedPrecondition(f"run {run_id} is no longer at step {number - 1}; "
+                                         "the pending step was discarded, submit it again")
+            self.steps.decide(pending.attempt, "running", decided_by=str(caller))
+            gate.claim(f"step {number}")
+        try:
+            return await self._execute(run_id, number, pending.attempt, planned, policy,
+                                       caller, listener, requested_by=pending.requested_by,
+                                       decided_by=str(caller))
+        finally:
+            gate.release()
 
     # -- execution and barrier ---------------------------------------------------------------
 
@@ -271,13 +311,17 @@ class StepRunner:
                        planned: list[tuple[TaskRequest, str]], policy: EffectivePolicy,
                        caller: Caller, listener: StepListener | None, *, requested_by: str,
                        decided_by: str = "") -> StepResult:
-        self._active.add(run_id)
+        """Runs a claimed step (the caller holds the run's gate and releases it after)."""
+        gate = self.runs.gate(run_id)  # the claimed gate, even if a close drops it meanwhile
         started = time.monotonic()
         result = StepResult(run_id, number, "failed", requested_by=requested_by,
                             decided_by=decided_by)
         reports: list[TaskReport] = []
+        hold: Hold | None = None
+        layer: str | None = None
         try:
             base = self.steps.checkpoint(run_id, number - 1)
+            hold = self.runs.refs.hold(base.layers)  # mounted as lowers until the end
             specs = channels.declare([channels.ChannelSpec(**c) for c in
                                       json.loads(self.runs.get_run(run_id).channels)])
             state = _load_state(base.channels)
@@ -324,22 +368,32 @@ class StepRunner:
             layers = base.layers + ([layer] if layer else [])
             checkpoint = CheckpointRecord(run_id, number, layers, _dump_state(new_state),
                                           time.time())
-            result.state = "committed"
-            result.channels = channels.visible(specs, new_state)
-            result.versions = {k: v.version for k, v in new_state.items()}
-            await self.runs.audit.append("step.committing", actor=caller.actor(),
-                                         run_id=run_id, details={
-                                             "step": number, "layer": layer,
-                                             "changed_channels": sorted(changed),
-                                             "tasks": [r.to_json() for r in reports]})
-            result.tasks = reports
-            result.wall_seconds = time.monotonic() - started
-            self.steps.commit(attempt, checkpoint, result.to_json())
+            async with gate.lock:
+                # The claim kept rollbacks and other steps out. A close that began after the
+                # step's workers had ended waits for this commit (and then drops it, with the
+                # run); one that gave up waiting has marked the run CLOSED.
+                if gate.phase is Phase.CLOSED:
+                    raise FailedPrecondition(f"run {run_id} was closed while step {number} "
+                                             "ran; nothing of it was applied")
+                result.state = "committed"  # as the stored reply says, if the commit lands
+                result.channels = channels.visible(specs, new_state)
+                result.versions = {k: v.version for k, v in new_state.items()}
+                result.tasks = reports
+                try:
+                    await self.runs.audit.append("step.committing", actor=caller.actor(),
+                                                 run_id=run_id, details={
+                                                     "step": number, "layer": layer,
+                                                     "changed_channels": sorted(changed),
+                                                     "tasks": [r.to_json() for r in reports]})
+                    result.wall_seconds = time.monotonic() - started
+                    self.steps.commit(attempt, checkpoint, result.to_json())
+                except BaseException:
+                    result.state = "failed"  # the finally below records it so
+                    raise
+            layer = None  # a checkpoint records it now
             await self.runs.audit.sign_tree_head()
             if len(layers) >= self.squash_depth:
-                squash = asyncio.get_running_loop().create_task(self._squash(run_id, layers))
-                self._background.add(squash)
-                squash.add_done_callback(self._background.discard)
+                self._start_squash(run_id, layers)
             return result
         finally:
             result.tasks = reports
@@ -357,31 +411,36 @@ class StepRunner:
                 # held, nor the uppers stay behind.
                 for report in reports:
                     self.layers.remove_upper(report.task_id)
-                self._active.discard(run_id)
-                self._release_if_idle()
+                if hold is not None:
+                    await hold.release()
+                if layer is not None:  # committed to disk but recorded by no checkpoint
+                    await self.runs.refs.release([layer])
 
-    async def _squash(self, run_id: str, stack: list[str]) -> None:
+    def _start_squash(self, run_id: str, stack: list[str]) -> None:
+        hold = self.runs.refs.hold(stack)  # read by the squash: no release deletes them
+        squash = asyncio.get_running_loop().create_task(self._squash(run_id, stack, hold))
+        self._background.add(squash)
+        squash.add_done_callback(self._background.discard)
+
+    async def _squash(self, run_id: str, stack: list[str], hold: Hold) -> None:
         """Merges a deep stack into one layer, in the background; every checkpoint built on
         that stack then starts from the merged layer: same content, fewer lowers to mount
-        (overlayfs stacks at most 500)."""
-        try:
-            merged = await asyncio.to_thread(self.layers.squash, stack)
-            rewritten = self.steps.replace_layers(stack, [merged])
-            await self.runs.audit.append("workspace.squashed", actor=SYSTEM.actor(),
-                                         run_id=run_id, details={
-                                             "layers": len(stack), "into": merged,
-                                             "checkpoints_rewritten": rewritten})
-            log.info("workspace.squashed", run_id=run_id, layers=len(stack), into=merged)
-            self._to_release.update(stack)
-            self._release_if_idle()
-        except (AgentdError, OSError):
-            # The stack stays as it was: correct, only deeper. The next commit tries again.
-            log.exception("workspace.squash_failed", run_id=run_id)
-
-    def _release_if_idle(self) -> None:
-        if self._to_release and not self._active:
-            released, self._to_release = self._to_release, set()
-            self.runs.release_layers(sorted(released))
+        (overlayfs stacks at most 500). The old layers are released once nobody (a running
+        task, an export) holds them."""
+        async with hold:
+            try:
+                merged = await asyncio.to_thread(self.layers.squash, stack)
+                rewritten = self.steps.replace_layers(stack, [merged])
+                await self.runs.audit.append("workspace.squashed", actor=SYSTEM.actor(),
+                                             run_id=run_id, details={
+                                                 "layers": len(stack), "into": merged,
+                                                 "checkpoints_rewritten": rewritten})
+                log.info("workspace.squashed", run_id=run_id, layers=len(stack), into=merged)
+            except (AgentdError, OSError):
+                # The stack stays as it was: correct, only deeper. The next commit tries again.
+                log.exception("workspace.squash_failed", run_id=run_id)
+                return
+        await self.runs.refs.release([*stack, merged])  # merged: if no checkpoint took it
 
     async def _run_task(self, run_id: str, report: TaskReport, task: TaskRequest,
                         executable: str, layers: list[str], policy: EffectivePolicy,
@@ -440,28 +499,41 @@ class StepRunner:
     # -- checkpoints -------------------------------------------------------------------------
 
     async def rollback(self, run_id: str, number: int, caller: Caller) -> None:
-        self.runs.check_open(run_id)
-        if run_id in self._active:
-            raise Aborted(f"a step is running on run {run_id}; roll back when it has ended")
-        run = self.runs.get_run(run_id)
-        if number > run.step:
-            raise FailedPrecondition(f"run {run_id} is at step {run.step}; it cannot roll "
-                                     f"forward to {number}")
-        self.steps.checkpoint(run_id, number)  # NOT_FOUND if it does not exist
-        await self.runs.audit.append("run.rolled_back", actor=caller.actor(), run_id=run_id,
-                                     details={"from_step": run.step, "to_step": number})
-        dropped = self.steps.rollback(run_id, number)
+        """Decided under the run's gate: refused (ABORTED) while a step holds the run, so a
+        rollback that is acknowledged holds; the dropped layers go once nobody holds them."""
+        gate = self.runs.gate(run_id)
+        async with gate.lock:
+            gate.check_idle("roll back")
+            run = self.runs.check_open(run_id)
+            if number > run.step:
+                raise FailedPrecondition(f"run {run_id} is at step {run.step}; it cannot roll "
+                                         f"forward to {number}")
+            self.steps.checkpoint(run_id, number)  # NOT_FOUND if it does not exist
+            await self.runs.audit.append("run.rolled_back", actor=caller.actor(),
+                                         run_id=run_id,
+                                         details={"from_step": run.step, "to_step": number})
+            dropped = self.steps.rollback(run_id, number)
         await self.runs.audit.sign_tree_head()
-        self._to_release.update(dropped)  # those no other checkpoint (a fork's) still uses
-        self._release_if_idle()
+        await self.runs.refs.release(dropped)  # those no other checkpoint (a fork's) uses
 
-    async def export(self, run_id: str, number: int, caller: Caller, sink: Callable[[bytes], None]
-                     ) -> None:
+    async def export(self, run_id: str, number: int, caller: Caller
+                     ) -> AsyncGenerator[bytes, None]:
+        """The checkpoint as a tarball, chunk by chunk; its layers are held until the tar
+        writer's thread has stopped, and a consumer that goes away stops that thread."""
         checkpoint = self.steps.checkpoint(run_id, number)
-        await self.runs.audit.append("checkpoint.exported", actor=caller.actor(), run_id=run_id,
-                                     details={"step": number, "layers": len(checkpoint.layers)})
-        await asyncio.to_thread(self.layers.export_tar, checkpoint.layers,
-                                cast(BinaryIO, _SinkFile(sink)))
+        hold = self.runs.refs.hold(checkpoint.layers)  # no await since the read
+        try:
+            await self.runs.audit.append("checkpoint.exported", actor=caller.actor(),
+                                         run_id=run_id, details={
+                                             "step": number, "layers": len(checkpoint.layers)})
+        except BaseException:
+            await hold.release()
+            raise
+        layers = checkpoint.layers
+        async with contextlib.aclosing(self.exports.stream(
+                lambda out: self.layers.export_tar(layers, out), hold)) as chunks:
+            async for chunk in chunks:
+                yield chunk
 
 def recover_steps(steps: StepStore, layers: LayerStore) -> dict[str, Any]:
     """At start-up, after a crash: steps that were running are marked interrupted (nothing of
@@ -474,20 +546,6 @@ def recover_steps(steps: StepStore, layers: LayerStore) -> dict[str, Any]:
         interrupted.append({"run_id": attempt.run_id, "step": attempt.step})
     removed = layers.gc(steps.referenced_layers(), keep_uppers=())
     return {"interrupted_steps": interrupted, "removed": len(removed)}
-
-
-class _SinkFile:
-    """A write-only file object over a callback, for tarfile's stream mode."""
-
-    def __init__(self, sink: Callable[[bytes], None]) -> None:
-        self._sink = sink
-
-    def write(self, data: bytes) -> int:
-        self._sink(bytes(data))
-        return len(data)
-
-    def flush(self) -> None:
-        return None
 
 
 def _task_failure(task: TaskRequest, result: WorkerResult | None,

@@ -54,6 +54,7 @@ class RunRecord:
     channels: str = "[]"  # JSON list of channel declarations
     forked_from: str = ""
     forked_at: int = 0
+    problem: str = ""  # not stored: why the run is inconsistent, if it is (see get_run)
 
 
 class RunStore:

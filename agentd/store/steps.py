@@ -15,10 +15,11 @@ from __future__ import annotations
 import json
 import sqlite3
 import time
+from collections.abc import Collection
 from dataclasses import dataclass
 from typing import Any
 
-from agentd.errors import NotFound
+from agentd.errors import Aborted, FailedPrecondition, NotFound
 from agentd.store.runs import RunRecord, RunStore
 
 SCHEMA = """
@@ -115,6 +116,13 @@ class StepStore:
             layers.update(json.loads(text))
         return layers
 
+    def referenced_of(self, layers: Collection[str]) -> set[str]:
+        """Those of `layers` that a checkpoint of any run still records (a scan per layer
+        inside SQLite, cheaper than `referenced_layers` parsing every stack)."""
+        return {layer for layer in layers if self._db.execute(
+            "SELECT 1 FROM checkpoints WHERE instr(layers, ?) > 0 LIMIT 1",
+            (json.dumps(layer),)).fetchone()}
+
     def replace_layers(self, old: list[str], new: list[str]) -> int:
         """Rewrites every checkpoint whose stack starts with `old` to start with `new` instead
         (a squash: same content, fewer layers). Returns how many were rewritten."""
@@ -148,18 +156,45 @@ class StepStore:
             " decided_by = COALESCE(?, decided_by) WHERE attempt = ?",
             (state, json.dumps(reply), reason, time.time(), decided_by, attempt))
 
-    def set_state(self, attempt: int, state: str, decided_by: str = "") -> None:
-        self._db.execute("UPDATE steps SET state = ?, decided_by = ? WHERE attempt = ?",
-                         (state, decided_by, attempt))
+    def decide(self, attempt: int, state: str, *, decided_by: str, reason: str = "") -> None:
+        """Moves a pending attempt to `state` (running or discarded), only if it is still
+        pending: the backstop for two decisions on one step (the run's gate decides first).
+        FAILED_PRECONDITION, naming who decided, if another decision won."""
+        finished = None if state == "running" else time.time()
+        cursor = self._db.execute(
+            "UPDATE steps SET state = ?, decided_by = ?, reason = ?, finished_at = ?"
+            " WHERE attempt = ? AND state = 'pending_approval'",
+            (state, decided_by, reason, finished, attempt))
+        if cursor.rowcount != 1:
+            raise already_decided(self.attempt(attempt))
 
     def commit(self, attempt: int, checkpoint: CheckpointRecord, reply: dict[str, Any]) -> None:
-        """The step's checkpoint, the run's pointer and the attempt's state, atomically."""
+        """The step's checkpoint, the run's pointer and the attempt's state, atomically; only
+        if the run is open and still at the step below (compare-and-set), else ABORTED and
+        nothing changes."""
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
+            moved = self._db.execute(
+                "UPDATE runs SET step = ? WHERE run_id = ? AND step = ? AND state = 'open'",
+                (checkpoint.step, checkpoint.run_id, checkpoint.step - 1)).rowcount
+            if moved != 1:
+                raise Aborted(f"run {checkpoint.run_id} moved or closed while step "
+                              f"{checkpoint.step} ran; nothing of it was applied")
             self.add_checkpoint(checkpoint)
-            self._db.execute("UPDATE runs SET step = ? WHERE run_id = ?",
-                             (checkpoint.step, checkpoint.run_id))
             self.finish(attempt, "committed", reply=reply)
+
+    def attempt(self, attempt: int) -> StepRecord:
+        row = self._db.execute("SELECT * FROM steps WHERE attempt = ?", (attempt,)).fetchone()
+        if row is None:
+            raise NotFound(f"no step attempt {attempt}")
+        return _step(row)
+
+    def latest(self, run_id: str, step: int) -> StepRecord | None:
+        """The last attempt at step `step` of the run, whatever its state."""
+        row = self._db.execute(
+            "SELECT * FROM steps WHERE run_id = ? AND step = ? ORDER BY attempt DESC LIMIT 1",
+            (run_id, step)).fetchone()
+        return None if row is None else _step(row)
 
     def attempts(self, run_id: str) -> list[StepRecord]:
         rows = self._db.execute("SELECT * FROM steps WHERE run_id = ? ORDER BY attempt",
@@ -186,9 +221,11 @@ class StepStore:
         return [_step(r) for r in rows]
 
     def rollback(self, run_id: str, step: int) -> list[str]:
-        """Drops checkpoints after `step` and points the run at it; returns dropped layers."""
+        """Drops checkpoints after `step` and points the run at it; returns dropped layers.
+        NOT_FOUND, with nothing changed, if the run has no checkpoint at `step`."""
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
+            self.checkpoint(run_id, step)
             later = self._db.execute(
                 "SELECT layers FROM checkpoints WHERE run_id = ? AND step > ?",
                 (run_id, step)).fetchall()
@@ -215,6 +252,7 @@ class StepStore:
         """A new run whose checkpoints 0..step are the source's, sharing their layers."""
         with self._db:
             self._db.execute("BEGIN IMMEDIATE")
+            self.checkpoint(source.run_id, source.step)  # still there: else nothing is made
             RunStore.insert(self._db, run)
             for cp in self.checkpoints(source.run_id):
                 if cp.step <= source.step:
@@ -228,3 +266,12 @@ class StepStore:
             layers.update(cp.layers)
         self._db.execute("DELETE FROM checkpoints WHERE run_id = ?", (run_id,))
         return sorted(layers)
+
+
+def already_decided(record: StepRecord) -> FailedPrecondition:
+    """The error for a decision on a step that is no longer pending."""
+    by = f" by {record.decided_by}" if record.decided_by else ""
+    return FailedPrecondition(
+        f"step {record.step} of run {record.run_id} was already decided{by}: it is "
+        f"{record.state}" + (f" ({record.reason})" if record.reason else "") +
+        "; `agentctl timeline RUN` shows it")

@@ -1,0 +1,100 @@
+"""One gate per run: where every transition of a run is decided, one at a time.
+
+A run's transitions (step begin and commit, approve and reject, rollback, close, and fork's
+read of its source) each check the run's state and then change it. With an `await` between
+the check and the change (an audit append, a thread), two calls on one run interleave: both
+checks pass, both changes land. The gate makes each check-and-change one critical section:
+
+    async with gate.lock:        # decisions: short, may await the audit log
+        check phase / head  ->  record (audit)  ->  apply (SQLite)
+
+A step is long (its workers run for seconds or minutes), so it does not keep the lock: it
+*claims* the run under the lock (sets `holder`), runs unlocked, and commits under
+the lock again, re-checking that it still holds the run (a close may have begun meanwhile).
+Whoever finds the run claimed is refused at once (ABORTED), never queued: a client always
+knows which state its call acted on. Close marks the run CLOSING (no new claim succeeds),
+kills the workers, then waits on `idle` (an asyncio.Event, not polling) until the step has
+released its claim, committed or failed.
+
+Alternatives weighed: an actor (one task per run draining a queue of commands) serialises
+the same way but turns every call into a message and a reply future, and makes streaming
+steps awkward; a compare-and-set on the run's row in SQLite alone catches a lost update only
+after the losing side has run its workers and audited its decision. The lock decides first;
+the store keeps a compare-and-set (`UPDATE runs ... WHERE step = ?`) as the backstop.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import enum
+from dataclasses import dataclass, field
+
+from agentd.errors import Aborted, FailedPrecondition
+
+
+class Phase(enum.Enum):
+    OPEN = "open"          # new work may enter (unless a step holds the run)
+    CLOSING = "closing"    # CloseRun has begun; nothing new may enter
+    CLOSED = "closed"
+
+
+@dataclass
+class RunGate:
+    """The lock and in-memory phase of one run; `holder` names the step holding the run
+    ("" if none) and `idle` is set whenever no step holds it."""
+
+    run_id: str
+    lock: asyncio.Lock = field(default_factory=asyncio.Lock)
+    phase: Phase = Phase.OPEN
+    holder: str = ""
+    idle: asyncio.Event = field(default_factory=asyncio.Event)
+
+    def __post_init__(self) -> None:
+        self.idle.set()
+
+    def check_open(self) -> None:
+        """FAILED_PRECONDITION if the run is closed or being closed."""
+        if self.phase is Phase.CLOSED:
+            raise FailedPrecondition(f"run {self.run_id} is closed; create a new run")
+        if self.phase is Phase.CLOSING:
+            raise FailedPrecondition(f"run {self.run_id} is being closed; create a new run")
+
+    def check_idle(self, action: str) -> None:
+        """Refuses `action` while the run is closed, closing or held by a step. Call with the
+        lock held."""
+        self.check_open()
+        if self.holder:
+            raise Aborted(f"{self.holder} is running on run {self.run_id}; one writer per run: "
+                          f"{action} when it has ended")
+
+    def claim(self, holder: str) -> None:
+        """Takes the run for a step. Call with the lock held, after `check_idle`."""
+        self.check_idle("retry")
+        self.holder = holder
+        self.idle.clear()
+
+    def release(self) -> None:
+        """Gives the run back after a step, whatever happened to it (safe to call twice)."""
+        self.holder = ""
+        self.idle.set()
+
+
+class RunGates:
+    """The gates of the runs this daemon has touched since it started (a run's gate is made
+    on first use; a closed run's gate stays CLOSED so late callers are refused in memory)."""
+
+    def __init__(self) -> None:
+        self._gates: dict[str, RunGate] = {}
+
+    def __call__(self, run_id: str) -> RunGate:
+        gate = self._gates.get(run_id)
+        if gate is None:
+            gate = self._gates[run_id] = RunGate(run_id)
+        return gate
+
+    def forget(self, run_id: str) -> None:
+        """Drops a closed run's gate (the store says closed from then on)."""
+        self._gates.pop(run_id, None)
+
+    def stepping(self) -> list[str]:
+        return [g.run_id for g in self._gates.values() if g.holder]
