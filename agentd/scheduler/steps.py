@@ -280,7 +280,7 @@ class StepRunner:
             base = self.steps.checkpoint(run_id, number - 1)
             specs = channels.declare([channels.ChannelSpec(**c) for c in
                                       json.loads(self.runs.get_run(run_id).channels)])
-            state = _load_state(base.channels)
+            state = base.channels
             snapshot = channels.visible(specs, state)
             await self.runs.audit.append("step.started", actor=caller.actor(), run_id=run_id,
                                          details={"step": number, "tasks": [
@@ -311,6 +311,14 @@ class StepRunner:
                     f"task {failed.failure.task}: {failed.failure.reason}"
                 result.conflicts = [str(c) for c in failed.failure.conflicts]
                 return result
+            size = channels.encoded_size(new_state)
+            if size > policy.channel_state_bytes:
+                result.reason = (
+                    f"the run's channel state would be {size} bytes, more than the"
+                    f" {policy.channel_state_bytes} bytes limits.channel_state allows (rule:"
+                    f" {policy.rule('limits.channel_state')}); write less, keep large results"
+                    " in files in the workspace, or raise the limit in the policy")
+                return result
             path_conflicts = self.layers.conflicts([(r.name, r.changes) for r in reports])
             if path_conflicts:
                 result.reason = "conflicting file changes"
@@ -322,8 +330,7 @@ class StepRunner:
                                   [r.upper.upper for r in reports if r.upper is not None],
                                   lowers=base.layers))
             layers = base.layers + ([layer] if layer else [])
-            checkpoint = CheckpointRecord(run_id, number, layers, _dump_state(new_state),
-                                          time.time())
+            checkpoint = CheckpointRecord(run_id, number, layers, new_state, time.time())
             result.state = "committed"
             result.channels = channels.visible(specs, new_state)
             result.versions = {k: v.version for k, v in new_state.items()}
@@ -504,13 +511,3 @@ def _task_failure(task: TaskRequest, result: WorkerResult | None,
     if not result.exited or result.exit_code != 0:
         return "" if task.allow_failure else result.summary
     return ""
-
-
-def _load_state(raw: dict[str, Any]) -> dict[str, channels.ChannelValue]:
-    return {name: channels.ChannelValue(v["value"], v["version"], tuple(v.get("seen", ())))
-            for name, v in raw.items()}
-
-
-def _dump_state(state: dict[str, channels.ChannelValue]) -> dict[str, Any]:
-    return {name: {"value": v.value, "version": v.version, "seen": list(v.seen)}
-            for name, v in state.items()}
