@@ -156,12 +156,14 @@ class StepRunner:
     """Runs, approves, rolls back and forks steps of the RunManager's runs."""
 
     def __init__(self, runs: RunManager, tasks: TaskRunner, steps: StepStore,
-                 layers: LayerStore, *, squash_depth: int = 100) -> None:
+                 layers: LayerStore, *, squash_depth: int = 100,
+                 max_export_bytes: int | None = None) -> None:
         self.runs = runs
         self.tasks = tasks
         self.steps = steps
         self.layers = layers
         self.squash_depth = squash_depth
+        self.max_export_bytes = max_export_bytes
         self._active = runs.steps_in_flight  # shared: CloseRun waits for these
         # Layers a squash replaced: deleted once no step runs (a running task may have them
         # mounted as lowers).
@@ -467,8 +469,9 @@ class StepRunner:
         checkpoint = self.steps.checkpoint(run_id, number)
         await self.runs.audit.append("checkpoint.exported", actor=caller.actor(), run_id=run_id,
                                      details={"step": number, "layers": len(checkpoint.layers)})
-        await asyncio.to_thread(self.layers.export_tar, checkpoint.layers,
-                                cast(BinaryIO, _SinkFile(sink)))
+        await asyncio.to_thread(functools.partial(
+            self.layers.export_tar, checkpoint.layers, cast(BinaryIO, _SinkFile(sink)),
+            max_bytes=self.max_export_bytes))
 
 def recover_steps(steps: StepStore, layers: LayerStore) -> dict[str, Any]:
     """At start-up, after a crash: steps that were running are marked interrupted (nothing of
