@@ -14,7 +14,8 @@ run prints in their place (a line of README is turned into a pattern by these ru
     2026-11-25 13:51:53Z    a timestamp (any date and time in that shape; also with .123
                             milliseconds)
     Nov 25 13:51            a time as `ls -l` prints it
-    1.00, 0.53, 512.0       a number with a decimal point: any such number
+    512.0 KiB, 6 B          a size: any number of any unit (B, KiB, MiB, GiB, TiB)
+    1.00, 0.53              a number with a decimal point: any such number
     records: 9, heads: 3    counts of audit records, segments and tree heads
     /path/to/agentd         the checkout directory
     ...                     a line of its own: any number of lines (also none)
@@ -47,6 +48,7 @@ PLACEHOLDERS = [
     (r"\d{4}\\-\d{2}\\-\d{2}\\ \d{2}:\d{2}:\d{2}(\\.\d{3})?Z",
      r"\\d{4}-\\d{2}-\\d{2} \\d{2}:\\d{2}:\\d{2}(\\.\\d{3})?Z"),
     (r"[A-Z][a-z]{2}\\ [ \d]?\d\\ \d{2}:\d{2}", r"[A-Z][a-z]{2} +\\d+ \\d{2}:\\d{2}"),
+    (r"\d+(\\\.\d+)?\\ (B|KiB|MiB|GiB|TiB)\b", r"\\d+(\\.\\d+)? (B|KiB|MiB|GiB|TiB)"),
     (r"\d+\\\.\d+", r"\\d+\\.\\d+"),
     (r"(records|segment\\\(s\\\)|heads):\\ \d+", r"\1: \\d+"),
     (r"\d+\\ (in\\ )", r"\\d+ \1"),
@@ -210,3 +212,4 @@ class TestPlaceholders:
                                        "end /c/x"], {}, "/c") is None
         assert match_output(expected, ["step 2 committed (2 tasks, 1.75 s)", "end /c/x"],
                             {}, "/c") is not None
+        assert match_output(["peak memory 512.0 KiB"], ["peak memory 2 MiB"], {}, "/c") is None
