@@ -19,6 +19,7 @@ import pytest
 from agentd.api.gen.v1 import agentd_pb2 as pb
 from agentd.api.gen.v1 import agentd_pb2_grpc
 from agentd.api.limits import MAX_MESSAGE_BYTES
+from agentd.cli.output import step_summary
 from agentd.client import AgentdClient, StepState, TaskSpec
 from agentd.store.runs import RunRecord, RunStore
 from agentd.store.steps import CheckpointRecord, StepStore
@@ -165,6 +166,7 @@ class TestReplySize:
                 assert dict(reply.channels_omitted) == {"ap": len(json.dumps(["v" * 900_000] * 5))}
                 assert reply.channels == {"lv": "v" * 10}
                 assert reply.versions == {"ap": 1, "lv": 1}
+                assert "channel ap: 4500020 bytes, left out of the reply" in step_summary(reply)
                 raw = stub.Step(pb.StepRequest(run_id=run.run_id, tasks=[
                     append_task("small", "lv", 20)]), timeout=60)
                 assert raw.ByteSize() < MAX_MESSAGE_BYTES
