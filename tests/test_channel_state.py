@@ -57,6 +57,31 @@ class TestStorage:
         assert store.stored_channel_bytes() < MiB + 4096
         assert store.checkpoint("r-1", 7).channels == _state(big, 7)
 
+    def test_an_append_channel_stores_each_element_once(self, tmp_path: Path) -> None:
+        """Twelve 100 kB appends store 1.2 MB of elements, not 1 + 2 + ... + 12 lists."""
+        store = _store(tmp_path / "state.db")
+        store.create_run(_run("r-1"), CheckpointRecord("r-1", 0, ["base"], {}, 0.0))
+        items: list[str] = []
+        for step in range(1, 13):
+            items = [*items, f"{step:03d}" + "x" * 100_000]
+            store.commit(store.begin("r-1", step, "running", {}, "t"),
+                         CheckpointRecord("r-1", step, ["base"],
+                                          {"notes": ChannelValue(items, step)}, 0.0), {})
+        assert store.stored_channel_bytes() < 12 * 100_100 + 20_000
+        assert store.checkpoint("r-1", 12).channels["notes"].value == items
+        assert store.checkpoint("r-1", 5).channels["notes"].value == items[:5]
+        store.rollback("r-1", 3)
+        assert store.checkpoint("r-1", 3).channels["notes"].value == items[:3]
+        assert store.stored_channel_bytes() < 3 * 100_100 + 5_000
+
+    def test_a_value_shaped_like_a_list_node_stays_a_value(self, tmp_path: Path) -> None:
+        """Whatever a task writes reads back as written (nodes cannot be forged)."""
+        store = _store(tmp_path / "state.db")
+        tricky = {"a": "L[]", "b": ["L", []], "c": [[1], [1]], "d": [], "e": "L"}
+        store.create_run(_run("r-1"), CheckpointRecord(
+            "r-1", 0, ["base"], {k: ChannelValue(v, 1) for k, v in tricky.items()}, 0.0))
+        assert {k: v.value for k, v in store.checkpoint("r-1", 0).channels.items()} == tricky
+
     def test_rollback_and_close_free_values_no_checkpoint_holds(self, tmp_path: Path) -> None:
         """Values only later checkpoints held go at rollback; a fork keeps what it shares."""
         store = _store(tmp_path / "state.db")

@@ -11,9 +11,13 @@ Alternatives weighed for a checkpoint's channel state:
   canonical JSON, and per checkpoint one row per channel pointing at the hash with its
   version. An unchanged value costs a row of metadata, never its bytes again; reading any
   checkpoint is one join; a value is deleted when no checkpoint row refers to it any more.
-  An `append` channel still stores its whole list once per change (the list is the value),
-  so a run appending n values stores O(n^2) only in the pathological case of a single list
-  growing every step: `limits.channel_state` bounds that per run.
+
+A list (what `append` and `topic` channels hold) is stored as a list node: the hashes of its
+elements, each element stored once as a value of its own. An `append` channel growing by one
+1 MB element per step then stores each element once (12 steps: 12 MB, not 1 + 2 + ... + 12 =
+78 MB); what still grows with the square of the steps is the node, 64 bytes per element per
+checkpoint. A node's blob starts with "L", which no canonical JSON does, so a value can never
+be mistaken for a node. `value_refs` records which elements a node holds, for deletion.
 
 Decoding happens here, once: callers get `ChannelValue`s, never JSON text.
 """
@@ -25,7 +29,7 @@ import json
 import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any
+from typing import Any, Final
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS channel_values (
@@ -42,7 +46,15 @@ CREATE TABLE IF NOT EXISTS checkpoint_channels (
     PRIMARY KEY (run_id, step, name)
 );
 CREATE INDEX IF NOT EXISTS checkpoint_channels_hash ON checkpoint_channels(hash);
+CREATE TABLE IF NOT EXISTS value_refs (
+    parent  TEXT NOT NULL,           -- a list node's hash
+    child   TEXT NOT NULL,           -- the hash of one of its elements
+    PRIMARY KEY (parent, child)
+);
+CREATE INDEX IF NOT EXISTS value_refs_child ON value_refs(child);
 """
+_NODE: Final = b"L"
+_CHUNK: Final = 500  # hashes per IN (...) query, well under SQLite's variable limit
 
 
 @dataclass(frozen=True)
@@ -74,11 +86,43 @@ def save(db: sqlite3.Connection, run_id: str, step: int,
     """Stores a checkpoint's channels; a value already stored costs only its row here.
     Call inside the caller's transaction."""
     for name, current in state.items():
-        data = encode(current.value)
-        digest = hashlib.sha256(data).hexdigest()
-        db.execute("INSERT OR IGNORE INTO channel_values VALUES (?, ?)", (digest, data))
+        digest = _store(db, current.value)
         db.execute("INSERT INTO checkpoint_channels VALUES (?, ?, ?, ?, ?, ?)",
                    (run_id, step, name, digest, current.version, json.dumps(list(current.seen))))
+
+
+def _put(db: sqlite3.Connection, blob: bytes) -> tuple[str, bool]:
+    """Stores a blob once; its hash, and whether it was new."""
+    digest = hashlib.sha256(blob).hexdigest()
+    cursor = db.execute("INSERT OR IGNORE INTO channel_values VALUES (?, ?)", (digest, blob))
+    return digest, cursor.rowcount == 1
+
+
+def _store(db: sqlite3.Connection, value: Any) -> str:
+    if not isinstance(value, list) or not value:
+        return _put(db, encode(value))[0]
+    elements = [_put(db, encode(item))[0] for item in value]
+    digest, new = _put(db, _NODE + json.dumps(elements, separators=(",", ":")).encode())
+    if new:
+        db.executemany("INSERT OR IGNORE INTO value_refs VALUES (?, ?)",
+                       [(digest, child) for child in set(elements)])
+    return digest
+
+
+def _decode(db: sqlite3.Connection, blob: bytes) -> Any:
+    if not blob.startswith(_NODE):
+        return json.loads(blob)
+    hashes: list[str] = json.loads(blob[len(_NODE):])
+    found: dict[str, Any] = {}
+    unique = sorted(set(hashes))
+    for start in range(0, len(unique), _CHUNK):
+        part = unique[start:start + _CHUNK]
+        marks = ",".join("?" * len(part))
+        for digest, data in db.execute(
+                f"SELECT hash, value FROM channel_values WHERE hash IN ({marks})",  # noqa: S608
+                part):
+            found[digest] = json.loads(data)
+    return [found[h] for h in hashes]
 
 
 def copy(db: sqlite3.Connection, source: str, target: str, up_to: int) -> None:
@@ -95,8 +139,8 @@ def load(db: sqlite3.Connection, run_id: str, step: int) -> dict[str, ChannelVal
         "SELECT c.name, v.value, c.version, c.seen FROM checkpoint_channels c"
         " JOIN channel_values v ON v.hash = c.hash"
         " WHERE c.run_id = ? AND c.step = ? ORDER BY c.rowid", (run_id, step))
-    return {name: ChannelValue(json.loads(data), version, tuple(json.loads(seen)))
-            for name, data, version, seen in rows}
+    return {name: ChannelValue(_decode(db, data), version, tuple(json.loads(seen)))
+            for name, data, version, seen in rows.fetchall()}
 
 
 def versions(db: sqlite3.Connection, run_id: str) -> dict[int, dict[str, int]]:
@@ -114,7 +158,10 @@ def delete(db: sqlite3.Connection, run_id: str, after: int = -1) -> None:
     checkpoint refers to any more. Call inside the caller's transaction."""
     db.execute("DELETE FROM checkpoint_channels WHERE run_id = ? AND step > ?", (run_id, after))
     db.execute("DELETE FROM channel_values WHERE hash NOT IN"
-               " (SELECT hash FROM checkpoint_channels)")
+               " (SELECT hash FROM checkpoint_channels) AND hash NOT IN"
+               " (SELECT r.child FROM value_refs r JOIN checkpoint_channels c"
+               "  ON c.hash = r.parent)")
+    db.execute("DELETE FROM value_refs WHERE parent NOT IN (SELECT hash FROM channel_values)")
 
 
 def stored_bytes(db: sqlite3.Connection) -> int:
