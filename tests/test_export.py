@@ -8,14 +8,18 @@ from __future__ import annotations
 
 import io
 import os
+import shutil
 import subprocess
 import tarfile
 from pathlib import Path
 
+import grpc
 import pytest
 
+from agentd.api.gen.v1 import agentd_pb2 as pb
 from agentd.errors import ResourceExhausted
 from agentd.store.layers import LayerStore
+from tests.conftest import CONFIG, REPO, daemon_base, start_daemon, stop_daemon
 from tests.test_layers import WORKER, lower_paths
 from tests.test_overlay import base as base  # noqa: PLC0414 - the fixture, shared
 from tests.test_overlay import mounted
@@ -117,3 +121,37 @@ def test_gnu_tar_is_there() -> None:
     assert b"GNU tar" in subprocess.run(["tar", "--version"], capture_output=True,
                                         check=True).stdout
     assert os.path.exists("/usr/bin/tar") or os.path.exists("/bin/tar")
+
+
+class TestExportCapOverGrpc:
+    def test_the_daemon_answers_resource_exhausted_and_agentctl_keeps_no_file(
+            self, tmp_path: Path) -> None:
+        """max_export_bytes in the config: the stream ends RESOURCE_EXHAUSTED, and
+        `agentctl export -o FILE` fails saying so, leaving no partial FILE."""
+        base = daemon_base()
+        handle = start_daemon(base, CONFIG.replace("[daemon]\n",
+                                                   "[daemon]\nmax_export_bytes = 1048576\n"))
+        try:
+            stub = handle.stub()
+            run = stub.CreateRun(pb.CreateRunRequest(agent="integration"))
+            reply = stub.Step(pb.StepRequest(run_id=run.run_id, tasks=[pb.TaskSpec(
+                name="a", argv=["/bin/sh", "-c", "head -c 2097152 /dev/urandom > data"])]),
+                timeout=60)
+            assert reply.state == pb.STEP_STATE_COMMITTED, reply.reason
+            with pytest.raises(grpc.RpcError) as info:
+                for _ in stub.ExportCheckpoint(pb.ExportCheckpointRequest(
+                        run_id=run.run_id, step=1), timeout=60):
+                    pass
+            assert info.value.code() == grpc.StatusCode.RESOURCE_EXHAUSTED
+            assert "max_export_bytes" in (info.value.details() or "")
+            target = tmp_path / "out.tar"
+            result = subprocess.run(
+                [str(REPO / ".venv" / "bin" / "agentctl"), "--socket", str(handle.socket()),
+                 "export", run.run_id, "1", "-o", str(target)],
+                capture_output=True, text=True, check=False)
+            assert result.returncode != 0
+            assert "max_export_bytes" in result.stderr
+            assert not target.exists()
+        finally:
+            stop_daemon(handle)
+            shutil.rmtree(base, ignore_errors=True)
