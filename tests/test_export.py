@@ -34,6 +34,8 @@ printf head | dd of=big conv=notrunc status=none
 printf middle | dd of=big bs=1 seek=2147483648 conv=notrunc status=none
 printf tail | dd of=big bs=1 seek=4294967292 conv=notrunc status=none
 truncate -s 1G holes-only
+truncate -s 20M mixed
+head -c 3000000 /dev/urandom | dd of=mixed bs=1M seek=5 conv=notrunc status=none
 echo plain > plain.txt
 """
 
@@ -74,7 +76,7 @@ class TestSparseExport:
         archive."""
         store, stack = sparse_stack
         data = export(store, stack)
-        assert len(data) < 1 << 20
+        assert len(data) < 4 << 20  # the 3 MB of random data in `mixed`, and headers
         archive = tmp_path / "export.tar"
         archive.write_bytes(data)
         out = tmp_path / "out"
@@ -89,6 +91,8 @@ class TestSparseExport:
         assert read_at(big, GiB, 16) == b"\0" * 16
         assert (out / "holes-only").stat().st_size == GiB
         assert (out / "plain.txt").read_text() == "plain\n"
+        layer = store.path(stack[-1])
+        assert (out / "mixed").read_bytes() == (layer / "mixed").read_bytes()
         assert not (out / "GNUSparseFile.0").exists()
 
     def test_python_tarfile_reads_the_sparse_members(
@@ -97,7 +101,7 @@ class TestSparseExport:
         store, stack = sparse_stack
         with tarfile.open(fileobj=io.BytesIO(export(store, stack))) as tar:
             sizes = {m.name.removeprefix("./"): m.size for m in tar if m.isfile()}
-        assert sizes == {"big": 4 * GiB, "holes-only": GiB, "plain.txt": 6}
+        assert sizes == {"big": 4 * GiB, "holes-only": GiB, "mixed": 20 << 20, "plain.txt": 6}
 
 
 class TestExportCap:
@@ -111,9 +115,9 @@ class TestExportCap:
 
     def test_only_data_counts_towards_the_cap(
             self, sparse_stack: tuple[LayerStore, list[str]]) -> None:
-        """5 GiB of sparse files fit a 1 MiB cap."""
+        """5 GiB of sparse files (3 MB of data) fit a 4 MiB cap."""
         store, stack = sparse_stack
-        assert len(export(store, stack, max_bytes=1 << 20)) < 1 << 20
+        assert len(export(store, stack, max_bytes=4 << 20)) < 4 << 20
 
 
 def test_gnu_tar_is_there() -> None:

@@ -26,7 +26,7 @@ import errno
 import os
 import stat
 import tarfile
-from collections.abc import Iterable, Iterator
+from collections.abc import Iterable
 from typing import TYPE_CHECKING, BinaryIO, cast
 
 from agentd.errors import ResourceExhausted
@@ -132,34 +132,42 @@ def _as_sparse(info: tarfile.TarInfo, segments: list[tuple[int, int]]) -> None:
 
 
 class _SparseReader:
-    """A file object over a sparse member's data: the map block, then each data segment."""
+    """A file object over a sparse member's data: the map block, then each data segment,
+    read from the file as tarfile asks for it (no buffering beyond its request)."""
 
     def __init__(self, fd: int, segments: list[tuple[int, int]]) -> None:
-        self._chunks = self._generate(fd, segments)
-        self._pending = b""
+        self._fd = fd
         self._header = _map_block(segments)
-
-    def _generate(self, fd: int, segments: list[tuple[int, int]]) -> Iterator[bytes]:
-        yield self._header
-        for offset, length in segments:
-            done = 0
-            while done < length:
-                chunk = os.pread(fd, min(1 << 20, length - done), offset + done)
-                if not chunk:
-                    raise OSError(errno.EIO, "file shrank while being exported")
-                done += len(chunk)
-                yield chunk
+        self._segments = [(offset, length) for offset, length in segments if length]
+        self._index = 0  # the segment being read
+        self._done = 0  # bytes of it already read
 
     def read(self, size: int = -1) -> bytes:
-        while len(self._pending) < size or size < 0:
-            chunk = next(self._chunks, None)
-            if chunk is None:
-                break
-            self._pending += chunk
+        """Exactly `size` bytes until the end (tarfile takes a short read for truncation)."""
         if size < 0:
-            data, self._pending = self._pending, b""
-        else:
-            data, self._pending = self._pending[:size], self._pending[size:]
+            raise ValueError("read the member in chunks")  # tarfile always passes a size
+        parts = []
+        while size > 0:
+            part = self._read_some(size)
+            if not part:
+                break
+            parts.append(part)
+            size -= len(part)
+        return b"".join(parts)
+
+    def _read_some(self, size: int) -> bytes:
+        if self._header:
+            data, self._header = self._header[:size], self._header[size:]
+            return data
+        if self._index == len(self._segments):
+            return b""
+        offset, length = self._segments[self._index]
+        data = os.pread(self._fd, min(size, length - self._done), offset + self._done)
+        if not data:
+            raise OSError(errno.EIO, "a file of an immutable layer shrank during export")
+        self._done += len(data)
+        if self._done == length:
+            self._index, self._done = self._index + 1, 0
         return data
 
 
