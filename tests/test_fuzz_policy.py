@@ -34,8 +34,10 @@ from agentd.policy.model import Policy
 REPO = Path(__file__).resolve().parent.parent
 SHIPPED = sorted((REPO / "policies").glob("*.yaml"))
 CEILINGS = load_stage_ceilings(REPO / "policies" / "stages.yaml")
+# AGENTD_FUZZ_RANDOM=1 searches new inputs instead of the fixed, repeatable ones.
+RANDOM = os.environ.get("AGENTD_FUZZ_RANDOM")
 FUZZ = settings(max_examples=int(os.environ.get("AGENTD_FUZZ_EXAMPLES", "100")),
-                derandomize=True, deadline=None, database=None,
+                derandomize=RANDOM is None, deadline=None, database=None,
                 suppress_health_check=[HealthCheck.too_slow, HealthCheck.function_scoped_fixture])
 
 KEYS = ["apiVersion", "kind", "name", "description", "stages", "prototype", "sandbox", "pilot",

@@ -37,7 +37,9 @@ from tests.conftest import DaemonHandle, daemon_base, start_daemon, stop_daemon
 pytestmark = pytest.mark.privileged
 
 EXAMPLES = int(os.environ.get("AGENTD_FUZZ_EXAMPLES", "25"))
-FUZZ = settings(max_examples=EXAMPLES, derandomize=True, deadline=None, database=None,
+# AGENTD_FUZZ_RANDOM=1 searches new inputs instead of the fixed, repeatable ones.
+RANDOM = os.environ.get("AGENTD_FUZZ_RANDOM")
+FUZZ = settings(max_examples=EXAMPLES, derandomize=RANDOM is None, deadline=None, database=None,
                 suppress_health_check=list(HealthCheck))
 BAD = {grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN}
 CALL_TIMEOUT = 60.0
