@@ -40,6 +40,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from agentd.api.gen.v1 import agentd_pb2 as pb
 from agentd.api.gen.v1 import agentd_pb2_grpc as pb_grpc
+from agentd.api.limits import MAX_MESSAGE_BYTES
 
 __all__ = [
     "DEV_SOCKET",
@@ -402,6 +403,8 @@ class StepReply:
     created_at: datetime | None
     requested_by: str
     decided_by: str  # the approver, for a step that needed one
+    #: Channels left out of `channels` to keep the reply under the message limit -> bytes.
+    channels_omitted: Mapping[str, int] = field(default_factory=dict)
 
     @classmethod
     def from_proto(cls, msg: pb.StepReply) -> StepReply:
@@ -419,6 +422,7 @@ class StepReply:
             created_at=_time(msg.created_at) if msg.HasField("created_at") else None,
             requested_by=msg.requested_by,
             decided_by=msg.decided_by,
+            channels_omitted=dict(sorted(msg.channels_omitted.items())),
         )
 
 
@@ -459,7 +463,9 @@ class AgentdClient:
         self.socket = resolve_socket(socket)
         self.timeout = timeout
         # An absolute target: "unix:relative" would depend on the cwd of whoever resolves it.
-        self._channel = grpc.insecure_channel(f"unix:{os.path.abspath(self.socket)}")
+        self._channel = grpc.insecure_channel(
+            f"unix:{os.path.abspath(self.socket)}",
+            options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
         self._stub = pb_grpc.AgentdStub(self._channel)
 
     @property

@@ -54,6 +54,9 @@ class DaemonSection(_Strict):
     # mounts at most 500 lowers, kernels before 6.8 fit about 140 in one mount's options, and
     # every lower costs at each mount.
     squash_depth: int = Field(default=100, ge=2, le=400)
+    # Largest tarball ExportCheckpoint sends (bytes; sparse files count by their data only);
+    # past it the export ends with RESOURCE_EXHAUSTED.
+    max_export_bytes: int = Field(default=16 << 30, ge=1 << 20)
     # Seconds between signed tree heads of the audit log when idle.
     tree_head_interval: float = Field(default=60.0, gt=0)
 

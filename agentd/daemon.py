@@ -61,7 +61,8 @@ class Daemon:
         self.tasks = TaskRunner(self.runs, launcher, cgroups, worker_uid=d.worker_uid,
                                 worker_gid=d.worker_gid)
         self.steps = StepRunner(self.runs, self.tasks, step_store, layers,
-                                squash_depth=d.squash_depth)
+                                squash_depth=d.squash_depth,
+                                max_export_bytes=d.max_export_bytes)
         registrations = [agentd_registration(AgentdServicer(self.runs, self.steps)),
                          audit_registration(audit)]
         # Under systemd the role sockets are its own (passed, listening); grpc then serves on

@@ -20,6 +20,7 @@ from agentd.api.gen.v1 import audit_pb2 as pb
 from agentd.api.gen.v1 import audit_pb2_grpc as pb_grpc
 from agentd.audit import AuditLog, TreeHead, canonical
 from agentd.audit.record import parse_time
+from agentd.errors import InvalidArgument
 
 Context = grpc.aio.ServicerContext[Any, Any]
 DEFAULT_LIMIT = 1000
@@ -103,13 +104,21 @@ class AuditServicer(pb_grpc.AuditServiceServicer):
 
     async def Query(self, request: pb.QueryRequest, context: Context) -> pb.QueryResponse:
         limit = min(request.limit or DEFAULT_LIMIT, MAX_LIMIT)
-        since: datetime | None = (request.since.ToDatetime(tzinfo=UTC)
-                                  if request.HasField("since") else None)
-        until: datetime | None = (request.until.ToDatetime(tzinfo=UTC)
-                                  if request.HasField("until") else None)
+        since = _time(request.since, "since") if request.HasField("since") else None
+        until = _time(request.until, "until") if request.HasField("until") else None
         found = await asyncio.to_thread(
             self._log.query, run_id=request.run_id or None, event=request.event or None,
             since=since, until=until, limit=limit, start=request.from_index)
         return pb.QueryResponse(records=[record_to_proto(r) for r in found],
                                 more=len(found) >= limit)
+
+
+def _time(stamp: Timestamp, name: str) -> datetime:
+    """A request's timestamp; INVALID_ARGUMENT for one that is not a valid time."""
+    try:
+        return stamp.ToDatetime(tzinfo=UTC)
+    except (ValueError, OverflowError):
+        raise InvalidArgument(
+            f"{name} is not a valid timestamp (seconds {stamp.seconds}, nanos {stamp.nanos});"
+            " use seconds since 1970 within years 1-9999 and nanos in 0..999999999") from None
 

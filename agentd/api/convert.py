@@ -8,6 +8,7 @@ from collections.abc import Iterable
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from agentd.api.gen.v1 import agentd_pb2 as pb
+from agentd.api.limits import MAX_MESSAGE_BYTES, REPLY_HEADROOM
 from agentd.sandbox.worker import WorkerResult
 from agentd.scheduler import channels
 from agentd.scheduler.steps import StepResult, TaskReport, TaskRequest
@@ -98,14 +99,38 @@ def task_report(report: TaskReport) -> pb.TaskReport:
 
 
 def step_result(result: StepResult) -> pb.StepReply:
-    return pb.StepReply(
+    """The reply, with channel values capped so the whole stays under MAX_MESSAGE_BYTES."""
+    reply = pb.StepReply(
         run_id=result.run_id, step=result.step, state=STEP_STATES[result.state],
         reason=result.reason, conflicts=result.conflicts,
         tasks=[task_report(t) for t in result.tasks],
-        channels={k: json.dumps(v, sort_keys=True) for k, v in result.channels.items()},
         versions=result.versions, wall_seconds=result.wall_seconds,
         created_at=_timestamp(result.created_at), requested_by=result.requested_by,
         decided_by=result.decided_by)
+    kept, omitted = cap_channels(
+        {k: json.dumps(v, sort_keys=True) for k, v in result.channels.items()},
+        MAX_MESSAGE_BYTES - REPLY_HEADROOM - reply.ByteSize())
+    reply.channels.update(kept)
+    reply.channels_omitted.update(omitted)
+    return reply
+
+
+def cap_channels(encoded: dict[str, str], budget: int
+                 ) -> tuple[dict[str, str], dict[str, int]]:
+    """The channel values that fit in `budget` bytes, in name order, and the sizes of those
+    left out. A value either goes whole or not at all: half a JSON document is no value."""
+    kept: dict[str, str] = {}
+    omitted: dict[str, int] = {}
+    for name in sorted(encoded):
+        size = len(encoded[name].encode())
+        # map entry: tag + length + key + tag + length + value, generously
+        cost = size + len(name.encode()) + 16
+        if cost <= budget:
+            kept[name] = encoded[name]
+            budget -= cost
+        else:
+            omitted[name] = size
+    return kept, omitted
 
 
 def step_record(record: StepRecord) -> pb.StepReply:
@@ -129,4 +154,4 @@ def step_record(record: StepRecord) -> pb.StepReply:
 def checkpoint(record: CheckpointRecord) -> pb.Checkpoint:
     return pb.Checkpoint(step=record.step, committed_at=_timestamp(record.committed_at),
                          layers=len(record.layers),
-                         versions={k: v["version"] for k, v in record.channels.items()})
+                         versions={k: v.version for k, v in record.channels.items()})

@@ -219,6 +219,7 @@ def step_to_json(step: StepReply) -> dict[str, Any]:
         "conflicts": list(step.conflicts),
         "tasks": [task_to_json(t) for t in step.tasks],
         "channels": dict(step.channels),
+        "channels_omitted": dict(step.channels_omitted),
         "versions": dict(step.versions),
         "wall_seconds": step.wall_seconds,
         "created_at": _iso(step.created_at),
@@ -245,7 +246,10 @@ def step_summary(step: StepReply) -> str:
     else:
         line = f"{what} {_state_words(step.state)}" + (f": {reason}" if reason else "")
     conflicts = "".join(f"  conflict: {printable(c)}\n" for c in step.conflicts)
-    return line + "\n" + conflicts
+    omitted = "".join(
+        f"  channel {printable(name)}: {size} bytes, left out of the reply (over the message"
+        " limit); the next step's tasks see it\n" for name, size in step.channels_omitted.items())
+    return line + "\n" + conflicts + omitted
 
 
 def checkpoint_to_json(checkpoint: Checkpoint) -> dict[str, Any]:

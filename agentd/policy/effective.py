@@ -40,6 +40,7 @@ RULE_FIELDS: Final[tuple[str, ...]] = (
     "limits.open_files",
     "limits.file_size",
     "limits.writes",
+    "limits.channel_state",
     "approval.required_for",
 )
 # Fields that are about where things came from, not what the worker may do.
@@ -78,6 +79,7 @@ class EffectivePolicy:
     open_files: int = 256
     file_size_bytes: int = 1 << 30
     writes_bytes: int = 1 << 20
+    channel_state_bytes: int = 1 << 20
     approval_required_for: tuple[str, ...] = ()
     """Approval triggers (see ApprovalRules): a step matching one waits for Approve."""
     notes: tuple[str, ...] = ()

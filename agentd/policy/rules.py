@@ -142,6 +142,9 @@ class Limits(Rules):
     """Largest file a process may write (RLIMIT_FSIZE)."""
     writes: Size = Field(default="1MiB", validate_default=True)
     """Bytes of structured results a task may write to $AGENTD_WRITES_FD in one step."""
+    channel_state: Size = Field(default="1MiB", validate_default=True)
+    """Bytes of a run's channel state (the sum of its values as canonical JSON); a step whose
+    result would be larger fails at the barrier and applies nothing."""
 
 
 def _network_none(value: Any) -> Any:

@@ -39,6 +39,7 @@ _LIMITS: Final[dict[str, tuple[str, Callable[[float], str]]]] = {
     "open_files": ("open_files", lambda v: str(int(v))),
     "file_size": ("file_size_bytes", lambda v: format_size(int(v))),
     "writes": ("writes_bytes", lambda v: format_size(int(v))),
+    "channel_state": ("channel_state_bytes", lambda v: format_size(int(v))),
 }
 assert set(_LIMITS) == set(Limits.model_fields)
 
@@ -135,6 +136,7 @@ class _Clamp:
             open_files=int(limits["open_files"]),
             file_size_bytes=int(limits["file_size_bytes"]),
             writes_bytes=int(limits["writes_bytes"]),
+            channel_state_bytes=int(limits["channel_state_bytes"]),
             approval_required_for=wants.approval.required_for,
             notes=tuple(self.notes),
             rules=dict(self.rules),

@@ -28,6 +28,10 @@ from dataclasses import dataclass
 from typing import Any, Final, Literal, get_args
 
 from agentd.errors import InvalidArgument
+from agentd.store.values import ChannelValue, encoded_size
+
+__all__ = ["ChannelSpec", "ChannelValue", "WritesError", "declare", "encoded_size",
+           "initial_state", "is_available", "parse_writes", "visible"]
 
 Reducer = Literal["last_value", "append", "topic", "barrier"]
 REDUCERS: Final[tuple[str, ...]] = get_args(Reducer)
@@ -92,19 +96,6 @@ class ChannelSpec:
             raise InvalidArgument(
                 f"{where}: barrier task(s) {', '.join(map(repr, twice))} listed more than once;"
                 " list each task once")
-
-
-@dataclass(frozen=True)
-class ChannelValue:
-    """A channel's committed value and version; `seen` lists the barrier tasks that wrote.
-
-    For a barrier, `value` holds what the tasks in `seen` wrote so far ({task: value}, in the
-    spec's order; None before any wrote) and is visible only once `seen` covers every task.
-    """
-
-    value: Any
-    version: int
-    seen: tuple[str, ...] = ()
 
 
 class WritesError(Exception):

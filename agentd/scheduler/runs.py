@@ -92,8 +92,7 @@ class RunManager:
         except BaseException:
             await asyncio.to_thread(self.layers.delete, base)  # no record, no run: no leftover
             raise
-        initial = {name: {"value": v.value, "version": v.version, "seen": list(v.seen)}
-                   for name, v in channels.initial_state(specs).items()}
+        initial = channels.initial_state(specs)
         self.steps.create_run(record, CheckpointRecord(run_id, 0, [base], initial, time.time()))
         log.info("run.created", run_id=run_id, agent=agent.name, stage=agent.stage,
                  caller=str(caller))

@@ -163,13 +163,15 @@ class StepRunner:
     """Runs, approves, rolls back and forks steps of the RunManager's runs."""
 
     def __init__(self, runs: RunManager, tasks: TaskRunner, steps: StepStore,
-                 layers: LayerStore, *, squash_depth: int = 100) -> None:
+                 layers: LayerStore, *, squash_depth: int = 100,
+                 max_export_bytes: int | None = None) -> None:
         self.runs = runs
         self.tasks = tasks
         self.steps = steps
         self.layers = layers
         self.squash_depth = squash_depth
         self.exports = Exporter()
+        self.max_export_bytes = max_export_bytes
         self._background: set[asyncio.Task[None]] = set()
 
     # -- planning ---------------------------------------------------------------------------
@@ -324,7 +326,7 @@ class StepRunner:
             hold = self.runs.refs.hold(base.layers)  # mounted as lowers until the end
             specs = channels.declare([channels.ChannelSpec(**c) for c in
                                       json.loads(self.runs.get_run(run_id).channels)])
-            state = _load_state(base.channels)
+            state = base.channels
             snapshot = channels.visible(specs, state)
             await self.runs.audit.append("step.started", actor=caller.actor(), run_id=run_id,
                                          details={"step": number, "tasks": [
@@ -355,6 +357,14 @@ class StepRunner:
                     f"task {failed.failure.task}: {failed.failure.reason}"
                 result.conflicts = [str(c) for c in failed.failure.conflicts]
                 return result
+            size = channels.encoded_size(new_state)
+            if size > policy.channel_state_bytes:
+                result.reason = (
+                    f"the run's channel state would be {size} bytes, more than the"
+                    f" {policy.channel_state_bytes} bytes limits.channel_state allows (rule:"
+                    f" {policy.rule('limits.channel_state')}); write less, keep large results"
+                    " in files in the workspace, or raise the limit in the policy")
+                return result
             path_conflicts = self.layers.conflicts([(r.name, r.changes) for r in reports])
             if path_conflicts:
                 result.reason = "conflicting file changes"
@@ -366,8 +376,7 @@ class StepRunner:
                                   [r.upper.upper for r in reports if r.upper is not None],
                                   lowers=base.layers))
             layers = base.layers + ([layer] if layer else [])
-            checkpoint = CheckpointRecord(run_id, number, layers, _dump_state(new_state),
-                                          time.time())
+            checkpoint = CheckpointRecord(run_id, number, layers, new_state, time.time())
             async with gate.lock:
                 # The claim kept rollbacks and other steps out. A close that began after the
                 # step's workers had ended waits for this commit (and then drops it, with the
@@ -530,8 +539,10 @@ class StepRunner:
             await hold.release()
             raise
         layers = checkpoint.layers
+        limit = self.max_export_bytes
         async with contextlib.aclosing(self.exports.stream(
-                lambda out: self.layers.export_tar(layers, out), hold)) as chunks:
+                lambda out: self.layers.export_tar(layers, out, max_bytes=limit),
+                hold)) as chunks:
             async for chunk in chunks:
                 yield chunk
 
@@ -562,13 +573,3 @@ def _task_failure(task: TaskRequest, result: WorkerResult | None,
     if not result.exited or result.exit_code != 0:
         return "" if task.allow_failure else result.summary
     return ""
-
-
-def _load_state(raw: dict[str, Any]) -> dict[str, channels.ChannelValue]:
-    return {name: channels.ChannelValue(v["value"], v["version"], tuple(v.get("seen", ())))
-            for name, v in raw.items()}
-
-
-def _dump_state(state: dict[str, channels.ChannelValue]) -> dict[str, Any]:
-    return {name: {"value": v.value, "version": v.version, "seen": list(v.seen)}
-            for name, v in state.items()}

@@ -469,9 +469,11 @@ class LayerStore:
         finally:
             self._end(tmp)
 
-    def export_tar(self, layers: Sequence[str], fileobj: BinaryIO) -> None:
-        """Streams a tarball (PAX) of the merged view of `layers` to `fileobj`."""
-        write_tar(walk_merged(list(reversed(self._tops(layers)))), fileobj)
+    def export_tar(self, layers: Sequence[str], fileobj: BinaryIO, *,
+                   max_bytes: int | None = None) -> None:
+        """Streams a tarball (PAX, sparse files as sparse) of the merged view of `layers` to
+        `fileobj`; ResourceExhausted past `max_bytes`."""
+        write_tar(walk_merged(list(reversed(self._tops(layers)))), fileobj, max_bytes=max_bytes)
 
     # -- removal --------------------------------------------------------------------------
 

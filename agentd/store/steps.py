@@ -1,9 +1,10 @@
 """Steps and checkpoints on disk, in the same SQLite database as the runs.
 
 A checkpoint is what a committed step left: the run's workspace layer stack and its channel
-values and versions. The run's `step` column points at its current checkpoint; rollback moves
-the pointer back and deletes the later checkpoints, fork copies rows: both touch metadata only,
-never the workspace, so they cost the same for ten files or a hundred thousand.
+values and versions (content-addressed, see `store/values.py`). The run's `step` column
+points at its current checkpoint; rollback moves the pointer back and deletes the later
+checkpoints, fork copies rows: both touch metadata only, never the workspace, so they cost the
+same for ten files or a hundred thousand.
 
 Every step attempt (committed, failed, pending approval, discarded, interrupted by a crash) is
 kept in `steps`, so a run's timeline survives rollbacks. Committing a step is one transaction:
@@ -20,14 +21,17 @@ from dataclasses import dataclass
 from typing import Any
 
 from agentd.errors import Aborted, FailedPrecondition, NotFound
+from agentd.store import values
 from agentd.store.runs import RunRecord, RunStore
+from agentd.store.values import ChannelValue
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS checkpoints (
     run_id       TEXT NOT NULL,
     step         INTEGER NOT NULL,
     layers       TEXT NOT NULL,      -- JSON list of layer ids, lowest first
-    channels     TEXT NOT NULL,      -- JSON {name: {value, version, seen}}
+    channels     TEXT NOT NULL,      -- '{}'; before channel values were content-addressed,
+                                     -- JSON {name: {value, version, seen}} (migrated at start)
     committed_at REAL NOT NULL,
     PRIMARY KEY (run_id, step)
 );
@@ -55,7 +59,7 @@ class CheckpointRecord:
     run_id: str
     step: int
     layers: list[str]
-    channels: dict[str, Any]
+    channels: dict[str, ChannelValue]
     committed_at: float
 
 
@@ -74,10 +78,6 @@ class StepRecord:
     finished_at: float | None
 
 
-def _checkpoint(row: tuple[Any, ...]) -> CheckpointRecord:
-    return CheckpointRecord(row[0], row[1], json.loads(row[2]), json.loads(row[3]), row[4])
-
-
 def _step(row: tuple[Any, ...]) -> StepRecord:
     return StepRecord(row[0], row[1], row[2], row[3], json.loads(row[4]), json.loads(row[5]),
                       row[6], row[7], row[8], row[9], row[10])
@@ -88,27 +88,59 @@ class StepStore:
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self._db = db
-        self._db.executescript(SCHEMA)
+        self._db.executescript(SCHEMA + values.SCHEMA)
+        self._migrate_channels()
+
+    def _migrate_channels(self) -> None:
+        """Moves channel values that older versions kept inline in `checkpoints.channels`
+        into the content-addressed tables, in one transaction (a no-op once done)."""
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            rows = self._db.execute("SELECT run_id, step, channels FROM checkpoints"
+                                    " WHERE channels != '{}'").fetchall()
+            for run_id, step, text in rows:
+                state = {name: ChannelValue(v["value"], v["version"], tuple(v.get("seen", ())))
+                         for name, v in json.loads(text).items()}
+                self._db.execute("DELETE FROM checkpoint_channels WHERE run_id = ? AND step = ?",
+                                 (run_id, step))
+                values.save(self._db, run_id, step, state)
+                self._db.execute("UPDATE checkpoints SET channels = '{}'"
+                                 " WHERE run_id = ? AND step = ?", (run_id, step))
 
     # -- checkpoints ---------------------------------------------------------------------
 
     def add_checkpoint(self, cp: CheckpointRecord) -> None:
-        self._db.execute("INSERT INTO checkpoints VALUES (?, ?, ?, ?, ?)",
-                         (cp.run_id, cp.step, json.dumps(cp.layers), json.dumps(cp.channels),
-                          cp.committed_at))
+        """Call inside a transaction: the checkpoint row and its channel rows go together."""
+        self._db.execute("INSERT INTO checkpoints VALUES (?, ?, ?, '{}', ?)",
+                         (cp.run_id, cp.step, json.dumps(cp.layers), cp.committed_at))
+        values.save(self._db, cp.run_id, cp.step, cp.channels)
 
     def checkpoint(self, run_id: str, step: int) -> CheckpointRecord:
-        row = self._db.execute("SELECT * FROM checkpoints WHERE run_id = ? AND step = ?",
-                               (run_id, step)).fetchone()
+        """One checkpoint with its channel values decoded."""
+        row = self._db.execute(
+            "SELECT run_id, step, layers, committed_at FROM checkpoints"
+            " WHERE run_id = ? AND step = ?", (run_id, step)).fetchone()
         if row is None:
             raise NotFound(f"run {run_id} has no checkpoint at step {step}; "
                            "`agentctl checkpoints RUN` lists them")
-        return _checkpoint(row)
+        state = values.load(self._db, run_id, step)
+        return CheckpointRecord(row[0], row[1], json.loads(row[2]), state, row[3])
 
     def checkpoints(self, run_id: str) -> list[CheckpointRecord]:
-        rows = self._db.execute("SELECT * FROM checkpoints WHERE run_id = ? ORDER BY step",
-                                (run_id,)).fetchall()
-        return [_checkpoint(r) for r in rows]
+        """Every checkpoint of the run, oldest first; channel values are left out (versions
+        only, with value None): listing a run must not read all its state."""
+        rows = self._db.execute(
+            "SELECT run_id, step, layers, committed_at FROM checkpoints WHERE run_id = ?"
+            " ORDER BY step", (run_id,)).fetchall()
+        found = values.versions(self._db, run_id)
+        return [CheckpointRecord(r[0], r[1], json.loads(r[2]),
+                                 {name: ChannelValue(None, version)
+                                  for name, version in found.get(r[1], {}).items()}, r[3])
+                for r in rows]
+
+    def stored_channel_bytes(self) -> int:
+        """Bytes of channel values on disk, each distinct value counted once."""
+        return values.stored_bytes(self._db)
 
     def referenced_layers(self) -> set[str]:
         layers: set[str] = set()
@@ -231,6 +263,7 @@ class StepStore:
                 (run_id, step)).fetchall()
             self._db.execute("DELETE FROM checkpoints WHERE run_id = ? AND step > ?",
                              (run_id, step))
+            values.delete(self._db, run_id, after=step)
             self._db.execute("UPDATE runs SET step = ? WHERE run_id = ?", (step, run_id))
             self._db.execute(
                 "UPDATE steps SET state = 'discarded', reason = ?"
@@ -254,17 +287,21 @@ class StepStore:
             self._db.execute("BEGIN IMMEDIATE")
             self.checkpoint(source.run_id, source.step)  # still there: else nothing is made
             RunStore.insert(self._db, run)
-            for cp in self.checkpoints(source.run_id):
-                if cp.step <= source.step:
-                    self.add_checkpoint(CheckpointRecord(run.run_id, cp.step, cp.layers,
-                                                         cp.channels, cp.committed_at))
+            self._db.execute(
+                "INSERT INTO checkpoints SELECT ?, step, layers, channels, committed_at"
+                " FROM checkpoints WHERE run_id = ? AND step <= ?",
+                (run.run_id, source.run_id, source.step))
+            values.copy(self._db, source.run_id, run.run_id, source.step)
 
     def drop_run(self, run_id: str) -> list[str]:
         """Deletes a closed run's checkpoints; returns the layers they referred to."""
         layers: set[str] = set()
         for cp in self.checkpoints(run_id):
             layers.update(cp.layers)
-        self._db.execute("DELETE FROM checkpoints WHERE run_id = ?", (run_id,))
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute("DELETE FROM checkpoints WHERE run_id = ?", (run_id,))
+            values.delete(self._db, run_id)
         return sorted(layers)
 
 

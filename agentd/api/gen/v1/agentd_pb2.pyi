@@ -670,6 +670,26 @@ class StepReply(_message.Message):
         def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
         def WhichOneof(self, oneof_group: _Never) -> None: ...
 
+    @_typing.final
+    class ChannelsOmittedEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.int
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.int = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
     RUN_ID_FIELD_NUMBER: _builtins.int
     STEP_FIELD_NUMBER: _builtins.int
     STATE_FIELD_NUMBER: _builtins.int
@@ -682,6 +702,7 @@ class StepReply(_message.Message):
     CREATED_AT_FIELD_NUMBER: _builtins.int
     REQUESTED_BY_FIELD_NUMBER: _builtins.int
     DECIDED_BY_FIELD_NUMBER: _builtins.int
+    CHANNELS_OMITTED_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     step: _builtins.int
     """The step number this request was planned as (the run's last committed step + 1)."""
@@ -697,12 +718,17 @@ class StepReply(_message.Message):
     def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskReport]: ...
     @_builtins.property
     def channels(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
-        """Channel values (JSON) visible after this step, and their versions."""
+        """Channel values (JSON) visible after this step, and their versions. Values that would
+        take the reply past the agreed message size (4 MiB) are left out of `channels` and listed
+        in `channels_omitted` with their size in bytes; the next step's tasks still see them.
+        """
 
     @_builtins.property
     def versions(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]: ...
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
+    @_builtins.property
+    def channels_omitted(self) -> _containers.ScalarMap[_builtins.str, _builtins.int]: ...
     def __init__(
         self,
         *,
@@ -718,10 +744,11 @@ class StepReply(_message.Message):
         created_at: _timestamp_pb2.Timestamp | None = ...,
         requested_by: _builtins.str = ...,
         decided_by: _builtins.str = ...,
+        channels_omitted: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "conflicts", b"conflicts", "created_at", b"created_at", "decided_by", b"decided_by", "reason", b"reason", "requested_by", b"requested_by", "run_id", b"run_id", "state", b"state", "step", b"step", "tasks", b"tasks", "versions", b"versions", "wall_seconds", b"wall_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "channels_omitted", b"channels_omitted", "conflicts", b"conflicts", "created_at", b"created_at", "decided_by", b"decided_by", "reason", b"reason", "requested_by", b"requested_by", "run_id", b"run_id", "state", b"state", "step", b"step", "tasks", b"tasks", "versions", b"versions", "wall_seconds", b"wall_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

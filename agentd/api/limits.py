@@ -1,0 +1,18 @@
+"""The message size that client and server agree on, in one place.
+
+gRPC refuses a message larger than the receiver's limit with RESOURCE_EXHAUSTED *after* the
+sender did the work ("Received message larger than max"): a step that committed would look
+failed to its client. So the server sends at most, and the client receives at most, the same
+MAX_MESSAGE_BYTES, and every reply that can grow with run state (channel values, task output)
+is capped below it with a marker saying what was left out.
+"""
+
+from __future__ import annotations
+
+from typing import Final
+
+MAX_MESSAGE_BYTES: Final = 4 << 20
+"""gRPC's default receive limit, set explicitly on both sides."""
+
+REPLY_HEADROOM: Final = 64 << 10
+"""Kept free in a capped reply for framing and the fields added after the cap is computed."""
