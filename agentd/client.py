@@ -40,6 +40,7 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from agentd.api.gen.v1 import agentd_pb2 as pb
 from agentd.api.gen.v1 import agentd_pb2_grpc as pb_grpc
+from agentd.api.limits import MAX_MESSAGE_BYTES
 
 __all__ = [
     "DEV_SOCKET",
@@ -459,7 +460,9 @@ class AgentdClient:
         self.socket = resolve_socket(socket)
         self.timeout = timeout
         # An absolute target: "unix:relative" would depend on the cwd of whoever resolves it.
-        self._channel = grpc.insecure_channel(f"unix:{os.path.abspath(self.socket)}")
+        self._channel = grpc.insecure_channel(
+            f"unix:{os.path.abspath(self.socket)}",
+            options=[("grpc.max_receive_message_length", MAX_MESSAGE_BYTES)])
         self._stub = pb_grpc.AgentdStub(self._channel)
 
     @property

@@ -20,6 +20,7 @@ from grpc_reflection.v1alpha import reflection
 from agentd.api.audit_service import AuditServicer
 from agentd.api.gen.v1 import agentd_pb2, agentd_pb2_grpc, audit_pb2, audit_pb2_grpc
 from agentd.api.interceptor import DenialRecorder, RoleInterceptor
+from agentd.api.limits import MAX_MESSAGE_BYTES
 from agentd.api.service import AgentdServicer
 from agentd.audit import AuditLog
 from agentd.scheduler.tasks import MAX_ARGV_BYTES, MAX_STDIN_BYTES
@@ -84,7 +85,8 @@ class Servers:
             # Room for the largest valid Exec (stdin and argv), so the daemon's own size checks
             # answer with their explanation instead of gRPC's generic limit.
             options=[("grpc.so_reuseport", 0),
-                     ("grpc.max_receive_message_length", MAX_REQUEST_BYTES)])
+                     ("grpc.max_receive_message_length", MAX_REQUEST_BYTES),
+                     ("grpc.max_send_message_length", MAX_MESSAGE_BYTES)])
         names: list[str] = []
         for register in self.registrations:
             names += register(server)
