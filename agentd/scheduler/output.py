@@ -9,7 +9,7 @@ much the tool prints. Appending to a bytearray keeps it linear (no copy of the w
 from __future__ import annotations
 
 # Per stream (stdout, stderr) of each task kept in the reply.
-REPLY_OUTPUT_BYTES = 16 * 1024
+REPLY_OUTPUT_BYTES = 12 * 1024
 
 
 class CappedOutput:
