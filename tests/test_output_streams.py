@@ -225,7 +225,7 @@ class TestStuckLauncher:
             result = [e for e in calls][-1].outcome
         finally:
             os.kill(launcher, signal.SIGCONT)
-        assert result.stop_reason == "timeout", result
+        assert result.stop_reason == pb.STOP_REASON_TIMEOUT, result
         assert not result.exited
         wait_for(lambda: "launcher.late_message" in daemon.log())
         assert outcome(stub, exec_request(new_run(stub), "echo again")).exit_code == 0
