@@ -87,7 +87,8 @@ def outcome(stub: Stub, request: pb.ExecRequest) -> pb.Outcome:
     last = None
     for event in stub.Exec(request, timeout=120):
         last = event
-    assert last is not None and last.HasField("outcome")
+    assert last is not None
+    assert last.HasField("outcome")
     return last.outcome
 
 
@@ -150,7 +151,8 @@ class TestBackpressure:
                 new_run(stub), "echo other"))
             latency = time.monotonic() - began
             other.close()
-            assert result.exited and result.exit_code == 0
+            assert result.exited
+            assert result.exit_code == 0
             stalled.append(stall(channels[STALLED]))  # now every worker slot is held
             refused = 0
             for _ in range(BEYOND):
@@ -222,7 +224,7 @@ class TestStuckLauncher:
         assert next(calls).output.data == b"up\n"
         os.kill(launcher, signal.SIGSTOP)
         try:
-            result = [e for e in calls][-1].outcome
+            result = list(calls)[-1].outcome
         finally:
             os.kill(launcher, signal.SIGCONT)
         assert result.stop_reason == pb.STOP_REASON_TIMEOUT, result
@@ -256,10 +258,11 @@ class TestStuckLauncher:
         threads = [threading.Thread(target=one, args=(i,)) for i in range(3)]
         for thread in threads:
             thread.start()
-        running = [e for e in calls][-1].outcome
+        running = list(calls)[-1].outcome
         for thread in threads:
             thread.join(120)
-        assert not running.exited and running.signal == signal.SIGKILL, running
+        assert not running.exited, running
+        assert running.signal == signal.SIGKILL, running
         for i, got in results.items():
             assert got == grpc.StatusCode.UNAVAILABLE or (
                 isinstance(got, pb.Outcome) and got.stdout_bytes == len(f"{i}\n")), got
