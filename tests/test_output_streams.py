@@ -23,7 +23,7 @@ import pytest
 from agentd.api.gen.v1 import agentd_pb2 as pb
 from agentd.api.gen.v1 import agentd_pb2_grpc
 from agentd.api.limits import MAX_MESSAGE_BYTES
-from agentd.scheduler.output import REPLY_OUTPUT_BYTES
+from agentd.scheduler.output import REPLY_OUTPUT_BYTES, CappedOutput
 from agentd.scheduler.steps import MAX_TASKS
 from tests.conftest import CONFIG, REPO, DaemonHandle, daemon_base, start_daemon, stop_daemon
 
@@ -205,6 +205,15 @@ class TestReplyCap:
         marker = f"[... {total - REPLY_OUTPUT_BYTES} bytes more, streamed ...]".encode()
         assert out[REPLY_OUTPUT_BYTES:].strip() == marker
         assert reply.tasks[0].outcome.stdout_bytes == total
+
+    def test_chunks_across_the_cap(self) -> None:
+        kept = CappedOutput(cap=5)
+        for chunk in (b"abc", b"defg", b"", b"hij"):
+            kept.add(chunk)
+        assert kept.value() == b"abcde\n[... 5 bytes more, streamed ...]\n"
+        exact = CappedOutput(cap=3)
+        exact.add(b"abc")
+        assert exact.value() == b"abc"
 
     def test_the_largest_reply_fits_the_message_limit(self) -> None:
         assert MAX_TASKS * 2 * (REPLY_OUTPUT_BYTES + 64) < MAX_MESSAGE_BYTES // 2
