@@ -50,6 +50,8 @@ class DaemonSection(_Strict):
     # to deliver the outcome before the servers close.
     drain_seconds: float = Field(default=10.0, ge=0)
     max_concurrent_workers: int = Field(default=64, ge=1)
+    # A worker launcher that does not answer the daemon's ping for this long is replaced.
+    launcher_timeout_seconds: float = Field(default=5.0, gt=0)
     # A run's layer stack this deep is squashed into one layer in the background: overlayfs
     # mounts at most 500 lowers, kernels before 6.8 fit about 140 in one mount's options, and
     # every lower costs at each mount.

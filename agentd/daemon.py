@@ -137,7 +137,8 @@ def start(config: Config) -> Daemon:
     """Steps 1 to 4 of the start-up order; raises AgentdError with a clear message."""
     registry = AgentRegistry.load(config)
     _prepare_dirs(config)
-    launcher = LauncherClient(str(config.daemon.runtime_dir / "worker-root"))
+    launcher = LauncherClient(str(config.daemon.runtime_dir / "worker-root"),
+                              timeout=config.daemon.launcher_timeout_seconds)
     launcher.start()
     d = config.daemon
     cgroups = probe(parent=d.cgroup_parent or None,

@@ -22,6 +22,9 @@ from agentd.scheduler.steps import StepListener, StepResult, StepRunner, TaskRep
 
 # Output chunks buffered for a slow client before the worker's reader waits for it.
 STREAM_BUFFER = 256
+# Step events (output chunks of at most 64 KiB) waiting for a slow streaming client before the
+# task's output queue, and then its pipe, wait for it: a stalled caller costs about 1 MiB here.
+STREAM_EVENTS = 16
 
 
 class AgentdServicer(agentd_pb2_grpc.AgentdServicer):
@@ -130,7 +133,7 @@ async def _stream_step(start: Callable[[StepListener], Awaitable[StepResult]]
                        ) -> AsyncIterator[Any]:
     """Runs a step, yielding its events as they happen and then its StepResult; a caller that
     goes away cancels the step (its workers are killed, nothing is applied)."""
-    queue: asyncio.Queue[Any] = asyncio.Queue(STREAM_BUFFER)
+    queue: asyncio.Queue[Any] = asyncio.Queue(STREAM_EVENTS)
     done = object()
 
     async def listener(kind: str, payload: Any) -> None:

@@ -15,6 +15,8 @@ over a SOCK_SEQPACKET socketpair (one JSON message per packet, fds passed with S
       │ ◀── failed{id,step,errno,message}│
       │                                  │ pidfd readable → waitpid
       │ ◀── exited{id,status}            │
+      │ ping{seq} ──────────────────────▶│ (the daemon's watchdog; no pong in time:
+      │ ◀── pong{seq}                    │  SIGKILL and a new launcher)
       │ shutdown{} ─────────────────────▶│ SIGKILL every worker, exit
 
 Everything is event-driven (selectors over the socket, the error pipes and pidfds), so a slow
@@ -110,7 +112,9 @@ class Launcher:
         message, fds = recv_message(self.sock)
         if message is None or message.get("op") == "shutdown":
             return False
-        if message.get("op") == "spawn" and len(fds) >= FDS_PER_SPAWN:
+        if message.get("op") == "ping":  # the daemon's watchdog: we are still serving
+            send_message(self.sock, {"op": "pong", "seq": message.get("seq")})
+        elif message.get("op") == "spawn" and len(fds) >= FDS_PER_SPAWN:
             self._spawn(message, fds)
         else:
             for fd in fds:

@@ -4,6 +4,13 @@ Starts the launcher process before the daemon has any thread, then turns its mes
 per-spawn futures on the daemon's event loop. If the launcher dies (it should not), every
 pending spawn fails with UNAVAILABLE and the next spawn starts a new launcher: starting one
 from a threaded process is safe because subprocess execs right after its fork.
+
+A watchdog pings the launcher every `timeout / 4` seconds; a launcher that does not answer
+within `timeout` (stopped, wedged) is SIGKILLed (its workers die with it: PDEATHSIG, and
+their cgroups are killed by their Worker) and replaced at once. Spawns it had not started fail
+with UNAVAILABLE, started ones complete as killed. Every future is resolved at most once
+(checked with `done()`), and a message read on an old launcher's socket (a generation that is
+no longer current) is dropped, so a late report can never complete a call twice.
 """
 
 from __future__ import annotations
@@ -12,6 +19,7 @@ import asyncio
 import contextlib
 import itertools
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -25,6 +33,9 @@ from agentd.sandbox.launcher import recv_message, send_message
 from agentd.sandbox.spec import SetupFailure, WorkerSpec
 
 log = structlog.get_logger("agentd.launcher")
+
+# Seconds without a pong before the launcher is declared stuck and replaced.
+DEFAULT_TIMEOUT = 5.0
 
 
 @dataclass
@@ -49,13 +60,18 @@ class SetupError(Exception):
 class LauncherClient:
     """Owns the launcher process and the socket to it."""
 
-    def __init__(self, new_root: str) -> None:
+    def __init__(self, new_root: str, *, timeout: float = DEFAULT_TIMEOUT) -> None:
         self.new_root = new_root
+        self.timeout = timeout
         self._sock: socket.socket | None = None
         self._process: subprocess.Popen[bytes] | None = None
         self._pending: dict[int, Spawned] = {}
         self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._generation = 0  # which launcher the current socket talks to
+        self._pong = 0  # the last ping sequence number answered
+        self._pong_event: asyncio.Event | None = None
+        self._watchdog: asyncio.Task[None] | None = None
 
     def start(self) -> None:
         """Starts the launcher; call before the daemon starts any thread."""
@@ -70,15 +86,48 @@ class LauncherClient:
         theirs.close()
         ours.setblocking(False)
         self._sock = ours
+        self._generation += 1
         if self._loop is not None:
-            self._loop.add_reader(ours.fileno(), self._on_readable)
-        log.info("launcher.started", pid=self._process.pid)
+            self._loop.add_reader(ours.fileno(), self._on_readable, self._generation)
+        log.info("launcher.started", pid=self._process.pid, generation=self._generation)
 
     def attach(self, loop: asyncio.AbstractEventLoop) -> None:
-        """Starts delivering launcher messages on `loop`."""
+        """Starts delivering launcher messages on `loop`, and the watchdog."""
         self._loop = loop
         if self._sock is not None:
-            loop.add_reader(self._sock.fileno(), self._on_readable)
+            loop.add_reader(self._sock.fileno(), self._on_readable, self._generation)
+        self._pong_event = asyncio.Event()
+        self._watchdog = loop.create_task(self._watch())
+
+    async def _watch(self) -> None:
+        """Pings the launcher; one that does not answer in `timeout` is killed and replaced."""
+        assert self._pong_event is not None
+        for seq in itertools.count(1):
+            await asyncio.sleep(self.timeout / 4)
+            if self._sock is None:
+                continue
+            generation = self._generation
+            self._pong_event.clear()
+            try:
+                send_message(self._sock, {"op": "ping", "seq": seq})
+                async with asyncio.timeout(self.timeout):
+                    while self._pong < seq:
+                        await self._pong_event.wait()
+                        self._pong_event.clear()
+            except TimeoutError:
+                if generation == self._generation and self._sock is not None:
+                    self._on_readable(generation)  # a stalled loop may not have read it yet
+                if self._pong < seq and generation == self._generation:
+                    self._launcher_stuck()
+            except OSError:
+                pass  # the launcher died: the socket's EOF handles that
+
+    def _launcher_stuck(self) -> None:
+        log.error("launcher.unresponsive", pid=self.pid, timeout_seconds=self.timeout)
+        if self._process is not None and self._process.poll() is None:
+            self._process.kill()
+        self._launcher_gone()
+        self.start()
 
     @property
     def pid(self) -> int | None:
@@ -102,13 +151,23 @@ class LauncherClient:
             raise Unavailable(f"cannot reach the worker launcher: {exc}") from exc
         return spawned
 
+    def abandon(self, spawned: Spawned, status: int) -> None:
+        """Completes `spawned` without the launcher (its worker's cgroup is empty and the
+        launcher did not report); whatever the launcher says about it later is ignored."""
+        for request_id, pending in list(self._pending.items()):
+            if pending is spawned:
+                del self._pending[request_id]
+        _resolve(spawned.started, 0)
+        _resolve(spawned.exited, status)
+
     def _restart(self) -> None:
         log.error("launcher.restarting", previous_pid=self.pid)
         self._close_socket()
         self.start()
 
-    def _on_readable(self) -> None:
-        assert self._sock is not None
+    def _on_readable(self, generation: int) -> None:
+        if generation != self._generation or self._sock is None:
+            return  # a message from a launcher that was replaced
         try:
             message, fds = recv_message(self._sock)
         except BlockingIOError:
@@ -123,34 +182,40 @@ class LauncherClient:
         self._dispatch(message)
 
     def _dispatch(self, message: dict[str, Any]) -> None:
+        op = message.get("op")
+        if op == "pong":
+            self._pong = max(self._pong, int(message.get("seq") or 0))
+            if self._pong_event is not None:
+                self._pong_event.set()
+            return
         spawned = self._pending.get(int(message.get("id") or 0))
         if spawned is None:
-            log.warning("launcher.unknown_message", message=message)
+            log.info("launcher.late_message", op=op, id=message.get("id"))
             return
-        op = message["op"]
-        if op == "started" and not spawned.started.done():
-            spawned.started.set_result(int(message["pid"]))
+        if op == "started":
+            _resolve(spawned.started, int(message["pid"]))
         elif op == "failed":
             spawned.failure = SetupFailure(str(message.get("step")), int(message.get("errno", 0)),
                                            str(message.get("message")))
-            if not spawned.started.done():
-                spawned.started.set_exception(SetupError(spawned.failure))
+            _fail(spawned.started, SetupError(spawned.failure))
         elif op == "exited":
             del self._pending[int(message["id"])]
-            if not spawned.started.done():
-                spawned.started.set_exception(SetupError(SetupFailure(
-                    "unknown", 0, "the worker exited before it reported")))
-            spawned.exited.set_result(int(message["status"]))
+            _fail(spawned.started, SetupError(SetupFailure(
+                "unknown", 0, "the worker exited before it reported")))
+            _resolve(spawned.exited, int(message["status"]))
 
     def _launcher_gone(self) -> None:
+        """Fails spawns the launcher had not started; started ones complete as killed (their
+        workers die with the launcher)."""
         log.error("launcher.died", pid=self.pid)
         self._close_socket()
         error = Unavailable("the worker launcher died; the call was not run, retry it")
         for spawned in self._pending.values():
-            for future in (spawned.started, spawned.exited):
-                if not future.done():
-                    future.set_exception(error)
-                    future.exception()  # consumed here: no 'never retrieved' warning
+            if spawned.started.done() and not spawned.started.exception():
+                _resolve(spawned.exited, signal.SIGKILL)
+            else:
+                _fail(spawned.started, error)
+                _fail(spawned.exited, error)
         self._pending.clear()
 
     def _close_socket(self) -> None:
@@ -166,6 +231,8 @@ class LauncherClient:
 
     def stop(self) -> None:
         """Asks the launcher to kill every worker and exit, and waits for it."""
+        if self._watchdog is not None:
+            self._watchdog.cancel()
         if self._sock is not None:
             with contextlib.suppress(OSError):
                 send_message(self._sock, {"op": "shutdown"})
@@ -176,3 +243,14 @@ class LauncherClient:
                 self._process.kill()
                 self._process.wait()
         self._close_socket()
+
+
+def _resolve(future: asyncio.Future[int], value: int) -> None:
+    if not future.done():
+        future.set_result(value)
+
+
+def _fail(future: asyncio.Future[int], error: Exception) -> None:
+    if not future.done():
+        future.set_exception(error)
+        future.exception()  # consumed here: no 'never retrieved' warning

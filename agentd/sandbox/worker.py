@@ -7,7 +7,14 @@ mount behind (its mounts lived in its mount namespace, gone with its last proces
 
 stdout and stderr are two pipes read by the event loop; chunks are delivered in the order
 the daemon reads them, which keeps each stream's own order exactly and the interleaving of
-the two as close to production order as two pipes allow.
+the two as close to production order as two pipes allow. At most QUEUE_BYTES wait for the
+consumer: past that the daemon stops reading the pipes until the consumer drains the queue,
+so a tool whose caller is slow blocks in write(2) (backpressure to the pipe) and daemon
+memory stays bounded per worker however many callers stop reading.
+
+Wall time is the daemon's to enforce: the timer kills the cgroup, and if the launcher does
+not report the exit within REAP_GRACE (a stopped or stuck launcher), an empty cgroup is taken
+as the truth and the worker completes as killed; a late report is then ignored.
 """
 
 from __future__ import annotations
@@ -23,7 +30,7 @@ from dataclasses import dataclass
 import structlog
 
 from agentd.sandbox.cgroups import CgroupDriver, CgroupLimits, TaskCgroup
-from agentd.sandbox.launcher_client import LauncherClient, SetupError
+from agentd.sandbox.launcher_client import LauncherClient, SetupError, Spawned
 from agentd.sandbox.spec import ResourceUsage, SetupFailure, WorkerSpec
 
 log = structlog.get_logger("agentd.worker")
@@ -31,6 +38,10 @@ log = structlog.get_logger("agentd.worker")
 STDOUT, STDERR = "stdout", "stderr"
 # How often a running worker's cgroup is checked for an OOM kill or a refused fork.
 LIMIT_POLL_SECONDS = 0.05
+# Output bytes read from the pipes but not yet taken by the consumer, before reading pauses.
+QUEUE_BYTES = 512 * 1024
+# How long after its cgroup was killed a worker waits for the launcher's exit report.
+REAP_GRACE = 2.0
 
 OutputSink = Callable[[str, bytes], Awaitable[None]]
 
@@ -74,7 +85,10 @@ class Worker:
         self._killing: asyncio.Task[None] | None = None
         self._output = {STDOUT: 0, STDERR: 0}
         self._queue: asyncio.Queue[tuple[str, bytes] | None] = asyncio.Queue()
-        self._open_streams = 2
+        self._queued = 0  # bytes in _queue
+        self._readers: dict[int, str] = {}  # open pipes: fd -> stream kind
+        self._paused = False
+        self._spawned: Spawned | None = None
         self._marks: list[tuple[str, float]] = []
         self._exited = False
 
@@ -85,8 +99,24 @@ class Worker:
         if self._stop_reason is None:
             self._stop_reason = reason
         if self._cgroup is not None and self._killing is None:
-            self._killing = asyncio.get_running_loop().create_task(
-                asyncio.to_thread(self._cgroup.kill))
+            self._killing = asyncio.get_running_loop().create_task(self._kill_and_reap())
+
+    async def _kill_and_reap(self) -> None:
+        """Kills the cgroup; completes the worker itself if the launcher never reports."""
+        assert self._cgroup is not None
+        try:
+            await asyncio.to_thread(self._cgroup.kill)
+        finally:
+            spawned = self._spawned
+            if spawned is not None and not spawned.exited.done():
+                with contextlib.suppress(asyncio.TimeoutError):
+                    await asyncio.wait_for(asyncio.shield(spawned.exited), REAP_GRACE)
+                if not spawned.exited.done() and not await asyncio.to_thread(
+                        self._cgroup.populated):
+                    log.warning("worker.reaped_without_launcher", task_id=self.spec.task_id,
+                                reason=self._stop_reason)
+                    self._launcher.abandon(spawned, status=signal.SIGKILL)
+                    self._queue.put_nowait(None)  # the pipes may never close: output ends here
 
     async def run(self, stdin: bytes, on_output: OutputSink) -> WorkerResult:
         self._mark("begin")
@@ -126,8 +156,10 @@ class Worker:
         finally:
             for fd in (in_r, out_w, err_w):
                 os.close(fd)
+        self._spawned = spawned
         for fd, kind in ((out_r, STDOUT), (err_r, STDERR)):
             os.set_blocking(fd, False)
+            self._readers[fd] = kind
             loop.add_reader(fd, self._on_readable, fd, kind)
         spawned.exited.add_done_callback(self._on_exit)
         feeder = loop.create_task(self._feed_stdin(in_w, stdin))
@@ -142,6 +174,8 @@ class Worker:
                 failure = exc.failure
             self._mark("started")
             while (item := await self._queue.get()) is not None:
+                self._queued -= len(item[1])
+                self._resume_reading()
                 await on_output(*item)
             self._mark("output closed")
             status = await spawned.exited
@@ -176,15 +210,23 @@ class Worker:
         # pid 1 is gone, so is its pid namespace: a timer firing now stops nothing.
         self._exited = True
 
+    def _resume_reading(self) -> None:
+        if self._paused and self._queued <= QUEUE_BYTES // 2:
+            self._paused = False
+            loop = asyncio.get_running_loop()
+            for fd, kind in self._readers.items():
+                loop.add_reader(fd, self._on_readable, fd, kind)
+
     def _on_readable(self, fd: int, kind: str) -> None:
         try:
             data = os.read(fd, 65536)
         except BlockingIOError:
             return
+        loop = asyncio.get_running_loop()
         if not data:
-            asyncio.get_running_loop().remove_reader(fd)
-            self._open_streams -= 1
-            if self._open_streams == 0:
+            loop.remove_reader(fd)
+            del self._readers[fd]
+            if not self._readers:
                 self._queue.put_nowait(None)
             return
         room = self.spec.limits.output_bytes - self._output[STDOUT] - self._output[STDERR]
@@ -193,7 +235,12 @@ class Worker:
             self.stop("output")
         if data:
             self._output[kind] += len(data)
+            self._queued += len(data)
             self._queue.put_nowait((kind, data))
+        if self._queued >= QUEUE_BYTES and not self._paused:
+            self._paused = True  # the tool blocks in write(2) until the consumer catches up
+            for open_fd in self._readers:
+                loop.remove_reader(open_fd)
 
     async def _feed_stdin(self, fd: int, data: bytes) -> None:
         """Writes stdin without blocking the loop; a tool that never reads it just never gets it."""

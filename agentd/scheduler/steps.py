@@ -47,6 +47,7 @@ from agentd.sandbox.worker import Worker, WorkerResult
 from agentd.scheduler import barrier, channels
 from agentd.scheduler.export import Exporter
 from agentd.scheduler.gate import Phase
+from agentd.scheduler.output import CappedOutput
 from agentd.scheduler.runs import RunManager
 from agentd.scheduler.tasks import ExecRequest, TaskRunner
 from agentd.scheduler.writes import WritesCollector, channels_snapshot_fd
@@ -475,12 +476,12 @@ class StepRunner:
         worker = Worker(spec, launcher=self.tasks.launcher, cgroups=self.tasks.cgroups,
                         extra_fds=(collector.write_fd, snapshot_fd))
 
+        kept = {"stdout": CappedOutput(), "stderr": CappedOutput()}
+
         async def on_output(kind: str, data: bytes) -> None:
-            # Kept for the reply too; the worker already cut it at the policy's output limit.
-            if kind == "stdout":
-                report.stdout += data
-            else:
-                report.stderr += data
+            # A capped prefix is kept for the reply; the worker already cut it at the policy's
+            # output limit, and the whole of it streams to a listener.
+            kept[kind].add(data)
             if listener is not None:
                 await listener("output", (task.name, kind, data))
 
@@ -491,6 +492,7 @@ class StepRunner:
         finally:
             os.close(snapshot_fd)
             collector.close_write_end()
+            report.stdout, report.stderr = kept["stdout"].value(), kept["stderr"].value()
         raw = await collector.finish()
         report.failure = _task_failure(task, report.result, collector)
         if not report.failure:
