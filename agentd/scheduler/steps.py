@@ -152,6 +152,19 @@ def approval_triggers(policy: EffectivePolicy, executables: Sequence[str]) -> li
     return hits
 
 
+def withheld_programs(policy: EffectivePolicy, approved: bool) -> tuple[str, ...]:
+    """What a worker of this step must not execute by any route: the programs (and trees) of
+    the policy's exec: approval triggers, unless a person approved the step.
+
+    argv[0] alone is not enough (a shell, Python or the loader can start a trigger), so the
+    worker is built without them (agentd/policy/execset.py).
+    """
+    if approved:
+        return ()
+    return tuple(sorted(t.removeprefix("exec:").rstrip("/") or "/"
+                        for t in policy.approval_required_for if t.startswith("exec:")))
+
+
 class StepRunner:
     """Runs, approves, rolls back and forks steps of the RunManager's runs."""
 
@@ -296,7 +309,7 @@ class StepRunner:
                     for report, (task, exe) in zip(reports, planned, strict=True):
                         group.create_task(self._run_task(
                             run_id, report, task, exe, base.layers, policy, snapshot, specs,
-                            caller, listener))
+                            caller, listener, approved=bool(decided_by)))
             except BaseExceptionGroup as failed:
                 # One task could not be run at all (not a tool failure: those are results);
                 # the group has cancelled and awaited the others.
@@ -386,14 +399,16 @@ class StepRunner:
     async def _run_task(self, run_id: str, report: TaskReport, task: TaskRequest,
                         executable: str, layers: list[str], policy: EffectivePolicy,
                         snapshot: dict[str, Any], specs: dict[str, channels.ChannelSpec],
-                        caller: Caller, listener: StepListener | None) -> None:
+                        caller: Caller, listener: StepListener | None, *,
+                        approved: bool) -> None:
         """One task in its own worker on the committed layers; fills `report`, never raises
         for the tool."""
         task_id = report.task_id
         report.upper = await asyncio.to_thread(self.layers.new_upper, task_id,
                                                self.tasks.uid, self.tasks.gid)
         request = task.exec_request(run_id)
-        spec = self.tasks.build_spec(task_id, request, executable, policy)
+        spec = self.tasks.build_spec(task_id, request, executable, policy,
+                                     withheld=withheld_programs(policy, approved))
         spec = replace(spec, env={**spec.env, "AGENTD_WRITES_FD": str(WRITES_FD),
                                   "AGENTD_CHANNELS_FD": str(CHANNELS_FD)})
         if policy.workspace != "none":

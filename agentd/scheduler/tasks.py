@@ -17,6 +17,8 @@ import structlog
 from agentd.errors import AgentdError, InvalidArgument
 from agentd.identity import Caller
 from agentd.policy import EffectivePolicy, decide_exec
+from agentd.policy.execset import exec_mounts
+from agentd.policy.paths import is_at_or_below
 from agentd.sandbox.cgroups import CgroupDriver
 from agentd.sandbox.launcher_client import LauncherClient
 from agentd.sandbox.spec import Limits, WorkerSpec
@@ -104,8 +106,16 @@ class TaskRunner:
         return executable
 
     def build_spec(self, task_id: str, request: ExecRequest, executable: str,
-                   policy: EffectivePolicy) -> WorkerSpec:
-        """The worker for one checked call; the caller adds the workspace (its layer stack)."""
+                   policy: EffectivePolicy, *, withheld: tuple[str, ...] = ()) -> WorkerSpec:
+        """The worker for one checked call; the caller adds the workspace (its layer stack).
+
+        `withheld` are granted programs (or trees) this worker must not be able to execute by
+        any route: the approval triggers of a step nobody approved.
+        """
+        mounts = exec_mounts(policy, withheld)
+        held = [os.path.realpath(p) for p in withheld]
+        exec_allow = tuple(e for e in policy.exec_allow
+                           if not any(is_at_or_below(os.path.realpath(e), h) for h in held))
         env = {"PATH": DEFAULT_PATH, "HOME": "/workspace", "TMPDIR": "/tmp",
                "AGENTD_TASK_ID": task_id, **policy.env_set, **request.env}
         limits = Limits(memory_bytes=policy.memory_bytes, pids=policy.pids, cpu=policy.cpu,
@@ -118,7 +128,8 @@ class TaskRunner:
             uid=self.uid, gid=self.gid, user_namespace=policy.user_namespace,
             read_only=policy.read_only,
             workspace_writable=policy.workspace == "read_write",
-            exec_allow=policy.exec_allow, limits=limits)
+            exec_allow=exec_allow, exec_binds=mounts.executable,
+            exec_withheld=mounts.withheld, limits=limits)
 
     async def refused(self, request: ExecRequest, caller: Caller, task_id: str,
                       error: AgentdError, policy: EffectivePolicy | None) -> None:

@@ -1,0 +1,229 @@
+"""exec.allow holds by every route, inside real workers of the shipped policies.
+
+A program the effective policy does not grant must not run: not by execve, not through the
+dynamic loader run as a program, not as a copy in /workspace or /tmp, a symlink, a hard link,
+a memfd, execveat, an interpreter's exec function or a shebang line. Each attempt would print
+a marker if the program ran; the test asserts the marker is absent (and, where the shell
+reports it, that the kernel refused). The mechanism is in agentd/policy/execset.py.
+"""
+
+from __future__ import annotations
+
+import ast
+import contextlib
+import textwrap
+from collections.abc import Iterator
+
+import grpc
+import pytest
+
+from agentd.api.gen.v1 import agentd_pb2 as pb
+from agentd.policy import effective_policy, load_policy, load_stage_ceilings
+from agentd.policy.execset import exec_mounts, reach
+from tests.conftest import REPO, DaemonHandle, Result, execute, sh
+
+pytestmark = pytest.mark.privileged
+
+LOADER = "/lib64/ld-linux-x86-64.so.2"
+MARK = "RAN-" + "NOT-GRANTED"
+# Not granted by shell-helper nor cve-triage, and each prints MARK if it runs.
+FOREIGN = {
+    "perl": ["/usr/bin/perl", "-e", f'print "{MARK}\\n"'],
+    "python3": ["/usr/bin/python3", "-c", f"print('{MARK}')"],
+    "ln": ["/usr/bin/ln", "--version"],  # prints "ln (GNU coreutils)": MARK is its output
+}
+
+
+def _ran(result: Result, name: str) -> bool:
+    marker = "GNU coreutils" if name == "ln" else MARK
+    return marker in result.stdout.decode(errors="replace")
+
+
+def _quoted(argv: list[str]) -> str:
+    return " ".join("'" + a.replace("'", "'\\''") + "'" for a in argv)
+
+
+@pytest.fixture(params=["shell-helper", "cve-triage"])
+def agent_run(request: pytest.FixtureRequest, daemon: DaemonHandle) -> Iterator[tuple[str, str]]:
+    stub = daemon.stub()
+    run = stub.CreateRun(pb.CreateRunRequest(agent=request.param))
+    yield request.param, run.run_id
+    with contextlib.suppress(grpc.RpcError):
+        stub.CloseRun(pb.CloseRunRequest(run_id=run.run_id))
+
+
+def _foreign(agent: str) -> list[str]:
+    # cve-triage grants python3, so python3 is not foreign there.
+    return [n for n in FOREIGN if not (agent == "cve-triage" and n == "python3")]
+
+
+class TestShellRoutes:
+    """Routes a shell alone can take; every shipped policy grants /bin/sh."""
+
+    def test_granted_programs_still_run(self, daemon: DaemonHandle,
+                                        agent_run: tuple[str, str]) -> None:
+        _, run_id = agent_run
+        result = sh(daemon.stub(), run_id, "echo ok | cat; id -u; ls / >/dev/null && echo ls")
+        assert result.outcome is not None
+        assert result.outcome.exit_code == 0, result.stderr
+        assert result.text.split() == ["ok", "65534", "ls"]
+
+    def test_direct_execve_is_refused(self, daemon: DaemonHandle,
+                                      agent_run: tuple[str, str]) -> None:
+        agent, run_id = agent_run
+        for name in _foreign(agent):
+            result = sh(daemon.stub(), run_id, _quoted(FOREIGN[name]) + "; echo rc=$?")
+            assert not _ran(result, name), (agent, name, result.stdout)
+            assert "rc=126" in result.text, (agent, name, result.stdout, result.stderr)
+
+    def test_loader_as_a_program_cannot_map_it(self, daemon: DaemonHandle,
+                                               agent_run: tuple[str, str]) -> None:
+        agent, run_id = agent_run
+        for name in _foreign(agent):
+            result = sh(daemon.stub(), run_id, f"{LOADER} {_quoted(FOREIGN[name])}")
+            assert not _ran(result, name), (agent, name, result.stdout)
+            assert result.outcome is not None
+            assert result.outcome.exit_code != 0
+
+    def test_copies_in_workspace_and_tmp_do_not_run(self, daemon: DaemonHandle,
+                                                     agent_run: tuple[str, str]) -> None:
+        agent, run_id = agent_run
+        for where in ("/workspace", "/tmp"):
+            script = (f"cp /usr/bin/perl {where}/p && {where}/p -e 'print \"{MARK}\\n\"';"
+                      f" {LOADER} {where}/p -e 'print \"{MARK}\\n\"'; echo done")
+            result = sh(daemon.stub(), run_id, script)
+            assert "done" in result.text, (agent, where, result.stderr)
+            assert MARK not in result.text, (agent, where, result.stdout)
+
+    def test_symlinks_and_hard_links_do_not_run(self, daemon: DaemonHandle,
+                                                agent_run: tuple[str, str]) -> None:
+        agent, run_id = agent_run
+        script = (f"cp -s /usr/bin/perl /tmp/s; /tmp/s -e 'print \"{MARK}\\n\"';"
+                  f" cp -l /usr/bin/perl /tmp/h 2>&1 || echo link-refused;"
+                  f" /tmp/h -e 'print \"{MARK}\\n\"'; echo done")
+        result = sh(daemon.stub(), run_id, script)
+        assert "done" in result.text, result.stderr
+        assert "link-refused" in result.text, result.stderr
+        assert MARK not in result.text, (agent, result.stdout)
+
+
+PYTHON_ROUTES = r'''
+import ctypes, os, subprocess, sys
+MARK = sys.argv[1]
+libc = ctypes.CDLL(None, use_errno=True)
+out = {}
+def attempt(name, fn):
+    try:
+        fn()
+        out[name] = "returned"
+    except OSError as e:
+        out[name] = e.errno
+def child(argv):
+    try:
+        r = subprocess.run(argv, capture_output=True, text=True)
+    except OSError as e:
+        return e.errno
+    return r.stdout + r.stderr
+def fork_exec(fn):
+    pid = os.fork()
+    if pid == 0:
+        try:
+            fn()
+        except OSError as e:
+            os._exit(e.errno)
+        os._exit(0)
+    return os.waitstatus_to_exitcode(os.waitpid(pid, 0)[1])
+perl = ["/usr/bin/perl", "-e", 'print "%s\n"' % MARK]
+# an interpreter's exec functions
+out["execv"] = fork_exec(lambda: os.execv(perl[0], perl))
+out["subprocess"] = child(perl)
+out["loader"] = child(["/lib64/ld-linux-x86-64.so.2", *perl])
+# a memfd holding the program, run with fexecve and execveat(AT_EMPTY_PATH)
+def memfd():
+    fd = os.memfd_create("p", 0)
+    with open("/usr/bin/perl", "rb") as f:
+        os.write(fd, f.read())
+    return fd
+def run_memfd():
+    os.execve(memfd(), perl, {})
+out["fexecve"] = fork_exec(run_memfd)
+# execveat with a directory fd
+def run_execveat():
+    d = os.open("/usr/bin", os.O_PATH | os.O_DIRECTORY)
+    argv = (ctypes.c_char_p * 4)(*[a.encode() for a in perl], None)
+    envp = (ctypes.c_char_p * 1)(None)
+    if libc.syscall(322, d, b"perl", argv, envp, 0) < 0:
+        raise OSError(ctypes.get_errno(), "execveat")
+out["execveat"] = fork_exec(run_execveat)
+# a shebang script pointing at perl, in /tmp (noexec) and run through the granted shell
+with open("/tmp/s.pl", "w") as f:
+    f.write("#!/usr/bin/perl\nprint \"%s\\n\";\n" % MARK)
+os.chmod("/tmp/s.pl", 0o755)
+out["shebang"] = child(["/tmp/s.pl"])
+# hard link of perl into /tmp
+try:
+    os.link("/usr/bin/perl", "/tmp/h")
+    out["link"] = child(["/tmp/h", "-e", 'print "%s\n"' % MARK])
+except OSError as e:
+    out["link"] = e.errno
+print(repr(out))
+'''
+
+
+class TestInterpreterRoutes:
+    """cve-triage grants python3: what Python can do to start perl, it cannot."""
+
+    @pytest.fixture
+    def triage(self, daemon: DaemonHandle) -> Iterator[str]:
+        stub = daemon.stub()
+        run = stub.CreateRun(pb.CreateRunRequest(agent="cve-triage"))
+        yield run.run_id
+        with contextlib.suppress(grpc.RpcError):
+            stub.CloseRun(pb.CloseRunRequest(run_id=run.run_id))
+
+    def test_python_cannot_start_a_program_that_is_not_granted(
+            self, daemon: DaemonHandle, triage: str) -> None:
+        result = execute(daemon.stub(), triage,
+                         ["/usr/bin/python3", "-c", textwrap.dedent(PYTHON_ROUTES), MARK])
+        assert result.outcome is not None
+        assert result.outcome.exit_code == 0, result.stderr
+        assert MARK not in result.stdout.decode(), result.stdout
+        out = ast.literal_eval(result.text.strip().splitlines()[-1])
+        # execv, fexecve and execveat fail in the child with EACCES (13) or EPERM (1).
+        assert out["execv"] == 13, out
+        assert out["execveat"] == 13, out
+        assert out["fexecve"] in (1, 13), out
+        assert out["subprocess"] == 13, out
+        assert out["shebang"] == 13, out
+        assert out["link"] == 18, out  # EXDEV: /usr/bin and /tmp are different mounts
+
+    def test_python_still_has_its_extension_modules(self, daemon: DaemonHandle,
+                                                    triage: str) -> None:
+        """lib-dynload is declared in exec.libraries: json's C accelerator and hashlib load."""
+        script = "import _json, hashlib, ssl; print(hashlib.sha256(b'x').hexdigest()[:8])"
+        result = execute(daemon.stub(), triage, ["/usr/bin/python3", "-c", script])
+        assert result.outcome is not None
+        assert result.outcome.exit_code == 0, result.stderr
+        assert result.text.strip() == "2d711642"
+
+
+class TestReach:
+    """What stays reachable (ELF programs inside the executable library directories) is
+    computed from the files and shown to reviewers."""
+
+    @pytest.mark.parametrize("name", ["shell-helper", "cve-triage"])
+    def test_reach_lists_real_programs_and_no_grant(self, name: str) -> None:
+        ceilings = load_stage_ceilings(REPO / "policies" / "stages.yaml")
+        policy = effective_policy(load_policy(REPO / "policies" / f"{name}.yaml"), "prototype",
+                                  ceilings)
+        found = reach(policy)
+        listed = [p for programs in found.values() for p in programs]
+        assert listed, found
+        assert len(listed) == len(set(listed))
+        granted = set(exec_mounts(policy).executable)
+        assert not granted & set(listed)
+        assert "/usr/bin/perl" not in listed
+        assert "/usr/bin/python3.11" not in listed
+        for path in listed:
+            with open(path, "rb") as f:
+                assert f.read(4) == b"\x7fELF"
