@@ -20,6 +20,7 @@ import pytest
 from agentd.api.gen.v1 import agentd_pb2 as pb
 from agentd.policy import effective_policy, load_policy, load_stage_ceilings
 from agentd.policy.execset import exec_mounts, reach
+from tests import test_steps as steps_tests
 from tests.conftest import REPO, DaemonHandle, Result, execute, sh
 
 pytestmark = pytest.mark.privileged
@@ -227,3 +228,54 @@ class TestReach:
         for path in listed:
             with open(path, "rb") as f:
                 assert f.read(4) == b"\x7fELF"
+
+
+# --- approval triggers hold inside the worker ---------------------------------------------
+
+
+@pytest.fixture(scope="module")
+def approvals() -> Iterator[DaemonHandle]:
+    """A daemon with the `approvals` agent: exec:/usr/bin/rm needs an approver."""
+    with steps_tests.own_daemon(steps_tests.APPROVALS_CONFIG) as handle:
+        yield handle
+
+
+class TestApprovalInsideWorker:
+    """With approval.required_for [exec:/usr/bin/rm], a step nobody approved cannot run rm by
+    any route (shell, Python's subprocess, the loader, the /bin spelling); an approved step
+    can, through a shell too."""
+
+    def test_unapproved_step_cannot_start_the_trigger(self, approvals: DaemonHandle) -> None:
+        stub = approvals.stub()
+        run_id = stub.CreateRun(pb.CreateRunRequest(agent="approvals")).run_id
+        setup = steps_tests.step(stub, run_id, steps_tests.task(
+            "setup", "echo v > victim; echo w > other"))
+        assert setup.state == steps_tests.COMMITTED
+        py = ("import subprocess\ntry:\n subprocess.run(['/usr/bin/rm', 'victim'])\n"
+              "except OSError as e:\n print('py', e.errno)")
+        reply = steps_tests.step(
+            stub, run_id,
+            steps_tests.task("sh", "rm victim; echo sh=$?; /bin/rm victim; echo bin=$?; "
+                             f"{LOADER} /usr/bin/rm victim; echo ld=$?"),
+            pb.TaskSpec(name="py", argv=["/usr/bin/python3", "-c", py]))
+        assert reply.state == steps_tests.COMMITTED, reply
+        out = {t.name: t.stdout.decode() for t in reply.tasks}
+        assert "sh=126" in out["sh"], out
+        assert "bin=126" in out["sh"], out
+        assert "ld=0" not in out["sh"], out
+        assert out["py"].strip() == "py 13", out
+        tree = steps_tests.files(steps_tests.export_tree(stub, run_id, 2))
+        assert tree == {"victim": "v\n", "other": "w\n"}
+
+    def test_approved_step_gets_the_trigger(self, approvals: DaemonHandle) -> None:
+        stub = approvals.stub()
+        run_id = stub.CreateRun(pb.CreateRunRequest(agent="approvals")).run_id
+        steps_tests.step(stub, run_id, steps_tests.task("setup", "echo v > victim; echo w > o"))
+        pending = steps_tests.step(
+            stub, run_id, pb.TaskSpec(name="rm", argv=["/usr/bin/rm", "victim"]),
+            steps_tests.task("sh", "rm o; echo sh=$?"))
+        assert pending.state == steps_tests.PENDING
+        approved = approvals.stub("approver").Approve(pb.ApproveRequest(
+            run_id=run_id, step=2, approve=True, reason="ok"), timeout=60)
+        assert approved.state == steps_tests.COMMITTED, approved
+        assert steps_tests.files(steps_tests.export_tree(stub, run_id, 2)) == {}
