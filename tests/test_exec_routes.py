@@ -40,6 +40,16 @@ def _ran(result: Result, name: str) -> bool:
     return marker in result.stdout.decode(errors="replace")
 
 
+def _denied(handle: DaemonHandle, run_id: str) -> list[dict[str, object]]:
+    """The exec.denied records of a run (agentd/sandbox/execwatch.py)."""
+    return [r["details"] for r in steps_tests.audit_records(handle)
+            if r.get("run_id") == run_id and r["event"] == "exec.denied"]
+
+
+def _recorded(handle: DaemonHandle, run_id: str, path: str, *, refused: bool = True) -> bool:
+    return any(d["path"] == path and d["refused"] is refused for d in _denied(handle, run_id))
+
+
 def _quoted(argv: list[str]) -> str:
     return " ".join("'" + a.replace("'", "'\\''") + "'" for a in argv)
 
@@ -76,6 +86,7 @@ class TestShellRoutes:
             result = sh(daemon.stub(), run_id, _quoted(FOREIGN[name]) + "; echo rc=$?")
             assert not _ran(result, name), (agent, name, result.stdout)
             assert "rc=126" in result.text, (agent, name, result.stdout, result.stderr)
+            assert _recorded(daemon, run_id, FOREIGN[name][0]), _denied(daemon, run_id)
 
     def test_loader_as_a_program_cannot_map_it(self, daemon: DaemonHandle,
                                                agent_run: tuple[str, str]) -> None:
@@ -85,6 +96,8 @@ class TestShellRoutes:
             assert not _ran(result, name), (agent, name, result.stdout)
             assert result.outcome is not None
             assert result.outcome.exit_code != 0
+        # The loader itself runs (it is every program's interpreter) but is on record.
+        assert _recorded(daemon, run_id, LOADER, refused=False), _denied(daemon, run_id)
 
     def test_copies_in_workspace_and_tmp_do_not_run(self, daemon: DaemonHandle,
                                                      agent_run: tuple[str, str]) -> None:
@@ -95,6 +108,7 @@ class TestShellRoutes:
             result = sh(daemon.stub(), run_id, script)
             assert "done" in result.text, (agent, where, result.stderr)
             assert MARK not in result.text, (agent, where, result.stdout)
+            assert _recorded(daemon, run_id, f"{where}/p"), _denied(daemon, run_id)
 
     def test_symlinks_and_hard_links_do_not_run(self, daemon: DaemonHandle,
                                                 agent_run: tuple[str, str]) -> None:
@@ -106,6 +120,7 @@ class TestShellRoutes:
         assert "done" in result.text, result.stderr
         assert "link-refused" in result.text, result.stderr
         assert MARK not in result.text, (agent, result.stdout)
+        assert _recorded(daemon, run_id, "/tmp/s"), _denied(daemon, run_id)
 
 
 PYTHON_ROUTES = r'''
@@ -197,6 +212,10 @@ class TestInterpreterRoutes:
         assert out["subprocess"] == 13, out
         assert out["shebang"] == 13, out
         assert out["link"] == 18, out  # EXDEV: /usr/bin and /tmp are different mounts
+        denied = _denied(daemon, triage)
+        for path in ("/usr/bin/perl", "/tmp/s.pl", LOADER):
+            assert any(d["path"] == path for d in denied), (path, denied)
+        assert any(d["path"] == "perl" for d in denied), denied  # execveat with a dirfd
 
     def test_python_still_has_its_extension_modules(self, daemon: DaemonHandle,
                                                     triage: str) -> None:
@@ -266,6 +285,8 @@ class TestApprovalInsideWorker:
         assert out["py"].strip() == "py 13", out
         tree = steps_tests.files(steps_tests.export_tree(stub, run_id, 2))
         assert tree == {"victim": "v\n", "other": "w\n"}
+        assert _recorded(approvals, run_id, "/usr/bin/rm"), _denied(approvals, run_id)
+        assert _recorded(approvals, run_id, "/bin/rm"), _denied(approvals, run_id)
 
     def test_approved_step_gets_the_trigger(self, approvals: DaemonHandle) -> None:
         stub = approvals.stub()

@@ -15,12 +15,14 @@ import os
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
 from agentd.errors import Unavailable
+from agentd.sandbox.execwatch import ExecAttempt
 from agentd.sandbox.launcher import recv_message, send_message
 from agentd.sandbox.spec import SetupFailure, WorkerSpec
 
@@ -36,6 +38,8 @@ class Spawned:
     exited: asyncio.Future[int] = field(default_factory=lambda: asyncio.get_running_loop()
                                         .create_future())
     failure: SetupFailure | None = None
+    task_id: str = ""
+    exec_denied: int = 0  # execs the kernel refused it (execwatch), all of them counted
 
 
 class SetupError(Exception):
@@ -56,6 +60,8 @@ class LauncherClient:
         self._pending: dict[int, Spawned] = {}
         self._ids = itertools.count(1)
         self._loop: asyncio.AbstractEventLoop | None = None
+        # Called on the event loop for every refused exec a worker attempted (execwatch).
+        self.on_exec_attempt: Callable[[ExecAttempt], None] = _log_attempt
 
     def start(self) -> None:
         """Starts the launcher; call before the daemon starts any thread."""
@@ -92,7 +98,7 @@ class LauncherClient:
             self._restart()
         assert self._sock is not None
         request_id = next(self._ids)
-        spawned = Spawned()
+        spawned = Spawned(task_id=spec.task_id)
         self._pending[request_id] = spawned
         message = {"op": "spawn", "id": request_id, "spec": spec.to_json(), "join": join_paths}
         try:
@@ -115,20 +121,26 @@ class LauncherClient:
             return
         except OSError:
             message, fds = None, []
-        for fd in fds:
-            os.close(fd)
         if message is None:
+            for fd in fds:
+                os.close(fd)
             self._launcher_gone()
             return
-        self._dispatch(message)
+        self._dispatch(message, fds)
 
-    def _dispatch(self, message: dict[str, Any]) -> None:
+    def _dispatch(self, message: dict[str, Any], fds: list[int]) -> None:
         spawned = self._pending.get(int(message.get("id") or 0))
+        op = message["op"]
+        for fd in fds:
+            os.close(fd)
         if spawned is None:
             log.warning("launcher.unknown_message", message=message)
             return
-        op = message["op"]
-        if op == "started" and not spawned.started.done():
+        if op == "exec_denied":
+            self.on_exec_attempt(ExecAttempt(
+                spawned.task_id, int(message["pid"]), str(message["path"]),
+                str(message["reason"]), bool(message["refused"])))
+        elif op == "started" and not spawned.started.done():
             spawned.started.set_result(int(message["pid"]))
         elif op == "failed":
             spawned.failure = SetupFailure(str(message.get("step")), int(message.get("errno", 0)),
@@ -137,6 +149,7 @@ class LauncherClient:
                 spawned.started.set_exception(SetupError(spawned.failure))
         elif op == "exited":
             del self._pending[int(message["id"])]
+            spawned.exec_denied = int(message.get("exec_denied", 0))
             if not spawned.started.done():
                 spawned.started.set_exception(SetupError(SetupFailure(
                     "unknown", 0, "the worker exited before it reported")))
@@ -176,3 +189,7 @@ class LauncherClient:
                 self._process.kill()
                 self._process.wait()
         self._close_socket()
+
+
+def _log_attempt(attempt: ExecAttempt) -> None:
+    log.info("exec.denied", task_id=attempt.key, path=attempt.path, reason=attempt.reason)
