@@ -370,6 +370,7 @@ class TaskReport:
     failure: str  # why this task failed the step, "" if it did not
     stdout: bytes
     stderr: bytes
+    exec_denied: tuple[str, ...] = ()  # programs the kernel refused to execute for it
 
     @classmethod
     def from_proto(cls, msg: pb.TaskReport) -> TaskReport:
@@ -382,6 +383,7 @@ class TaskReport:
             failure=msg.failure,
             stdout=msg.stdout,
             stderr=msg.stderr,
+            exec_denied=tuple(msg.exec_denied),
         )
 
 

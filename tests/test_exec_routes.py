@@ -287,6 +287,10 @@ class TestApprovalInsideWorker:
         assert tree == {"victim": "v\n", "other": "w\n"}
         assert _recorded(approvals, run_id, "/usr/bin/rm"), _denied(approvals, run_id)
         assert _recorded(approvals, run_id, "/bin/rm"), _denied(approvals, run_id)
+        # In the step's reply and in the stored timeline, per task.
+        assert "/bin/rm" in {t.name: list(t.exec_denied) for t in reply.tasks}["sh"]
+        stored = stub.ListSteps(pb.ListStepsRequest(run_id=run_id)).steps[-1]
+        assert "/usr/bin/rm" in {t.name: list(t.exec_denied) for t in stored.tasks}["py"]
 
     def test_approved_step_gets_the_trigger(self, approvals: DaemonHandle) -> None:
         stub = approvals.stub()

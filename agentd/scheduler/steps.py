@@ -95,11 +95,12 @@ class TaskReport:
     upper: Upper | None = None
     stdout: bytes = b""
     stderr: bytes = b""
+    exec_denied: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         r = self.result
         return {"name": self.name, "failure": self.failure, "changed": self.changed_paths,
-                "writes": len(self.writes),
+                "writes": len(self.writes), "exec_denied": self.exec_denied,
                 "outcome": None if r is None else {
                     "exited": r.exited, "exit_code": r.exit_code, "signal": r.signal,
                     "stop_reason": r.stop_reason, "wall": round(r.wall_seconds, 6),
@@ -438,6 +439,7 @@ class StepRunner:
         finally:
             os.close(snapshot_fd)
             collector.close_write_end()
+            report.exec_denied = self.tasks.denied_paths.pop(task_id, [])
         raw = await collector.finish()
         report.failure = _task_failure(task, report.result, collector)
         if not report.failure:

@@ -98,6 +98,8 @@ class TaskRunner:
         # task id -> (run id, actor) while its worker runs
         self._watched: dict[str, tuple[str, dict[str, Any]]] = {}
         self._pending_records: set[asyncio.Future[int]] = set()
+        # task id -> the paths it was refused, for its step's report (the caller pops them)
+        self.denied_paths: dict[str, list[str]] = {}
         launcher.on_exec_attempt = self._on_exec_attempt
 
     def _on_exec_attempt(self, attempt: ExecAttempt) -> None:
@@ -107,6 +109,7 @@ class TaskRunner:
         if watched is None:
             return
         run_id, actor = watched
+        self.denied_paths.setdefault(attempt.key, []).append(attempt.path[:4096])
         record = self.runs.audit.append(
             "exec.denied", actor=actor, run_id=run_id, task_id=attempt.key,
             details={"path": attempt.path[:4096], "reason": attempt.reason,

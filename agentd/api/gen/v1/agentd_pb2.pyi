@@ -595,6 +595,7 @@ class TaskReport(_message.Message):
     FAILURE_FIELD_NUMBER: _builtins.int
     STDOUT_FIELD_NUMBER: _builtins.int
     STDERR_FIELD_NUMBER: _builtins.int
+    EXEC_DENIED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     writes: _builtins.int
     failure: _builtins.str
@@ -607,6 +608,10 @@ class TaskReport(_message.Message):
     def changed_paths(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Paths (relative to /workspace) the task changed, and how many channel writes it made."""
 
+    @_builtins.property
+    def exec_denied(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Programs the kernel refused to execute for this task (the first 64; see exec.denied)."""
+
     def __init__(
         self,
         *,
@@ -617,10 +622,11 @@ class TaskReport(_message.Message):
         failure: _builtins.str = ...,
         stdout: _builtins.bytes = ...,
         stderr: _builtins.bytes = ...,
+        exec_denied: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed_paths", b"changed_paths", "failure", b"failure", "name", b"name", "outcome", b"outcome", "stderr", b"stderr", "stdout", b"stdout", "writes", b"writes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed_paths", b"changed_paths", "exec_denied", b"exec_denied", "failure", b"failure", "name", b"name", "outcome", b"outcome", "stderr", b"stderr", "stdout", b"stdout", "writes", b"writes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
