@@ -27,6 +27,7 @@ import errno
 import fcntl
 import os
 import platform
+import select
 import stat
 import struct
 from dataclasses import dataclass
@@ -181,6 +182,15 @@ def answer(fd: int) -> tuple[int, str, str, bool] | None:
 
     Raises Gone when the worker is gone. Never blocks for long: call it when `fd` is readable.
     """
+    # RECV blocks when nothing is pending, and a listener whose worker is gone only reports
+    # POLLHUP: look first, never block the launcher.
+    poller = select.poll()
+    poller.register(fd, select.POLLIN)
+    events = sum(ev for _, ev in poller.poll(0))
+    if not events & select.POLLIN:
+        if events & (select.POLLHUP | select.POLLERR | select.POLLNVAL):
+            raise Gone
+        return None
     notif = bytearray(_NOTIF_SIZE)
     try:
         fcntl.ioctl(fd, _IOCTL_RECV, notif)
