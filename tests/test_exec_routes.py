@@ -304,3 +304,20 @@ class TestApprovalInsideWorker:
             run_id=run_id, step=2, approve=True, reason="ok"), timeout=60)
         assert approved.state == steps_tests.COMMITTED, approved
         assert steps_tests.files(steps_tests.export_tree(stub, run_id, 2)) == {}
+
+    def test_step_asking_for_approval_runs_the_trigger_through_a_shell(
+            self, approvals: DaemonHandle) -> None:
+        """A caller whose shell script runs rm asks for approval up front (request_approval):
+        the step waits, and once approved the same `sh -c 'rm x'` deletes x."""
+        stub = approvals.stub()
+        run_id = stub.CreateRun(pb.CreateRunRequest(agent="approvals")).run_id
+        steps_tests.step(stub, run_id, steps_tests.task("setup", "echo v > x"))
+        pending = stub.Step(pb.StepRequest(run_id=run_id, request_approval=True, tasks=[
+            steps_tests.task("sh", "rm x; echo sh=$?")]), timeout=120)
+        assert pending.state == steps_tests.PENDING, pending
+        assert "requested by the caller" in pending.reason
+        approved = approvals.stub("approver").Approve(pb.ApproveRequest(
+            run_id=run_id, step=2, approve=True, reason="ok"), timeout=60)
+        assert approved.state == steps_tests.COMMITTED, approved
+        assert approved.tasks[0].stdout == b"sh=0\n"
+        assert steps_tests.files(steps_tests.export_tree(stub, run_id, 2)) == {}

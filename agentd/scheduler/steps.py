@@ -212,7 +212,8 @@ class StepRunner:
         return policy, planned
 
     async def step(self, run_id: str, requests: Sequence[TaskRequest], caller: Caller,
-                   listener: StepListener | None = None) -> StepResult:
+                   listener: StepListener | None = None, *,
+                   request_approval: bool = False) -> StepResult:
         self.runs.check_accepting()
         if run_id in self._active:
             raise Aborted(f"another step is running on run {run_id}; one writer per run: retry "
@@ -230,6 +231,9 @@ class StepRunner:
         number = run.step + 1
         request = {"tasks": [t.to_json() for t in requests]}
         triggers = approval_triggers(policy, [exe for _, exe in planned])
+        if request_approval:
+            # Asked for by the caller: the tasks may start a trigger's program indirectly.
+            triggers.append("requested by the caller")
         if triggers:
             self.steps.begin(run_id, number, "pending_approval", request, str(caller))
             reason = (f"needs approval ({', '.join(triggers)}; rule: "

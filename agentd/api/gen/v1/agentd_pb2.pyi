@@ -567,7 +567,12 @@ class StepRequest(_message.Message):
 
     RUN_ID_FIELD_NUMBER: _builtins.int
     TASKS_FIELD_NUMBER: _builtins.int
+    REQUEST_APPROVAL_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
+    request_approval: _builtins.bool
+    """Wait for an approver even if no task's argv[0] matches a trigger: a step whose tasks start
+    a trigger's program indirectly (`sh -c 'rm x'`) can run it only once approved.
+    """
     @_builtins.property
     def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskSpec]: ...
     def __init__(
@@ -575,10 +580,11 @@ class StepRequest(_message.Message):
         *,
         run_id: _builtins.str = ...,
         tasks: _abc.Iterable[Global___TaskSpec] | None = ...,
+        request_approval: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_id", b"run_id", "tasks", b"tasks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_approval", b"request_approval", "run_id", b"run_id", "tasks", b"tasks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
