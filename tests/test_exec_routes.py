@@ -11,14 +11,17 @@ from __future__ import annotations
 
 import ast
 import contextlib
+import os
+import shutil
 import textwrap
 from collections.abc import Iterator
+from pathlib import Path
 
 import grpc
 import pytest
 
 from agentd.api.gen.v1 import agentd_pb2 as pb
-from agentd.policy import effective_policy, load_policy, load_stage_ceilings
+from agentd.policy import EffectivePolicy, effective_policy, load_policy, load_stage_ceilings
 from agentd.policy.execset import exec_mounts, reach
 from tests import test_steps as steps_tests
 from tests.conftest import REPO, DaemonHandle, Result, execute, sh
@@ -321,3 +324,26 @@ class TestApprovalInsideWorker:
         assert approved.state == steps_tests.COMMITTED, approved
         assert approved.tasks[0].stdout == b"sh=0\n"
         assert steps_tests.files(steps_tests.export_tree(stub, run_id, 2)) == {}
+
+
+class TestExecMounts:
+    """The pure computation behind the binds (agentd/policy/execset.py)."""
+
+    def test_withheld_program_is_withheld_under_every_name(self, tmp_path: Path) -> None:
+        """A withheld program stays out by real path and by inode (a hard link), while the
+        other grants and the libraries they link against stay executable."""
+        tool = tmp_path / "tool"
+        shutil.copy("/usr/bin/true", tool)
+        os.link(tool, tmp_path / "alias")
+        (tmp_path / "link").symlink_to("tool")
+        policy = EffectivePolicy(
+            agent_policy="t", stage="prototype",
+            exec_allow=(str(tmp_path / "alias"), str(tmp_path / "link"), "/usr/bin/cat"),
+            read_only=(str(tmp_path), "/usr"))
+        free = exec_mounts(policy)
+        assert {str(tool), str(tmp_path / "alias"), "/usr/bin/cat"} <= set(free.executable)
+        held = exec_mounts(policy, (str(tmp_path / "tool"),))
+        assert str(tool) not in held.executable
+        assert str(tmp_path / "alias") not in held.executable
+        assert "/usr/bin/cat" in held.executable
+        assert any(d.startswith("/usr/lib") for d in held.executable), held

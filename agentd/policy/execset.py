@@ -97,6 +97,14 @@ def elf_info(path: str) -> ElfInfo | None:
         return None
 
 
+def _inode(path: str) -> tuple[int, int] | None:
+    try:
+        st = os.stat(path)
+    except OSError:
+        return None
+    return st.st_dev, st.st_ino
+
+
 def _visible(real: str, roots: Sequence[str]) -> bool:
     return any(is_at_or_below(real, root) for root in roots)
 
@@ -150,6 +158,7 @@ def exec_mounts(policy: EffectivePolicy, withheld: tuple[str, ...] = ()) -> Exec
     """
     roots = [r for r in policy.read_only if os.path.realpath(r) == r]
     held = {os.path.realpath(p) for p in withheld}
+    held_inodes = {_inode(p) for p in held} - {None}
     files: set[str] = set()
     trees: set[str] = set()
     for entry in policy.exec_allow:
@@ -158,7 +167,8 @@ def exec_mounts(policy: EffectivePolicy, withheld: tuple[str, ...] = ()) -> Exec
             continue
         if entry.endswith("/") and os.path.isdir(real):
             trees.add(real)
-        elif os.path.isfile(real) and not any(is_at_or_below(real, h) for h in held):
+        elif (os.path.isfile(real) and not any(is_at_or_below(real, h) for h in held)
+              and _inode(real) not in held_inodes):  # a hard link of a withheld program
             files.add(real)
     libraries = _library_dirs(sorted(files))
     if trees:

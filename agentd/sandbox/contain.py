@@ -72,8 +72,9 @@ def _executables(spec: WorkerSpec) -> list[str]:
     """What Landlock lets the worker execute: the policy's list and the ELF interpreters.
 
     The kernel opens a binary's ELF interpreter (ld.so) with exec permission, so every
-    dynamic binary needs it. Allowing ld.so also lets a tool run any readable ELF through it
-    (as with noexec mounts): Landlock narrows what runs, the mounts bound what exists.
+    dynamic binary needs it. Allowing ld.so lets a tool run ld.so as a program, but it can
+    only map files on executable mounts (mounts.py, agentd/policy/execset.py): the mounts
+    decide what can run at all, Landlock is the second wall on execve.
     """
     allowed = [p for p in spec.exec_allow if os.path.exists(p)]
     candidates = [spec.argv[0], *(p for p in allowed if not p.endswith("/"))]

@@ -39,6 +39,7 @@ from agentd.errors import (
 )
 from agentd.identity import SYSTEM, Caller
 from agentd.policy import EffectivePolicy
+from agentd.policy.execset import exec_mounts
 from agentd.sandbox.worker import Worker, WorkerResult
 from agentd.scheduler import barrier, channels
 from agentd.scheduler.runs import RunManager
@@ -412,8 +413,10 @@ class StepRunner:
         report.upper = await asyncio.to_thread(self.layers.new_upper, task_id,
                                                self.tasks.uid, self.tasks.gid)
         request = task.exec_request(run_id)
-        spec = self.tasks.build_spec(task_id, request, executable, policy,
-                                     withheld=withheld_programs(policy, approved))
+        withheld = withheld_programs(policy, approved)
+        # Reading ELF headers takes tens of ms once per policy: off the event loop (cached).
+        await asyncio.to_thread(exec_mounts, policy, withheld)
+        spec = self.tasks.build_spec(task_id, request, executable, policy, withheld=withheld)
         spec = replace(spec, env={**spec.env, "AGENTD_WRITES_FD": str(WRITES_FD),
                                   "AGENTD_CHANNELS_FD": str(CHANNELS_FD)})
         if policy.workspace != "none":
