@@ -21,6 +21,8 @@ import grpc
 import pytest
 
 from agentd.api.gen.v1 import agentd_pb2 as pb
+from agentd.cli import output
+from agentd.client import StepReply
 from agentd.policy import EffectivePolicy, effective_policy, load_policy, load_stage_ceilings
 from agentd.policy.execset import exec_mounts, reach
 from tests import test_steps as steps_tests
@@ -347,3 +349,23 @@ class TestExecMounts:
         assert str(tmp_path / "alias") not in held.executable
         assert "/usr/bin/cat" in held.executable
         assert any(d.startswith("/usr/lib") for d in held.executable), held
+
+
+class TestDeniedRecords:
+    def test_a_flood_of_denied_execs_is_bounded_and_counted(self, daemon: DaemonHandle) -> None:
+        """200 refused execs: 64 exec.denied records, the count of all in exec.exited, and the
+        worker finishes normally (the watcher never holds it)."""
+        stub = daemon.stub()
+        run_id = stub.CreateRun(pb.CreateRunRequest(agent="shell-helper")).run_id
+        result = sh(stub, run_id, "i=0; while [ $i -lt 200 ]; do /usr/bin/perl 2>/dev/null;"
+                    " i=$((i+1)); done; echo end")
+        assert result.text == "end\n", result.stderr
+        assert len(_denied(daemon, run_id)) == 64
+        exited = [r["details"] for r in steps_tests.audit_records(daemon)
+                  if r.get("run_id") == run_id and r["event"] == "exec.exited"]
+        assert exited[-1]["exec_denied"] == 200
+
+    def test_timeline_shows_denied_execs(self) -> None:
+        reply = StepReply.from_proto(pb.StepReply(run_id="r-1", step=1, tasks=[pb.TaskReport(
+            name="t", outcome=pb.Outcome(exited=True), exec_denied=["/usr/bin/perl"])]))
+        assert "exec denied: /usr/bin/perl" in output.timeline([reply])
