@@ -371,6 +371,7 @@ class TaskReport:
     failure: str  # why this task failed the step, "" if it did not
     stdout: bytes
     stderr: bytes
+    exec_denied: tuple[str, ...] = ()  # programs the kernel refused to execute for it
 
     @classmethod
     def from_proto(cls, msg: pb.TaskReport) -> TaskReport:
@@ -383,6 +384,7 @@ class TaskReport:
             failure=msg.failure,
             stdout=msg.stdout,
             stderr=msg.stderr,
+            exec_denied=tuple(msg.exec_denied),
         )
 
 
@@ -573,26 +575,31 @@ class AgentdClient:
                 _cancel(call)
         raise ClientError("INTERNAL", "agentd ended the exec stream without an outcome")
 
-    def step(self, run_id: str, tasks: Sequence[TaskSpec]) -> StepReply:
+    def step(self, run_id: str, tasks: Sequence[TaskSpec], *,
+             request_approval: bool = False) -> StepReply:
         """Runs one step and returns how it ended: committed, failed or pending approval.
 
         A failed step is not an error (nothing was applied; the reply says why). No deadline:
-        the daemon enforces each task's wall time.
+        the daemon enforces each task's wall time. `request_approval`: wait for an approver
+        even if no task's argv[0] is an approval trigger.
         """
-        request = pb.StepRequest(run_id=run_id, tasks=[t.to_proto() for t in tasks])
+        request = pb.StepRequest(run_id=run_id, tasks=[t.to_proto() for t in tasks],
+                                 request_approval=request_approval)
         try:
             return StepReply.from_proto(self._stub.Step(request))
         except grpc.RpcError as exc:
             raise self.error(exc) from None
 
-    def stream_step(self, run_id: str, tasks: Sequence[TaskSpec]) -> Iterator[StepEvent]:
+    def stream_step(self, run_id: str, tasks: Sequence[TaskSpec], *,
+                    request_approval: bool = False) -> Iterator[StepEvent]:
         """Runs one step; yields TaskOutput chunks and a TaskReport per task as they happen,
         then exactly one StepReply.
 
         Closing the iterator early cancels the call: the daemon kills the tasks and applies
         nothing.
         """
-        request = pb.StepRequest(run_id=run_id, tasks=[t.to_proto() for t in tasks])
+        request = pb.StepRequest(run_id=run_id, tasks=[t.to_proto() for t in tasks],
+                                 request_approval=request_approval)
         return self._step_events(self._stub.StreamStep(request))
 
     def _step_events(self, call: grpc.CallIterator[pb.StepEvent]) -> Iterator[StepEvent]:

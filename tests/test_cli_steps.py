@@ -227,7 +227,8 @@ class RoleFake(pb_grpc.AgentdServicer):
             if list(task.argv[:2]) != ["/bin/sh", "-c"] or len(task.argv) != 3:
                 await context.abort(grpc.StatusCode.INVALID_ARGUMENT, f"argv {task.argv}")
         scripts = [task.argv[2].split() for task in request.tasks]
-        if not approved and any("approval" in words for words in scripts):
+        if not approved and (request.request_approval
+                             or any("approval" in words for words in scripts)):
             reply = self._attempt(request, pb.STEP_STATE_PENDING_APPROVAL, APPROVAL_REASON)
             reply.tasks.extend(pb.TaskReport(name=t.name) for t in request.tasks)
             self.state.pending[(run.run_id, reply.step)] = request
@@ -699,6 +700,12 @@ class TestStepCommand:
             f"step 1 pending approval: {APPROVAL_REASON}\n"
             f"  an approver decides: agentctl --socket {approver} approve {run_id} 1 [--reject]\n"
         )
+
+    def test_request_approval_flag(self, run_id: str, sock: str) -> None:
+        """--request-approval asks for an approver even for a step no trigger matches."""
+        result = agentctl("step", run_id, "--request-approval", "--task", "out:x", socket=sock)
+        assert result.returncode == 3, result.stderr
+        assert result.stderr.startswith("step 1 pending approval: ")
 
     def test_lines_of_tasks_never_mix(self, run_id: str, sock: str) -> None:
         """A line split over chunks is written whole, after other tasks' complete lines."""

@@ -783,6 +783,19 @@ class TestPolicyCommands:
         assert "no_such_field" in result.stderr
         assert "Traceback" not in result.stderr
 
+    def test_check_reach_lists_programs_beyond_the_grants(self) -> None:
+        """`policy check --reach` lists, per stage, the ELF programs in the executable library
+        directories (read from the files), never a granted one."""
+        policy = str(REPO / "policies" / "shell-helper.yaml")
+        result = agentctl("policy", "check", "--reach", policy, socket="/nonexistent.sock")
+        assert result.returncode == 0, result.stderr
+        lines = result.stdout.splitlines()
+        assert lines[0] == f"{policy}: ok"
+        assert any(line.startswith("  prototype: /usr/lib/") for line in lines), lines
+        listed = [line.strip() for line in lines if line.startswith("    ")]
+        assert listed
+        assert "/usr/bin/dash" not in listed
+
     def test_check_missing_file(self) -> None:
         """A missing file is reported by name and makes the check fail."""
         result = agentctl("policy", "check", "/nonexistent/p.yaml")

@@ -243,3 +243,34 @@ class TestApprovalRules:
         assert caught.value.line == 8
         assert caught.value.field is not None
         assert "approval.required_for" in caught.value.field
+
+
+class TestExecLibraries:
+    """exec.libraries: validated like every field, bounded by the stage ceiling."""
+
+    POLICY = """apiVersion: agentd/v1
+kind: Policy
+name: libs
+stages:
+  prototype:
+    exec:
+      allow: [/usr/bin/python3]
+      libraries: [/usr/lib/python3.11/lib-dynload, /opt/plugins]
+"""
+
+    def test_libraries_outside_the_ceiling_are_dropped_with_a_note(
+            self, tmp_path: Path, shipped: StageCeilings) -> None:
+        path = tmp_path / "libs.yaml"
+        path.write_text(self.POLICY)
+        eff = effective_policy(load_policy(path), "prototype", shipped)
+        assert eff.exec_libraries == ("/usr/lib/python3.11/lib-dynload",)
+        assert any(n.startswith("exec.libraries: /opt/plugins dropped") for n in eff.notes)
+        assert eff.rule("exec.libraries").endswith("stages.prototype.exec.libraries")
+
+    def test_a_relative_library_directory_is_an_error_with_its_line(
+            self, tmp_path: Path) -> None:
+        path = tmp_path / "libs.yaml"
+        path.write_text(self.POLICY.replace("/opt/plugins", "opt/plugins"))
+        with pytest.raises(PolicyError) as caught:
+            load_policy(path)
+        assert f"{path}:8: stages.prototype.exec.libraries" in str(caught.value)

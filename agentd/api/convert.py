@@ -92,7 +92,8 @@ def outcome(result: WorkerResult) -> pb.Outcome:
 def task_report(report: TaskReport) -> pb.TaskReport:
     message = pb.TaskReport(name=report.name, changed_paths=report.changed_paths,
                             writes=len(report.writes), failure=report.failure,
-                            stdout=report.stdout, stderr=report.stderr)
+                            stdout=report.stdout, stderr=report.stderr,
+                            exec_denied=report.exec_denied)
     if report.result is not None:
         message.outcome.CopyFrom(outcome(report.result))
     return message
@@ -141,6 +142,7 @@ def step_record(record: StepRecord) -> pb.StepReply:
         reason=record.reason, conflicts=reply.get("conflicts", []),
         tasks=[pb.TaskReport(name=t["name"], failure=t.get("failure", ""),
                              changed_paths=t.get("changed", []), writes=t.get("writes", 0),
+                             exec_denied=t.get("exec_denied", []),
                              outcome=pb.Outcome(summary=(t.get("outcome") or {}).get(
                                  "summary", ""), wall_seconds=(t.get("outcome") or {}).get(
                                  "wall", 0.0)))

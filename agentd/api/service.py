@@ -81,7 +81,8 @@ class AgentdServicer(agentd_pb2_grpc.AgentdServicer):
 
     async def Step(self, request: pb.StepRequest, context: Any) -> pb.StepReply:
         result = await self.steps.step(_run_id(request.run_id),
-                                       convert.task_requests(request.tasks), current_caller.get())
+                                       convert.task_requests(request.tasks), current_caller.get(),
+                                       request_approval=request.request_approval)
         return convert.step_result(result)
 
     async def StreamStep(self, request: pb.StepRequest, context: Any
@@ -89,7 +90,8 @@ class AgentdServicer(agentd_pb2_grpc.AgentdServicer):
         tasks = convert.task_requests(request.tasks)
         async for item in _stream_step(
                 lambda listener: self.steps.step(_run_id(request.run_id), tasks,
-                                                 current_caller.get(), listener)):
+                                                 current_caller.get(), listener,
+                                                 request_approval=request.request_approval)):
             yield _step_event(item)
 
     async def Approve(self, request: pb.ApproveRequest, context: Any) -> pb.StepReply:

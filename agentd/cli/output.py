@@ -206,6 +206,7 @@ def task_to_json(task: TaskReport) -> dict[str, Any]:
         "failure": task.failure,
         "stdout": task.stdout.decode("utf-8", "replace"),
         "stderr": task.stderr.decode("utf-8", "replace"),
+        "exec_denied": list(task.exec_denied),
     }
 
 
@@ -327,6 +328,11 @@ def _task_lines(tasks: Sequence[TaskReport]) -> list[str]:
         lines.append(f"  {line}")
         if task.failure:
             lines.append(f"{indent}failed: {printable(task.failure)}")
+        if task.exec_denied:
+            shown = ", ".join(printable(p) for p in task.exec_denied[:5])
+            more = len(task.exec_denied) - 5
+            lines.append(f"{indent}exec denied: {shown}" + (f" and {more} more" if more > 0
+                                                             else ""))
     return lines
 
 

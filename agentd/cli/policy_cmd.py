@@ -23,6 +23,13 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         "check", help="validate policy files; prints `FILE: ok` or each error with its line"
     )
     check.add_argument("files", nargs="+", metavar="FILE", help="policy file (YAML)")
+    check.add_argument(
+        "--reach", action="store_true",
+        help="also list, per declared stage, the ELF programs a worker could run beyond its "
+        "grants (those inside the library directories it gets executable)")
+    check.add_argument(
+        "--stages", metavar="FILE",
+        help="stage ceilings for --reach (default: stages.yaml beside each policy file)")
     check.set_defaults(func=cmd_check)
 
     schema = sub.add_parser("schema", help="print the JSON Schema of policy files")
@@ -36,7 +43,9 @@ def cmd_check(args: argparse.Namespace) -> int:
     failed = False
     for path in args.files:
         try:
-            check_policy_file(path)
+            checked = check_policy_file(path)
+            if args.reach:
+                reach_lines = _reach(checked, path, args.stages)
         except AgentdError as exc:  # PolicyError: "file:line: field: message" per line
             failed = True
             sys.stderr.write(_with_file(str(exc), path))
@@ -45,7 +54,31 @@ def cmd_check(args: argparse.Namespace) -> int:
             print(f"{path}: cannot read: {exc.strerror or exc}", file=sys.stderr)
         else:
             print(f"{path}: ok", flush=True)
+            if args.reach:
+                print("".join(reach_lines), end="", flush=True)
     return 1 if failed else 0
+
+
+def _reach(checked: object, path: str, stages: str | None) -> list[str]:
+    """The residual reach of a Policy at each declared stage, as lines; none for a ceilings
+    file."""
+    import os
+
+    from agentd.policy import Policy, effective_policy, load_stage_ceilings
+    from agentd.policy.execset import reach
+
+    if not isinstance(checked, Policy):
+        return []
+    ceilings = load_stage_ceilings(stages or os.path.join(os.path.dirname(path) or ".",
+                                                          "stages.yaml"))
+    lines: list[str] = []
+    for stage in checked.stages.declared():
+        found = reach(effective_policy(checked, stage, ceilings))
+        for directory, programs in found.items():
+            lines.append(f"  {stage}: {directory}: {len(programs)} ELF programs reachable "
+                         "beyond the grants\n")
+            lines += [f"    {program}\n" for program in programs]
+    return lines
 
 
 def _with_file(message: str, path: str) -> str:

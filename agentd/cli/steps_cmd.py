@@ -85,7 +85,7 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         "step",
         help="run shell commands as one step: in parallel, committed together or not at all",
         usage="%(prog)s RUN --task [NAME=]CMD [--task [NAME=]CMD]... [--allow-failure NAME]... "
-        "[--timeout SECONDS] [--no-name-prefix] [--json]",
+        "[--timeout SECONDS] [--no-name-prefix] [--request-approval] [--json]",
         description="Runs one step of RUN: every task in parallel on the last checkpoint, then\n"
         "all of their changes at once, or none. Streams each task's output, its lines\n"
         "prefixed [NAME], then a summary on stderr.",
@@ -119,6 +119,12 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         action=argparse.BooleanOptionalAction,
         default=True,
         help="prefix each output line with [NAME] (default: on)",
+    )
+    step.add_argument(
+        "--request-approval",
+        action="store_true",
+        help="wait for an approver first, e.g. when a task's script runs a program the policy "
+        "gates (sh -c 'rm x'): only an approved step can run it",
     )
     _json_flag(step, "print the step as JSON at the end (task output included) instead")
     step.set_defaults(func=cmd_step)
@@ -310,7 +316,8 @@ def step_status(reply: StepReply) -> int:
 def cmd_step(args: argparse.Namespace) -> int:
     """`step`: streams the tasks' output, then says what became of the step."""
     tasks = parse_tasks(args.task, args.allow_failure, args.timeout)
-    events = args.client().stream_step(args.run, tasks)
+    events = args.client().stream_step(args.run, tasks,
+                                       request_approval=args.request_approval)
     prefixer = None
     if args.name_prefix and not args.json:
         prefixer = LinePrefixer(sys.stdout.buffer, sys.stderr.buffer)

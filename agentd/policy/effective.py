@@ -24,6 +24,7 @@ from agentd.policy.rules import Network, Workspace
 # Field names a rule can be asked for, as written in a stage section.
 RULE_FIELDS: Final[tuple[str, ...]] = (
     "exec.allow",
+    "exec.libraries",
     "filesystem.read_only",
     "filesystem.workspace",
     "network",
@@ -63,6 +64,8 @@ class EffectivePolicy:
     content_hash: str = field(init=False)
     """"sha256:<hex>" of the canonical JSON of the effective fields."""
     exec_allow: tuple[str, ...] = ()
+    exec_libraries: tuple[str, ...] = ()
+    """Host directories mapped executable for code loaded at run time (see ExecRules)."""
     read_only: tuple[str, ...] = ()
     workspace: Workspace = "read_write"
     network: Network = "none"
@@ -125,7 +128,7 @@ class EffectivePolicy:
     def from_json(cls, data: Mapping[str, Any]) -> EffectivePolicy:
         """The inverse of `to_json`; refuses data whose `content_hash` does not match."""
         values = {k: v for k, v in data.items() if k != "content_hash"}
-        for name in ("exec_allow", "read_only", "env_allow", "env_log", "notes",
+        for name in ("exec_allow", "exec_libraries", "read_only", "env_allow", "env_log", "notes",
                      "approval_required_for"):
             if name in values:
                 values[name] = tuple(values[name])

@@ -83,7 +83,12 @@ class ExecRules(Rules):
     """Absolute paths of executables, or directories ending in '/' for every executable below
     them. Empty (the default): nothing may run."""
 
-    _unique = field_validator("allow")(_no_duplicates)
+    libraries: tuple[HostPath, ...] = ()
+    """Host directories of code the granted programs load at run time (dlopen: Python's
+    lib-dynload, plugins) that must be mapped executable in the worker. The shared libraries a
+    granted program links against are found from its ELF headers and need no entry here."""
+
+    _unique = field_validator("allow", "libraries")(_no_duplicates)
 
 
 class FilesystemRules(Rules):

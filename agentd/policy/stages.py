@@ -4,6 +4,7 @@ The agent's policy says what the agent wants at a stage; `policies/stages.yaml` 
 any agent may have there. The effective policy is the intersection, computed field by field:
 
     exec.allow            entries not within a ceiling entry are dropped (not narrowed)
+    exec.libraries        directories not at or below a ceiling directory are dropped
     filesystem.read_only  paths not at or below a ceiling path are dropped
     filesystem.workspace  the more restrictive: none < read_only < read_write
     network               the more restrictive (only "none" exists in v1)
@@ -76,8 +77,8 @@ class _Clamp:
     def run(self) -> EffectivePolicy:
         wants: StageRules = self.resolved.rules
         ceiling: CeilingRules = self.ceilings.ceiling(self.stage)
-        for field in ("exec.allow", "filesystem.read_only", "network", "user_namespace",
-                      "env.set", "env.allow", "env.log"):
+        for field in ("exec.allow", "exec.libraries", "filesystem.read_only", "network",
+                      "user_namespace", "env.set", "env.allow", "env.log"):
             self.rules[field] = self._policy_rule(field)
 
         exec_allow: list[str] = []
@@ -88,6 +89,13 @@ class _Clamp:
             else:
                 exec_dropped[entry] = self._ceiling_rule("exec.allow")
                 self._dropped("exec.allow", entry)
+
+        exec_libraries: list[str] = []
+        for path in wants.exec.libraries:
+            if any(is_at_or_below(path, top) for top in ceiling.exec.libraries):
+                exec_libraries.append(path)
+            else:
+                self._dropped("exec.libraries", path)
 
         read_only: list[str] = []
         for path in wants.filesystem.read_only:
@@ -120,6 +128,7 @@ class _Clamp:
             stage=self.stage,
             source=self.policy.source,
             exec_allow=tuple(exec_allow),
+            exec_libraries=tuple(exec_libraries),
             read_only=tuple(read_only),
             workspace=workspace,
             network="none",  # the only value either side can hold in v1

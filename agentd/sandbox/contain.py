@@ -13,10 +13,11 @@ this module:
     drop privileges (no_new_privs, every capability, unprivileged uid/gid), and re-arm the
         death signal the uid change cleared
     Landlock
+    the exec-watch filter (its listener fd to the launcher over the error socket)
     # seccomp must be last: it forbids what the steps above needed
     seccomp, execve
 
-Any failure is written to the error pipe as {"step", "errno", "message"} and the child exits
+Any failure is written to the error socket as {"step", "errno", "message"} and the child exits
 127; a successful execve closes the pipe (O_CLOEXEC), which the launcher reads as "started".
 """
 
@@ -28,11 +29,21 @@ import json
 import os
 import select
 import signal
+import socket
 from collections.abc import Iterator
 from contextlib import contextmanager
 from typing import NoReturn
 
-from agentd.sandbox import landlock, libc, mounts, namespaces, network, privileges, seccomp
+from agentd.sandbox import (
+    execwatch,
+    landlock,
+    libc,
+    mounts,
+    namespaces,
+    network,
+    privileges,
+    seccomp,
+)
 from agentd.sandbox.spec import WorkerSpec
 
 # Devices a tool may open for writing and ioctls (terminals) beside /workspace and /tmp.
@@ -61,8 +72,9 @@ def _executables(spec: WorkerSpec) -> list[str]:
     """What Landlock lets the worker execute: the policy's list and the ELF interpreters.
 
     The kernel opens a binary's ELF interpreter (ld.so) with exec permission, so every
-    dynamic binary needs it. Allowing ld.so also lets a tool run any readable ELF through it
-    (as with noexec mounts): Landlock narrows what runs, the mounts bound what exists.
+    dynamic binary needs it. Allowing ld.so lets a tool run ld.so as a program, but it can
+    only map files on executable mounts (mounts.py, agentd/policy/execset.py): the mounts
+    decide what can run at all, Landlock is the second wall on execve.
     """
     allowed = [p for p in spec.exec_allow if os.path.exists(p)]
     candidates = [spec.argv[0], *(p for p in allowed if not p.endswith("/"))]
@@ -86,7 +98,7 @@ def _check_launcher_alive(err_fd: int) -> None:
     poller = select.poll()
     poller.register(err_fd, select.POLLOUT)
     for _, events in poller.poll(0):
-        if events & select.POLLERR:
+        if events & (select.POLLERR | select.POLLHUP):
             raise OSError(errno_mod.ECHILD, "the launcher died while the worker was starting")
 
 
@@ -158,6 +170,13 @@ def contain(spec: WorkerSpec, *, new_root: str, seccomp_program: bytes, go_fd: i
                                     else [])
                 landlock.enter(read=["/"], write=write, execute=executables,
                                devices=LANDLOCK_DEVICES)
+        if spec.seccomp:
+            with _step(step, "exec watch"):
+                # Denied execs on record (agentd/sandbox/execwatch.py): the listener goes out
+                # over the error socket; the daemon answers every exec from now on.
+                listener = execwatch.install()
+                socket.send_fds(socket.socket(fileno=os.dup(err_fd)), [b"w"], [listener])
+                os.close(listener)
         # seccomp must be last: it forbids what the steps above needed
         if spec.seccomp:
             with _step(step, "seccomp"):

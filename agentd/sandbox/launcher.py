@@ -10,6 +10,8 @@ over a SOCK_SEQPACKET socketpair (one JSON message per packet, fds passed with S
       │                                  │ pid → cgroup.procs; uid/gid maps  │
       │                                  │ go ─────────────────────────────▶ │ contain(): mounts,
       │                                  │                                   │ privileges, seccomp
+      │                                  │ ◀──── exec-watch listener fd (err socket, SCM_RIGHTS)
+      │ ◀── exec_denied{id,path,…}       │ answers each exec (CONTINUE), records refusals
       │                                  │ ◀───────── err pipe EOF (execve)  │ execve → tool
       │ ◀── started{id,pid}              │   or ◀── {step,errno,message}, exit 127
       │ ◀── failed{id,step,errno,message}│
@@ -19,7 +21,8 @@ over a SOCK_SEQPACKET socketpair (one JSON message per packet, fds passed with S
       │ ◀── pong{seq}                    │  SIGKILL and a new launcher)
       │ shutdown{} ─────────────────────▶│ SIGKILL every worker, exit
 
-Everything is event-driven (selectors over the socket, the error pipes and pidfds), so a slow
+Everything is event-driven (selectors over the socket, the error sockets, the exec-watch
+listeners and pidfds), so a slow
 worker setup never delays another spawn. The launcher dies with the daemon (PDEATHSIG), and
 each worker dies with the launcher (its own PDEATHSIG) and, being pid 1 of its pid namespace,
 takes every process of its namespace with it.
@@ -42,7 +45,7 @@ import sys
 from dataclasses import dataclass, field
 from typing import Any
 
-from agentd.sandbox import libc, namespaces, seccomp
+from agentd.sandbox import execwatch, libc, namespaces, seccomp
 from agentd.sandbox.contain import contain
 from agentd.sandbox.spec import WorkerSpec
 
@@ -81,6 +84,8 @@ class _Child:
     pidfd: int
     error: bytearray = field(default_factory=bytearray)
     reported: bool = False
+    watch_fd: int = -1  # its exec-watch listener (agentd/sandbox/execwatch.py)
+    denied: int = 0
 
 
 class Launcher:
@@ -103,8 +108,13 @@ class Launcher:
                         return
                 else:
                     kind, child = key.data
+                    # An earlier event of this batch may have closed this fd (the exit).
                     if kind == "err":
-                        self._on_error_pipe(child)
+                        if not child.reported:
+                            self._on_error_pipe(child)
+                    elif kind == "watch":
+                        if child.watch_fd >= 0:
+                            self._on_exec(child)
                     else:
                         self._on_exit(child)
 
@@ -127,7 +137,9 @@ class Launcher:
         request_id = int(message["id"])
         spec = WorkerSpec.from_json(message["spec"])
         go_r, go_w = os.pipe2(os.O_CLOEXEC)
-        err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        # A socket, not a pipe: the worker also sends its exec-watch listener fd through it.
+        err_sock, err_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        err_r, err_w = err_sock.detach(), err_theirs.detach()
         try:
             pid = libc.clone(namespaces.clone_flags(spec))
         except OSError as exc:
@@ -157,15 +169,55 @@ class Launcher:
         self.selector.register(err_r, selectors.EVENT_READ, ("err", child))
         self.selector.register(child.pidfd, selectors.EVENT_READ, ("exit", child))
 
-    def _on_error_pipe(self, child: _Child) -> None:
-        data = os.read(child.err_fd, 4096)
-        if data:
-            child.error += data
+    def _read_error_socket(self, child: _Child) -> bytes | None:
+        """One packet of the worker (None at EOF): an error report, or its exec-watch listener,
+        passed on to the daemon at once (the worker's execve waits for the daemon's answer)."""
+        sock = socket.socket(fileno=os.dup(child.err_fd))
+        try:
+            data, fds, _flags, _addr = socket.recv_fds(sock, 4096, 4, socket.MSG_CMSG_CLOEXEC)
+        finally:
+            sock.close()
+        if not data and not fds:
+            return None
+        for fd in fds:
+            if data == b"w" and child.watch_fd < 0:
+                child.watch_fd = fd
+                self.selector.register(fd, selectors.EVENT_READ, ("watch", child))
+            else:
+                os.close(fd)
+        return b"" if data == b"w" else data
+
+    def _on_exec(self, child: _Child) -> None:
+        """The worker called execve/execveat: let the kernel decide, record a refusal."""
+        try:
+            attempt = execwatch.answer(child.watch_fd)
+        except execwatch.Gone:
+            self._unwatch(child)
             return
-        self._report_start(child)
+        if attempt is None:
+            return
+        child.denied += 1
+        if child.denied <= execwatch.MAX_RECORDS:
+            pid, path, reason, refused = attempt
+            send_message(self.sock, {"op": "exec_denied", "id": child.request_id, "pid": pid,
+                                     "path": path[:execwatch.MAX_PATH], "reason": reason,
+                                     "refused": refused})
+
+    def _unwatch(self, child: _Child) -> None:
+        if child.watch_fd >= 0:
+            self.selector.unregister(child.watch_fd)
+            os.close(child.watch_fd)
+            child.watch_fd = -1
+
+    def _on_error_pipe(self, child: _Child) -> None:
+        data = self._read_error_socket(child)
+        if data is None:
+            self._report_start(child)
+        else:
+            child.error += data
 
     def _report_start(self, child: _Child) -> None:
-        """At EOF of the error pipe: the worker either exec'd (no data) or said why not."""
+        """At EOF of the error socket: the worker either exec'd (no data) or said why not."""
         self.selector.unregister(child.err_fd)
         os.close(child.err_fd)
         child.reported = True
@@ -180,15 +232,18 @@ class Launcher:
         send_message(self.sock, {"op": "failed", "id": child.request_id, **report})
 
     def _on_exit(self, child: _Child) -> None:
-        if not child.reported:  # the worker died; its end of the pipe is closed
-            while data := os.read(child.err_fd, 4096):
+        if not child.reported:  # the worker died; its end of the socket is closed
+            while (data := self._read_error_socket(child)) is not None:
                 child.error += data
             self._report_start(child)
         self.selector.unregister(child.pidfd)
         os.close(child.pidfd)
         _, status = os.waitpid(child.pid, 0)
         del self.children[child.pid]
-        send_message(self.sock, {"op": "exited", "id": child.request_id, "status": status})
+        # pid 1 of its namespace is gone, so is every process of it: no exec is pending.
+        self._unwatch(child)
+        send_message(self.sock, {"op": "exited", "id": child.request_id, "status": status,
+                                 "exec_denied": child.denied})
 
     def _report_failure(self, request_id: int, step: str, exc: OSError) -> None:
         send_message(self.sock, {"op": "failed", "id": request_id, "step": step,

@@ -23,12 +23,14 @@ import signal
 import socket
 import subprocess
 import sys
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
 from agentd.errors import Unavailable
+from agentd.sandbox.execwatch import ExecAttempt
 from agentd.sandbox.launcher import recv_message, send_message
 from agentd.sandbox.spec import SetupFailure, WorkerSpec
 
@@ -47,6 +49,8 @@ class Spawned:
     exited: asyncio.Future[int] = field(default_factory=lambda: asyncio.get_running_loop()
                                         .create_future())
     failure: SetupFailure | None = None
+    task_id: str = ""
+    exec_denied: int = 0  # execs the kernel refused it (execwatch), all of them counted
 
 
 class SetupError(Exception):
@@ -72,6 +76,8 @@ class LauncherClient:
         self._pong = 0  # the last ping sequence number answered
         self._pong_event: asyncio.Event | None = None
         self._watchdog: asyncio.Task[None] | None = None
+        # Called on the event loop for every refused exec a worker attempted (execwatch).
+        self.on_exec_attempt: Callable[[ExecAttempt], None] = _log_attempt
 
     def start(self) -> None:
         """Starts the launcher; call before the daemon starts any thread."""
@@ -141,7 +147,7 @@ class LauncherClient:
             self._restart()
         assert self._sock is not None
         request_id = next(self._ids)
-        spawned = Spawned()
+        spawned = Spawned(task_id=spec.task_id)
         self._pending[request_id] = spawned
         message = {"op": "spawn", "id": request_id, "spec": spec.to_json(), "join": join_paths}
         try:
@@ -174,14 +180,16 @@ class LauncherClient:
             return
         except OSError:
             message, fds = None, []
-        for fd in fds:
-            os.close(fd)
         if message is None:
+            for fd in fds:
+                os.close(fd)
             self._launcher_gone()
             return
-        self._dispatch(message)
+        self._dispatch(message, fds)
 
-    def _dispatch(self, message: dict[str, Any]) -> None:
+    def _dispatch(self, message: dict[str, Any], fds: list[int]) -> None:
+        for fd in fds:
+            os.close(fd)
         op = message.get("op")
         if op == "pong":
             self._pong = max(self._pong, int(message.get("seq") or 0))
@@ -192,7 +200,11 @@ class LauncherClient:
         if spawned is None:
             log.info("launcher.late_message", op=op, id=message.get("id"))
             return
-        if op == "started":
+        if op == "exec_denied":
+            self.on_exec_attempt(ExecAttempt(
+                spawned.task_id, int(message["pid"]), str(message["path"]),
+                str(message["reason"]), bool(message["refused"])))
+        elif op == "started":
             _resolve(spawned.started, int(message["pid"]))
         elif op == "failed":
             spawned.failure = SetupFailure(str(message.get("step")), int(message.get("errno", 0)),
@@ -200,6 +212,7 @@ class LauncherClient:
             _fail(spawned.started, SetupError(spawned.failure))
         elif op == "exited":
             del self._pending[int(message["id"])]
+            spawned.exec_denied = int(message.get("exec_denied", 0))
             _fail(spawned.started, SetupError(SetupFailure(
                 "unknown", 0, "the worker exited before it reported")))
             _resolve(spawned.exited, int(message["status"]))
@@ -254,3 +267,7 @@ def _fail(future: asyncio.Future[int], error: Exception) -> None:
     if not future.done():
         future.set_exception(error)
         future.exception()  # consumed here: no 'never retrieved' warning
+
+
+def _log_attempt(attempt: ExecAttempt) -> None:
+    log.info("exec.denied", task_id=attempt.key, path=attempt.path, reason=attempt.reason)

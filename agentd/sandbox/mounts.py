@@ -6,6 +6,8 @@ paths (host symlinks such as merged-/usr's /bin -> usr/bin are recreated as syml
 run's workspace at /workspace and a size-capped /tmp (both noexec unless the policy allows
 executing there: otherwise ld.so would run any ELF a tool writes), a fresh /proc with the
 kernel knobs made read-only or masked as Docker does, and a minimal /dev with its own devpts.
+Read-only grants are noexec; the granted programs and the directories of their libraries are
+bound executable over themselves, so that nothing else can be executed or mapped executable.
 Then pivot_root and the old root is detached, so no host path outside the grants stays
 reachable.
 
@@ -31,6 +33,7 @@ PROC_MASKED = ("kcore", "keys", "timer_list", "sched_debug", "kallsyms", "kmsg",
 _NOSUID_NODEV = libc.MS_NOSUID | libc.MS_NODEV
 _NOSUID_NODEV_ATTR = libc.MOUNT_ATTR_NOSUID | libc.MOUNT_ATTR_NODEV
 _READ_ONLY = libc.MOUNT_ATTR_RDONLY | _NOSUID_NODEV_ATTR
+_READ_ONLY_NOEXEC = _READ_ONLY | libc.MOUNT_ATTR_NOEXEC
 
 
 def _mkdirs(path: str) -> None:
@@ -60,7 +63,13 @@ def _grant(host_path: str, root: str) -> None:
         return
     if not os.path.exists(host_path):
         return  # a granted path the host lacks grants nothing
-    _bind(host_path, target, _READ_ONLY)
+    _bind(host_path, target, _READ_ONLY_NOEXEC)
+
+
+def _bind_over(path: str, root: str, attrs: int) -> None:
+    """Binds host `path` (a real path, already visible in `root`) over itself with `attrs`."""
+    if os.path.lexists(root + path):
+        _bind(path, root + path, attrs)
 
 
 def _executable_under(directory: str, spec: WorkerSpec) -> bool:
@@ -132,6 +141,12 @@ def enter(spec: WorkerSpec, new_root: str) -> None:
     libc.mount("tmpfs", new_root, "tmpfs", _NOSUID_NODEV, "mode=0755,size=1m")
     for path in spec.read_only:
         _grant(path, new_root)
+    # Read-only grants are noexec; only the granted programs and their library directories
+    # are executable, so the loader cannot map anything else (agentd/policy/execset.py).
+    for path in spec.exec_binds:
+        _bind_over(path, new_root, _READ_ONLY)
+    for path in spec.exec_withheld:
+        _bind_over(path, new_root, _READ_ONLY_NOEXEC)
     if spec.workspace_layers and spec.workspace_upper and spec.workspace_work:
         _mkdirs(new_root + "/workspace")
         attrs = _NOSUID_NODEV_ATTR | (0 if _executable_under("/workspace", spec)

@@ -53,6 +53,10 @@ class WorkerSpec:
     extra_fds: int = 0
     # Paths (inside the worker) that may be executed; a path ending in "/" allows a tree.
     exec_allow: tuple[str, ...] = ()
+    # Host paths (real) bound executable over themselves; every other read-only grant is
+    # noexec (see agentd/policy/execset.py). And granted paths withheld (bound noexec).
+    exec_binds: tuple[str, ...] = ()
+    exec_withheld: tuple[str, ...] = ()
     limits: Limits = field(default_factory=Limits)
     seccomp: bool = True
     landlock: bool = True
@@ -63,7 +67,8 @@ class WorkerSpec:
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> WorkerSpec:
         limits = Limits(**data.pop("limits"))
-        for name in ("argv", "read_only", "exec_allow", "workspace_layers"):
+        for name in ("argv", "read_only", "exec_allow", "exec_binds", "exec_withheld",
+                     "workspace_layers"):
             data[name] = tuple(data[name])
         return cls(limits=limits, **data)
 

@@ -43,6 +43,7 @@ from agentd.errors import (
 )
 from agentd.identity import SYSTEM, Caller
 from agentd.policy import EffectivePolicy
+from agentd.policy.execset import exec_mounts
 from agentd.sandbox.worker import Worker, WorkerResult
 from agentd.scheduler import barrier, channels
 from agentd.scheduler.export import Exporter
@@ -103,11 +104,12 @@ class TaskReport:
     upper: Upper | None = None
     stdout: bytes = b""
     stderr: bytes = b""
+    exec_denied: list[str] = field(default_factory=list)
 
     def to_json(self) -> dict[str, Any]:
         r = self.result
         return {"name": self.name, "failure": self.failure, "changed": self.changed_paths,
-                "writes": len(self.writes),
+                "writes": len(self.writes), "exec_denied": self.exec_denied,
                 "outcome": None if r is None else {
                     "exited": r.exited, "exit_code": r.exit_code, "signal": r.signal,
                     "stop_reason": r.stop_reason, "wall": round(r.wall_seconds, 6),
@@ -160,6 +162,19 @@ def approval_triggers(policy: EffectivePolicy, executables: Sequence[str]) -> li
     return hits
 
 
+def withheld_programs(policy: EffectivePolicy, approved: bool) -> tuple[str, ...]:
+    """What a worker of this step must not execute by any route: the programs (and trees) of
+    the policy's exec: approval triggers, unless a person approved the step.
+
+    argv[0] alone is not enough (a shell, Python or the loader can start a trigger), so the
+    worker is built without them (agentd/policy/execset.py).
+    """
+    if approved:
+        return ()
+    return tuple(sorted(t.removeprefix("exec:").rstrip("/") or "/"
+                        for t in policy.approval_required_for if t.startswith("exec:")))
+
+
 class StepRunner:
     """Runs, approves, rolls back and forks steps of the RunManager's runs."""
 
@@ -205,7 +220,8 @@ class StepRunner:
         return policy, planned
 
     async def step(self, run_id: str, requests: Sequence[TaskRequest], caller: Caller,
-                   listener: StepListener | None = None) -> StepResult:
+                   listener: StepListener | None = None, *,
+                   request_approval: bool = False) -> StepResult:
         """Plans the step, then claims the run under its gate (or records it pending
         approval there) and runs it; the claim is released whatever happens."""
         self.runs.check_accepting()
@@ -230,6 +246,9 @@ class StepRunner:
             run = self.runs.check_open(run_id)
             self._no_pending(run_id)
             number = run.step + 1
+            if request_approval:
+                # Asked for by the caller: the tasks may start a trigger's program indirectly.
+                triggers.append("requested by the caller")
             if triggers:
                 self.steps.begin(run_id, number, "pending_approval", request, str(caller))
                 reason = (f"needs approval ({', '.join(triggers)}; rule: "
@@ -343,7 +362,7 @@ class StepRunner:
                     for report, (task, exe) in zip(reports, planned, strict=True):
                         group.create_task(self._run_task(
                             run_id, report, task, exe, base.layers, policy, snapshot, specs,
-                            caller, listener))
+                            caller, listener, approved=bool(decided_by)))
             except BaseExceptionGroup as failed:
                 # One task could not be run at all (not a tool failure: those are results);
                 # the group has cancelled and awaited the others.
@@ -455,14 +474,18 @@ class StepRunner:
     async def _run_task(self, run_id: str, report: TaskReport, task: TaskRequest,
                         executable: str, layers: list[str], policy: EffectivePolicy,
                         snapshot: dict[str, Any], specs: dict[str, channels.ChannelSpec],
-                        caller: Caller, listener: StepListener | None) -> None:
+                        caller: Caller, listener: StepListener | None, *,
+                        approved: bool) -> None:
         """One task in its own worker on the committed layers; fills `report`, never raises
         for the tool."""
         task_id = report.task_id
         report.upper = await asyncio.to_thread(self.layers.new_upper, task_id,
                                                self.tasks.uid, self.tasks.gid)
         request = task.exec_request(run_id)
-        spec = self.tasks.build_spec(task_id, request, executable, policy)
+        withheld = withheld_programs(policy, approved)
+        # Reading ELF headers takes tens of ms once per policy: off the event loop (cached).
+        await asyncio.to_thread(exec_mounts, policy, withheld)
+        spec = self.tasks.build_spec(task_id, request, executable, policy, withheld=withheld)
         spec = replace(spec, env={**spec.env, "AGENTD_WRITES_FD": str(WRITES_FD),
                                   "AGENTD_CHANNELS_FD": str(CHANNELS_FD)})
         if policy.workspace != "none":
@@ -493,6 +516,7 @@ class StepRunner:
             os.close(snapshot_fd)
             collector.close_write_end()
             report.stdout, report.stderr = kept["stdout"].value(), kept["stderr"].value()
+            report.exec_denied = self.tasks.denied_paths.pop(task_id, [])
         raw = await collector.finish()
         report.failure = _task_failure(task, report.result, collector)
         if not report.failure:

@@ -11,13 +11,17 @@ import asyncio
 import math
 import os
 from dataclasses import dataclass, field
+from typing import Any
 
 import structlog
 
 from agentd.errors import AgentdError, InvalidArgument
 from agentd.identity import Caller
 from agentd.policy import EffectivePolicy, decide_exec
+from agentd.policy.execset import exec_mounts
+from agentd.policy.paths import is_at_or_below
 from agentd.sandbox.cgroups import CgroupDriver
+from agentd.sandbox.execwatch import ExecAttempt
 from agentd.sandbox.launcher_client import LauncherClient
 from agentd.sandbox.spec import Limits, WorkerSpec
 from agentd.sandbox.worker import OutputSink, Worker, WorkerResult
@@ -91,6 +95,28 @@ class TaskRunner:
         self.cgroups = cgroups
         self.uid = worker_uid
         self.gid = worker_gid
+        # task id -> (run id, actor) while its worker runs
+        self._watched: dict[str, tuple[str, dict[str, Any]]] = {}
+        self._pending_records: set[asyncio.Future[int]] = set()
+        # task id -> the paths it was refused, for its step's report (the caller pops them)
+        self.denied_paths: dict[str, list[str]] = {}
+        launcher.on_exec_attempt = self._on_exec_attempt
+
+    def _on_exec_attempt(self, attempt: ExecAttempt) -> None:
+        """A worker tried to exec something the kernel refuses (or ran the loader itself): on
+        record per task (the launcher passes on the first 64; exec.exited counts them all)."""
+        watched = self._watched.get(attempt.key)
+        if watched is None:
+            return
+        run_id, actor = watched
+        self.denied_paths.setdefault(attempt.key, []).append(attempt.path[:4096])
+        record = self.runs.audit.append(
+            "exec.denied", actor=actor, run_id=run_id, task_id=attempt.key,
+            details={"path": attempt.path[:4096], "reason": attempt.reason,
+                     "refused": attempt.refused, "pid": attempt.pid})
+        task = asyncio.ensure_future(record)
+        self._pending_records.add(task)
+        task.add_done_callback(self._pending_records.discard)
 
     def check(self, request: ExecRequest, policy: EffectivePolicy) -> str:
         """Validates a tool call and decides it by policy; returns the resolved executable.
@@ -104,8 +130,16 @@ class TaskRunner:
         return executable
 
     def build_spec(self, task_id: str, request: ExecRequest, executable: str,
-                   policy: EffectivePolicy) -> WorkerSpec:
-        """The worker for one checked call; the caller adds the workspace (its layer stack)."""
+                   policy: EffectivePolicy, *, withheld: tuple[str, ...] = ()) -> WorkerSpec:
+        """The worker for one checked call; the caller adds the workspace (its layer stack).
+
+        `withheld` are granted programs (or trees) this worker must not be able to execute by
+        any route: the approval triggers of a step nobody approved.
+        """
+        mounts = exec_mounts(policy, withheld)
+        held = [os.path.realpath(p) for p in withheld]
+        exec_allow = tuple(e for e in policy.exec_allow
+                           if not any(is_at_or_below(os.path.realpath(e), h) for h in held))
         env = {"PATH": DEFAULT_PATH, "HOME": "/workspace", "TMPDIR": "/tmp",
                "AGENTD_TASK_ID": task_id, **policy.env_set, **request.env}
         limits = Limits(memory_bytes=policy.memory_bytes, pids=policy.pids, cpu=policy.cpu,
@@ -118,7 +152,8 @@ class TaskRunner:
             uid=self.uid, gid=self.gid, user_namespace=policy.user_namespace,
             read_only=policy.read_only,
             workspace_writable=policy.workspace == "read_write",
-            exec_allow=policy.exec_allow, limits=limits)
+            exec_allow=exec_allow, exec_binds=mounts.executable,
+            exec_withheld=mounts.withheld, limits=limits)
 
     async def refused(self, request: ExecRequest, caller: Caller, task_id: str,
                       error: AgentdError, policy: EffectivePolicy | None) -> None:
@@ -136,6 +171,7 @@ class TaskRunner:
         spec = worker.spec
         run_id, task_id = request.run_id, spec.task_id
         self.runs.register(run_id, worker)
+        self._watched[task_id] = (run_id, dict(caller.actor()))
         try:
             await audit.append("exec.allowed", actor=caller.actor(), run_id=run_id,
                                task_id=task_id, details={
@@ -151,6 +187,9 @@ class TaskRunner:
                 raise
         finally:
             self.runs.unregister(run_id, task_id)
+            self._watched.pop(task_id, None)
+        # The worker's denied execs are on record before its exit is.
+        await asyncio.gather(*self._pending_records, return_exceptions=True)
         await audit.append("exec.exited", actor=caller.actor(), run_id=run_id,
                            task_id=task_id, details=_outcome_details(result))
         log.info("exec.exited", run_id=run_id, task_id=task_id, summary=result.summary,
@@ -176,7 +215,8 @@ def _outcome_details(result: WorkerResult) -> dict[str, object]:
         "stop_reason": result.stop_reason, "wall_seconds": round(result.wall_seconds, 6),
         "cpu_seconds": round(usage.cpu_seconds, 6), "peak_memory_bytes": usage.peak_memory_bytes,
         "oom_killed": usage.oom_killed, "pids_limit_hit": usage.pids_limit_hit,
-        "stdout_bytes": result.stdout_bytes, "stderr_bytes": result.stderr_bytes}
+        "stdout_bytes": result.stdout_bytes, "stderr_bytes": result.stderr_bytes,
+        "exec_denied": result.exec_denied}
     if result.setup_failure is not None:
         details["setup_failure"] = {"step": result.setup_failure.step,
                                     "errno": result.setup_failure.errno,

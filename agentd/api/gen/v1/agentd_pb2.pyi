@@ -567,7 +567,12 @@ class StepRequest(_message.Message):
 
     RUN_ID_FIELD_NUMBER: _builtins.int
     TASKS_FIELD_NUMBER: _builtins.int
+    REQUEST_APPROVAL_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
+    request_approval: _builtins.bool
+    """Wait for an approver even if no task's argv[0] matches a trigger: a step whose tasks start
+    a trigger's program indirectly (`sh -c 'rm x'`) can run it only once approved.
+    """
     @_builtins.property
     def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskSpec]: ...
     def __init__(
@@ -575,10 +580,11 @@ class StepRequest(_message.Message):
         *,
         run_id: _builtins.str = ...,
         tasks: _abc.Iterable[Global___TaskSpec] | None = ...,
+        request_approval: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_id", b"run_id", "tasks", b"tasks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_approval", b"request_approval", "run_id", b"run_id", "tasks", b"tasks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -595,6 +601,7 @@ class TaskReport(_message.Message):
     FAILURE_FIELD_NUMBER: _builtins.int
     STDOUT_FIELD_NUMBER: _builtins.int
     STDERR_FIELD_NUMBER: _builtins.int
+    EXEC_DENIED_FIELD_NUMBER: _builtins.int
     name: _builtins.str
     writes: _builtins.int
     failure: _builtins.str
@@ -607,6 +614,10 @@ class TaskReport(_message.Message):
     def changed_paths(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """Paths (relative to /workspace) the task changed, and how many channel writes it made."""
 
+    @_builtins.property
+    def exec_denied(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """Programs the kernel refused to execute for this task (the first 64; see exec.denied)."""
+
     def __init__(
         self,
         *,
@@ -617,10 +628,11 @@ class TaskReport(_message.Message):
         failure: _builtins.str = ...,
         stdout: _builtins.bytes = ...,
         stderr: _builtins.bytes = ...,
+        exec_denied: _abc.Iterable[_builtins.str] | None = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["outcome", b"outcome"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed_paths", b"changed_paths", "failure", b"failure", "name", b"name", "outcome", b"outcome", "stderr", b"stderr", "stdout", b"stdout", "writes", b"writes"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changed_paths", b"changed_paths", "exec_denied", b"exec_denied", "failure", b"failure", "name", b"name", "outcome", b"outcome", "stderr", b"stderr", "stdout", b"stdout", "writes", b"writes"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
