@@ -154,8 +154,12 @@ def start(config: Config) -> Daemon:
         "pid": os.getpid(), "cgroups": cgroups.describe(), "stale_cgroups_removed": stale,
         "recovered": recovered,
         "agents": {name: {"stage": registry.get(name).stage,
-                          "policy_hash": registry.get(name).policy.content_hash}
+                          "policy_hash": registry.get(name).policy.content_hash,
+                          "clamped": list(registry.get(name).policy.notes)}
                    for name in registry.names()}})
+    for name in registry.names():
+        for note in registry.get(name).policy.notes:
+            log.warning("policy.clamped", agent=name, stage=registry.get(name).stage, note=note)
     if stale:
         log.warning("agentd.recovered", stale_cgroups_removed=stale)
     return Daemon(config, registry, launcher, cgroups, audit, store, step_store, layers)
@@ -172,8 +176,12 @@ def main(argv: list[str] | None = None) -> None:
         config = load_config(args.config)
         logs.configure(fmt=config.daemon.log_format, level=config.daemon.log_level)
         if args.check:
-            AgentRegistry.load(config)
+            registry = AgentRegistry.load(config)
             print(f"{args.config}: ok")
+            for name in registry.names():
+                agent = registry.get(name)
+                for note in agent.policy.notes:
+                    print(f"  {name} ({agent.stage}): clamped: {note}")
             return
         if os.geteuid() != 0:
             raise SystemExit("agentd: must run as root (it creates namespaces, cgroups and "

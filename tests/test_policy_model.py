@@ -41,9 +41,13 @@ class TestDefaults:
         assert limits.open_files == 256
         assert limits.file_size == 1 << 30
 
-    def test_ceiling_has_no_env_or_user_namespace(self) -> None:
-        """A ceiling bounds exec, filesystem, network and limits only."""
-        assert set(CeilingRules.model_fields) == {"exec", "filesystem", "network", "limits"}
+    def test_ceiling_bounds_every_section_of_a_stage(self) -> None:
+        """A ceiling has a section for every section of a policy's stage, and by default it
+        allows no user namespace and denies the loader's variables."""
+        assert set(CeilingRules.model_fields) == set(StageRules.model_fields)
+        ceiling = CeilingRules()
+        assert ceiling.user_namespace is False
+        assert "LD_*" in ceiling.env.deny
 
 
 class TestInheritance:

@@ -14,6 +14,7 @@ see `agentd.policy.model`.
 from __future__ import annotations
 
 import re
+from collections.abc import Iterable
 from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
@@ -189,8 +190,61 @@ class ApprovalRules(Rules):
     _unique = field_validator("required_for")(_no_duplicates)
 
 
+# Variables that change how programs are loaded or what they execute: a worker that may set
+# one runs code the exec rules never saw (LD_PRELOAD, a Python startup file, a shell's ENV).
+DANGEROUS_ENV: Final[tuple[str, ...]] = (
+    "LD_*", "GCONV_PATH", "GETCONF_DIR", "HOSTALIASES", "LOCALDOMAIN", "LOCPATH",
+    "MALLOC_*", "GLIBC_TUNABLES", "NLSPATH", "RESOLV_HOST_CONF", "RES_OPTIONS",
+    "PYTHONSTARTUP", "PYTHONHOME", "PYTHONINSPECT", "PYTHONEXECUTABLE",
+    "PYTHONUSERBASE", "PYTHONBREAKPOINT", "PERL5OPT", "PERL5DB", "PERLLIB", "PERL5LIB",
+    "RUBYOPT", "RUBYLIB", "NODE_OPTIONS", "NODE_PATH", "BASH_ENV", "ENV", "SHELLOPTS",
+    "BASHOPTS", "PS4", "PROMPT_COMMAND", "IFS", "CDPATH", "GIT_*",
+    "JAVA_TOOL_OPTIONS", "_JAVA_OPTIONS", "JDK_JAVA_OPTIONS",
+)
+
+
+def env_denied(name: str, patterns: Iterable[str]) -> str | None:
+    """The ceiling pattern (`NAME` or `PREFIX*`) that denies `name`, if any."""
+    for pattern in patterns:
+        if (pattern.endswith("*") and name.startswith(pattern[:-1])) or name == pattern:
+            return pattern
+    return None
+
+
+def _check_env_pattern(value: Any) -> str:
+    if isinstance(value, str) and value:
+        check_env_name(value.removesuffix("*") or "X")
+        return value
+    raise ValueError(f"{value!r} is not an environment variable name or NAME* prefix")
+
+
+EnvPattern = Annotated[str, BeforeValidator(_check_env_pattern),
+                       WithJsonSchema({"type": "string"})]
+
+
+class EnvCeiling(Rules):
+    """Which environment variables no agent may set at a stage."""
+
+    deny: tuple[EnvPattern, ...] = DANGEROUS_ENV
+    """Names (or NAME* prefixes) dropped from a policy's env.set and env.allow at this stage.
+    The default lists the variables that change how programs load or what they execute
+    (LD_*, PYTHONSTARTUP, PERL5OPT, BASH_ENV, ...); a ceiling that writes its own list
+    replaces it."""
+
+    _unique = field_validator("deny")(_no_duplicates)
+
+
 class CeilingRules(Rules):
     """The most any agent may have at one stage of `policies/stages.yaml`."""
+
+    user_namespace: bool = Field(default=False, strict=True)
+    """Whether an agent may have a user namespace at this stage (false: it is dropped)."""
+
+    env: EnvCeiling = Field(default_factory=EnvCeiling)
+    """Environment variables no agent may set at this stage."""
+
+    approval: ApprovalRules = Field(default_factory=ApprovalRules)
+    """Approval triggers every agent has at this stage, on top of its policy's own."""
 
     exec: ExecRules = Field(default_factory=ExecRules)
     """The most an agent may execute at this stage."""

@@ -9,7 +9,13 @@ any agent may have there. The effective policy is the intersection, computed fie
     filesystem.workspace  the more restrictive: none < read_only < read_write
     network               the more restrictive (only "none" exists in v1)
     limits.*              the lower of the two
-    env.*, user_namespace from the policy (the ceiling has no say)
+    user_namespace        true only where the ceiling allows it
+    env.set, env.allow    names matching the ceiling's env.deny (LD_*, PYTHONSTARTUP, BASH_ENV,
+                          ...: what changes loading or execution) are dropped; env.log follows
+    approval.required_for the policy's triggers plus every trigger the ceiling requires
+
+`CLAMPED` lists every policy field the clamp decides; a test checks it against the model, so
+a new policy field cannot be added without a ceiling.
 
 An entry is dropped rather than narrowed (`/usr/` against a ceiling of `/usr/bin/` is dropped,
 not turned into `/usr/bin/`) so that the effective policy never contains a rule nobody wrote.
@@ -26,7 +32,7 @@ from agentd.errors import InvalidArgument, PermissionDenied
 from agentd.policy.effective import EffectivePolicy
 from agentd.policy.model import STAGES, Document, Policy, ResolvedStage, StageCeilings
 from agentd.policy.paths import exec_entry_covers, is_at_or_below
-from agentd.policy.rules import WORKSPACE_ORDER, CeilingRules, Limits, StageRules
+from agentd.policy.rules import WORKSPACE_ORDER, CeilingRules, Limits, StageRules, env_denied
 from agentd.policy.sizes import format_duration, format_size
 
 # limits field -> (EffectivePolicy attribute, how to show a value in a note)
@@ -43,6 +49,13 @@ _LIMITS: Final[dict[str, tuple[str, Callable[[float], str]]]] = {
     "channel_state": ("channel_state_bytes", lambda v: format_size(int(v))),
 }
 assert set(_LIMITS) == set(Limits.model_fields)
+
+# Every leaf field of a stage section, as the clamp decides it (see the module docstring).
+CLAMPED: Final[frozenset[str]] = frozenset({
+    "exec.allow", "exec.libraries", "filesystem.read_only", "filesystem.workspace", "network",
+    "user_namespace", "env.set", "env.allow", "env.log", "approval.required_for",
+    *(f"limits.{name}" for name in _LIMITS),
+})
 
 
 def effective_policy(policy: Policy, stage: str, ceilings: StageCeilings) -> EffectivePolicy:
@@ -121,8 +134,29 @@ class _Clamp:
                 wanted = most
             limits[attribute] = wanted
 
+        user_namespace = wants.user_namespace
+        if user_namespace and not ceiling.user_namespace:
+            self._lowered("user_namespace", "true", "false")
+            user_namespace = False
+
         env = wants.env
+        env_set = {name: value for name, value in env.set.items()
+                   if not self._env_denied("env.set", name, ceiling)}
+        env_allow = tuple(name for name in env.allow
+                          if not self._env_denied("env.allow", name, ceiling))
+
         self.rules["approval.required_for"] = self._policy_rule("approval.required_for")
+        triggers = list(wants.approval.required_for)
+        for trigger in ceiling.approval.required_for:
+            # A user_namespace trigger on an agent without one could never fire: no note.
+            if trigger not in triggers and (user_namespace or trigger != "user_namespace"):
+                triggers.append(trigger)
+                self.rules["approval.required_for"] = self._ceiling_rule(
+                    "approval.required_for")
+                where = _at(self.ceilings, f"stages.{self.stage}.approval.required_for",
+                            f"stages.{self.stage}")
+                self.notes.append(f"approval.required_for: {trigger} added: required at stage"
+                                  f" {self.stage} ({where})")
         return EffectivePolicy(
             agent_policy=self.policy.name,
             stage=self.stage,
@@ -132,10 +166,10 @@ class _Clamp:
             read_only=tuple(read_only),
             workspace=workspace,
             network="none",  # the only value either side can hold in v1
-            user_namespace=wants.user_namespace,
-            env_set=dict(env.set),
-            env_allow=env.allow,
-            env_log=tuple(n for n in env.log if n in env.set or n in env.allow),
+            user_namespace=user_namespace,
+            env_set=env_set,
+            env_allow=env_allow,
+            env_log=tuple(n for n in env.log if n in env_set or n in env_allow),
             memory_bytes=int(limits["memory_bytes"]),
             pids=int(limits["pids"]),
             cpu=float(limits["cpu"]),
@@ -146,7 +180,7 @@ class _Clamp:
             file_size_bytes=int(limits["file_size_bytes"]),
             writes_bytes=int(limits["writes_bytes"]),
             channel_state_bytes=int(limits["channel_state_bytes"]),
-            approval_required_for=wants.approval.required_for,
+            approval_required_for=tuple(triggers),
             notes=tuple(self.notes),
             rules=dict(self.rules),
             exec_dropped=exec_dropped,
@@ -161,6 +195,19 @@ class _Clamp:
 
     def _ceiling_rule(self, field: str) -> str:
         return self.ceilings.where(f"stages.{self.stage}.{field}", fallback=f"stages.{self.stage}")
+
+    def _env_denied(self, field: str, name: str, ceiling: CeilingRules) -> bool:
+        """Whether the ceiling denies variable `name`; notes the drop if so."""
+        pattern = env_denied(name, ceiling.env.deny)
+        if pattern is None:
+            return False
+        self.rules[field] = self._ceiling_rule("env.deny")
+        self.notes.append(
+            f"{field}: {name} dropped: {pattern} changes how programs load or run and is"
+            f" denied at stage {self.stage}"
+            f" ({_at(self.ceilings, f'stages.{self.stage}.env.deny', f'stages.{self.stage}')})"
+        )
+        return True
 
     def _dropped(self, field: str, entry: str) -> None:
         self.notes.append(
