@@ -242,6 +242,7 @@ class Run:
     forked_from: str = ""  # the run this one was forked from, "" if none
     forked_at_step: int = 0
     channels: tuple[ChannelDecl, ...] = ()
+    problem: str = ""  # why the run needs an operator (e.g. quarantined leftovers); "" if none
 
     @classmethod
     def from_proto(cls, msg: pb.Run) -> Run:
@@ -264,6 +265,7 @@ class Run:
             forked_from=msg.forked_from,
             forked_at_step=msg.forked_at_step,
             channels=tuple(ChannelDecl.from_proto(c) for c in msg.channels),
+            problem=msg.problem,
         )
 
 

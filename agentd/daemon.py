@@ -150,6 +150,10 @@ def start(config: Config) -> Daemon:
     layers = LayerStore(d.state_dir / "workspaces")
     # Steps that were running when the daemon died applied nothing; mark them, drop leftovers.
     recovered = recover_steps(step_store, layers)
+    # What recovery could not remove was moved aside, not left to stop the start.
+    recovered["quarantined"] = layers.take_quarantined()
+    if recovered["quarantined"]:
+        log.error("agentd.quarantined", paths=recovered["quarantined"])
     audit.append_sync("daemon.started", actor=SYSTEM.actor(), details={
         "pid": os.getpid(), "cgroups": cgroups.describe(), "stale_cgroups_removed": stale,
         "recovered": recovered,

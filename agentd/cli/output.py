@@ -59,6 +59,7 @@ def run_to_json(run: Run) -> dict[str, Any]:
         "step": run.step,
         "forked_from": run.forked_from,
         "forked_at_step": run.forked_at_step,
+        "problem": run.problem,
         "channels": [
             {"name": c.name, "reducer": c.reducer, "barrier_tasks": list(c.barrier_tasks)}
             for c in run.channels
@@ -110,6 +111,8 @@ def run_details(run: Run) -> str:
     fields.extend(
         ("channel", channel_text(c.name, c.reducer, c.barrier_tasks)) for c in run.channels
     )
+    if run.problem:
+        fields.append(("problem", run.problem))
     width = max(len(key) for key, _ in fields) + 1
     return "".join(f"{(key + ':').ljust(width)} {value}\n" for key, value in fields)
 

@@ -116,6 +116,12 @@ class RunManager:
                             "to a checkpoint that exists, or close it")
             record = dataclasses.replace(
                 record, workspace=str(self.layers.path(checkpoint.layers[-1])))
+        quarantined = self.layers.quarantined_for(run_id)
+        if quarantined:
+            record = dataclasses.replace(record, problem=(
+                (record.problem + "; " if record.problem else "") + "workspace leftovers that "
+                "could not be removed are quarantined (an operator may delete them): "
+                + ", ".join(quarantined)))
         return record
 
     def list_runs(self, agent: str = "", include_closed: bool = False) -> list[RunRecord]:

@@ -55,6 +55,7 @@ from agentd.scheduler.writes import WritesCollector, channels_snapshot_fd
 from agentd.store.layers import Change, LayerStore, Upper
 from agentd.store.refs import Hold
 from agentd.store.steps import CheckpointRecord, StepRecord, StepStore, already_decided
+from agentd.store.trees import PathTooLong
 
 log = structlog.get_logger("agentd.steps")
 
@@ -438,12 +439,24 @@ class StepRunner:
             finally:
                 # Even if the record cannot be written (disk full): the run must not stay
                 # held, nor the uppers stay behind.
-                for report in reports:
-                    self.layers.remove_upper(report.task_id)
+                # Off the loop: an agent's tree may be huge or deep. Named by run, so what
+                # cannot be removed is quarantined under the run's name (`run show`).
+                await asyncio.to_thread(self._remove_uppers, run_id, reports)
+                quarantined = self.layers.take_quarantined()
+                if quarantined:
+                    log.error("workspace.quarantined", run_id=run_id, paths=quarantined)
+                    with contextlib.suppress(AgentdError):
+                        await self.runs.audit.append(
+                            "workspace.quarantined", actor=SYSTEM.actor(), run_id=run_id,
+                            details={"paths": quarantined})
                 if hold is not None:
                     await hold.release()
                 if layer is not None:  # committed to disk but recorded by no checkpoint
                     await self.runs.refs.release([layer])
+
+    def _remove_uppers(self, run_id: str, reports: Sequence[TaskReport]) -> None:
+        for report in reports:
+            self.layers.remove_upper(f"{run_id}.{report.task_id}")
 
     def _start_squash(self, run_id: str, stack: list[str]) -> None:
         hold = self.runs.refs.hold(stack)  # read by the squash: no release deletes them
@@ -479,7 +492,7 @@ class StepRunner:
         """One task in its own worker on the committed layers; fills `report`, never raises
         for the tool."""
         task_id = report.task_id
-        report.upper = await asyncio.to_thread(self.layers.new_upper, task_id,
+        report.upper = await asyncio.to_thread(self.layers.new_upper, f"{run_id}.{task_id}",
                                                self.tasks.uid, self.tasks.gid)
         request = task.exec_request(run_id)
         withheld = withheld_programs(policy, approved)
@@ -525,8 +538,11 @@ class StepRunner:
                                                       channels=specs)
             except channels.WritesError as exc:
                 report.failure = f"bad writes on $AGENTD_WRITES_FD: {exc}"
-        report.changes = await asyncio.to_thread(
-            functools.partial(self.layers.changes, report.upper.upper, lowers=layers))
+        try:
+            report.changes = await asyncio.to_thread(
+                functools.partial(self.layers.changes, report.upper.upper, lowers=layers))
+        except PathTooLong as exc:
+            report.failure = report.failure or exc.message
         report.changed_paths = sorted({c.path for c in report.changes})
         if listener is not None:
             await listener("task_done", report)

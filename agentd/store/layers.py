@@ -71,6 +71,7 @@ from typing import BinaryIO, Literal
 from agentd.errors import FailedPrecondition, InvalidArgument, NotFound
 from agentd.sandbox.overlay import MAX_LOWERS, OPAQUE_XATTR, PRIVATE_XATTR_PREFIXES
 from agentd.store.tarball import write_tar
+from agentd.store.trees import check_path, quarantine, remove_tree
 
 __all__ = ["MAX_LOWERS", "Change", "Conflict", "LayerStore", "MergedEntry", "Upper",
            "conflicts", "walk_merged"]
@@ -184,13 +185,6 @@ def _copy_attrs(src: Path, dst: Path, st: os.stat_result | None = None) -> None:
         os.setxattr(dst, name, value)
 
 
-def _remove(path: Path) -> None:
-    if path.is_dir() and not path.is_symlink():
-        shutil.rmtree(path)
-    else:
-        path.unlink()
-
-
 def _lookup(tops: Sequence[Path], rel: str) -> tuple[Path, os.stat_result] | None:
     """The stack's entry at `rel` as overlay resolves it (`tops`: layer roots, top-most
     first); None when no layer has it or a whiteout, opaque directory or file hides it."""
@@ -227,7 +221,27 @@ def walk_merged(layers: Sequence[Path]) -> Iterator[MergedEntry]:
 
 
 def _walk_dirs(sources: list[Path], rel: str) -> Iterator[MergedEntry]:
-    """`sources`: the directories merged at `rel`, top-most first."""
+    """`sources`: the directories merged at `rel`, top-most first. Depth-first, parents
+    before children, names sorted; iterative (an explicit stack), so depth costs no
+    recursion."""
+    stack = [iter(_merged_children(sources, rel))]
+    while stack:
+        item = next(stack[-1], None)
+        if item is None:
+            stack.pop()
+            continue
+        child, found = item
+        (path, st), *_ = found
+        yield MergedEntry(child, path, st)
+        if stat.S_ISDIR(st.st_mode):
+            check_path(child)
+            stack.append(iter(_merged_children([p for p, _ in found], child)))
+
+
+def _merged_children(sources: list[Path], rel: str
+                     ) -> list[tuple[str, list[tuple[Path, os.stat_result]]]]:
+    """The entries of one merged directory, sorted by name: each with the real entries that
+    provide it, top-most first (several only for directories that merge)."""
     found: dict[str, list[tuple[Path, os.stat_result]]] = {}
     closed: set[str] = set()  # names no lower layer may add to
     for source in sources:
@@ -246,12 +260,7 @@ def _walk_dirs(sources: list[Path], rel: str) -> Iterator[MergedEntry]:
                     closed.add(name)
                     if name not in found and not _is_whiteout(st):
                         found[name] = [(path, st)]
-    for name in sorted(found):
-        (path, st), *_ = found[name]
-        child = _join(rel, name)
-        yield MergedEntry(child, path, st)
-        if stat.S_ISDIR(st.st_mode):
-            yield from _walk_dirs([p for p, _ in found[name]], child)
+    return [(_join(rel, name), found[name]) for name in sorted(found)]
 
 
 def conflicts(changes_by_task: Sequence[tuple[str, Sequence[Change]]]) -> list[Conflict]:
@@ -306,8 +315,10 @@ class LayerStore:
         if os.stat(self.layers_dir).st_dev != os.stat(self.uppers_dir).st_dev:
             raise InvalidArgument(f"{self.layers_dir} and {self.uppers_dir} must be on one "
                                   "filesystem: commit renames uppers into layers")
+        self.quarantine_dir = root / "quarantine"
         self._lock = threading.Lock()
         self._building: set[str] = set()
+        self._quarantined: list[str] = []
 
     # -- naming ---------------------------------------------------------------------------
 
@@ -345,7 +356,35 @@ class LayerStore:
         return layer_id
 
     def _abandon(self, tmp: Path) -> None:
-        shutil.rmtree(tmp, ignore_errors=True)
+        try:
+            remove_tree(tmp)
+        except OSError:
+            self._quarantine(tmp)
+
+    def _quarantine(self, path: Path) -> Path | None:
+        """Moves what could not be removed aside (the daemon keeps serving), and remembers it
+        for the next `take_quarantined`."""
+        try:
+            moved = quarantine(path, self.quarantine_dir)
+        except OSError:
+            return None
+        with self._lock:
+            self._quarantined.append(str(moved))
+        return moved
+
+    def quarantined_for(self, run_id: str) -> list[str]:
+        """What of `run_id`'s uppers sits in quarantine (uppers are named `<run>.<task>`)."""
+        try:
+            names = os.listdir(self.quarantine_dir)
+        except FileNotFoundError:
+            return []
+        return sorted(str(self.quarantine_dir / n) for n in names if n.startswith(run_id + "."))
+
+    def take_quarantined(self) -> list[str]:
+        """What was moved into quarantine since the last call (for the audit log)."""
+        with self._lock:
+            taken, self._quarantined = self._quarantined, []
+        return taken
 
     def _end(self, tmp: Path) -> None:
         with self._lock:
@@ -385,8 +424,13 @@ class LayerStore:
         return Upper(task_id, upper, work)
 
     def remove_upper(self, task_id: str) -> None:
-        """Removes a task's upper and work dir (no process may still use them)."""
-        shutil.rmtree(self.uppers_dir / task_id, ignore_errors=True)
+        """Removes a task's upper and work dir (no process may still use them); what cannot
+        be removed is quarantined, never raised: one run's leftovers block nobody."""
+        path = self.uppers_dir / task_id
+        try:
+            remove_tree(path)
+        except OSError:
+            self._quarantine(path)
 
     def changes(self, upper: Path, *, lowers: Sequence[str]) -> list[Change]:
         """What `upper` changed above the stack `lowers` (lowest first), parents first."""
@@ -426,7 +470,7 @@ class LayerStore:
                 needed = set(by_path)
                 for change in changes:
                     needed.update(_ancestors(change.path))
-                _merge(upper, tmp, "", needed, by_path, times)
+                _merge(upper, tmp, needed, by_path, times)
             for path, st in times.items():
                 os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
             _normalise_and_sync(tmp)
@@ -482,7 +526,10 @@ class LayerStore:
         changing a mounted lower). A crash midway leaves a `.del-*` that gc removes."""
         doomed = self.layers_dir / f".del-{self.path(layer_id).name[2:]}"
         os.rename(self.layers_dir / layer_id, doomed)
-        shutil.rmtree(doomed)
+        try:
+            remove_tree(doomed)
+        except OSError:
+            self._quarantine(doomed)
 
     def gc(self, referenced: Collection[str], *, keep_uppers: Collection[str] = ()
            ) -> list[str]:
@@ -501,29 +548,36 @@ class LayerStore:
                     continue
             elif not name.startswith((".tmp-", ".del-")) or name in building:
                 continue
-            shutil.rmtree(self.layers_dir / name, ignore_errors=True)
+            self._remove_or_quarantine(self.layers_dir / name)
             removed.append(name)
         for name in sorted(os.listdir(self.uppers_dir)):
             if name not in keep_uppers:
-                shutil.rmtree(self.uppers_dir / name, ignore_errors=True)
+                self._remove_or_quarantine(self.uppers_dir / name)
                 removed.append(f"uppers/{name}")
         return removed
 
+    def _remove_or_quarantine(self, path: Path) -> None:
+        try:
+            remove_tree(path)
+        except OSError:
+            self._quarantine(path)
+
 
 def _changes(upper: Path, tops: Sequence[Path]) -> list[Change]:
+    """The changes under `upper`, parents first, names sorted. Iterative; a path longer than
+    a layer may hold raises PathTooLong before the walk goes deeper."""
     out: list[Change] = []
-    _collect(upper, "", tops, out, below_new=False)
-    return out
-
-
-def _collect(directory: Path, rel: str, tops: Sequence[Path], out: list[Change], *,
-             below_new: bool) -> None:
-    """Appends the changes under `directory`. `below_new`: inside a directory the stack does
-    not have (or hides), where every entry is new and no lookup is needed."""
-    with os.scandir(directory) as it:
-        entries = sorted(it, key=lambda e: e.name)
-    for entry in entries:
+    # Frames: (sorted entries of a directory, its rel, inside a directory the stack does not
+    # have (or hides), where every entry is new and no lookup is needed).
+    stack = [(iter(_sorted_entries(upper)), "", False)]
+    while stack:
+        entries, rel, below_new = stack[-1]
+        entry = next(entries, None)
+        if entry is None:
+            stack.pop()
+            continue
         path, child = Path(entry.path), _join(rel, entry.name)
+        check_path(child)
         st = entry.stat(follow_symlinks=False)
         mode = st.st_mode
         if _is_whiteout(st):
@@ -533,35 +587,53 @@ def _collect(directory: Path, rel: str, tops: Sequence[Path], out: list[Change],
         if stat.S_ISDIR(mode):
             if _is_opaque(path):
                 out.append(Change(child, "opaque", *ids))
-                _collect(path, child, tops, out, below_new=True)
+                stack.append((iter(_sorted_entries(path)), child, True))
                 continue
             found = None if below_new else _lookup(tops, child)
             if found is None or not stat.S_ISDIR(found[1].st_mode):
                 out.append(Change(child, "dir", *ids))
-                _collect(path, child, tops, out, below_new=True)
+                stack.append((iter(_sorted_entries(path)), child, True))
                 continue
             lower_path, lower = found
             if (ids != (stat.S_IMODE(lower.st_mode), lower.st_uid, lower.st_gid)
                     or _user_xattrs(path) != _user_xattrs(lower_path)):
                 out.append(Change(child, "meta", *ids))
-            _collect(path, child, tops, out, below_new=False)
+            stack.append((iter(_sorted_entries(path)), child, False))
         elif stat.S_ISREG(mode):
             out.append(Change(child, "file", *ids))
         elif stat.S_ISLNK(mode):
             out.append(Change(child, "symlink", *ids))
         else:
             out.append(Change(child, "special", *ids))
+    return out
 
 
-def _merge(src: Path, dst: Path, rel: str, needed: set[str], by_path: dict[str, Change],
+def _sorted_entries(directory: Path) -> list[os.DirEntry[str]]:
+    with os.scandir(directory) as it:
+        return sorted(it, key=lambda e: e.name)
+
+
+def _merge(src: Path, dst: Path, needed: set[str], by_path: dict[str, Change],
            times: dict[Path, os.stat_result]) -> None:
-    """Moves one upper's changes under `src` into the layer being built at `dst`."""
-    times[dst] = os.lstat(src)  # adding entries below changes its mtime: restore it after
-    for name in sorted(os.listdir(src)):
+    """Moves one upper's changes under `src` into the layer being built at `dst`.
+    Iterative: frames of (source dir, target dir, rel, remaining names)."""
+    stack: list[tuple[Path, Path, str, Iterator[str]]] = []
+
+    def enter(s: Path, d: Path, rel: str) -> None:
+        times[d] = os.lstat(s)  # adding entries below changes its mtime: restore it after
+        stack.append((s, d, rel, iter(sorted(os.listdir(s)))))
+
+    enter(src, dst, "")
+    while stack:
+        src_dir, dst_dir, rel, names = stack[-1]
+        name = next(names, None)
+        if name is None:
+            stack.pop()
+            continue
         child = _join(rel, name)
         if child not in needed:
             continue  # a parent copied up for nothing (its change was undone)
-        s, d = src / name, dst / name
+        s, d = src_dir / name, dst_dir / name
         change = by_path.get(child)
         exists = os.path.lexists(d)
         if change is None or change.kind == "meta":
@@ -574,34 +646,38 @@ def _merge(src: Path, dst: Path, rel: str, needed: set[str], by_path: dict[str, 
                                          "replaced (internal: conflicts() let it through)")
             elif change is not None:
                 _copy_attrs(s, d)  # this task changed its metadata; the earlier one did not
-            _merge(s, d, child, needed, by_path, times)
+            enter(s, d, child)
         elif exists:
             # Two tasks made the same new directory (conflicts() allowed it): merge.
             if change.kind != "dir" or not (d.is_dir() and not d.is_symlink()):
                 raise FailedPrecondition(f"{child}: changed by two tasks (internal: "
                                          "conflicts() let it through)")
-            _merge(s, d, child, needed, by_path, times)
+            enter(s, d, child)
         else:
             os.rename(s, d)
 
 
 def _normalise_and_sync(layer: Path) -> None:
     """Strips overlay's private xattrs (an opaque marker stays), then fsyncs every regular
-    file and directory of the new layer, children before parents."""
-    for directory, dirnames, filenames in os.walk(layer, topdown=False):
-        base = Path(directory)
-        for name in filenames:
-            path = base / name
-            _strip_private(path, is_dir=False)
-            if stat.S_ISREG(os.lstat(path).st_mode):
-                _fsync(path, directory=False)
-        for name in dirnames:  # symlinks to directories are listed here too
-            path = base / name
-            if path.is_symlink():
+    file and directory of the new layer, children before parents. Iterative."""
+    directories: list[Path] = []
+    pending = [layer]
+    while pending:
+        directory = pending.pop()
+        directories.append(directory)
+        with os.scandir(directory) as it:
+            for entry in it:
+                path = Path(entry.path)
+                if entry.is_dir(follow_symlinks=False):
+                    pending.append(path)
+                    continue
                 _strip_private(path, is_dir=False)
-            else:
-                _strip_private(path, is_dir=True)
-                _fsync(path, directory=True)
+                if entry.is_file(follow_symlinks=False):
+                    _fsync(path, directory=False)
+    for directory in reversed(directories):  # every child was appended after its parent
+        if directory != layer:
+            _strip_private(directory, is_dir=True)
+            _fsync(directory, directory=True)
     _strip_private(layer, is_dir=True, keep_opaque=False)
     _fsync(layer, directory=True)
 

@@ -129,6 +129,7 @@ class Run(_message.Message):
     FORKED_FROM_FIELD_NUMBER: _builtins.int
     FORKED_AT_STEP_FIELD_NUMBER: _builtins.int
     CHANNELS_FIELD_NUMBER: _builtins.int
+    PROBLEM_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     agent: _builtins.str
     stage: _builtins.str
@@ -147,6 +148,10 @@ class Run(_message.Message):
     """The last committed step (0: nothing committed yet) and the run it was forked from."""
     forked_from: _builtins.str
     forked_at_step: _builtins.int
+    problem: _builtins.str
+    """Why the run needs an operator, if it does: a missing checkpoint, or workspace leftovers
+    that could not be removed and were quarantined. "" for a healthy run.
+    """
     @_builtins.property
     def created_at(self) -> _timestamp_pb2.Timestamp: ...
     @_builtins.property
@@ -171,10 +176,11 @@ class Run(_message.Message):
         forked_from: _builtins.str = ...,
         forked_at_step: _builtins.int = ...,
         channels: _abc.Iterable[Global___ChannelDecl] | None = ...,
+        problem: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["closed_at", b"closed_at", "created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "channels", b"channels", "closed_at", b"closed_at", "created_at", b"created_at", "created_by", b"created_by", "execs", b"execs", "forked_at_step", b"forked_at_step", "forked_from", b"forked_from", "policy_file", b"policy_file", "policy_hash", b"policy_hash", "run_id", b"run_id", "stage", b"stage", "state", b"state", "step", b"step", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "channels", b"channels", "closed_at", b"closed_at", "created_at", b"created_at", "created_by", b"created_by", "execs", b"execs", "forked_at_step", b"forked_at_step", "forked_from", b"forked_from", "policy_file", b"policy_file", "policy_hash", b"policy_hash", "problem", b"problem", "run_id", b"run_id", "stage", b"stage", "state", b"state", "step", b"step", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
