@@ -28,9 +28,13 @@ def pristine(tmp_path_factory: pytest.TempPathFactory) -> Path:
     log = AuditLog.open(directory, segment_bytes=2000)
     for i in range(RECORDS):
         log.append_sync("test.event", actor=ACTOR, details={"i": i, "word": "hello"})
-        if i in (9, 19):
-            log._sign_head()
     log.close()
+    # The daemon signs a head per batch (here: per record); keep the heads at 10, 20 and 30,
+    # a log as it was before per-batch signing, so the ranges below stay readable.
+    heads = directory / HEADS_FILE
+    kept = [line for line in heads.read_bytes().splitlines()
+            if TreeHead.parse(line).tree_size in (10, 20, 30)]
+    heads.write_bytes(b"".join(line + b"\n" for line in kept))
     return directory
 
 
@@ -183,7 +187,9 @@ class TestTampering:
         assert report.first.index is None
         assert report.first.where == f"{HEADS_FILE}:1"
         assert "does not verify" in report.first.what
-        assert len(report.problems) == 3
+        # Three heads that do not verify, and so 30 records no valid head covers.
+        assert len(report.problems) == 4
+        assert "30 record(s), 0..29, are after the last signed head" in report.problems[-1].what
 
     def test_resigned_with_audit_pub_replaced_needs_the_verifiers_own_key(
             self, copy: Path, tmp_path: Path) -> None:
@@ -261,3 +267,29 @@ class TestCli:
         verify(copy, deep=True)
         assert {p.name: p.read_bytes() for p in copy.iterdir()} == before
         assert segment_path(copy, 1).exists()
+
+
+class TestUnsignedTail:
+    def test_records_after_the_last_head_fail_unless_accepted(self, copy: Path) -> None:
+        """Records no signed head covers fail verify, counted, unless the caller accepts an
+        unsigned tail; then they are only a note."""
+        heads = copy / HEADS_FILE
+        heads.write_bytes(b"".join(line + b"\n" for line in heads.read_bytes().splitlines()
+                                   if TreeHead.parse(line).tree_size <= 20))
+        index, what = first(copy)
+        assert index == 20
+        assert "10 record(s), 20..29, are after the last signed head" in what
+        report = verify(copy, allow_unsigned_tail=True)
+        assert report.ok, report.problems
+        assert any("10 record(s)" in note for note in report.notes)
+
+    def test_a_rewritten_unsigned_tail_is_caught(self, copy: Path) -> None:
+        """The attack of the issue: rewrite and re-chain the records after the last head;
+        strict verify refuses the log."""
+        heads = copy / HEADS_FILE
+        heads.write_bytes(b"".join(line + b"\n" for line in heads.read_bytes().splitlines()
+                                   if TreeHead.parse(line).tree_size <= 20))
+        for i in range(25, RECORDS):
+            edit(copy, i, lambda line: line.replace(b"hello", b"HELLO"))
+        rechain(copy, 25)
+        assert not verify(copy).ok

@@ -5,8 +5,9 @@
     append(): prepare + queue ──notify──▶      take the whole queue as one batch
       await future                             order it: index, prev hash, commit time
                                                write + fdatasync (rolled back on error)
-                                               extend the tree, resolve every future
-      ◀── index, once durable ───────────      ... and sign a tree head when the timer says
+                                               extend the tree, sign one head over it and
+                                               append it durably, resolve every future
+      ◀── index, once durable and signed ──    (and a head on the timer when idle)
 
 Why one writer thread rather than `asyncio.to_thread` per flush: a batch must be ordered,
 written and flushed as a unit while the next batch queues behind it, which is exactly a
@@ -123,6 +124,13 @@ class AuditLog:
         audit = cls(directory, signer=signer, heads=heads, store=store, writer=writer,
                     head_interval=head_interval)
         audit._thread.start()
+        signed = last.tree_size if last else 0
+        if store.size > signed:
+            # A crash between a batch's records and its head: nobody was told those records
+            # were recorded, but they are the daemon's own; cover them now.
+            audit._sign_head()
+            log.warning("audit.unsigned_tail_signed", records=store.size - signed,
+                        first=signed)
         if cut is not None or heads_cut is not None:
             details: dict[str, Any] = {}
             if cut is not None:
@@ -291,6 +299,16 @@ class AuditLog:
         if failure is not None:
             self._failure = None
             log.warning("audit.resumed", index=first, after=failure.reason)
+        if lines:
+            # Nothing is acknowledged before a signed head covers it: one signature and one
+            # head write per batch, so a record's caller never hears "done" about a record
+            # that someone with the files but not the key could still rewrite.
+            try:
+                self._sign_head()
+            except Unavailable as exc:
+                settle(batch, [exc for _ in batch])
+                self._followers.wake()
+                return
         index = first + (failure is not None)
         outcomes: list[int | BaseException] = []
         for pending in batch:

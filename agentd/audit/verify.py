@@ -130,7 +130,8 @@ def _load_heads(path: Path, public: Ed25519PublicKey, report: Report) -> list[tu
     return sorted(good, key=lambda item: item[1].tree_size)
 
 
-def verify(directory: Path, *, public_key: Path | None = None, deep: bool = False) -> Report:
+def verify(directory: Path, *, public_key: Path | None = None, deep: bool = False,
+           allow_unsigned_tail: bool = False) -> Report:
     """Checks everything in `directory`; see the module docstring for what and how."""
     report = Report(directory)
     key_path = public_key or directory / PUB_FILE
@@ -222,8 +223,16 @@ def verify(directory: Path, *, public_key: Path | None = None, deep: bool = Fals
         p for p in order if p.index is None]
     signed = heads[-1][1].tree_size if heads else 0
     if count > signed:
-        report.notes.append(f"records {signed}..{count - 1} are after the last signed head: "
-                            "their order and chain are checked, no signature covers them yet")
+        uncovered = (f"{count - signed} record(s), {signed}..{count - 1}, are after the last "
+                     "signed head: no signature covers them, so whoever can write the files "
+                     "could have rewritten, reordered or removed them")
+        if allow_unsigned_tail:
+            report.notes.append(uncovered + " (accepted: --allow-unsigned-tail)")
+        else:
+            report.problems.append(Problem(
+                uncovered + "; agentd signs every batch before acknowledging it, so this is a"
+                " crash before a head was written (the next start signs it) or tampering;"
+                " pass --allow-unsigned-tail to accept them", signed, HEADS_FILE))
     torn_files = sorted(p.name for p in directory.glob("*.torn-*")) if directory.is_dir() else []
     if torn_files:
         report.notes.append(f"torn tails cut at recovery are kept as evidence: {torn_files}")

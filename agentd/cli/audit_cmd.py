@@ -1,4 +1,4 @@
-"""`agentctl audit verify|tail|show|query`: check the audit log, and read it.
+"""`agentctl audit verify|witness|tail|show|query`: check the audit log, and read it.
 
 `verify [DIR]` works from the files alone (no daemon): exit 0 if everything checks, 1 with the
 first bad index and what is wrong. The others ask the daemon (AuditService) through
@@ -19,6 +19,7 @@ import argparse
 import collections
 import hashlib
 import json
+import os
 import re
 import sys
 from collections.abc import Iterable
@@ -26,11 +27,14 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from typing import Any
 
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from google.protobuf.timestamp_pb2 import Timestamp
 
 from agentd.api.gen.v1 import audit_pb2 as pb
 from agentd.api.gen.v1 import audit_pb2_grpc as pb_grpc
 from agentd.audit import load_public_key, verify, verify_head, verify_inclusion
+from agentd.audit.merkle import verify_consistency
 from agentd.audit.signing import TreeHead
 from agentd.cli.output import UsageError
 
@@ -54,8 +58,23 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
                        "another key, audit.pub included, is only caught against it")
     check.add_argument("--deep", action="store_true",
                        help="also parse every record and check its schema and canonical form")
+    check.add_argument("--allow-unsigned-tail", action="store_true",
+                       help="accept records after the last signed head (a crash before the "
+                       "head was written) instead of failing; they are counted")
     _json_flag(check)
     check.set_defaults(func=cmd_verify)
+
+    witness = sub.add_parser(
+        "witness", help="check the daemon's log only grew since the head FILE remembers "
+        "(consistency proof), then remember the new head; run it from another host")
+    witness.add_argument("--state", required=True, metavar="FILE", type=Path,
+                         help="the witness's memory: the last head it accepted (JSON); "
+                         "created on first use (trust on first use, said so)")
+    witness.add_argument("--key", metavar="PUB", type=Path,
+                         help="the daemon's public key (PEM); default: the one FILE recorded "
+                         "on first use, which must then be given once")
+    _json_flag(witness)
+    witness.set_defaults(func=cmd_witness)
 
     tail = sub.add_parser("tail", help="the latest events; -f keeps printing new ones")
     tail.add_argument("-f", "--follow", action="store_true", help="wait for new events")
@@ -100,7 +119,8 @@ def cmd_verify(args: argparse.Namespace) -> int:
         DEV_AUDIT_DIR if DEV_AUDIT_DIR.is_dir() else SYSTEM_AUDIT_DIR)
     if not directory.is_dir():
         raise UsageError(f"{directory} is not a directory; give the audit directory as DIR")
-    report = verify(directory, public_key=args.key, deep=args.deep)
+    report = verify(directory, public_key=args.key, deep=args.deep,
+                    allow_unsigned_tail=args.allow_unsigned_tail)
     first = report.first
     if args.json:
         print(json.dumps({
@@ -273,3 +293,79 @@ def _parse_when(text: str, flag: str) -> Timestamp:
 def _head_time(head: pb.SignedTreeHead) -> str:
     return str(json.loads(head.signed_data)["timestamp"]) if head.signed_data else ""
 
+
+
+# -- witness -------------------------------------------------------------------------------
+
+def cmd_witness(args: argparse.Namespace) -> int:
+    """`audit witness --state FILE`: 0 if the log is the one FILE saw, grown or not (FILE then
+    holds the new head); 1 if it is older, forked or rewritten (FILE is left as it was)."""
+    state: dict[str, Any] | None = None
+    if args.state.exists():
+        try:
+            state = json.loads(args.state.read_text())
+        except (OSError, ValueError) as exc:
+            raise UsageError(f"{args.state}: not a witness state file ({exc})") from None
+    key_pem = args.key.read_bytes() if args.key else (
+        state.get("public_key", "").encode() if state else b"")
+    if not key_pem:
+        raise UsageError("the first run needs --key PUB: the daemon's public key (audit.pub), "
+                         "taken from the daemon host by a channel you trust")
+    public = load_pem_public_key(key_pem)
+    if not isinstance(public, Ed25519PublicKey):
+        raise UsageError("--key is not an Ed25519 public key")
+    stub = pb_grpc.AuditServiceStub(args.channel())
+    reply = stub.GetTreeHead(pb.GetTreeHeadRequest())
+    head = TreeHead(reply.tree_size, reply.root_hash, _head_time(reply), reply.signature)
+    verdict = _witness_verdict(stub, public, head, state)
+    if verdict:
+        _say(args, ok=False, message=verdict, head=head)
+        return 1
+    first_use = state is None
+    new_state = {"tree_size": head.tree_size, "root_hash": head.root_hash.hex(),
+                 "timestamp": head.timestamp, "signature": head.signature.hex(),
+                 "public_key": key_pem.decode()}
+    tmp = args.state.with_name(args.state.name + ".tmp")
+    tmp.write_text(json.dumps(new_state, indent=2) + "\n")
+    os.replace(tmp, args.state)
+    grown = 0 if state is None else head.tree_size - int(state["tree_size"])
+    message = (f"first use: trusting the log at size {head.tree_size} (nothing earlier can be "
+               "checked)" if first_use else
+               f"consistent: the log grew by {grown} record(s) to {head.tree_size}")
+    _say(args, ok=True, message=message, head=head)
+    return 0
+
+
+def _witness_verdict(stub: Any, public: Ed25519PublicKey, head: TreeHead,
+                     state: dict[str, Any] | None) -> str:
+    """Why the daemon's head must be refused, or "" if it is acceptable."""
+    if not verify_head(public, head):
+        return (f"the daemon's tree head (size {head.tree_size}) is not signed by the "
+                "witness's key: another key, or a forged head")
+    if state is None:
+        return ""
+    old_size, old_root = int(state["tree_size"]), bytes.fromhex(state["root_hash"])
+    if head.tree_size < old_size:
+        return (f"the log is older than the witness saw: size {head.tree_size} < "
+                f"{old_size} (truncated, or an earlier copy restored)")
+    if head.tree_size == old_size:
+        if head.root_hash != old_root:
+            return f"the log was rewritten: same size {old_size}, another root"
+        return ""
+    proof = stub.GetConsistencyProof(pb.GetConsistencyProofRequest(
+        first_tree_size=old_size, second_tree_size=head.tree_size))
+    if not verify_consistency(old_size, head.tree_size, old_root, head.root_hash,
+                              list(proof.consistency_path)):
+        return (f"the log of size {head.tree_size} does not extend the one of size "
+                f"{old_size} the witness saw: records before {old_size} were rewritten, "
+                "reordered or removed (a fork)")
+    return ""
+
+
+def _say(args: argparse.Namespace, *, ok: bool, message: str, head: TreeHead) -> None:
+    if args.json:
+        print(json.dumps({"ok": ok, "message": message, "tree_size": head.tree_size,
+                          "root_hash": head.root_hash.hex(), "state": str(args.state)}))
+    else:
+        print(f"audit witness: {'OK' if ok else 'REFUSED'}: {message}",
+              file=sys.stdout if ok else sys.stderr)
