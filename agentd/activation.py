@@ -30,6 +30,8 @@ against control messages and tool output that the policies' output limits bound.
 from __future__ import annotations
 
 import asyncio
+import contextlib
+import grp
 import os
 import socket
 import struct
@@ -117,9 +119,37 @@ class Activation:
         return cls(private_dir=runtime_dir / "private",
                    sockets=inherited_sockets(systemd.listen_fds()))
 
+    own_paths: list[Path] = field(default_factory=list)
+
     @property
     def active(self) -> bool:
         return bool(self.sockets)
+
+    def bind_own(self, public: dict[str, Path], modes: dict[str, int],
+                 groups: dict[str, str]) -> None:
+        """Without systemd: creates the role sockets the daemon would have been passed, with
+        their modes and groups, so that every mode accepts callers the same way (and reads
+        their SO_PEERCRED). A socket left by a killed daemon is replaced."""
+        previous = os.umask(0o077)
+        try:
+            for role, path in public.items():
+                if role in self.sockets:
+                    continue
+                path.parent.mkdir(parents=True, exist_ok=True)
+                with contextlib.suppress(FileNotFoundError):
+                    path.unlink()
+                sock = socket.socket(socket.AF_UNIX, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)
+                sock.bind(str(path))
+                sock.listen(128)
+                sock.setblocking(False)
+                group = groups.get(role, "")
+                if group:
+                    os.chown(path, 0, grp.getgrnam(group).gr_gid)
+                os.chmod(path, modes[role])
+                self.sockets[role] = sock
+                self.own_paths.append(path)
+        finally:
+            os.umask(previous)
 
     def grpc_sockets(self, public: dict[str, Path]) -> dict[str, Path]:
         """Where each role's grpc server must listen: a private path for a role whose socket
@@ -145,10 +175,13 @@ class Activation:
             await forwarder.stop_accepting()
 
     async def close(self) -> None:
-        """Stops accepting and drops the live connections."""
+        """Stops accepting and drops the live connections; removes the sockets it made."""
         for forwarder in self.forwarders:
             await forwarder.close()
         self.forwarders.clear()
+        for path in self.own_paths:
+            with contextlib.suppress(FileNotFoundError):
+                path.unlink()
 
 
 class Forwarder:

@@ -40,6 +40,10 @@ class DaemonSection(_Strict):
     # Group that owns the client socket (mode 0660); "" keeps root's group.
     socket_group: str = ""
     approver_group: str = ""
+    # Approval means another person: an Approve from the requester's own uid is refused unless
+    # this is true (a development convenience for one person at one machine; every use is
+    # recorded on the approval record and logged as a warning).
+    allow_self_approval: bool = False
     worker_uid: int = Field(default=65534, ge=1)
     worker_gid: int = Field(default=65534, ge=1)
     # Where agentd's cgroup subtree lives; "" means under the daemon's own cgroup.

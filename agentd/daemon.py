@@ -24,7 +24,12 @@ import sys
 import structlog
 
 from agentd import activation, logs, systemd
-from agentd.api.server import Servers, agentd_registration, audit_registration
+from agentd.api.server import (
+    SOCKET_MODES,
+    Servers,
+    agentd_registration,
+    audit_registration,
+)
 from agentd.api.service import AgentdServicer
 from agentd.audit import AuditLog
 from agentd.config import Config, load_config
@@ -61,16 +66,20 @@ class Daemon:
         self.tasks = TaskRunner(self.runs, launcher, cgroups, worker_uid=d.worker_uid,
                                 worker_gid=d.worker_gid)
         self.steps = StepRunner(self.runs, self.tasks, step_store, layers,
+                                allow_self_approval=d.allow_self_approval,
                                 squash_depth=d.squash_depth,
                                 max_export_bytes=d.max_export_bytes)
         registrations = [agentd_registration(AgentdServicer(self.runs, self.steps)),
                          audit_registration(audit)]
-        # Under systemd the role sockets are its own (passed, listening); grpc then serves on
-        # private sockets that the activation forwarder feeds (see agentd.activation).
+        # Under systemd the role sockets are its own (passed, listening); otherwise the daemon
+        # makes them. Either way grpc serves on private sockets that the forwarder feeds, so
+        # every caller's SO_PEERCRED is known in every mode (see agentd.activation).
+        groups = {"client": d.socket_group, "approver": d.approver_group}
         self.activation = activation.Activation.from_environment(d.runtime_dir)
+        self.activation.bind_own(config.role_sockets(), SOCKET_MODES, groups)
         self.servers = Servers(self.activation.grpc_sockets(config.role_sockets()),
-                               {"client": d.socket_group, "approver": d.approver_group},
-                               registrations, self._record_denial)
+                               groups, registrations, self._record_denial,
+                               public=config.role_sockets())
         self._stopping = asyncio.Event()
 
     async def serve(self) -> None:

@@ -35,6 +35,9 @@ log_format = "json"
 log_level = "debug"
 drain_seconds = 2.0
 tree_head_interval = 5.0
+# The tests request and approve as root on both sockets; TestApprovalIdentity runs daemons
+# without this to check that approval needs another uid.
+allow_self_approval = true
 # Its own cgroup subtree: a daemon removes every task cgroup it finds under its parent at
 # start, so daemons sharing one would kill each other's workers.
 cgroup_parent = "agentd-test-{instance}"

@@ -70,11 +70,16 @@ class RoleInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
         claimed = str(metadata.get("agentd-caller-name", ""))[:100]
 
         async def bind(context: Any) -> None:
-            # Under socket activation the forwarder knows the caller's SO_PEERCRED.
+            # Every connection comes through the daemon's forwarder, which read SO_PEERCRED.
             creds = activation.peer_of(context.peer())
-            peer = (f"uid={creds.uid} gid={creds.gid} pid={creds.pid}" if creds
-                    else context.peer() or "")
-            caller = Caller(role=role, socket=self.socket_path, peer=peer, claimed_name=claimed)
+            if creds is None or creds.role != role:
+                raise PermissionDenied(
+                    "the caller's identity is unknown (the connection did not come through "
+                    "agentd's own role socket); connect to the role socket, not grpc's",
+                    rule="identity: SO_PEERCRED at accept")
+            caller = Caller(role=role, socket=self.socket_path,
+                            peer=f"uid={creds.uid} gid={creds.gid} pid={creds.pid}",
+                            claimed_name=claimed, uid=creds.uid, gid=creds.gid, pid=creds.pid)
             current_caller.set(caller)
             if not permitted:
                 denied = _denied(method, role)

@@ -52,9 +52,13 @@ class Servers:
     """Starts and stops the role servers together; owns the shared health status."""
 
     def __init__(self, sockets: dict[str, Path], groups: dict[str, str],
-                 registrations: list[Registration], on_denied: DenialRecorder) -> None:
+                 registrations: list[Registration], on_denied: DenialRecorder, *,
+                 public: dict[str, Path] | None = None) -> None:
+        """`sockets`: where grpc listens per role; `public`: the role sockets callers connect
+        to (through the forwarder), which is what a caller's record names."""
         self.on_denied = on_denied
         self.sockets = sockets
+        self.public = public or sockets
         self.groups = groups
         self.registrations = registrations
         self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
@@ -81,7 +85,7 @@ class Servers:
         with contextlib.suppress(FileNotFoundError):
             path.unlink()  # a socket left by a daemon that was killed
         server = grpc.aio.server(
-            interceptors=[RoleInterceptor(role, str(path), self.on_denied)],
+            interceptors=[RoleInterceptor(role, str(self.public[role]), self.on_denied)],
             # Room for the largest valid Exec (stdin and argv), so the daemon's own size checks
             # answer with their explanation instead of gRPC's generic limit.
             # Replies are capped below the limit the client agreed to receive (api/limits.py).

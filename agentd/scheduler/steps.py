@@ -181,8 +181,10 @@ class StepRunner:
 
     def __init__(self, runs: RunManager, tasks: TaskRunner, steps: StepStore,
                  layers: LayerStore, *, squash_depth: int = 100,
-                 max_export_bytes: int | None = None) -> None:
+                 max_export_bytes: int | None = None,
+                 allow_self_approval: bool = False) -> None:
         self.runs = runs
+        self.allow_self_approval = allow_self_approval
         self.tasks = tasks
         self.steps = steps
         self.layers = layers
@@ -239,7 +241,8 @@ class StepRunner:
                 "tasks": [t.name for t in requests][:MAX_TASKS], "error": exc.code,
                 "reason": exc.message, "rule": getattr(exc, "rule", None)})
             raise
-        request = {"tasks": [t.to_json() for t in requests]}
+        # The requester's uid (SO_PEERCRED) decides who may approve: another person.
+        request = {"tasks": [t.to_json() for t in requests], "requested_uid": caller.uid}
         triggers = approval_triggers(policy, [exe for _, exe in planned])
         async with gate.lock:
             # Decided again under the gate: the plan above awaited, the run may have moved.
@@ -293,6 +296,15 @@ class StepRunner:
         if pending.requested_by == str(caller):
             raise PermissionDenied("the requester of a step cannot approve it; another approver "
                                    "must decide", rule="approvals: requester != approver")
+        self_approved = pending.request.get("requested_uid") == caller.uid
+        if self_approved and not self.allow_self_approval:
+            raise PermissionDenied(
+                f"uid {caller.uid} requested step {number} of run {run_id} and cannot approve "
+                "it: approval means another person; ask an approver with another uid (or set "
+                "allow_self_approval in the daemon config, for development only)",
+                rule="approvals: approver uid != requester uid")
+        if self_approved:
+            log.warning("step.self_approved", run_id=run_id, step=number, uid=caller.uid)
         requests = [TaskRequest.from_json(t) for t in pending.request["tasks"]]
         planned: list[tuple[TaskRequest, str]] = []
         if approve:
@@ -305,7 +317,7 @@ class StepRunner:
             if not approve:
                 await audit.append("step.approval", actor=caller.actor(), run_id=run_id,
                                    details={"step": number, "approved": False,
-                                            "reason": reason})
+                                            "reason": reason, "self_approved": self_approved})
                 self.steps.decide(pending.attempt, "discarded", decided_by=str(caller),
                                   reason=reason or "rejected")
                 return StepResult(run_id, number, "discarded", reason=reason or "rejected",
@@ -313,7 +325,8 @@ class StepRunner:
             gate.check_idle("retry the approval")
             run = self.runs.check_open(run_id)
             await audit.append("step.approval", actor=caller.actor(), run_id=run_id,
-                               details={"step": number, "approved": True, "reason": reason})
+                               details={"step": number, "approved": True, "reason": reason,
+                                        "self_approved": self_approved})
             if run.step + 1 != number:
                 self.steps.decide(pending.attempt, "discarded", decided_by=str(caller),
                                   reason="the run moved on before approval")
