@@ -28,6 +28,11 @@ async def abort_with(context: grpc.aio.ServicerContext[Any, Any], exc: BaseExcep
     """Ends the call with the status `exc` maps to; never returns."""
     if isinstance(exc, AgentdError):
         await context.abort(status_of(exc), exc.message)
+    if isinstance(exc, NotImplementedError):
+        # A method a library declares but does not implement: the caller's answer is
+        # UNIMPLEMENTED, never INTERNAL.
+        await context.abort(grpc.StatusCode.UNIMPLEMENTED,
+                            f"{method.rsplit('/', 1)[-1]} is not implemented by agentd")
     incident = "inc-" + secrets.token_hex(6)
     log.error("api.internal_error", incident=incident, method=method, exc_info=exc)
     await context.abort(grpc.StatusCode.INTERNAL,

@@ -8,6 +8,7 @@ no error handling and no authorisation of their own.
 from __future__ import annotations
 
 import contextvars
+import inspect
 from collections.abc import Awaitable, Callable
 from typing import Any
 
@@ -15,6 +16,7 @@ import grpc
 import structlog
 
 from agentd import activation
+from agentd.api import bounds
 from agentd.api.errors import map_stream, map_unary
 from agentd.errors import PermissionDenied
 from agentd.identity import Caller
@@ -91,6 +93,7 @@ class RoleInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
             async def unary(request: Any, context: Any) -> Any:
                 await bind(context)
+                bounds.check(request)
                 return await inner(request, context)
 
             return grpc.unary_unary_rpc_method_handler(
@@ -101,7 +104,12 @@ class RoleInterceptor(grpc.aio.ServerInterceptor):  # type: ignore[type-arg]
 
             async def stream(request: Any, context: Any) -> Any:
                 await bind(context)
-                async for item in inner_stream(request, context):
+                bounds.check(request)
+                result = inner_stream(request, context)
+                if inspect.isawaitable(result):
+                    await result  # a handler that streams with context.write (health Watch)
+                    return
+                async for item in result:
                     yield item
 
             return grpc.unary_stream_rpc_method_handler(

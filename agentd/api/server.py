@@ -12,6 +12,7 @@ import grp
 import os
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health, health_pb2, health_pb2_grpc
@@ -48,6 +49,17 @@ def audit_registration(audit: AuditLog) -> Registration:
     return register
 
 
+class _Health(health.aio.HealthServicer):  # type: ignore[misc,name-defined]
+    """grpcio-health-checking's servicer, with List (which the library leaves unimplemented):
+    every service this daemon reports on, and its status."""
+
+    async def List(self, request: Any, context: Any) -> Any:  # noqa: N802 - gRPC's name
+        statuses = dict(self._server_status)
+        return health_pb2.HealthListResponse(statuses={
+            name: health_pb2.HealthCheckResponse(status=status)
+            for name, status in statuses.items()})
+
+
 class Servers:
     """Starts and stops the role servers together; owns the shared health status."""
 
@@ -61,7 +73,7 @@ class Servers:
         self.public = public or sockets
         self.groups = groups
         self.registrations = registrations
-        self.health = health.aio.HealthServicer()  # type: ignore[attr-defined]
+        self.health = _Health()
         self._servers: list[grpc.aio.Server] = []
         self._services: list[str] = []
 

@@ -188,6 +188,9 @@ def contain(spec: WorkerSpec, *, new_root: str, seccomp_program: bytes, go_fd: i
         detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
         if step.name == "execve":
             detail = f"{spec.argv[0]}: {detail}"
+        elif step.name == "chdir":
+            detail = (f"cwd {spec.cwd}: {detail} in the worker; create the directory in an "
+                      "earlier step, or give an existing one")
         report = {"step": step.name, "errno": err, "message": detail}
         try:
             os.write(err_fd, json.dumps(report).encode())

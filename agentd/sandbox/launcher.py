@@ -51,6 +51,26 @@ from agentd.sandbox.spec import WorkerSpec
 
 MAX_MESSAGE = 1 << 20
 FDS_PER_SPAWN = 3
+LAUNCHER_STEP = "join cgroup / map ids"  # the launcher's own part of a worker's set-up
+
+
+def _first_cause(error: bytes | bytearray) -> dict[str, Any]:
+    """The report that says why a worker did not start. The worker's own report is the cause;
+    the launcher's (e.g. EPIPE writing "go" to a worker that had already failed) is only a
+    consequence, used when the worker said nothing."""
+    text = error.decode(errors="replace")
+    decoder = json.JSONDecoder()
+    reports: list[dict[str, Any]] = []
+    at = 0
+    while at < len(text):
+        try:
+            value, at = decoder.raw_decode(text, at)
+        except ValueError:
+            return {"step": "unknown", "errno": 0, "message": text}
+        if isinstance(value, dict):
+            reports.append(value)
+    own = [r for r in reports if r.get("step") != LAUNCHER_STEP]
+    return (own or reports or [{"step": "unknown", "errno": 0, "message": text}])[0]
 
 
 def recv_message(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
@@ -162,7 +182,7 @@ class Launcher:
             os.write(go_w, b"g")
         except OSError as exc:
             os.kill(pid, signal.SIGKILL)
-            child.error += json.dumps({"step": "join cgroup / map ids", "errno": exc.errno or 0,
+            child.error += json.dumps({"step": LAUNCHER_STEP, "errno": exc.errno or 0,
                                        "message": str(exc)}).encode()
         finally:
             os.close(go_w)
@@ -224,11 +244,7 @@ class Launcher:
         if not child.error:
             send_message(self.sock, {"op": "started", "id": child.request_id, "pid": child.pid})
             return
-        try:
-            report = json.loads(child.error)
-        except ValueError:
-            report = {"step": "unknown", "errno": 0,
-                      "message": child.error.decode(errors="replace")}
+        report = _first_cause(child.error)
         send_message(self.sock, {"op": "failed", "id": child.request_id, **report})
 
     def _on_exit(self, child: _Child) -> None:
