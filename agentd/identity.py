@@ -33,7 +33,7 @@ class Caller:
         actor: dict[str, Any] = {"role": self.role, "socket": self.socket}
         if self.uid is not None:
             actor.update(uid=self.uid, gid=self.gid, pid=self.pid)
-        if self.peer:
+        elif self.peer:
             actor["peer"] = self.peer
         if self.claimed_name:
             actor["claimed_name (caller-supplied)"] = self.claimed_name

@@ -17,6 +17,7 @@ run prints in their place (a line of README is turned into a pattern by these ru
     512.0 KiB, 6 B          a size: any number of any unit (B, KiB, MiB, GiB, TiB)
     1.00, 0.53              a number with a decimal point: any such number
     records: 9, heads: 3    counts of audit records, segments and tree heads
+    pid=4242                a caller's pid (as SO_PEERCRED reported it)
     /path/to/agentd         the checkout directory
     ...                     a line of its own: any number of lines (also none)
 
@@ -52,6 +53,7 @@ PLACEHOLDERS = [
     (r"\d+\\\.\d+", r"\\d+\\.\\d+"),
     (r"(records|segment\\\(s\\\)|heads):\\ \d+", r"\1: \\d+"),
     (r"\d+\\ (in\\ )", r"\\d+ \1"),
+    (r"pid=\d+", r"pid=\\d+"),
 ]
 CONFIG = """
 [daemon]
