@@ -159,6 +159,7 @@ class StopReason(enum.StrEnum):
     OUTPUT = "output"
     CANCELLED = "cancelled"
     SHUTDOWN = "shutdown"
+    QUOTA = "quota"
 
 
 class StepState(enum.StrEnum):
@@ -188,6 +189,7 @@ _STOP_REASONS = {
     pb.STOP_REASON_OUTPUT: StopReason.OUTPUT,
     pb.STOP_REASON_CANCELLED: StopReason.CANCELLED,
     pb.STOP_REASON_SHUTDOWN: StopReason.SHUTDOWN,
+    pb.STOP_REASON_QUOTA: StopReason.QUOTA,
 }
 _STEP_STATES = {
     pb.STEP_STATE_PENDING_APPROVAL: StepState.PENDING_APPROVAL,

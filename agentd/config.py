@@ -54,6 +54,9 @@ class DaemonSection(_Strict):
     # to deliver the outcome before the servers close.
     drain_seconds: float = Field(default=10.0, ge=0)
     max_concurrent_workers: int = Field(default=64, ge=1)
+    # Bytes of the state filesystem that workspace commits never use: room kept for the audit
+    # log and the state database when workspaces fill the disk.
+    state_reserve: int = Field(default=64 << 20, ge=0)
     # A worker launcher that does not answer the daemon's ping for this long is replaced.
     launcher_timeout_seconds: float = Field(default=5.0, gt=0)
     # A run's layer stack this deep is squashed into one layer in the background: overlayfs

@@ -156,7 +156,11 @@ def start(config: Config) -> Daemon:
     audit = AuditLog.open(d.state_dir / "audit", head_interval=d.tree_head_interval)
     store = RunStore(d.state_dir / "state.db")
     step_store = StepStore(store.connection)
-    layers = LayerStore(d.state_dir / "workspaces")
+    layers = LayerStore(d.state_dir / "workspaces", reserve_bytes=d.state_reserve)
+    if not layers.tmpfs_uppers:
+        log.warning("workspace.quota_at_commit_only",
+                    reason="tmpfs has no user xattrs on this kernel (before 6.6): uppers stay "
+                    "on the state disk and limits.workspace holds at commit")
     # Steps that were running when the daemon died applied nothing; mark them, drop leftovers.
     recovered = recover_steps(step_store, layers)
     # What recovery could not remove was moved aside, not left to stop the start.

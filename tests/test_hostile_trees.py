@@ -235,7 +235,7 @@ class TestHostileTreesThroughTheDaemon:
                    "os.mkfifo('fifo')\n"
                    "socket.socket(socket.AF_UNIX).bind('sock')\n"
                    "os.symlink('/etc/passwd', 'link')\n")
-        made = execute(stub, run_id, ["/usr/bin/python3", "-c", program], timeout=60)
+        made = execute(stub, run_id, ["/usr/bin/python3", "-c", program], timeout=30)
         assert made.outcome is not None
         assert made.outcome.committed, (made.outcome, made.stderr)
         names = set(_export(stub, run_id, 1))

@@ -20,7 +20,7 @@ STOP_REASONS = {
     None: pb.STOP_REASON_NONE, "timeout": pb.STOP_REASON_TIMEOUT,
     "memory": pb.STOP_REASON_MEMORY, "pids": pb.STOP_REASON_PIDS,
     "output": pb.STOP_REASON_OUTPUT, "cancelled": pb.STOP_REASON_CANCELLED,
-    "shutdown": pb.STOP_REASON_SHUTDOWN,
+    "shutdown": pb.STOP_REASON_SHUTDOWN, "quota": pb.STOP_REASON_QUOTA,
 }
 STREAMS = {"stdout": pb.STREAM_KIND_STDOUT, "stderr": pb.STREAM_KIND_STDERR}
 

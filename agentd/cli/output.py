@@ -39,6 +39,7 @@ _STOPPED_BY = {
     StopReason.OUTPUT: "output limit",
     StopReason.CANCELLED: "cancelled",
     StopReason.SHUTDOWN: "daemon shutdown",
+    StopReason.QUOTA: "workspace quota",
 }
 
 

@@ -167,7 +167,8 @@ _ATTRIBUTES = {"filesystem.read_only": "read_only", "filesystem.workspace": "wor
                "limits.memory": "memory_bytes", "limits.wall_time": "wall_seconds",
                "limits.output": "output_bytes", "limits.tmp": "tmp_bytes",
                "limits.file_size": "file_size_bytes", "limits.writes": "writes_bytes",
-               "limits.channel_state": "channel_state_bytes"}
+               "limits.channel_state": "channel_state_bytes",
+               "limits.workspace": "workspace_bytes"}
 
 
 def _value_of(field: str, values: dict[str, Any]) -> Any:

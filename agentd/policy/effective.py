@@ -41,6 +41,8 @@ RULE_FIELDS: Final[tuple[str, ...]] = (
     "limits.open_files",
     "limits.file_size",
     "limits.writes",
+    "limits.workspace",
+    "limits.inodes",
     "limits.channel_state",
     "approval.required_for",
 )
@@ -82,6 +84,8 @@ class EffectivePolicy:
     open_files: int = 256
     file_size_bytes: int = 1 << 30
     writes_bytes: int = 1 << 20
+    workspace_bytes: int = 1 << 30
+    inodes: int = 100_000
     channel_state_bytes: int = 1 << 20
     approval_required_for: tuple[str, ...] = ()
     """Approval triggers (see ApprovalRules): a step matching one waits for Approve."""

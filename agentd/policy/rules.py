@@ -148,6 +148,12 @@ class Limits(Rules):
     """Largest file a process may write (RLIMIT_FSIZE)."""
     writes: Size = Field(default="1MiB", validate_default=True)
     """Bytes of structured results a task may write to $AGENTD_WRITES_FD in one step."""
+    workspace: Size = Field(default="1GiB", validate_default=True)
+    """Bytes a run's workspace may take on disk (its layers) and a task may write at once
+    (its upper is a tmpfs of the remaining size); past it the task stops (`quota`) or the
+    step fails at commit, applying nothing."""
+    inodes: int = Field(default=100_000, strict=True, gt=0, le=1 << 31)
+    """Files and directories a run's workspace may hold, likewise."""
     channel_state: Size = Field(default="1MiB", validate_default=True)
     """Bytes of a run's channel state (the sum of its values as canonical JSON); a step whose
     result would be larger fails at the barrier and applies nothing."""

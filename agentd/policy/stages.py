@@ -46,6 +46,8 @@ _LIMITS: Final[dict[str, tuple[str, Callable[[float], str]]]] = {
     "open_files": ("open_files", lambda v: str(int(v))),
     "file_size": ("file_size_bytes", lambda v: format_size(int(v))),
     "writes": ("writes_bytes", lambda v: format_size(int(v))),
+    "workspace": ("workspace_bytes", lambda v: format_size(int(v))),
+    "inodes": ("inodes", lambda v: str(int(v))),
     "channel_state": ("channel_state_bytes", lambda v: format_size(int(v))),
 }
 assert set(_LIMITS) == set(Limits.model_fields)
@@ -179,6 +181,8 @@ class _Clamp:
             open_files=int(limits["open_files"]),
             file_size_bytes=int(limits["file_size_bytes"]),
             writes_bytes=int(limits["writes_bytes"]),
+            workspace_bytes=int(limits["workspace_bytes"]),
+            inodes=int(limits["inodes"]),
             channel_state_bytes=int(limits["channel_state_bytes"]),
             approval_required_for=tuple(triggers),
             notes=tuple(self.notes),

@@ -49,6 +49,8 @@ class WorkerSpec:
     workspace_layers: tuple[str, ...] = ()
     workspace_upper: str | None = None
     workspace_work: str | None = None
+    # The upper is a tmpfs sized to the run's remaining workspace quota: full means `quota`.
+    workspace_quota: bool = False
     # How many fds beyond stdio the worker receives; they become fds 3, 4, ... in the tool.
     extra_fds: int = 0
     # Paths (inside the worker) that may be executed; a path ending in "/" allows a tree.

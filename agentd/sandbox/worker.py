@@ -33,6 +33,12 @@ from agentd.sandbox.cgroups import CgroupDriver, CgroupLimits, TaskCgroup
 from agentd.sandbox.launcher_client import LauncherClient, SetupError, Spawned
 from agentd.sandbox.spec import ResourceUsage, SetupFailure, WorkerSpec
 
+
+def workspace_full(path: str) -> bool:
+    """Whether the filesystem holding `path` has no block or no inode left."""
+    st = os.statvfs(path)
+    return st.f_bavail == 0 or st.f_favail == 0
+
 log = structlog.get_logger("agentd.worker")
 
 STDOUT, STDERR = "stdout", "stderr"
@@ -199,6 +205,12 @@ class Worker:
             self._stop_reason = "memory"
         elif self._stop_reason is None and usage.pids_limit_hit:
             self._stop_reason = "pids"
+        elif (self._stop_reason is None and self.spec.workspace_quota
+              and self.spec.workspace_upper
+              and await asyncio.to_thread(workspace_full, self.spec.workspace_upper)):
+            # The kernel refused a write at the quota and the tool ended before the watcher
+            # looked: the quota still ended its work.
+            self._stop_reason = "quota"
         return WorkerResult(
             task_id=self.spec.task_id, exited=os.WIFEXITED(status),
             exit_code=os.WEXITSTATUS(status) if os.WIFEXITED(status) else -1,
@@ -260,7 +272,8 @@ class Worker:
             os.close(fd)
 
     async def _watch_limits(self) -> None:
-        """Stops a worker whose memory limit OOM-killed a process or whose fork was refused."""
+        """Stops a worker whose memory limit OOM-killed a process, whose fork was refused, or
+        whose upper (a tmpfs sized to the run's remaining quota) is full."""
         assert self._cgroup is not None
         while True:
             await asyncio.sleep(LIMIT_POLL_SECONDS)
@@ -270,4 +283,9 @@ class Worker:
                 return
             if usage.pids_limit_hit:
                 self.stop("pids")
+                return
+            upper = self.spec.workspace_upper
+            if self.spec.workspace_quota and upper and await asyncio.to_thread(
+                    workspace_full, upper):
+                self.stop("quota")
                 return

@@ -53,6 +53,7 @@ from agentd.scheduler.runs import RunManager
 from agentd.scheduler.tasks import ExecRequest, TaskRunner
 from agentd.scheduler.writes import WritesCollector, channels_snapshot_fd
 from agentd.store.layers import Change, LayerStore, Upper
+from agentd.store.quota import Quota, QuotaExceeded, StateDiskFull
 from agentd.store.refs import Hold
 from agentd.store.steps import CheckpointRecord, StepRecord, StepStore, already_decided
 from agentd.store.trees import PathTooLong
@@ -405,10 +406,14 @@ class StepRunner:
                 result.conflicts = [str(c) for c in path_conflicts]
                 return result
             self.runs.check_open(run_id)
-            layer = await asyncio.to_thread(
-                functools.partial(self.layers.commit,
-                                  [r.upper.upper for r in reports if r.upper is not None],
-                                  lowers=base.layers))
+            try:
+                layer = await asyncio.to_thread(functools.partial(
+                    self.layers.commit,
+                    [r.upper.upper for r in reports if r.upper is not None],
+                    lowers=base.layers, limit=_quota_of(policy)))
+            except (QuotaExceeded, StateDiskFull) as exc:
+                result.reason = exc.message  # nothing applied; the finally records it
+                return result
             layers = base.layers + ([layer] if layer else [])
             checkpoint = CheckpointRecord(run_id, number, layers, new_state, time.time())
             async with gate.lock:
@@ -505,8 +510,11 @@ class StepRunner:
         """One task in its own worker on the committed layers; fills `report`, never raises
         for the tool."""
         task_id = report.task_id
-        report.upper = await asyncio.to_thread(self.layers.new_upper, f"{run_id}.{task_id}",
-                                               self.tasks.uid, self.tasks.gid)
+        limit = _quota_of(policy)
+        used = await asyncio.to_thread(self.layers.usage, layers)
+        report.upper = await asyncio.to_thread(functools.partial(
+            self.layers.new_upper, f"{run_id}.{task_id}", self.tasks.uid, self.tasks.gid,
+            remaining=Quota(limit.bytes - used.bytes, limit.inodes - used.inodes)))
         request = task.exec_request(run_id)
         withheld = withheld_programs(policy, approved)
         # Reading ELF headers takes tens of ms once per policy: off the event loop (cached).
@@ -518,7 +526,8 @@ class StepRunner:
             spec = replace(spec,
                            workspace_layers=tuple(str(self.layers.path(lid)) for lid in layers),
                            workspace_upper=str(report.upper.upper),
-                           workspace_work=str(report.upper.work))
+                           workspace_work=str(report.upper.work),
+                           workspace_quota=os.path.ismount(report.upper.upper.parent))
         spec = replace(spec, extra_fds=2)
         collector = WritesCollector(limit=policy.writes_bytes)
         snapshot_fd = channels_snapshot_fd(snapshot)
@@ -612,6 +621,10 @@ def recover_steps(steps: StepStore, layers: LayerStore) -> dict[str, Any]:
         interrupted.append({"run_id": attempt.run_id, "step": attempt.step})
     removed = layers.gc(steps.referenced_layers(), keep_uppers=())
     return {"interrupted_steps": interrupted, "removed": len(removed)}
+
+
+def _quota_of(policy: EffectivePolicy) -> Quota:
+    return Quota(policy.workspace_bytes, policy.inodes)
 
 
 def _task_failure(task: TaskRequest, result: WorkerResult | None,

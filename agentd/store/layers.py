@@ -70,6 +70,7 @@ from typing import BinaryIO, Literal
 
 from agentd.errors import FailedPrecondition, InvalidArgument, NotFound
 from agentd.sandbox.overlay import MAX_LOWERS, OPAQUE_XATTR, PRIVATE_XATTR_PREFIXES
+from agentd.store import quota
 from agentd.store.tarball import write_tar
 from agentd.store.trees import check_path, quarantine, remove_tree
 
@@ -303,8 +304,11 @@ class LayerStore:
     """Layers and uppers under one root; every method is safe to call from several threads
     (the state is the directory; a lock guards only the set of layers being built)."""
 
-    def __init__(self, root: Path) -> None:
+    def __init__(self, root: Path, *, reserve_bytes: int = 0) -> None:
+        """`reserve_bytes`: room on the state filesystem that commits never use (kept for the
+        audit log and the state database)."""
         self.root = root
+        self.reserve_bytes = reserve_bytes
         self.layers_dir = root / "layers"
         self.uppers_dir = root / "uppers"
         for path in (root, self.layers_dir, self.uppers_dir):
@@ -312,10 +316,12 @@ class LayerStore:
             # Search, not list: a user-namespace worker's overlay reaches its layers and upper
             # with the worker's ids; other host users cannot enumerate layer ids.
             os.chmod(path, 0o711)  # noqa: S103 - see above
-        if os.stat(self.layers_dir).st_dev != os.stat(self.uppers_dir).st_dev:
-            raise InvalidArgument(f"{self.layers_dir} and {self.uppers_dir} must be on one "
-                                  "filesystem: commit renames uppers into layers")
         self.quarantine_dir = root / "quarantine"
+        self.usage_dir = root / "usage"  # bytes and inodes of each layer (agentd.store.quota)
+        # Each task's upper on a tmpfs sized to the run's remaining quota, where overlay can
+        # use one (agentd.store.quota says why this mechanism).
+        self.tmpfs_uppers = quota.tmpfs_uppers_supported(self.uppers_dir)
+        self._commit_lock = threading.Lock()
         self._lock = threading.Lock()
         self._building: set[str] = set()
         self._quarantined: list[str] = []
@@ -406,8 +412,10 @@ class LayerStore:
 
     # -- uppers ---------------------------------------------------------------------------
 
-    def new_upper(self, task_id: str, owner_uid: int, owner_gid: int) -> Upper:
-        """A fresh upper and work dir for `task_id`, owned by the worker's ids.
+    def new_upper(self, task_id: str, owner_uid: int, owner_gid: int, *,
+                  remaining: quota.Quota | None = None) -> Upper:
+        """A fresh upper and work dir for `task_id`, owned by the worker's ids; with
+        `remaining`, on a tmpfs that holds no more than that (see agentd.store.quota).
 
         Ownership by the worker is what a user-namespace mount needs (the mounter's ids are
         the worker's); a plain mount, made as root, works with it too.
@@ -416,6 +424,8 @@ class LayerStore:
             raise InvalidArgument(f"{task_id!r} cannot name an upper (letters, digits, '._-')")
         base = self.uppers_dir / task_id
         base.mkdir(mode=0o711)  # FileExistsError: the task already has one
+        if remaining is not None and self.tmpfs_uppers:
+            quota.mount_upper(base, remaining)
         upper, work = base / "upper", base / "work"
         for path, mode in ((upper, 0o755), (work, 0o700)):
             path.mkdir()
@@ -427,6 +437,7 @@ class LayerStore:
         """Removes a task's upper and work dir (no process may still use them); what cannot
         be removed is quarantined, never raised: one run's leftovers block nobody."""
         path = self.uppers_dir / task_id
+        quota.unmount_if_mounted(path)
         try:
             remove_tree(path)
         except OSError:
@@ -443,7 +454,19 @@ class LayerStore:
 
     # -- commit ---------------------------------------------------------------------------
 
-    def commit(self, uppers: Sequence[Path], *, lowers: Sequence[str]) -> str | None:
+    def usage(self, stack: Sequence[str]) -> quota.Usage:
+        """What the layers of `stack` take on disk (each counted once, shared or not)."""
+        total = quota.Usage()
+        for layer_id in stack:
+            found = quota.read_usage(self.usage_dir, layer_id)
+            if found is None:  # a layer older than usage files: count it once, keep it
+                found = quota.measure(self.path(layer_id))
+                quota.write_usage(self.usage_dir, layer_id, found)
+            total += found
+        return total
+
+    def commit(self, uppers: Sequence[Path], *, lowers: Sequence[str],
+               limit: quota.Quota | None = None) -> str | None:
         """Merges `uppers` (in task order) above the stack `lowers` into one new layer.
 
         Returns the new layer's id once it is complete, fsynced and published, or None when
@@ -459,6 +482,15 @@ class LayerStore:
                                      + "; ".join(str(c) for c in found))
         if not any(changes for _, changes in per_upper):
             return None
+        # One commit at a time past the reserve check, so two cannot both pass it.
+        with self._commit_lock:
+            needed = sum(quota.used(u).bytes for u in uppers if os.path.ismount(u.parent))
+            quota.check_reserve(self.layers_dir, needed, self.reserve_bytes)
+            return self._build_commit(uppers, per_upper, tops, lowers, limit)
+
+    def _build_commit(self, uppers: Sequence[Path], per_upper: list[tuple[str, list[Change]]],
+                      tops: list[Path], lowers: Sequence[str], limit: quota.Quota | None
+                      ) -> str:
         layer_id, tmp = self._begin()
         try:
             root_st = os.lstat(tops[0] if tops else uppers[0])
@@ -474,6 +506,10 @@ class LayerStore:
             for path, st in times.items():
                 os.utime(path, ns=(st.st_atime_ns, st.st_mtime_ns))
             _normalise_and_sync(tmp)
+            usage = quota.measure(tmp)
+            if limit is not None:
+                quota.check_limit(self.usage(lowers) + usage, limit)
+            quota.write_usage(self.usage_dir, layer_id, usage)
             return self._publish(layer_id, tmp)
         except BaseException:
             self._abandon(tmp)
@@ -526,6 +562,7 @@ class LayerStore:
         changing a mounted lower). A crash midway leaves a `.del-*` that gc removes."""
         doomed = self.layers_dir / f".del-{self.path(layer_id).name[2:]}"
         os.rename(self.layers_dir / layer_id, doomed)
+        quota.usage_path(self.usage_dir, layer_id).unlink(missing_ok=True)
         try:
             remove_tree(doomed)
         except OSError:
@@ -546,12 +583,14 @@ class LayerStore:
             if _LAYER_ID.fullmatch(name):
                 if name in referenced:
                     continue
+                quota.usage_path(self.usage_dir, name).unlink(missing_ok=True)
             elif not name.startswith((".tmp-", ".del-")) or name in building:
                 continue
             self._remove_or_quarantine(self.layers_dir / name)
             removed.append(name)
         for name in sorted(os.listdir(self.uppers_dir)):
             if name not in keep_uppers:
+                quota.unmount_if_mounted(self.uppers_dir / name)
                 self._remove_or_quarantine(self.uppers_dir / name)
                 removed.append(f"uppers/{name}")
         return removed
@@ -654,7 +693,17 @@ def _merge(src: Path, dst: Path, needed: set[str], by_path: dict[str, Change],
                                          "conflicts() let it through)")
             enter(s, d, child)
         else:
-            os.rename(s, d)
+            _move(s, d)
+
+
+def _move(src: Path, dst: Path) -> None:
+    """Renames an upper's entry into the layer; copies it when the upper is a tmpfs."""
+    try:
+        os.rename(src, dst)
+    except OSError as exc:
+        if exc.errno != errno.EXDEV:
+            raise
+        quota.copy_tree(src, dst)
 
 
 def _normalise_and_sync(layer: Path) -> None:

@@ -74,6 +74,8 @@ class _StopReasonEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StopReason
     STOP_REASON_OUTPUT: _StopReason.ValueType  # 4
     STOP_REASON_CANCELLED: _StopReason.ValueType  # 5
     STOP_REASON_SHUTDOWN: _StopReason.ValueType  # 6
+    STOP_REASON_QUOTA: _StopReason.ValueType  # 7
+    """The task filled its share of the run's workspace quota (limits.workspace, limits.inodes)."""
 
 class StopReason(_StopReason, metaclass=_StopReasonEnumTypeWrapper):
     """Why the daemon stopped the tool, if it did."""
@@ -85,6 +87,8 @@ STOP_REASON_PIDS: StopReason.ValueType  # 3
 STOP_REASON_OUTPUT: StopReason.ValueType  # 4
 STOP_REASON_CANCELLED: StopReason.ValueType  # 5
 STOP_REASON_SHUTDOWN: StopReason.ValueType  # 6
+STOP_REASON_QUOTA: StopReason.ValueType  # 7
+"""The task filled its share of the run's workspace quota (limits.workspace, limits.inodes)."""
 Global___StopReason: _TypeAlias = StopReason  # noqa: Y015
 
 class _StepState:
