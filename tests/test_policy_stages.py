@@ -212,7 +212,7 @@ class TestEffectivePolicyValue:
         assert {f for f in RULE_FIELDS if f.startswith("limits.")} == {
             "limits.memory", "limits.pids", "limits.cpu", "limits.wall_time", "limits.output",
             "limits.tmp", "limits.open_files", "limits.file_size", "limits.writes",
-            "limits.channel_state",
+            "limits.channel_state", "limits.workspace", "limits.inodes",
         }
 
 

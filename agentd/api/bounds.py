@@ -32,6 +32,9 @@ LIMITS: Final[dict[str, tuple[int | None, int | None]]] = {
     "agentd.v1.StepRequest.tasks": (None, 64),
     "agentd.v1.CreateRunRequest.channels": (None, 256),
     "agentd.v1.ChannelDecl.barrier_tasks": (64, 64),
+    # stdin: the scheduler's own check (16 MiB) answers first, with what to do instead.
+    "agentd.v1.ExecRequest.stdin": (32 << 20, None),
+    "agentd.v1.TaskSpec.stdin": (32 << 20, None),
 }
 # Identifiers: run ids, agent and channel names, task names.
 for _name in ("GetRunRequest.run_id", "CloseRunRequest.run_id", "ExecRequest.run_id",
