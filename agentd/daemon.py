@@ -2,7 +2,8 @@
 
 Start-up order matters:
 1. config and policies are loaded and checked (a bad file stops the start, with its line);
-2. the launcher is started while this process still has a single thread;
+2. while this process still has a single thread, it moves into its own mount namespace (a
+   slave of the host's) and starts the launcher;
 3. the cgroup backend is probed and a crashed predecessor's leftovers are killed and removed;
 4. the audit log is opened (recovering a torn tail) and the start is recorded;
 5. the gRPC servers start, and only then is the daemon ready (systemd READY=1).
@@ -10,7 +11,8 @@ Start-up order matters:
 SIGTERM or SIGINT drains: health goes NOT_SERVING, new calls get UNAVAILABLE, running workers
 are killed (whole cgroups) and report their outcome, the stop is recorded and a final tree
 head signed. SIGKILL of the daemon takes the launcher with it (PDEATHSIG) and every worker
-with the launcher; the next start removes what is left.
+with the launcher; their mount namespace, and every mount the daemon made, dies with the last
+of them; the next start removes what is left on disk.
 """
 
 from __future__ import annotations
@@ -35,6 +37,7 @@ from agentd.audit import AuditLog
 from agentd.config import Config, load_config
 from agentd.errors import AgentdError, PermissionDenied
 from agentd.identity import SYSTEM, Caller
+from agentd.sandbox import libc
 from agentd.sandbox.cgroups import CgroupDriver, probe
 from agentd.sandbox.launcher_client import LauncherClient
 from agentd.scheduler.agents import AgentRegistry
@@ -142,9 +145,26 @@ def _prepare_dirs(config: Config) -> None:
         path.mkdir(parents=True, exist_ok=True, mode=0o755)
 
 
+def private_mounts() -> None:
+    """Moves the daemon into a mount namespace of its own, a slave of the host's.
+
+    Every mount it makes (the tmpfs uppers, the launcher's worker root) then lives only as long
+    as the daemon, its launcher and their workers: a SIGKILL leaves no mount on the host, and the
+    host never sees them. It is systemd's PrivateMounts=, done here so every mode has it. Must
+    run single-threaded: unshare(CLONE_NEWNS) in a threaded process moves only the caller.
+    """
+    threads = len(os.listdir("/proc/self/task"))
+    if threads != 1:
+        raise AgentdError(f"internal: the daemon has {threads} threads before its mount "
+                          "namespace is made; it must be made single-threaded")
+    libc.unshare(libc.CLONE_NEWNS)
+    libc.mount(None, "/", None, libc.MS_REC | libc.MS_SLAVE)
+
+
 def start(config: Config) -> Daemon:
     """Steps 1 to 4 of the start-up order; raises AgentdError with a clear message."""
     registry = AgentRegistry.load(config)
+    private_mounts()
     _prepare_dirs(config)
     launcher = LauncherClient(str(config.daemon.runtime_dir / "worker-root"),
                               timeout=config.daemon.launcher_timeout_seconds)

@@ -116,6 +116,12 @@ def task_cgroups(parents: list[Path], task_id: str) -> list[Path]:
     return [d for p in parents for d in (p / task_id, p / "workers" / task_id) if d.exists()]
 
 
+def mounts_under(base: Path, pid: str = "self") -> list[str]:
+    """Mount points under `base` in the mount namespace of process `pid`."""
+    lines = Path(f"/proc/{pid}/mountinfo").read_text().splitlines()
+    return [line.split()[4] for line in lines if line.split()[4].startswith(str(base))]
+
+
 def alive(pid: int) -> bool:
     try:
         os.kill(pid, 0)
@@ -241,7 +247,9 @@ class TestSigterm:
                 and r["run_id"] == run.run_id] == [1]
         assert not [r for r in records if r["event"] == "step.committing"]
         assert records[-1]["event"] == "daemon.stopped"
-        assert not (bed.base / "state" / "workspaces" / "uppers" / task_id).exists()
+        uppers = bed.base / "state" / "workspaces" / "uppers"
+        assert not (uppers / f"{run.run_id}.{task_id}").exists()
+        assert mounts_under(bed.base) == []
 
     @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
     def test_idle_daemon_stops_cleanly(self, bed: Bed, sig: signal.Signals) -> None:
@@ -267,6 +275,10 @@ def kill_during_double_fork(bed: Bed) -> tuple[DaemonHandle, str, str, list[Path
     call, task_id = start_long_exec(
         handle, run.run_id, ["/usr/bin/python3", "-c", DOUBLE_FORK, bed.marker], bed.marker)
     assert len(marked_processes(bed.marker)) == 2  # the tool and its setsid()'d grandchild
+    # The running task's upper is a mount, made in the daemon's own mount namespace only.
+    upper = bed.base / "state" / "workspaces" / "uppers" / f"{run.run_id}.{task_id}"
+    assert str(upper) in mounts_under(bed.base, str(handle.process.pid))
+    assert mounts_under(bed.base) == []
     handle.process.send_signal(signal.SIGKILL)
     handle.process.wait(timeout=5)
     with pytest.raises(grpc.RpcError) as caught:
@@ -285,6 +297,7 @@ class TestSigkill:
         wait_for(lambda: not marked_processes(bed.marker), 3)
         survivors = {pid: command_of(pid) for pid in marked_processes(bed.marker)}
         assert survivors == {}, "processes of the task survived the daemon by 3 s"
+        assert mounts_under(bed.base) == [], "a mount of the daemon survived it on the host"
 
     def test_restart_cleans_up_and_serves(self, bed: Bed) -> None:
         """A new daemon on the same directory removes the stale task cgroup (and kills what
@@ -305,7 +318,9 @@ class TestSigkill:
 
         assert started[-1]["details"]["recovered"]["interrupted_steps"] == [
             {"run_id": run_id, "step": 1}]
-        assert not (bed.base / "state" / "workspaces" / "uppers" / task_id).exists()
+        uppers = bed.base / "state" / "workspaces" / "uppers"
+        assert not (uppers / f"{run_id}.{task_id}").exists()
+        assert mounts_under(bed.base, str(second.process.pid)) == []
 
         stub = second.stub()
         runs = stub.ListRuns(pb.ListRunsRequest()).runs

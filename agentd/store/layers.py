@@ -8,10 +8,12 @@ private writable directory (with its overlay work dir) for one step.
     root/layers/l-<hex>/        published layers: renamed into place complete and fsynced
     root/layers/.tmp-<hex>/     a layer being built; after a crash, garbage (gc removes it)
     root/layers/.del-<hex>/     a layer being deleted
-    root/uppers/<task>/upper    a task's upper (owner: the worker's uid, 0755)
-    root/uppers/<task>/work     its overlay work dir (owner: the worker's uid, 0700)
+    root/uppers/<run>.<task>/upper  a task's upper (owner: the worker's uid, 0755)
+    root/uppers/<run>.<task>/work   its overlay work dir (owner: the worker's uid, 0700)
 
-root, layers/, uppers/ and uppers/<task>/ are 0711: a user-namespace worker's overlay crosses
+uppers/<run>.<task>/ is a tmpfs sized to the run's remaining quota where the kernel allows it
+(agentd.store.quota), mounted in the daemon's own mount namespace so it dies with the daemon.
+root, layers/, uppers/ and uppers/<run>.<task>/ are 0711: a user-namespace worker's overlay crosses
 them with the worker's ids (so must every directory above root), nobody else lists them.
 
 Lifecycle of a step: `new_upper` per task → the worker mounts the stack under it
@@ -36,8 +38,10 @@ Design choices, with the alternatives:
   filesystem overlay accepts, at the price of a bounded stack depth (500) and so of squashing.
 - Rename vs copy at commit: uppers live on the layers' filesystem so commit renames each
   changed entry (a whole new directory tree in one rename) into a new layer: O(changed
-  entries), never O(bytes), and no data is written twice. The uppers are spent by a commit,
-  successful or not: commit again means running the step again.
+  entries), never O(bytes), and no data is written twice. An upper on a quota tmpfs is on
+  another filesystem, so its entries are copied instead (EXDEV): O(bytes), bounded by the
+  quota. The uppers are spent by a commit, successful or not: commit again means running the
+  step again.
 - Changes are read from the uppers only, plus lookups in the stack for directories: a
   directory present in an upper is either a parent of a change (overlay copied it up; not a
   change itself), a new directory, or an existing one whose mode, owner or xattrs changed.
