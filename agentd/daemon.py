@@ -66,9 +66,9 @@ class Daemon:
         self.runs = RunManager(registry=registry, store=store, steps=step_store, layers=layers,
                                audit=audit, worker_uid=d.worker_uid, worker_gid=d.worker_gid,
                                max_workers=d.max_concurrent_workers)
-        self.tasks = TaskRunner(self.runs, launcher, cgroups, worker_uid=d.worker_uid,
-                                worker_gid=d.worker_gid)
-        self.steps = StepRunner(self.runs, self.tasks, step_store, layers,
+        self.tasks = TaskRunner(self.runs, audit, layers, launcher, cgroups,
+                                worker_uid=d.worker_uid, worker_gid=d.worker_gid)
+        self.steps = StepRunner(self.runs, self.tasks, step_store, layers, audit,
                                 allow_self_approval=d.allow_self_approval,
                                 squash_depth=d.squash_depth,
                                 max_export_bytes=d.max_export_bytes)

@@ -9,13 +9,12 @@ from typing import Any
 
 import pytest
 
+from agentd.conflicts import Conflict
 from agentd.scheduler.barrier import (
-    Conflict,
     StepFailed,
     StepFailure,
     TaskResult,
     apply_writes,
-    check_path_conflicts,
 )
 from agentd.scheduler.channels import (
     ChannelSpec,
@@ -334,52 +333,3 @@ class TestContract:
         new, changed = apply_writes(SPECS, state, [], 2)
         assert changed == {"news", "done"}
         assert (new["news"], new["done"]) == (ChannelValue([], 2), ChannelValue(None, 2))
-
-
-class TestCheckPathConflicts:
-    def test_same_path(self) -> None:
-        """Two tasks changing the same path conflict."""
-        conflicts = check_path_conflicts([("a", ["src/x.py", "README"]), ("b", ["src/x.py"])])
-        assert conflicts == [Conflict("path", "src/x.py", ("a", "b"))]
-        assert str(conflicts[0]) == "tasks a and b both changed path 'src/x.py'"
-
-    def test_ancestor(self) -> None:
-        """A path inside one another task changed conflicts, whichever task comes first."""
-        assert check_path_conflicts([("a", ["src"]), ("b", ["src/x/y.py"])]) == [
-            Conflict("path", "src", ("a", "b"), "src/x/y.py")]
-        conflicts = check_path_conflicts([("a", ["src/x/y.py"]), ("b", ["src"])])
-        assert conflicts == [Conflict("path", "src/x/y.py", ("a", "b"), "src")]
-        assert str(conflicts[0]) == ("task a changed path 'src/x/y.py' and task b changed 'src',"
-                                     " one inside the other")
-
-    def test_no_conflict(self) -> None:
-        """Disjoint paths, siblings sharing a prefix, and a task's own paths do not conflict."""
-        assert check_path_conflicts([
-            ("a", ["src", "src/x.py", "a.txt"]), ("b", ["src2/x.py", "a.txt2"]), ("c", [])]) == []
-
-    def test_normalised(self) -> None:
-        """Spellings of the same relative path are the same path."""
-        assert check_path_conflicts([("a", ["./src//x.py"]), ("b", ["src/y/../x.py"])]) == [
-            Conflict("path", "src/x.py", ("a", "b"))]
-
-    def test_every_pair_sorted(self) -> None:
-        """Three tasks on one path give every pair, in task order, then path order."""
-        conflicts = check_path_conflicts([("c", ["f", "g"]), ("a", ["f"]), ("b", ["f", "g"])])
-        assert [(c.tasks, c.key) for c in conflicts] == [
-            (("c", "a"), "f"), (("c", "b"), "f"), (("c", "b"), "g"), (("a", "b"), "f")]
-
-    @pytest.mark.parametrize("path", ["/etc/passwd", "..", "../x", "a/../../x", ".", "", "//a"])
-    def test_outside_workspace(self, path: str) -> None:
-        """Absolute paths and paths leaving the workspace are a caller's bug."""
-        with pytest.raises(ValueError, match="not a path inside the workspace"):
-            check_path_conflicts([("a", [path])])
-
-    def test_task_named_twice(self) -> None:
-        """A task listed twice is a caller's bug."""
-        with pytest.raises(ValueError, match="repeat"):
-            check_path_conflicts([("a", ["x"]), ("a", ["y"])])
-
-    def test_paths_not_a_string(self) -> None:
-        """A single string where a list of paths belongs is refused, not read as characters."""
-        with pytest.raises(TypeError, match="not one string"):
-            check_path_conflicts([("a", "src")])

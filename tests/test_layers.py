@@ -223,7 +223,7 @@ class TestConflictRules:
     def test_same_path_written_by_two_tasks(self) -> None:
         """Two writes of one path conflict, named with both tasks in task order."""
         found = conflicts([("a", [change("f")]), ("b", [change("g")]), ("c", [change("f")])])
-        assert [(c.path, c.first, c.second) for c in found] == [("f", "a", "c")]
+        assert [(c.key, *c.tasks) for c in found] == [("f", "a", "c")]
 
     def test_files_side_by_side_in_one_directory(self) -> None:
         """Creating different files in one (new or existing) directory is no conflict."""
@@ -234,7 +234,7 @@ class TestConflictRules:
     def test_same_new_directory_with_different_modes(self) -> None:
         """The same directory made with different modes is a conflict."""
         found = conflicts([("a", [change("d", "dir", 0o755)]), ("b", [change("d", "dir", 0o700)])])
-        assert [c.path for c in found] == ["d"]
+        assert [c.key for c in found] == ["d"]
 
     @pytest.mark.parametrize("kind", ["delete", "opaque", "file", "symlink"])
     def test_write_under_a_replaced_directory(self, kind: str) -> None:
@@ -244,8 +244,8 @@ class TestConflictRules:
                       [("b", [change("d/e/f")]), ("a", [change("d", kind)])]):
             found = conflicts(tasks)
             assert len(found) == 1
-            assert found[0].path == "d/e/f"
-            assert {found[0].first, found[0].second} == {"a", "b"}
+            assert found[0].key == "d/e/f"
+            assert set(found[0].tasks) == {"a", "b"}
             assert "replaced" in found[0].reason
 
     def test_a_task_may_write_under_what_it_replaced(self) -> None:
@@ -269,7 +269,7 @@ class TestConflictsOnRealUppers:
                                first: str, second: str, path: str) -> None:
         """Real uppers: the conflicting path is named, and commit refuses them."""
         tasks = self._two(store, base, seeded, first, second)
-        assert path in {c.path for c in conflicts(tasks)}
+        assert path in {c.key for c in conflicts(tasks)}
         uppers = [store.uppers_dir / name / "upper" for name, _ in tasks]
         with pytest.raises(FailedPrecondition, match=path):
             store.commit(uppers, lowers=seeded)

@@ -24,7 +24,7 @@ from agentd.api.gen.v1 import agentd_pb2 as pb
 from agentd.api.gen.v1 import agentd_pb2_grpc
 from agentd.api.limits import MAX_MESSAGE_BYTES
 from agentd.scheduler.output import REPLY_OUTPUT_BYTES, CappedOutput
-from agentd.scheduler.steps import MAX_TASKS
+from agentd.scheduler.plan import MAX_TASKS
 from tests.conftest import CONFIG, REPO, DaemonHandle, daemon_base, start_daemon, stop_daemon
 
 Stub = agentd_pb2_grpc.AgentdStub

@@ -11,8 +11,9 @@ from agentd.api.gen.v1 import agentd_pb2 as pb
 from agentd.api.limits import MAX_MESSAGE_BYTES, REPLY_HEADROOM
 from agentd.sandbox.worker import WorkerResult
 from agentd.scheduler import channels
-from agentd.scheduler.steps import StepResult, TaskReport, TaskRequest
-from agentd.scheduler.tasks import ExecRequest
+from agentd.scheduler.plan import TaskRequest
+from agentd.scheduler.steps import StepResult
+from agentd.scheduler.tasks import TaskOutcome
 from agentd.store.runs import RunRecord
 from agentd.store.steps import CheckpointRecord, StepRecord
 
@@ -44,12 +45,6 @@ def run_to_proto(run: RunRecord) -> pb.Run:
         channels=[pb.ChannelDecl(name=c["name"], reducer=c["reducer"],
                                  barrier_tasks=c.get("barrier_tasks", []))
                   for c in json.loads(run.channels)])
-
-
-def exec_request(request: pb.ExecRequest) -> ExecRequest:
-    return ExecRequest(run_id=request.run_id, argv=list(request.argv), env=dict(request.env),
-                       stdin=request.stdin, cwd=request.cwd,
-                       timeout_seconds=request.timeout_seconds)
 
 
 def output_event(kind: str, data: bytes) -> pb.ExecEvent:
@@ -89,7 +84,7 @@ def outcome(result: WorkerResult) -> pb.Outcome:
     return outcome_event(result).outcome
 
 
-def task_report(report: TaskReport) -> pb.TaskReport:
+def task_report(report: TaskOutcome) -> pb.TaskReport:
     message = pb.TaskReport(name=report.name, changed_paths=report.changed_paths,
                             writes=len(report.writes), failure=report.failure,
                             stdout=report.stdout, stderr=report.stderr,

@@ -24,7 +24,7 @@ from agentd.api.interceptor import DenialRecorder, RoleInterceptor
 from agentd.api.limits import MAX_MESSAGE_BYTES
 from agentd.api.service import AgentdServicer
 from agentd.audit import AuditLog
-from agentd.scheduler.tasks import MAX_ARGV_BYTES, MAX_STDIN_BYTES
+from agentd.scheduler.plan import MAX_ARGV_BYTES, MAX_STDIN_BYTES
 
 # Mode of each role's socket; the group comes from the config (socket_group, approver_group).
 SOCKET_MODES = {"client": 0o660, "approver": 0o660, "admin": 0o600}

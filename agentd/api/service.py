@@ -17,8 +17,10 @@ from agentd.api.gen.v1 import agentd_pb2 as pb
 from agentd.api.gen.v1 import agentd_pb2_grpc
 from agentd.api.interceptor import current_caller
 from agentd.errors import FailedPrecondition, InvalidArgument
+from agentd.scheduler.plan import TaskRequest
 from agentd.scheduler.runs import RunManager
-from agentd.scheduler.steps import StepListener, StepResult, StepRunner, TaskReport, TaskRequest
+from agentd.scheduler.steps import StepResult, StepRunner
+from agentd.scheduler.tasks import StepListener, TaskOutcome
 
 # Output chunks buffered for a slow client before the worker's reader waits for it.
 STREAM_BUFFER = 256
@@ -161,7 +163,7 @@ async def _stream_step(start: Callable[[StepListener], Awaitable[StepResult]]
 def _step_event(item: Any) -> pb.StepEvent:
     if isinstance(item, StepResult):
         return pb.StepEvent(done=convert.step_result(item))
-    if isinstance(item, TaskReport):
+    if isinstance(item, TaskOutcome):
         report = convert.task_report(item)
         report.ClearField("stdout")  # already streamed, chunk by chunk
         report.ClearField("stderr")

@@ -5,6 +5,8 @@
     check_policy_file(path)      -> Policy | StageCeilings, chosen by `kind:`
     effective_policy(policy, stage, ceilings) -> EffectivePolicy
     decide_exec(eff, executable, env, cwd, timeout_seconds) -> None, or raises
+    resolve_executable(argv0, eff) -> the program the worker would run
+    approval_triggers(eff, executables), withheld_programs(eff, approved)
     policy_json_schema()         -> the JSON Schema of policy files
 
 Pure data and decisions: no kernel, no gRPC, no I/O beyond reading the files. File problems
@@ -13,14 +15,17 @@ malformed requests raise `InvalidArgument`; refusals raise `PermissionDenied(rul
 
 Modules: `sizes` and `paths` (value types), `rules` (the sections of a stage), `model` (the
 two documents, stage inheritance), `issues` (error messages), `loader` (YAML), `stages`
-(clamping), `effective` (the result), `decide` (allow or refuse), `schema` (JSON Schema).
+(clamping), `effective` (the result), `decide` (allow or refuse), `approvals` (which steps
+need a person, what an unapproved worker must not run), `execset` (what a worker may
+execute, as mounts), `schema` (JSON Schema).
 """
 
 from __future__ import annotations
 
 from typing import Any
 
-from agentd.policy.decide import decide_exec
+from agentd.policy.approvals import approval_triggers, withheld_programs
+from agentd.policy.decide import DEFAULT_PATH, decide_exec, resolve_executable
 from agentd.policy.effective import RULE_FIELDS, EffectivePolicy
 from agentd.policy.issues import Issue, PolicyFileError
 from agentd.policy.loader import check_policy_file, load_policy, load_stage_ceilings
@@ -40,6 +45,7 @@ def policy_json_schema() -> dict[str, Any]:
 
 
 __all__ = [
+    "DEFAULT_PATH",
     "RULE_FIELDS",
     "STAGES",
     "CeilingRules",
@@ -50,6 +56,7 @@ __all__ = [
     "ResolvedStage",
     "StageCeilings",
     "StageRules",
+    "approval_triggers",
     "check_policy_file",
     "decide_exec",
     "effective_policy",
@@ -60,4 +67,6 @@ __all__ = [
     "parse_duration",
     "parse_size",
     "policy_json_schema",
+    "resolve_executable",
+    "withheld_programs",
 ]

@@ -14,6 +14,7 @@ answer under any policy.
 from __future__ import annotations
 
 import math
+import os
 from collections.abc import Mapping
 from typing import Final
 
@@ -134,3 +135,26 @@ def _check_request(
             f"timeout_seconds {timeout_seconds} is not a duration; give 0 (the policy's"
             " limit) or a positive number of seconds"
         )
+
+
+DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"
+
+
+def resolve_executable(name: str, policy: EffectivePolicy) -> str:
+    """argv[0] as the worker will see it: absolute as given, or found on the worker's PATH.
+
+    Granted paths are bound at the same place inside the worker, so looking on the host,
+    within the read-only grants, finds what the worker would find.
+    """
+    if name.startswith("/"):
+        return os.path.normpath(name)
+    if "/" in name:
+        raise InvalidArgument(f"argv[0] {name!r} must be an absolute path or a bare name")
+    path = policy.env_set.get("PATH", DEFAULT_PATH)
+    for directory in path.split(":"):
+        candidate = os.path.join(directory, name)
+        if (any(is_at_or_below(candidate, root.rstrip("/") or "/") for root in policy.read_only)
+                and os.path.isfile(candidate) and os.access(candidate, os.X_OK)):
+            return candidate
+    raise InvalidArgument(f"{name!r} was not found on the worker's PATH ({path}); give an "
+                          "absolute path")

@@ -165,7 +165,7 @@ def contain(spec: WorkerSpec, *, new_root: str, seccomp_program: bytes, go_fd: i
             _check_launcher_alive(err_fd)
         if spec.landlock:
             with _step(step, "landlock"):
-                has_workspace = spec.workspace is not None or bool(spec.workspace_layers)
+                has_workspace = bool(spec.workspace_layers)
                 write = ["/tmp"] + (["/workspace"] if has_workspace and spec.workspace_writable
                                     else [])
                 landlock.enter(read=["/"], write=write, execute=executables,

@@ -156,10 +156,6 @@ def enter(spec: WorkerSpec, new_root: str) -> None:
                                     spec.workspace_upper, spec.workspace_work, attrs=attrs)
         else:
             overlay.mount_readonly(new_root + "/workspace", spec.workspace_layers, attrs=attrs)
-    elif spec.workspace is not None:
-        _bind(spec.workspace, new_root + "/workspace",
-              _NOSUID_NODEV_ATTR | (0 if spec.workspace_writable else libc.MOUNT_ATTR_RDONLY)
-              | (0 if _executable_under("/workspace", spec) else libc.MOUNT_ATTR_NOEXEC))
     else:
         _mkdirs(new_root + "/workspace")
     _mkdirs(new_root + "/tmp")

@@ -29,7 +29,8 @@ class Limits:
 @dataclass(frozen=True)
 class WorkerSpec:
     """One tool call, fully resolved. Paths in `argv`, `cwd` and the mounts are as the worker sees
-    them, except `workspace` and `read_only` sources, which are host paths."""
+    them, except the `read_only` sources and the workspace's layers, upper and work dir, which
+    are host paths."""
 
     task_id: str
     argv: tuple[str, ...]
@@ -41,8 +42,6 @@ class WorkerSpec:
     user_namespace: bool = False
     # Host paths bound read-only at the same path inside the worker.
     read_only: tuple[str, ...] = ()
-    # Host directory bound at /workspace; None for no workspace.
-    workspace: str | None = None
     workspace_writable: bool = True
     # Or the run's layer stack (host paths, lowest first) mounted with overlayfs at /workspace,
     # writes going to this task's own upper (and its overlay work dir).
@@ -51,8 +50,6 @@ class WorkerSpec:
     workspace_work: str | None = None
     # The upper is a tmpfs sized to the run's remaining workspace quota: full means `quota`.
     workspace_quota: bool = False
-    # How many fds beyond stdio the worker receives; they become fds 3, 4, ... in the tool.
-    extra_fds: int = 0
     # Paths (inside the worker) that may be executed; a path ending in "/" allows a tree.
     exec_allow: tuple[str, ...] = ()
     # Host paths (real) bound executable over themselves; every other read-only grant is

@@ -32,17 +32,17 @@ Decisions, with the alternatives weighed:
   an equal value, as in LangGraph), a topic cleared, or a barrier consumed; never compared by
   value, which would make versions depend on deep equality of arbitrary JSON.
 
-File changes are merged by the storage layer; `check_path_conflicts` is the same rule over
-relative paths for reporting channel and path conflicts alike (see its docstring).
+File changes are merged, and their conflicts found, by the storage layer (one engine:
+agentd/store/layers.py `conflicts`); both kinds are the one `agentd.conflicts.Conflict`.
 """
 
 from __future__ import annotations
 
-import posixpath
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Any, Literal
+from typing import Any
 
+from agentd.conflicts import Conflict
 from agentd.scheduler.channels import ChannelSpec, ChannelValue, is_available
 
 # How many conflicts the one-line reason spells out; `StepFailure.conflicts` has all.
@@ -58,29 +58,6 @@ class TaskResult:
     ok: bool
     reason: str | None
     writes: list[tuple[str, Any]]
-
-
-@dataclass(frozen=True)
-class Conflict:
-    """Two tasks changed the same channel or path; `tasks` is in task order.
-
-    `key` is the channel, or the path `tasks[0]` changed; `other` is the path `tasks[1]`
-    changed when it is not the same one (one is inside the other).
-    """
-
-    what: Literal["channel", "path"]
-    key: str
-    tasks: tuple[str, str]
-    other: str | None = None
-
-    def __str__(self) -> str:
-        first, second = self.tasks
-        if self.what == "channel":
-            return f"tasks {first} and {second} both wrote channel {self.key!r} (last_value)"
-        if self.other is None:
-            return f"tasks {first} and {second} both changed path {self.key!r}"
-        return (f"task {first} changed path {self.key!r} and task {second} changed"
-                f" {self.other!r}, one inside the other")
 
 
 @dataclass(frozen=True)
@@ -142,46 +119,6 @@ def apply_writes(specs: Mapping[str, ChannelSpec], state: Mapping[str, ChannelVa
             new_state[name] = ChannelValue(new_value, current.version + 1, seen)
             changed.add(name)
     return new_state, changed
-
-
-def check_path_conflicts(changes_by_task: Sequence[tuple[str, Sequence[str]]]) -> list[Conflict]:
-    """Conflicts between tasks' changed paths: the same path, or one path inside another.
-
-    Input: (task name, paths it changed) in task order; paths are relative to the workspace
-    (`a/b`, `./a//b` is the same). A task's own paths never conflict with each other. Output
-    is sorted by task order, then path. List only entries a task really changed (files,
-    links, removed or replaced entries): a directory that two tasks both merely created or
-    passed through would otherwise be reported. The storage layer's merge, which knows what
-    kind of change each entry is, is the authority; this helper keeps the rule and the
-    wording of path conflicts next to channel conflicts. Raises ValueError for a path that is
-    absolute or leaves the workspace, or a task named twice.
-    """
-    names = [name for name, _ in changes_by_task]
-    if len(set(names)) != len(names):
-        raise ValueError(f"task names repeat in {names}")
-    paths_by_task: list[list[str]] = []
-    owners: dict[str, list[int]] = {}  # path -> positions of the tasks that changed it
-    for position, (name, paths) in enumerate(changes_by_task):
-        if isinstance(paths, str):
-            raise TypeError(f"task {name}: paths must be a sequence of paths, not one string")
-        normalised = sorted({_normalise(path) for path in paths})
-        paths_by_task.append(normalised)
-        for path in normalised:
-            owners.setdefault(path, []).append(position)
-
-    found: set[tuple[int, int, str, str]] = set()  # (first task, second task, path, path)
-    for position, paths in enumerate(paths_by_task):
-        for path in paths:
-            found.update((other, position, path, path)
-                         for other in owners[path] if other < position)
-            for ancestor in _ancestors(path):
-                for other in owners.get(ancestor, ()):
-                    if other < position:
-                        found.add((other, position, ancestor, path))
-                    elif other > position:
-                        found.add((position, other, path, ancestor))
-    return [Conflict("path", key, (names[first], names[second]), None if other == key else other)
-            for first, second, key, other in sorted(found)]
 
 
 # ---- helpers --------------------------------------------------------------------------------
@@ -252,15 +189,3 @@ def _reduce(spec: ChannelSpec, current: ChannelValue,
         values[task] = value
     seen = tuple(task for task in spec.barrier_tasks if task in values)
     return ({task: values[task] for task in seen} if seen else None), seen
-
-
-def _normalise(path: str) -> str:
-    normal = posixpath.normpath(path)
-    if not path or normal.startswith("/") or normal == "." or normal.split("/")[0] == "..":
-        raise ValueError(f"{path!r} is not a path inside the workspace; give it relative to it")
-    return normal
-
-
-def _ancestors(path: str) -> list[str]:
-    parts = path.split("/")
-    return ["/".join(parts[:i]) for i in range(1, len(parts))]

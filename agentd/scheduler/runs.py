@@ -28,6 +28,7 @@ from agentd.errors import (
     Unavailable,
 )
 from agentd.identity import Caller
+from agentd.policy import EffectivePolicy
 from agentd.sandbox.worker import Worker
 from agentd.scheduler import channels
 from agentd.scheduler.agents import AgentRegistry
@@ -63,6 +64,7 @@ class RunManager:
         # Layers in use by readers (tasks, exports, forks, squashes): never deleted under them.
         self.refs = LayerRefs(layers, steps.referenced_of)
         self.draining = False
+        self._channel_specs: dict[str, dict[str, channels.ChannelSpec]] = {}
 
     # -- runs ---------------------------------------------------------------------------
 
@@ -75,19 +77,20 @@ class RunManager:
         specs = channels.declare(channel_specs)
         run_id = "r-" + secrets.token_hex(6)
         base = await asyncio.to_thread(self.layers.create_base, self._uid, self._gid)
+        declared = [dataclasses.asdict(spec) for spec in specs.values()]
         record = RunRecord(
             run_id=run_id, agent=agent.name, stage=agent.stage, state="open",
             created_at=time.time(), closed_at=None, policy_hash=agent.policy.content_hash,
             policy_file=agent.policy_file, workspace="", created_by=str(caller),
             label=label, execs=0,
-            channels=json.dumps([dataclasses.asdict(spec) for spec in specs.values()]))
+            channels=json.dumps(declared))
         try:
             await self.audit.append("run.created", actor=caller.actor(), run_id=run_id,
                                     details={"agent": agent.name, "stage": agent.stage,
                                              "policy_hash": record.policy_hash,
                                              "policy_file": record.policy_file,
                                              "label (caller-supplied)": label,
-                                             "channels": json.loads(record.channels),
+                                             "channels": declared,
                                              "base_layer": base})
         except BaseException:
             await asyncio.to_thread(self.layers.delete, base)  # no record, no run: no leftover
@@ -123,6 +126,22 @@ class RunManager:
                 "could not be removed are quarantined (an operator may delete them): "
                 + ", ".join(quarantined)))
         return record
+
+    def policy_of(self, run: RunRecord) -> EffectivePolicy:
+        """The effective policy the run is bound to (its agent's, clamped to its stage)."""
+        return self.registry.get(run.agent).policy
+
+    def channel_specs(self, run_id: str) -> dict[str, channels.ChannelSpec]:
+        """The run's declared channels, decoded from the store once per run (they never
+        change after creation); typed from here on."""
+        specs = self._channel_specs.get(run_id)
+        if specs is None:
+            specs = channels.declare([channels.ChannelSpec(**c)
+                                      for c in json.loads(self.store.get(run_id).channels)])
+            if len(self._channel_specs) >= 4096:  # bounded: a cache, not a registry
+                self._channel_specs.clear()
+            self._channel_specs[run_id] = specs
+        return specs
 
     def list_runs(self, agent: str = "", include_closed: bool = False) -> list[RunRecord]:
         return [self.get_run(r.run_id)

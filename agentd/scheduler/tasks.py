@@ -1,96 +1,103 @@
-"""One tool call: validate, decide, record, run in a confined worker, record the outcome.
+"""One task of a step: build its whole worker, record, run it confined, record the outcome.
 
-The order is the promise: a malformed request never reaches a worker; a refused one is
-recorded with the rule that refused it; an allowed one is recorded (durably) before the
-worker starts; and its outcome is recorded before the caller hears of it.
+The order is the promise: a refused task is recorded with the rule that refused it; an allowed
+one is recorded (durably) before its worker starts; and its outcome is recorded before the
+caller hears of it. `TaskRunner.run` is the `execute` part of a step (agentd/scheduler/steps.py):
+it builds the one WorkerSpec (policy, workspace layers and upper, channel fds), runs it, and
+reads back what the task changed and wrote, for the barrier.
 """
 
 from __future__ import annotations
 
 import asyncio
+import functools
 import math
 import os
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any
 
 import structlog
 
-from agentd.errors import AgentdError, InvalidArgument
+from agentd.audit import AuditLog
+from agentd.errors import AgentdError
 from agentd.identity import Caller
-from agentd.policy import EffectivePolicy, decide_exec
+from agentd.policy import DEFAULT_PATH, EffectivePolicy, withheld_programs
 from agentd.policy.execset import exec_mounts
 from agentd.policy.paths import is_at_or_below
 from agentd.sandbox.cgroups import CgroupDriver
 from agentd.sandbox.execwatch import ExecAttempt
 from agentd.sandbox.launcher_client import LauncherClient
 from agentd.sandbox.spec import Limits, WorkerSpec
-from agentd.sandbox.worker import OutputSink, Worker, WorkerResult
+from agentd.sandbox.worker import Worker, WorkerResult
+from agentd.scheduler import channels
+from agentd.scheduler.output import CappedOutput
+from agentd.scheduler.plan import PlannedTask, TaskRequest
 from agentd.scheduler.runs import RunManager
+from agentd.scheduler.writes import WritesCollector, channels_snapshot_fd
+from agentd.store.layers import Change, LayerStore, Upper
+from agentd.store.quota import Quota
+from agentd.store.trees import PathTooLong
 
 log = structlog.get_logger("agentd.tasks")
 
-DEFAULT_PATH = "/usr/local/bin:/usr/bin:/bin:/usr/local/sbin:/usr/sbin:/sbin"
-MAX_ARGS = 4096
-MAX_ARGV_BYTES = 1 << 20
-MAX_STDIN_BYTES = 16 << 20
+WRITES_FD, CHANNELS_FD = 3, 4
+
+# ("output", (task name, stream, data)) as the output happens; ("task_done", TaskOutcome).
+StepListener = Callable[[str, Any], Awaitable[None]]
+
+
+@dataclass
+class TaskOutcome:
+    """One task of a step as it ended: its worker's result, what it changed and wrote, and
+    why it fails the step ("" if it does not). The API's TaskReport is made from it."""
+
+    name: str
+    task_id: str
+    result: WorkerResult | None = None
+    changes: list[Change] = field(default_factory=list)
+    changed_paths: list[str] = field(default_factory=list)
+    writes: list[tuple[str, Any]] = field(default_factory=list)
+    failure: str = ""
+    upper: Upper | None = None
+    stdout: bytes = b""
+    stderr: bytes = b""
+    exec_denied: list[str] = field(default_factory=list)
+
+    def to_json(self) -> dict[str, Any]:
+        r = self.result
+        return {"name": self.name, "failure": self.failure, "changed": self.changed_paths,
+                "writes": len(self.writes), "exec_denied": self.exec_denied,
+                "outcome": None if r is None else {
+                    "exited": r.exited, "exit_code": r.exit_code, "signal": r.signal,
+                    "stop_reason": r.stop_reason, "wall": round(r.wall_seconds, 6),
+                    "summary": r.summary}}
 
 
 @dataclass(frozen=True)
-class ExecRequest:
+class StepContext:
+    """What every task of one step shares: the committed state it runs on, and who asked."""
+
     run_id: str
-    argv: list[str]
-    env: dict[str, str] = field(default_factory=dict)
-    stdin: bytes = b""
-    cwd: str = ""
-    timeout_seconds: float = 0.0
-
-
-def _validate(request: ExecRequest) -> None:
-    if not math.isfinite(request.timeout_seconds):
-        raise InvalidArgument("timeout_seconds must be a finite number of seconds")
-    if not request.argv or not request.argv[0]:
-        raise InvalidArgument("argv is empty; give the command to run, e.g. ['/bin/sh', '-c', "
-                              "'echo hi']")
-    if len(request.argv) > MAX_ARGS or sum(len(a) for a in request.argv) > MAX_ARGV_BYTES:
-        raise InvalidArgument(f"argv is too long (at most {MAX_ARGS} arguments, 1 MiB in all)")
-    if any("\0" in arg for arg in request.argv):
-        raise InvalidArgument("argv contains a NUL character, which no program can receive")
-    if len(request.stdin) > MAX_STDIN_BYTES:
-        raise InvalidArgument("stdin is larger than 16 MiB; put large inputs in the workspace")
-
-
-def _cwd(request: ExecRequest, policy: EffectivePolicy) -> str:
-    """The working directory: as asked, else the workspace (or /tmp when there is none)."""
-    return request.cwd or ("/workspace" if policy.workspace != "none" else "/tmp")
-
-
-def resolve_executable(name: str, policy: EffectivePolicy) -> str:
-    """argv[0] as the worker will see it: absolute as given, or found on the worker's PATH.
-
-    Granted paths are bound at the same place inside the worker, so looking on the host,
-    within the read-only grants, finds what the worker would find.
-    """
-    if name.startswith("/"):
-        return os.path.normpath(name)
-    if "/" in name:
-        raise InvalidArgument(f"argv[0] {name!r} must be an absolute path or a bare name")
-    path = policy.env_set.get("PATH", DEFAULT_PATH)
-    for directory in path.split(":"):
-        candidate = os.path.join(directory, name)
-        granted = any(candidate == root or candidate.startswith(root.rstrip("/") + "/")
-                      for root in policy.read_only)
-        if granted and os.path.isfile(candidate) and os.access(candidate, os.X_OK):
-            return candidate
-    raise InvalidArgument(f"{name!r} was not found on the worker's PATH ({path}); give an "
-                          "absolute path")
+    step: int
+    layers: list[str]  # the committed stack (lowest first), held for the step
+    policy: EffectivePolicy
+    snapshot: dict[str, Any]  # the channel values the tasks may read
+    specs: dict[str, channels.ChannelSpec]
+    caller: Caller
+    approved: bool
+    listener: StepListener | None = None
 
 
 class TaskRunner:
-    """Runs tool calls for the RunManager's runs."""
+    """Builds and runs the workers of the RunManager's runs."""
 
-    def __init__(self, runs: RunManager, launcher: LauncherClient, cgroups: CgroupDriver,
-                 *, worker_uid: int, worker_gid: int) -> None:
+    def __init__(self, runs: RunManager, audit: AuditLog, layers: LayerStore,
+                 launcher: LauncherClient, cgroups: CgroupDriver, *, worker_uid: int,
+                 worker_gid: int) -> None:
         self.runs = runs
+        self.audit = audit
+        self.layers = layers
         self.launcher = launcher
         self.cgroups = cgroups
         self.uid = worker_uid
@@ -98,8 +105,8 @@ class TaskRunner:
         # task id -> (run id, actor) while its worker runs
         self._watched: dict[str, tuple[str, dict[str, Any]]] = {}
         self._pending_records: set[asyncio.Future[int]] = set()
-        # task id -> the paths it was refused, for its step's report (the caller pops them)
-        self.denied_paths: dict[str, list[str]] = {}
+        # task id -> the paths it was refused, for its outcome
+        self._denied_paths: dict[str, list[str]] = {}
         launcher.on_exec_attempt = self._on_exec_attempt
 
     def _on_exec_attempt(self, attempt: ExecAttempt) -> None:
@@ -109,8 +116,8 @@ class TaskRunner:
         if watched is None:
             return
         run_id, actor = watched
-        self.denied_paths.setdefault(attempt.key, []).append(attempt.path[:4096])
-        record = self.runs.audit.append(
+        self._denied_paths.setdefault(attempt.key, []).append(attempt.path[:4096])
+        record = self.audit.append(
             "exec.denied", actor=actor, run_id=run_id, task_id=attempt.key,
             details={"path": attempt.path[:4096], "reason": attempt.reason,
                      "refused": attempt.refused, "pid": attempt.pid})
@@ -118,88 +125,161 @@ class TaskRunner:
         self._pending_records.add(task)
         task.add_done_callback(self._pending_records.discard)
 
-    def check(self, request: ExecRequest, policy: EffectivePolicy) -> str:
-        """Validates a tool call and decides it by policy; returns the resolved executable.
+    # -- the worker -------------------------------------------------------------------------
 
-        Raises InvalidArgument for a malformed call, PermissionDenied naming the rule.
+    def build_spec(self, ctx: StepContext, task: PlannedTask, task_id: str,
+                   upper: Upper | None) -> WorkerSpec:
+        """The whole worker of one planned task: the policy's grants and limits, the run's
+        layer stack under the task's own upper, and the channel fds.
+
+        In a step nobody approved, the programs of the policy's exec: approval triggers are
+        withheld: the worker cannot execute them by any route (agentd/policy/execset.py).
         """
-        _validate(request)
-        executable = resolve_executable(request.argv[0], policy)
-        decide_exec(policy, executable, request.env, _cwd(request, policy),
-                    request.timeout_seconds)
-        return executable
-
-    def build_spec(self, task_id: str, request: ExecRequest, executable: str,
-                   policy: EffectivePolicy, *, withheld: tuple[str, ...] = ()) -> WorkerSpec:
-        """The worker for one checked call; the caller adds the workspace (its layer stack).
-
-        `withheld` are granted programs (or trees) this worker must not be able to execute by
-        any route: the approval triggers of a step nobody approved.
-        """
+        policy, request = ctx.policy, task.request
+        withheld = withheld_programs(policy, ctx.approved)
         mounts = exec_mounts(policy, withheld)
         held = [os.path.realpath(p) for p in withheld]
         exec_allow = tuple(e for e in policy.exec_allow
                            if not any(is_at_or_below(os.path.realpath(e), h) for h in held))
         env = {"PATH": DEFAULT_PATH, "HOME": "/workspace", "TMPDIR": "/tmp",
-               "AGENTD_TASK_ID": task_id, **policy.env_set, **request.env}
+               "AGENTD_TASK_ID": task_id, **policy.env_set, **request.env,
+               "AGENTD_WRITES_FD": str(WRITES_FD), "AGENTD_CHANNELS_FD": str(CHANNELS_FD)}
         limits = Limits(memory_bytes=policy.memory_bytes, pids=policy.pids, cpu=policy.cpu,
                         wall_seconds=request.timeout_seconds or policy.wall_seconds,
                         output_bytes=policy.output_bytes, tmp_bytes=policy.tmp_bytes,
                         open_files=policy.open_files, file_size_bytes=policy.file_size_bytes)
+        workspace = upper is not None and policy.workspace != "none"
         return WorkerSpec(
-            task_id=task_id, argv=(executable, *request.argv[1:]), env=env,
-            cwd=_cwd(request, policy),
+            task_id=task_id, argv=(task.executable, *request.argv[1:]), env=env, cwd=task.cwd,
             uid=self.uid, gid=self.gid, user_namespace=policy.user_namespace,
             read_only=policy.read_only,
             workspace_writable=policy.workspace == "read_write",
+            workspace_layers=(tuple(str(self.layers.path(lid)) for lid in ctx.layers)
+                              if workspace else ()),
+            workspace_upper=str(upper.upper) if workspace and upper else None,
+            workspace_work=str(upper.work) if workspace and upper else None,
+            workspace_quota=bool(workspace and upper and os.path.ismount(upper.upper.parent)),
             exec_allow=exec_allow, exec_binds=mounts.executable,
             exec_withheld=mounts.withheld, limits=limits)
 
-    async def refused(self, request: ExecRequest, caller: Caller, task_id: str,
-                      error: AgentdError, policy: EffectivePolicy | None) -> None:
-        """Every refused call is on record too, whatever refused it."""
-        await self.runs.audit.append(
-            "exec.refused", actor=caller.actor(), run_id=request.run_id, task_id=task_id,
-            details={**_request_details(request, policy), "error": error.code,
-                     "reason": error.message, "rule": getattr(error, "rule", None)})
-        log.info("exec.refused", run_id=request.run_id, reason=error.message)
+    async def run(self, ctx: StepContext, task: PlannedTask, outcome: TaskOutcome) -> None:
+        """One task in its own worker on the committed layers; fills `outcome`, never raises
+        for the tool (a tool's failure is an outcome)."""
+        policy, request = ctx.policy, task.request
+        limit = Quota(policy.workspace_bytes, policy.inodes)
+        used = await asyncio.to_thread(self.layers.usage, ctx.layers)
+        outcome.upper = await asyncio.to_thread(functools.partial(
+            self.layers.new_upper, upper_name(ctx.run_id, outcome.task_id), self.uid, self.gid,
+            remaining=Quota(limit.bytes - used.bytes, limit.inodes - used.inodes)))
+        # Reading ELF headers takes tens of ms once per policy: off the event loop (cached).
+        await asyncio.to_thread(exec_mounts, policy, withheld_programs(policy, ctx.approved))
+        spec = self.build_spec(ctx, task, outcome.task_id, outcome.upper)
+        collector = WritesCollector(limit=policy.writes_bytes)
+        snapshot_fd = channels_snapshot_fd(ctx.snapshot)
+        worker = Worker(spec, launcher=self.launcher, cgroups=self.cgroups,
+                        extra_fds=(collector.write_fd, snapshot_fd))
+        kept = {"stdout": CappedOutput(), "stderr": CappedOutput()}
 
-    async def run_worker(self, worker: Worker, request: ExecRequest, caller: Caller,
-                         policy: EffectivePolicy, on_output: OutputSink) -> WorkerResult:
+        async def on_output(kind: str, data: bytes) -> None:
+            # A capped prefix is kept for the reply; the worker already cut it at the policy's
+            # output limit, and the whole of it streams to a listener.
+            kept[kind].add(data)
+            if ctx.listener is not None:
+                await ctx.listener("output", (request.name, kind, data))
+
+        try:
+            collector.start()
+            outcome.result = await self._run_worker(ctx, task, worker, on_output)
+        finally:
+            os.close(snapshot_fd)
+            collector.close_write_end()
+            outcome.stdout, outcome.stderr = kept["stdout"].value(), kept["stderr"].value()
+            outcome.exec_denied = self._denied_paths.pop(outcome.task_id, [])
+        raw = await collector.finish()
+        outcome.failure = task_failure(request, outcome.result, collector)
+        if not outcome.failure:
+            try:
+                outcome.writes = channels.parse_writes(raw, limit=policy.writes_bytes,
+                                                       channels=ctx.specs)
+            except channels.WritesError as exc:
+                outcome.failure = f"bad writes on $AGENTD_WRITES_FD: {exc}"
+        try:
+            outcome.changes = await asyncio.to_thread(functools.partial(
+                self.layers.changes, outcome.upper.upper, lowers=ctx.layers))
+        except PathTooLong as exc:
+            outcome.failure = outcome.failure or exc.message
+        outcome.changed_paths = sorted({c.path for c in outcome.changes})
+        if ctx.listener is not None:
+            await ctx.listener("task_done", outcome)
+
+    async def _run_worker(self, ctx: StepContext, task: PlannedTask, worker: Worker,
+                          on_output: Callable[[str, bytes], Awaitable[None]]) -> WorkerResult:
         """Records the spawn, runs the worker, records the exit: the record comes first."""
-        audit = self.runs.audit
-        spec = worker.spec
-        run_id, task_id = request.run_id, spec.task_id
+        caller, run_id, task_id = ctx.caller, ctx.run_id, worker.spec.task_id
         self.runs.register(run_id, worker)
         self._watched[task_id] = (run_id, dict(caller.actor()))
         try:
-            await audit.append("exec.allowed", actor=caller.actor(), run_id=run_id,
-                               task_id=task_id, details={
-                                   **_request_details(request, policy),
-                                   "executable": spec.argv[0], "stage": policy.stage,
-                                   "policy_hash": policy.content_hash})
+            await self.audit.append("exec.allowed", actor=caller.actor(), run_id=run_id,
+                                    task_id=task_id, details={
+                                        **request_details(task.request, ctx.policy),
+                                        "executable": task.executable,
+                                        "stage": ctx.policy.stage,
+                                        "policy_hash": ctx.policy.content_hash})
             self.runs.store.count_exec(run_id)
             try:
-                result = await worker.run(request.stdin, on_output)
+                result = await worker.run(task.request.stdin, on_output)
             except asyncio.CancelledError:
-                await audit.append("exec.cancelled", actor=caller.actor(), run_id=run_id,
-                                   task_id=task_id, details={"reason": "the caller went away"})
+                await self.audit.append("exec.cancelled", actor=caller.actor(), run_id=run_id,
+                                        task_id=task_id,
+                                        details={"reason": "the caller went away"})
                 raise
         finally:
             self.runs.unregister(run_id, task_id)
             self._watched.pop(task_id, None)
         # The worker's denied execs are on record before its exit is.
         await asyncio.gather(*self._pending_records, return_exceptions=True)
-        await audit.append("exec.exited", actor=caller.actor(), run_id=run_id,
-                           task_id=task_id, details=_outcome_details(result))
+        await self.audit.append("exec.exited", actor=caller.actor(), run_id=run_id,
+                                task_id=task_id, details=_outcome_details(result))
         log.info("exec.exited", run_id=run_id, task_id=task_id, summary=result.summary,
-                 wall=round(result.wall_seconds, 4))
+                 wall=round(result.wall_seconds, 4), uid=caller.uid)
         return result
 
+    async def refused(self, run_id: str, request: TaskRequest, caller: Caller, task_id: str,
+                      error: AgentdError, policy: EffectivePolicy | None) -> None:
+        """Every refused task is on record too, whatever refused it."""
+        await self.audit.append(
+            "exec.refused", actor=caller.actor(), run_id=run_id, task_id=task_id,
+            details={**request_details(request, policy), "error": error.code,
+                     "reason": error.message, "rule": getattr(error, "rule", None)})
+        log.info("exec.refused", run_id=run_id, reason=error.message, uid=caller.uid,
+                 rule=getattr(error, "rule", None))
 
-def _request_details(request: ExecRequest, policy: EffectivePolicy | None) -> dict[str, object]:
-    """What the audit log keeps of a call: never an environment value the policy does not mark
-    as safe to log."""
+
+def upper_name(run_id: str, task_id: str) -> str:
+    """A task's upper is named by run and task, so what cannot be removed is quarantined
+    under the run's name (`agentctl run show`)."""
+    return f"{run_id}.{task_id}"
+
+
+def task_failure(request: TaskRequest, result: WorkerResult | None,
+                 collector: WritesCollector) -> str:
+    """Why this task fails the step, or "" if it does not."""
+    if result is None:
+        return "the task did not run"
+    if result.setup_failure is not None:
+        return str(result.setup_failure)
+    if result.stop_reason is not None:
+        return f"stopped for {result.stop_reason} ({result.summary})"
+    if collector.overflow:
+        return "wrote more than limits.writes to $AGENTD_WRITES_FD"
+    if not result.exited or result.exit_code != 0:
+        return "" if request.allow_failure else result.summary
+    return ""
+
+
+def request_details(request: TaskRequest, policy: EffectivePolicy | None) -> dict[str, object]:
+    """What the audit log keeps of a task: never an environment value the policy does not
+    mark as safe to log."""
     logged = policy.env_log if policy is not None else ()
     timeout = request.timeout_seconds
     return {"argv": request.argv[:64], "env_names": sorted(request.env)[:64],

@@ -13,14 +13,16 @@ private writable directory (with its overlay work dir) for one step.
 
 uppers/<run>.<task>/ is a tmpfs sized to the run's remaining quota where the kernel allows it
 (agentd.store.quota), mounted in the daemon's own mount namespace so it dies with the daemon.
-root, layers/, uppers/ and uppers/<run>.<task>/ are 0711: a user-namespace worker's overlay crosses
-them with the worker's ids (so must every directory above root), nobody else lists them.
+root, layers/, uppers/ and uppers/<run>.<task>/ are 0711: a user-namespace worker's overlay
+crosses them with the worker's ids (so must every directory above root), nobody else lists
+them.
 
 Lifecycle of a step: `new_upper` per task → the worker mounts the stack under it
 (`agentd.sandbox.overlay.mount_workspace`) → at the barrier, with every task's processes dead,
-`changes` per upper → `conflicts` → `commit(uppers, lowers=stack)` → the checkpoint records
-`stack + [new id]` (or `stack` when commit returns None) → `remove_upper` per task. Rollback and
-fork are list operations on stacks; `gc` removes what no checkpoint references.
+`changes` per upper → `conflicts` → `commit(uppers, lowers=stack, changes=...)` → the
+checkpoint records `stack + [new id]` (or `stack` when commit returns None) → `remove_upper`
+per task. Rollback and fork are list operations on stacks; `gc` removes what no checkpoint
+references.
 
 Layer format. A whiteout is a character device 0/0; a directory that replaces what is below
 (`rm -rf d; mkdir d`, or a file replaced by a directory) carries `user.overlay.opaque=y`.
@@ -72,6 +74,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
 
+from agentd.conflicts import Conflict
 from agentd.errors import FailedPrecondition, InvalidArgument, NotFound
 from agentd.sandbox.overlay import MAX_LOWERS, OPAQUE_XATTR, PRIVATE_XATTR_PREFIXES
 from agentd.store import quota
@@ -117,20 +120,6 @@ class Change:
     mode: int = 0
     uid: int = 0
     gid: int = 0
-
-
-@dataclass(frozen=True)
-class Conflict:
-    """Two tasks of one step changed the same path, or one wrote under what the other
-    replaced; the step must fail and apply nothing."""
-
-    path: str
-    first: str
-    second: str
-    reason: str
-
-    def __str__(self) -> str:
-        return f"{self.path}: {self.reason} (tasks {self.first!r} and {self.second!r})"
 
 
 @dataclass(frozen=True)
@@ -300,7 +289,7 @@ def conflicts(changes_by_task: Sequence[tuple[str, Sequence[Change]]]) -> list[C
                         found.setdefault(key, f"written under {ancestor}, which task "
                                               f"{changes_by_task[replacer][0]!r} replaced "
                                               f"({replaced.kind})")
-    return [Conflict(path, changes_by_task[a][0], changes_by_task[b][0], reason)
+    return [Conflict("path", path, (changes_by_task[a][0], changes_by_task[b][0]), reason)
             for (path, a, b), reason in sorted(found.items())]
 
 
@@ -470,16 +459,22 @@ class LayerStore:
         return total
 
     def commit(self, uppers: Sequence[Path], *, lowers: Sequence[str],
+               changes: Sequence[Sequence[Change]] | None = None,
                limit: quota.Quota | None = None) -> str | None:
         """Merges `uppers` (in task order) above the stack `lowers` into one new layer.
 
-        Returns the new layer's id once it is complete, fsynced and published, or None when
-        the uppers changed nothing. Raises FailedPrecondition if the uppers conflict (check
-        `conflicts` first and fail the step with them). The uppers are spent either way.
-        Every process that wrote to them must be dead: their entries move into the layer.
+        `changes`, one list per upper, are what `changes` found for them: a step computed them
+        already (to report and to check conflicts) and they are not computed again; without
+        them, commit computes them. Returns the new layer's id once it is complete, fsynced
+        and published, or None when the uppers changed nothing. Raises FailedPrecondition if
+        the uppers conflict (check `conflicts` first and fail the step with them). The uppers
+        are spent either way. Every process that wrote to them must be dead: their entries
+        move into the layer.
         """
         tops = self._tops(lowers)
-        per_upper = [(u.parent.name, _changes(u, tops)) for u in uppers]
+        if changes is None:
+            changes = [_changes(u, tops) for u in uppers]
+        per_upper = [(u.parent.name, list(c)) for u, c in zip(uppers, changes, strict=True)]
         found = conflicts(per_upper)
         if found:
             raise FailedPrecondition("the step's changes conflict: "

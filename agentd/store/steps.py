@@ -13,6 +13,7 @@ the checkpoint row, the run's pointer and the attempt's state change together or
 
 from __future__ import annotations
 
+import enum
 import json
 import sqlite3
 import time
@@ -52,6 +53,17 @@ CREATE TABLE IF NOT EXISTS steps (
 CREATE INDEX IF NOT EXISTS steps_run ON steps(run_id, step);
 CREATE INDEX IF NOT EXISTS steps_state ON steps(state, run_id);
 """
+
+
+class StepState(enum.StrEnum):
+    """Where one attempt at a step is; stored as its value (the table's CHECK lists them)."""
+
+    PENDING_APPROVAL = "pending_approval"
+    RUNNING = "running"
+    COMMITTED = "committed"
+    FAILED = "failed"
+    DISCARDED = "discarded"
+    INTERRUPTED = "interrupted"
 
 
 @dataclass(frozen=True)
