@@ -40,6 +40,8 @@ from google.protobuf.timestamp_pb2 import Timestamp
 
 from agentd.api.gen.v1 import agentd_pb2 as pb
 from agentd.api.gen.v1 import agentd_pb2_grpc as pb_grpc
+from agentd.api.gen.v1 import audit_pb2 as audit_pb
+from agentd.api.gen.v1 import audit_pb2_grpc as audit_grpc
 from agentd.api.limits import MAX_MESSAGE_BYTES
 
 __all__ = [
@@ -47,6 +49,8 @@ __all__ = [
     "REDUCERS",
     "SYSTEM_SOCKET",
     "AgentdClient",
+    "AuditClient",
+    "AuditRecord",
     "ChannelDecl",
     "Checkpoint",
     "ClientError",
@@ -55,6 +59,7 @@ __all__ = [
     "Output",
     "Run",
     "RunState",
+    "SignedTreeHead",
     "StepEvent",
     "StepReply",
     "StepState",
@@ -462,6 +467,48 @@ class Checkpoint:
         )
 
 
+#: The audit service's messages, as the daemon sends them (proofs need their exact bytes).
+AuditRecord = audit_pb.AuditRecord
+SignedTreeHead = audit_pb.SignedTreeHead
+
+
+class AuditClient:
+    """The audit service of one agentd (any role's socket): records, tree heads, proofs.
+
+    Returns the protobuf messages themselves: a reader checks hashes and signatures over
+    their exact bytes (agentd.audit has the checks).
+    """
+
+    def __init__(self, channel: grpc.Channel) -> None:
+        self._stub = audit_grpc.AuditServiceStub(channel)
+
+    def tree_head(self) -> audit_pb.SignedTreeHead:
+        return self._stub.GetTreeHead(audit_pb.GetTreeHeadRequest())
+
+    def tail(self, from_index: int = 0, *, run_id: str = "", event: str = "",
+             follow: bool = False) -> Iterator[audit_pb.AuditRecord]:
+        return iter(self._stub.Tail(audit_pb.TailRequest(
+            from_index=from_index, run_id=run_id, event=event, follow=follow)))
+
+    def query(self, *, run_id: str = "", event: str = "", limit: int = 0,
+              since: Timestamp | None = None, until: Timestamp | None = None
+              ) -> audit_pb.QueryResponse:
+        request = audit_pb.QueryRequest(run_id=run_id, event=event, limit=limit)
+        if since is not None:
+            request.since.CopyFrom(since)
+        if until is not None:
+            request.until.CopyFrom(until)
+        return self._stub.Query(request)
+
+    def inclusion_proof(self, leaf_index: int, tree_size: int) -> audit_pb.InclusionProof:
+        return self._stub.GetInclusionProof(audit_pb.GetInclusionProofRequest(
+            leaf_index=leaf_index, tree_size=tree_size))
+
+    def consistency_proof(self, first: int, second: int) -> audit_pb.ConsistencyProof:
+        return self._stub.GetConsistencyProof(audit_pb.GetConsistencyProofRequest(
+            first_tree_size=first, second_tree_size=second))
+
+
 class AgentdClient:
     """A connection to one agentd over its unix socket; safe to share between threads."""
 
@@ -476,8 +523,13 @@ class AgentdClient:
 
     @property
     def channel(self) -> grpc.Channel:
-        """The underlying channel, for stubs of other agentd services (e.g. audit)."""
+        """The underlying channel, for stubs of other agentd services."""
         return self._channel
+
+    @property
+    def audit(self) -> AuditClient:
+        """The audit service on the same socket."""
+        return AuditClient(self._channel)
 
     def close(self) -> None:
         """Closes the channel; streams still open are cancelled."""

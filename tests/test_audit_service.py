@@ -1,7 +1,7 @@
 """AuditService through a real grpc.aio server on a unix socket, and the CLI that reads it.
 
 The server runs in its own thread and event loop (httpx's serve_in_thread), so that the
-tests can use ordinary blocking stubs and the CLI's own code path (`args.channel()`).
+tests can use ordinary blocking stubs and the CLI's own code path (`args.client().audit`).
 """
 
 from __future__ import annotations
@@ -14,6 +14,7 @@ import threading
 import time
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
+from types import SimpleNamespace
 from typing import Any
 
 import grpc
@@ -33,6 +34,7 @@ from agentd.audit import (
 from agentd.audit.signing import PUB_FILE
 from agentd.cli import audit_cmd
 from agentd.cli.output import UsageError
+from agentd.client import AuditClient
 from agentd.errors import AgentdError
 
 ACTOR = {"role": "client", "socket": "/run/agentd/agentd.sock"}
@@ -216,7 +218,7 @@ class TestCli:
         parser = argparse.ArgumentParser()
         audit_cmd.register(parser.add_subparsers())
         args = parser.parse_args(["audit", *argv])
-        args.channel = lambda: channel
+        args.client = lambda: SimpleNamespace(audit=AuditClient(channel))
         return int(args.func(args))
 
     def test_tail_prints_one_safe_line_per_event(self, channel: grpc.Channel,

@@ -729,11 +729,11 @@ class TestOptionalSubcommands:
         monkeypatch: pytest.MonkeyPatch,
         capsys: pytest.CaptureFixture[str],
     ) -> None:
-        """A subcommand module's handler gets a channel from args.channel(), and a grpc error
-        it lets escape is shown as one plain line."""
+        """A subcommand module's handler reaches the daemon through args.client(), and a grpc
+        error it lets escape (a stream's) is shown as one plain line."""
 
         def handler(args: Any) -> int:
-            stub = pb_grpc.AgentdStub(args.channel())
+            stub = pb_grpc.AgentdStub(args.client().channel)
             stub.GetRun(pb.GetRunRequest(run_id="r-404"), timeout=10)
             return 0
 

@@ -1,8 +1,8 @@
 """`agentctl audit verify|witness|tail|show|query`: check the audit log, and read it.
 
 `verify [DIR]` works from the files alone (no daemon): exit 0 if everything checks, 1 with the
-first bad index and what is wrong. The others ask the daemon (AuditService) through
-`args.channel()`. For people, one line per event:
+first bad index and what is wrong. The others ask the daemon (AuditService) through the
+client (`args.client().audit`). For people, one line per event:
 
       42  2024-05-01 10:00:00.123Z  exec.allowed  run=r-1 task=t-9  by client  argv=[...] ...
 
@@ -31,12 +31,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from cryptography.hazmat.primitives.serialization import load_pem_public_key
 from google.protobuf.timestamp_pb2 import Timestamp
 
-from agentd.api.gen.v1 import audit_pb2 as pb
-from agentd.api.gen.v1 import audit_pb2_grpc as pb_grpc
 from agentd.audit import load_public_key, verify, verify_head, verify_inclusion
 from agentd.audit.merkle import verify_consistency
 from agentd.audit.signing import TreeHead
 from agentd.cli.output import UsageError
+from agentd.client import AuditClient, AuditRecord, SignedTreeHead
 
 DEV_AUDIT_DIR = Path("var/state/audit")
 SYSTEM_AUDIT_DIR = Path("/var/lib/agentd/audit")
@@ -155,33 +154,34 @@ def cmd_verify(args: argparse.Namespace) -> int:
 
 # -- reading through the daemon ------------------------------------------------------------
 
+def _audit(args: argparse.Namespace) -> AuditClient:
+    return args.client().audit  # type: ignore[no-any-return]
+
+
 def cmd_tail(args: argparse.Namespace) -> int:
     """`audit tail`: the last N events (matching the filters), then new ones with -f."""
-    stub = pb_grpc.AuditServiceStub(args.channel())
+    audit = _audit(args)
     if args.lines < 0:
         raise UsageError("--lines must be 0 or more")
-    size = stub.GetTreeHead(pb.GetTreeHeadRequest()).tree_size
+    size = audit.tree_head().tree_size
     if not (args.run or args.event):
         start = max(0, size - args.lines)
-        _emit(stub.Tail(pb.TailRequest(from_index=start, follow=args.follow)), args.json,
-              flush=args.follow)
+        _emit(audit.tail(start, follow=args.follow), args.json, flush=args.follow)
         return 0
-    matching = stub.Tail(pb.TailRequest(from_index=0, run_id=args.run, event=args.event))
+    matching = audit.tail(0, run_id=args.run, event=args.event)
     recent = collections.deque(matching, maxlen=args.lines) if args.lines else ()
     last = _emit(recent, args.json, flush=args.follow)
     if args.follow:
-        more = stub.Tail(pb.TailRequest(from_index=max(size, last + 1), run_id=args.run,
-                                        event=args.event, follow=True))
+        more = audit.tail(max(size, last + 1), run_id=args.run, event=args.event, follow=True)
         _emit(more, args.json, flush=True)
     return 0
 
 
 def cmd_show(args: argparse.Namespace) -> int:
     """`audit show INDEX`: the record, its leaf hash and its inclusion proof, checked."""
-    stub = pb_grpc.AuditServiceStub(args.channel())
-    head = stub.GetTreeHead(pb.GetTreeHeadRequest())
-    proof = stub.GetInclusionProof(pb.GetInclusionProofRequest(leaf_index=args.index,
-                                                                tree_size=head.tree_size))
+    audit = _audit(args)
+    head = audit.tree_head()
+    proof = audit.inclusion_proof(args.index, head.tree_size)
     included = verify_inclusion(args.index, head.tree_size, proof.leaf_hash,
                                 list(proof.inclusion_path), head.root_hash)
     leaf_ok = hashlib.sha256(b"\x00" + proof.record.record).digest() == proof.leaf_hash
@@ -211,12 +211,9 @@ def cmd_show(args: argparse.Namespace) -> int:
 
 def cmd_query(args: argparse.Namespace) -> int:
     """`audit query`: matching events in index order."""
-    stub = pb_grpc.AuditServiceStub(args.channel())
-    request = pb.QueryRequest(run_id=args.run, event=args.event, limit=args.limit)
-    for name in ("since", "until"):
-        if getattr(args, name):
-            getattr(request, name).CopyFrom(_parse_when(getattr(args, name), f"--{name}"))
-    reply = stub.Query(request)
+    when = {name: _parse_when(getattr(args, name), f"--{name}")
+            for name in ("since", "until") if getattr(args, name)}
+    reply = _audit(args).query(run_id=args.run, event=args.event, limit=args.limit, **when)
     _emit(reply.records, args.json, flush=False)
     if reply.more and not args.json:
         print(f"(stopped at --limit {args.limit}; more events match)", file=sys.stderr)
@@ -225,7 +222,7 @@ def cmd_query(args: argparse.Namespace) -> int:
 
 # -- formatting ----------------------------------------------------------------------------
 
-def _emit(records: Iterable[pb.AuditRecord], as_json: bool, *, flush: bool) -> int:
+def _emit(records: Iterable[AuditRecord], as_json: bool, *, flush: bool) -> int:
     """Prints records; returns the last index printed (-1 if none)."""
     last = -1
     for rec in records:
@@ -290,7 +287,7 @@ def _parse_when(text: str, flag: str) -> Timestamp:
     return stamp
 
 
-def _head_time(head: pb.SignedTreeHead) -> str:
+def _head_time(head: SignedTreeHead) -> str:
     return str(json.loads(head.signed_data)["timestamp"]) if head.signed_data else ""
 
 
@@ -314,10 +311,10 @@ def cmd_witness(args: argparse.Namespace) -> int:
     public = load_pem_public_key(key_pem)
     if not isinstance(public, Ed25519PublicKey):
         raise UsageError("--key is not an Ed25519 public key")
-    stub = pb_grpc.AuditServiceStub(args.channel())
-    reply = stub.GetTreeHead(pb.GetTreeHeadRequest())
+    audit = _audit(args)
+    reply = audit.tree_head()
     head = TreeHead(reply.tree_size, reply.root_hash, _head_time(reply), reply.signature)
-    verdict = _witness_verdict(stub, public, head, state)
+    verdict = _witness_verdict(audit, public, head, state)
     if verdict:
         _say(args, ok=False, message=verdict, head=head)
         return 1
@@ -336,7 +333,7 @@ def cmd_witness(args: argparse.Namespace) -> int:
     return 0
 
 
-def _witness_verdict(stub: Any, public: Ed25519PublicKey, head: TreeHead,
+def _witness_verdict(audit: AuditClient, public: Ed25519PublicKey, head: TreeHead,
                      state: dict[str, Any] | None) -> str:
     """Why the daemon's head must be refused, or "" if it is acceptable."""
     if not verify_head(public, head):
@@ -352,8 +349,7 @@ def _witness_verdict(stub: Any, public: Ed25519PublicKey, head: TreeHead,
         if head.root_hash != old_root:
             return f"the log was rewritten: same size {old_size}, another root"
         return ""
-    proof = stub.GetConsistencyProof(pb.GetConsistencyProofRequest(
-        first_tree_size=old_size, second_tree_size=head.tree_size))
+    proof = audit.consistency_proof(old_size, head.tree_size)
     if not verify_consistency(old_size, head.tree_size, old_root, head.root_hash,
                               list(proof.consistency_path)):
         return (f"the log of size {head.tree_size} does not extend the one of size "

@@ -8,9 +8,9 @@
     agentctl [--socket PATH] audit ...            (when agentd.cli.audit_cmd is installed)
 
 Every subcommand module exposes `register(subparsers)`, which adds its parsers and sets
-`func(args) -> int | None` as the handler. Handlers reach the daemon through `args.client()`
-(an `AgentdClient`) or `args.channel()` (its grpc channel, for stubs of other services); both
-connect on first use, so commands that work locally (`policy check`) never touch the socket.
+`func(args) -> int | None` as the handler. Handlers reach the daemon only through
+`args.client()` (an `AgentdClient`; its `.audit` for the audit service), which connects on
+first use, so commands that work locally (`policy check`) never touch the socket.
 
 Exit status: the handler's (for `exec`, the tool's; for `step`, 3 when pending approval); 2
 for a usage error or bad input (INVALID_ARGUMENT); 1 for any other error, shown as one line,
@@ -70,9 +70,6 @@ class _Session:
         if self._client is None:
             self._client = AgentdClient(self.socket_flag)
         return self._client
-
-    def channel(self) -> grpc.Channel:
-        return self.client().channel
 
     def close(self) -> None:
         if self._client is not None:
@@ -162,7 +159,6 @@ def main(argv: Sequence[str] | None = None) -> int:
         args.command.extend(tail)
     session = _Session(args.socket)
     args.client = session.client
-    args.channel = session.channel
     try:
         status = args.func(args)
         _flush_stdout()
@@ -171,7 +167,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         return _fail(str(exc), EXIT_USAGE)
     except ClientError as exc:
         return _fail_client(exc)
-    except grpc.RpcError as exc:  # from handlers that use args.channel() directly
+    except grpc.RpcError as exc:  # from the client's calls that return streams
         return _fail_client(error_from_rpc(exc, session.socket))
     except KeyboardInterrupt:
         return _fail("interrupted", EXIT_INTERRUPTED)

@@ -1,4 +1,4 @@
-"""The whole confinement of a worker, as one ordered list of steps (child side).
+"""The whole confinement of a worker, as one ordered list of setup actions (child side).
 
 Runs in the child of the launcher's clone(), which already put it in new pid, mount, ipc, uts
 and net namespaces (and a user namespace when asked). The order matters and is the point of
@@ -14,10 +14,10 @@ this module:
         death signal the uid change cleared
     Landlock
     the exec-watch filter (its listener fd to the launcher over the error socket)
-    # seccomp must be last: it forbids what the steps above needed
+    # seccomp must be last: it forbids what the actions above needed
     seccomp, execve
 
-Any failure is written to the error socket as {"step", "errno", "message"} and the child exits
+Any failure is written to the error socket as {"action", "errno", "message"} and the child exits
 127; a successful execve closes the pipe (O_CLOEXEC), which the launcher reads as "started".
 """
 
@@ -58,12 +58,12 @@ _HIGH_FD = 512
 ELF_LOADERS = ("/lib64/ld-linux-x86-64.so.2", "/lib/ld-linux-aarch64.so.1")
 
 
-class _Step:
+class _Action:
     name = "start"
 
 
 @contextmanager
-def _step(current: type[_Step], name: str) -> Iterator[None]:
+def _action(current: type[_Action], name: str) -> Iterator[None]:
     current.name = name
     yield
 
@@ -112,17 +112,17 @@ def _wait_for_parent(go_fd: int) -> None:
 def contain(spec: WorkerSpec, *, new_root: str, seccomp_program: bytes, go_fd: int,
             err_fd: int, fds: tuple[int, ...]) -> NoReturn:
     """Confines the calling (freshly cloned) process and execs the tool; never returns."""
-    step = _Step
+    action = _Action
     try:
-        with _step(step, "pdeathsig"):
+        with _action(action, "pdeathsig"):
             libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
         if spec.user_namespace:
-            with _step(step, "wait for parent"):
+            with _action(action, "wait for parent"):
                 _wait_for_parent(go_fd)
-            with _step(step, "filesystem ids"):
+            with _action(action, "filesystem ids"):
                 # Only the worker's ids are mapped; files of the new root are created as them.
                 libc.set_filesystem_ids(spec.uid, spec.gid)
-        with _step(step, "stdio"):
+        with _action(action, "stdio"):
             # Out of the way first, so that placing fds at 0, 1, 2, 3, ... clobbers none of them.
             err_fd = fcntl.fcntl(err_fd, fcntl.F_DUPFD_CLOEXEC, _HIGH_FD)
             if not spec.user_namespace:
@@ -138,60 +138,60 @@ def contain(spec: WorkerSpec, *, new_root: str, seccomp_program: bytes, go_fd: i
             signal.pthread_sigmask(signal.SIG_SETMASK, [])
             # A new session: no controlling terminal, so no TIOCSTI into the operator's shell.
             os.setsid()
-        with _step(step, "mounts"):
+        with _action(action, "mounts"):
             mounts.enter(spec, new_root)
-        with _step(step, "network"):
+        with _action(action, "network"):
             network.enter()
-        with _step(step, "rlimits"):
+        with _action(action, "rlimits"):
             privileges.set_rlimits(core=0, nofile=spec.limits.open_files,
                                    fsize=spec.limits.file_size_bytes)
-        with _step(step, "chdir"):
+        with _action(action, "chdir"):
             os.chdir(spec.cwd)
         if not spec.user_namespace:
             # The parent's cgroup.procs writes (an RCU grace period on cgroup v1) overlapped
             # with building the root; nothing of the tool runs before we are in the cgroup.
-            with _step(step, "wait for parent"):
+            with _action(action, "wait for parent"):
                 _wait_for_parent(go_fd)
-        with _step(step, "namespaces"):
+        with _action(action, "namespaces"):
             namespaces.enter(spec)
         executables = _executables(spec)
         # from here on, not root
-        with _step(step, "drop privileges"):
+        with _action(action, "drop privileges"):
             privileges.drop(spec.uid, spec.gid)
-        with _step(step, "pdeathsig again"):
+        with _action(action, "pdeathsig again"):
             # Changing uid/gid cleared the death signal; re-arm it, then make sure the
             # launcher did not die in between (getppid() is 0 for a pid namespace's pid 1).
             libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
             _check_launcher_alive(err_fd)
         if spec.landlock:
-            with _step(step, "landlock"):
+            with _action(action, "landlock"):
                 has_workspace = bool(spec.workspace_layers)
                 write = ["/tmp"] + (["/workspace"] if has_workspace and spec.workspace_writable
                                     else [])
                 landlock.enter(read=["/"], write=write, execute=executables,
                                devices=LANDLOCK_DEVICES)
         if spec.seccomp:
-            with _step(step, "exec watch"):
+            with _action(action, "exec watch"):
                 # Denied execs on record (agentd/sandbox/execwatch.py): the listener goes out
                 # over the error socket; the daemon answers every exec from now on.
                 listener = execwatch.install()
                 socket.send_fds(socket.socket(fileno=os.dup(err_fd)), [b"w"], [listener])
                 os.close(listener)
-        # seccomp must be last: it forbids what the steps above needed
+        # seccomp must be last: it forbids what the actions above needed
         if spec.seccomp:
-            with _step(step, "seccomp"):
+            with _action(action, "seccomp"):
                 seccomp.enter(seccomp_program)
-        with _step(step, "execve"):
+        with _action(action, "execve"):
             os.execve(spec.argv[0], list(spec.argv), spec.env)
     except BaseException as exc:
         err = exc.errno if isinstance(exc, OSError) and exc.errno else 0
         detail = exc.strerror if isinstance(exc, OSError) and exc.strerror else str(exc)
-        if step.name == "execve":
+        if action.name == "execve":
             detail = f"{spec.argv[0]}: {detail}"
-        elif step.name == "chdir":
+        elif action.name == "chdir":
             detail = (f"cwd {spec.cwd}: {detail} in the worker; create the directory in an "
                       "earlier step, or give an existing one")
-        report = {"step": step.name, "errno": err, "message": detail}
+        report = {"action": action.name, "errno": err, "message": detail}
         try:
             os.write(err_fd, json.dumps(report).encode())
         finally:

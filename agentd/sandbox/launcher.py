@@ -13,8 +13,8 @@ over a SOCK_SEQPACKET socketpair (one JSON message per packet, fds passed with S
       │                                  │ ◀──── exec-watch listener fd (err socket, SCM_RIGHTS)
       │ ◀── exec_denied{id,path,…}       │ answers each exec (CONTINUE), records refusals
       │                                  │ ◀───────── err pipe EOF (execve)  │ execve → tool
-      │ ◀── started{id,pid}              │   or ◀── {step,errno,message}, exit 127
-      │ ◀── failed{id,step,errno,message}│
+      │ ◀── started{id,pid}              │   or ◀── {action,errno,message}, exit 127
+      │ ◀── failed{id,action,errno,message}│
       │                                  │ pidfd readable → waitpid
       │ ◀── exited{id,status}            │
       │ ping{seq} ──────────────────────▶│ (the daemon's watchdog; no pong in time:
@@ -51,7 +51,7 @@ from agentd.sandbox.spec import WorkerSpec
 
 MAX_MESSAGE = 1 << 20
 FDS_PER_SPAWN = 3
-LAUNCHER_STEP = "join cgroup / map ids"  # the launcher's own part of a worker's set-up
+LAUNCHER_ACTION = "join cgroup / map ids"  # the launcher's own part of a worker's set-up
 
 
 def _first_cause(error: bytes | bytearray) -> dict[str, Any]:
@@ -66,11 +66,11 @@ def _first_cause(error: bytes | bytearray) -> dict[str, Any]:
         try:
             value, at = decoder.raw_decode(text, at)
         except ValueError:
-            return {"step": "unknown", "errno": 0, "message": text}
+            return {"action": "unknown", "errno": 0, "message": text}
         if isinstance(value, dict):
             reports.append(value)
-    own = [r for r in reports if r.get("step") != LAUNCHER_STEP]
-    return (own or reports or [{"step": "unknown", "errno": 0, "message": text}])[0]
+    own = [r for r in reports if r.get("action") != LAUNCHER_ACTION]
+    return (own or reports or [{"action": "unknown", "errno": 0, "message": text}])[0]
 
 
 def recv_message(sock: socket.socket) -> tuple[dict[str, Any] | None, list[int]]:
@@ -149,7 +149,7 @@ class Launcher:
         else:
             for fd in fds:
                 os.close(fd)
-            send_message(self.sock, {"op": "failed", "id": message.get("id"), "step": "protocol",
+            send_message(self.sock, {"op": "failed", "id": message.get("id"), "action": "protocol",
                                      "errno": 0, "message": f"bad request {message.get('op')!r}"})
         return True
 
@@ -182,7 +182,7 @@ class Launcher:
             os.write(go_w, b"g")
         except OSError as exc:
             os.kill(pid, signal.SIGKILL)
-            child.error += json.dumps({"step": LAUNCHER_STEP, "errno": exc.errno or 0,
+            child.error += json.dumps({"action": LAUNCHER_ACTION, "errno": exc.errno or 0,
                                        "message": str(exc)}).encode()
         finally:
             os.close(go_w)
@@ -261,8 +261,8 @@ class Launcher:
         send_message(self.sock, {"op": "exited", "id": child.request_id, "status": status,
                                  "exec_denied": child.denied})
 
-    def _report_failure(self, request_id: int, step: str, exc: OSError) -> None:
-        send_message(self.sock, {"op": "failed", "id": request_id, "step": step,
+    def _report_failure(self, request_id: int, action: str, exc: OSError) -> None:
+        send_message(self.sock, {"op": "failed", "id": request_id, "action": action,
                                  "errno": exc.errno or 0, "message": str(exc)})
         send_message(self.sock, {"op": "exited", "id": request_id, "status": 127 << 8})
 

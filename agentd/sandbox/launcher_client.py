@@ -54,7 +54,7 @@ class Spawned:
 
 
 class SetupError(Exception):
-    """The worker could not be built; `failure` says at which step and why."""
+    """The worker could not be built; `failure` says at which setup action and why."""
 
     def __init__(self, failure: SetupFailure) -> None:
         super().__init__(str(failure))
@@ -207,7 +207,7 @@ class LauncherClient:
         elif op == "started":
             _resolve(spawned.started, int(message["pid"]))
         elif op == "failed":
-            spawned.failure = SetupFailure(str(message.get("step")), int(message.get("errno", 0)),
+            spawned.failure = SetupFailure(str(message.get("action")), int(message.get("errno", 0)),
                                            str(message.get("message")))
             _fail(spawned.started, SetupError(spawned.failure))
         elif op == "exited":

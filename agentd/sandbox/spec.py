@@ -84,11 +84,12 @@ class ResourceUsage:
 
 @dataclass(frozen=True)
 class SetupFailure:
-    """The worker could not be built: which step failed and with which errno."""
+    """The worker could not be built: which setup action failed and with which errno (an
+    action, not a step: a step is a unit of a run)."""
 
-    step: str
+    action: str
     errno: int
     message: str
 
     def __str__(self) -> str:
-        return f"worker setup failed at '{self.step}': {self.message}"
+        return f"worker setup failed at '{self.action}': {self.message}"

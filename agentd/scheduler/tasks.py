@@ -298,7 +298,7 @@ def _outcome_details(result: WorkerResult) -> dict[str, object]:
         "stdout_bytes": result.stdout_bytes, "stderr_bytes": result.stderr_bytes,
         "exec_denied": result.exec_denied}
     if result.setup_failure is not None:
-        details["setup_failure"] = {"step": result.setup_failure.step,
+        details["setup_failure"] = {"action": result.setup_failure.action,
                                     "errno": result.setup_failure.errno,
                                     "message": result.setup_failure.message}
     return details
