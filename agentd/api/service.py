@@ -75,7 +75,8 @@ class AgentdServicer(agentd_pb2_grpc.AgentdServicer):
 
         async for item in _stream_step(
                 lambda listener: self.steps.step(_run_id(request.run_id), [task],
-                                                 current_caller.get(), listener)):
+                                                 current_caller.get(), listener,
+                                                 task_events=False)):
             if isinstance(item, StepResult):
                 yield await finish(item)
             elif isinstance(item, tuple):

@@ -11,7 +11,7 @@ nothing but the files. See DESIGN.md, "Audit log".
     verify.py    `agentctl audit verify`
 """
 
-from agentd.audit.log import SYSTEM_ACTOR, AuditLog
+from agentd.audit.log import SYSTEM_ACTOR, AuditLog, durable
 from agentd.audit.merkle import (
     EMPTY_ROOT,
     leaf_hash,
@@ -34,6 +34,7 @@ __all__ = [
     "Report",
     "TreeHead",
     "canonical",
+    "durable",
     "leaf_hash",
     "load_public_key",
     "node_hash",

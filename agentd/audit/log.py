@@ -158,11 +158,24 @@ class AuditLog:
 
         Never blocks the event loop: the write and flush happen in the writer thread.
         """
+        return await self.submit(event, actor=actor, details=details, run_id=run_id,
+                                 task_id=task_id)
+
+    def submit(self, event: str, *, actor: Mapping[str, Any],
+               details: Mapping[str, Any] | None = None, run_id: str | None = None,
+               task_id: str | None = None) -> asyncio.Future[int]:
+        """`append` without waiting: the record is queued now, after everything submitted
+        before it (so its index is later), and the future resolves once it is durable.
+
+        Records submitted together and awaited together share one group commit (one
+        fdatasync, one signed head): a step submits what must precede its workers, then
+        waits once. Await every future this returns (see `durable`).
+        """
         parts = record.prepare(event, actor=actor, details=details, run_id=run_id,
                                task_id=task_id)
         pending = self._submit(parts, asyncio.get_running_loop())
         assert pending.afuture is not None
-        return await pending.afuture
+        return pending.afuture
 
     def append_sync(self, event: str, *, actor: Mapping[str, Any],
                     details: Mapping[str, Any] | None = None, run_id: str | None = None,
@@ -486,3 +499,14 @@ class AuditLog:
         self._heads.close()
         self._followers.wake()
 
+
+async def durable(*records: asyncio.Future[int] | None) -> None:
+    """Waits until every submitted record is on disk; raises the first failure (Unavailable),
+    having retrieved every other one, so none is left unobserved."""
+    waiting = [r for r in records if r is not None]
+    if not waiting:
+        return
+    await asyncio.wait(waiting)
+    for r in waiting:
+        if r.exception() is not None:
+            raise r.exception()  # type: ignore[misc]

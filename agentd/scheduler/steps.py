@@ -36,7 +36,7 @@ from typing import Any
 
 import structlog
 
-from agentd.audit import AuditLog
+from agentd.audit import AuditLog, durable
 from agentd.errors import (
     Aborted,
     AgentdError,
@@ -93,6 +93,20 @@ class StepResult:
                 "versions": self.versions}
 
 
+class Phases:
+    """Where a step's time went: milliseconds between successive marks."""
+
+    def __init__(self) -> None:
+        self._marks: list[tuple[str, float]] = [("begin", time.perf_counter())]
+
+    def mark(self, name: str) -> None:
+        self._marks.append((name, time.perf_counter()))
+
+    def durations(self) -> dict[str, float]:
+        return {f"{name}_ms": round((t - prev) * 1e3, 3)
+                for (_, prev), (name, t) in zip(self._marks, self._marks[1:], strict=False)}
+
+
 @dataclass
 class _Merged:
     """What the barrier made of a step's outcomes: the next channel state, or why not."""
@@ -138,7 +152,7 @@ class StepRunner:
 
     async def step(self, run_id: str, requests: Sequence[TaskRequest], caller: Caller,
                    listener: StepListener | None = None, *,
-                   request_approval: bool = False) -> StepResult:
+                   request_approval: bool = False, task_events: bool = True) -> StepResult:
         """Plans the step, then claims the run under its gate (or records it pending
         approval there) and runs it; the claim is released whatever happens."""
         self.runs.check_accepting()
@@ -173,7 +187,8 @@ class StepRunner:
         try:
             attempt = self.steps.begin(run_id, number, StepState.RUNNING, request, str(caller))
             return await self._execute(run_id, number, attempt, plan.tasks, policy, caller,
-                                       listener, requested_by=str(caller))
+                                       listener, requested_by=str(caller),
+                                       task_events=task_events)
         finally:
             gate.release()
 
@@ -275,7 +290,7 @@ class StepRunner:
     async def _execute(self, run_id: str, number: int, attempt: int,
                        planned: Sequence[PlannedTask], policy: EffectivePolicy,
                        caller: Caller, listener: StepListener | None, *, requested_by: str,
-                       decided_by: str = "") -> StepResult:
+                       decided_by: str = "", task_events: bool = True) -> StepResult:
         """Runs a claimed step (the caller holds the run's gate and releases it after):
         load, execute every task, merge, commit; whatever happens, the finally records a
         failure, removes the uppers and releases the layers it held."""
@@ -286,26 +301,36 @@ class StepRunner:
         outcomes: list[TaskOutcome] = []
         hold: Hold | None = None
         layer: str | None = None
+        started_record: asyncio.Future[int] | None = None
+        phases = Phases()
         try:
             base = self.steps.checkpoint(run_id, number - 1)
             hold = self.runs.refs.hold(base.layers)  # mounted as lowers until the end
             specs = self.runs.channel_specs(run_id)
-            ctx = StepContext(run_id, number, base.layers, policy,
-                              channels.visible(specs, base.channels), specs, caller,
-                              approved=bool(decided_by), listener=listener)
-            await self.audit.append("step.started", actor=caller.actor(), run_id=run_id,
-                                    details={"step": number, "tasks": [
-                                        {"name": t.request.name, "argv": t.request.argv[:64]}
-                                        for t in planned]})
+            self.runs.check_capacity(len(planned))
+            # Not awaited here: each task awaits it with its own exec.allowed, so all of them
+            # share one group commit before the first worker starts.
+            started_record = self.audit.submit(
+                "step.started", actor=caller.actor(), run_id=run_id, details={
+                    "step": number, "tasks": [
+                        {"name": t.request.name, "argv": t.request.argv[:64]}
+                        for t in planned]})
             log.info("step.started", run_id=run_id, step=number, tasks=len(planned),
                      uid=caller.uid)
-            self.runs.check_capacity(len(planned))
+            ctx = StepContext(run_id, number, base.layers, policy,
+                              channels.visible(specs, base.channels), specs, caller,
+                              approved=bool(decided_by), started=started_record,
+                              listener=listener, task_events=task_events)
             # The outcomes (and their task ids) exist before any task starts, so whatever
             # happens next, the finally below knows every upper to remove.
             outcomes = [TaskOutcome(t.request.name, task_id="t-" + secrets.token_hex(8))
                         for t in planned]
+            phases.mark("recorded")
             await self._run_tasks(ctx, planned, outcomes)
+            await durable(started_record)
+            phases.mark("tasks")
             merged = self._merge(specs, base, outcomes, policy)
+            phases.mark("merged")
             if merged.failure:
                 result.reason, result.conflicts = merged.failure, merged.conflicts
                 return result
@@ -319,10 +344,12 @@ class StepRunner:
             except (QuotaExceeded, StateDiskFull) as exc:
                 result.reason = exc.message  # nothing applied; the finally records it
                 return result
+            phases.mark("layer")
             layers = base.layers + ([layer] if layer else [])
             checkpoint = CheckpointRecord(run_id, number, layers, merged.state, time.time())
             await self._commit(gate, attempt, checkpoint, merged, specs, outcomes, result,
                                caller, started)
+            phases.mark("committed")
             layer = None  # a checkpoint records it now
             if len(layers) >= self.squash_depth:
                 self._start_squash(run_id, layers)
@@ -330,7 +357,10 @@ class StepRunner:
         finally:
             result.tasks = outcomes
             result.wall_seconds = time.monotonic() - started
-            await self._finish(attempt, result, caller, outcomes, hold, layer)
+            await self._finish(attempt, result, caller, outcomes, hold, layer,
+                               started_record)
+            phases.mark("finished")
+            log.debug("step.timing", run_id=run_id, step=number, **phases.durations())
 
     async def _run_tasks(self, ctx: StepContext, planned: Sequence[PlannedTask],
                          outcomes: Sequence[TaskOutcome]) -> None:
@@ -391,11 +421,12 @@ class StepRunner:
             result.tasks = outcomes
             layer = checkpoint.layers[-1] if checkpoint.layers else None
             try:
-                await self.audit.append("step.committing", actor=caller.actor(),
-                                        run_id=run_id, details={
-                                            "step": number, "layer": layer,
-                                            "changed_channels": sorted(merged.changed),
-                                            "tasks": [o.to_json() for o in outcomes]})
+                # The tasks' exec.exited and this record: one group commit for the outcome.
+                await durable(*(o.recorded for o in outcomes), self.audit.submit(
+                    "step.committing", actor=caller.actor(), run_id=run_id, details={
+                        "step": number, "layer": layer,
+                        "changed_channels": sorted(merged.changed),
+                        "tasks": [o.to_json() for o in outcomes]}))
                 result.wall_seconds = time.monotonic() - started
                 self.steps.commit(attempt, checkpoint, result.to_json())
             except BaseException:
@@ -407,19 +438,23 @@ class StepRunner:
 
     async def _finish(self, attempt: int, result: StepResult, caller: Caller,
                       outcomes: Sequence[TaskOutcome], hold: Hold | None,
-                      layer: str | None) -> None:
-        """Records a step that did not commit, then frees what it used, even if the record
-        cannot be written (disk full): the run must not stay held, nor the uppers stay."""
+                      layer: str | None, started_record: asyncio.Future[int] | None) -> None:
+        """Records a step that did not commit (after everything it submitted: durable before
+        the reply), then frees what it used, even if the record cannot be written (disk
+        full): the run must not stay held, nor the uppers stay."""
         run_id = result.run_id
+        submitted = [started_record, *(o.recorded for o in outcomes)]
         try:
             if result.state != StepState.COMMITTED:
                 self.steps.finish(attempt, StepState.FAILED, reply=result.to_json(),
                                   reason=result.reason)
                 log.info("step.failed", run_id=run_id, step=result.step, uid=caller.uid,
                          reason=result.reason)
-                await self.audit.append("step.failed", actor=caller.actor(), run_id=run_id,
-                                        details={"step": result.step, "reason": result.reason,
-                                                 "conflicts": result.conflicts})
+                submitted.append(self.audit.submit(
+                    "step.failed", actor=caller.actor(), run_id=run_id,
+                    details={"step": result.step, "reason": result.reason,
+                             "conflicts": result.conflicts}))
+            await durable(*submitted)
         finally:
             # Off the loop: an agent's tree may be huge or deep.
             await asyncio.to_thread(self._remove_uppers, run_id, outcomes)

@@ -19,7 +19,7 @@ from typing import Any
 
 import structlog
 
-from agentd.audit import AuditLog
+from agentd.audit import AuditLog, durable
 from agentd.errors import AgentdError
 from agentd.identity import Caller
 from agentd.policy import DEFAULT_PATH, EffectivePolicy, withheld_programs
@@ -60,6 +60,8 @@ class TaskOutcome:
     writes: list[tuple[str, Any]] = field(default_factory=list)
     failure: str = ""
     upper: Upper | None = None
+    # exec.exited, submitted; durable before anyone hears of the outcome (see `durable`)
+    recorded: asyncio.Future[int] | None = None
     stdout: bytes = b""
     stderr: bytes = b""
     exec_denied: list[str] = field(default_factory=list)
@@ -86,7 +88,10 @@ class StepContext:
     specs: dict[str, channels.ChannelSpec]
     caller: Caller
     approved: bool
+    # step.started, submitted: durable, with each task's exec.allowed, before any worker runs
+    started: asyncio.Future[int] | None = None
     listener: StepListener | None = None
+    task_events: bool = True  # the listener wants ("task_done", TaskOutcome) events
 
 
 class TaskRunner:
@@ -104,7 +109,6 @@ class TaskRunner:
         self.gid = worker_gid
         # task id -> (run id, actor) while its worker runs
         self._watched: dict[str, tuple[str, dict[str, Any]]] = {}
-        self._pending_records: set[asyncio.Future[int]] = set()
         # task id -> the paths it was refused, for its outcome
         self._denied_paths: dict[str, list[str]] = {}
         launcher.on_exec_attempt = self._on_exec_attempt
@@ -117,13 +121,13 @@ class TaskRunner:
             return
         run_id, actor = watched
         self._denied_paths.setdefault(attempt.key, []).append(attempt.path[:4096])
-        record = self.audit.append(
+        # Submitted now, so it lands before the task's exec.exited (submitted later); that
+        # record's durability covers it. A failure shows there too; retrieve it here.
+        record = self.audit.submit(
             "exec.denied", actor=actor, run_id=run_id, task_id=attempt.key,
             details={"path": attempt.path[:4096], "reason": attempt.reason,
                      "refused": attempt.refused, "pid": attempt.pid})
-        task = asyncio.ensure_future(record)
-        self._pending_records.add(task)
-        task.add_done_callback(self._pending_records.discard)
+        record.add_done_callback(lambda f: f.cancelled() or f.exception())
 
     # -- the worker -------------------------------------------------------------------------
 
@@ -189,7 +193,8 @@ class TaskRunner:
 
         try:
             collector.start()
-            outcome.result = await self._run_worker(ctx, task, worker, on_output)
+            outcome.result, outcome.recorded = await self._run_worker(ctx, task, worker,
+                                                                      on_output)
         finally:
             os.close(snapshot_fd)
             collector.close_write_end()
@@ -209,22 +214,30 @@ class TaskRunner:
         except PathTooLong as exc:
             outcome.failure = outcome.failure or exc.message
         outcome.changed_paths = sorted({c.path for c in outcome.changes})
-        if ctx.listener is not None:
+        if ctx.listener is not None and ctx.task_events:
+            await durable(outcome.recorded)  # on record before anyone hears of it
             await ctx.listener("task_done", outcome)
 
     async def _run_worker(self, ctx: StepContext, task: PlannedTask, worker: Worker,
-                          on_output: Callable[[str, bytes], Awaitable[None]]) -> WorkerResult:
-        """Records the spawn, runs the worker, records the exit: the record comes first."""
+                          on_output: Callable[[str, bytes], Awaitable[None]]
+                          ) -> tuple[WorkerResult, asyncio.Future[int]]:
+        """Records the spawn, runs the worker, records the exit: the record comes first.
+
+        exec.allowed and the step's step.started are durable (one group commit) before the
+        worker starts; exec.exited is submitted and returned, for the step to await with its
+        own record (one group commit for the outcome).
+        """
         caller, run_id, task_id = ctx.caller, ctx.run_id, worker.spec.task_id
         self.runs.register(run_id, worker)
         self._watched[task_id] = (run_id, dict(caller.actor()))
         try:
-            await self.audit.append("exec.allowed", actor=caller.actor(), run_id=run_id,
-                                    task_id=task_id, details={
-                                        **request_details(task.request, ctx.policy),
-                                        "executable": task.executable,
-                                        "stage": ctx.policy.stage,
-                                        "policy_hash": ctx.policy.content_hash})
+            allowed = self.audit.submit("exec.allowed", actor=caller.actor(), run_id=run_id,
+                                        task_id=task_id, details={
+                                            **request_details(task.request, ctx.policy),
+                                            "executable": task.executable,
+                                            "stage": ctx.policy.stage,
+                                            "policy_hash": ctx.policy.content_hash})
+            await durable(ctx.started, allowed)
             self.runs.store.count_exec(run_id)
             try:
                 result = await worker.run(task.request.stdin, on_output)
@@ -236,13 +249,12 @@ class TaskRunner:
         finally:
             self.runs.unregister(run_id, task_id)
             self._watched.pop(task_id, None)
-        # The worker's denied execs are on record before its exit is.
-        await asyncio.gather(*self._pending_records, return_exceptions=True)
-        await self.audit.append("exec.exited", actor=caller.actor(), run_id=run_id,
-                                task_id=task_id, details=_outcome_details(result))
+        # After the worker's exec.denied records (submitted as they happened).
+        exited = self.audit.submit("exec.exited", actor=caller.actor(), run_id=run_id,
+                                   task_id=task_id, details=_outcome_details(result))
         log.info("exec.exited", run_id=run_id, task_id=task_id, summary=result.summary,
                  wall=round(result.wall_seconds, 4), uid=caller.uid)
-        return result
+        return result, exited
 
     async def refused(self, run_id: str, request: TaskRequest, caller: Caller, task_id: str,
                       error: AgentdError, policy: EffectivePolicy | None) -> None:
