@@ -26,6 +26,7 @@ non-zero or is killed is not an error: `exec` reports it in its final `Outcome`.
 
 from __future__ import annotations
 
+import dataclasses
 import enum
 import json
 import os
@@ -60,6 +61,7 @@ __all__ = [
     "Run",
     "RunState",
     "SignedTreeHead",
+    "Status",
     "StepEvent",
     "StepReply",
     "StepState",
@@ -472,6 +474,36 @@ AuditRecord = audit_pb.AuditRecord
 SignedTreeHead = audit_pb.SignedTreeHead
 
 
+@dataclass(frozen=True)
+class Status:
+    """The daemon's health and load (`GetStatus`); see proto/agentd/v1/agentd.proto."""
+
+    version: str
+    uptime_seconds: float
+    cgroup_backend: str
+    cgroup_parent: str
+    workers_in_use: int
+    max_workers: int
+    open_runs: int
+    draining: bool
+    warm_pool_depth: int
+    warm_pool_size: int
+    audit_writable: bool
+    audit_problem: str
+    audit_records: int
+    audit_queue_depth: int
+    audit_head_size: int
+    audit_head_time: str
+    state_free_bytes: int
+    state_reserve_bytes: int
+    metrics_socket: str
+    metrics_listen: str
+
+    @classmethod
+    def from_proto(cls, msg: pb.Status) -> Status:
+        return cls(**{f.name: getattr(msg, f.name) for f in dataclasses.fields(cls)})
+
+
 class AuditClient:
     """The audit service of one agentd (any role's socket): records, tree heads, proofs.
 
@@ -702,6 +734,14 @@ class AgentdClient:
         except grpc.RpcError as exc:
             raise self.error(exc) from None
         return [StepReply.from_proto(step) for step in response.steps]
+
+    def status(self) -> Status:
+        """The daemon's health and load."""
+        try:
+            return Status.from_proto(self._stub.GetStatus(pb.GetStatusRequest(),
+                                                          timeout=self.timeout))
+        except grpc.RpcError as exc:
+            raise self.error(exc) from None
 
     def list_checkpoints(self, run_id: str) -> list[Checkpoint]:
         """The run's checkpoints, oldest first."""

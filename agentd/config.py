@@ -7,6 +7,7 @@ config in the repository (`agentd.dev.toml`) keeps everything under the checkout
 from __future__ import annotations
 
 import grp
+import ipaddress
 import re
 import tomllib
 from pathlib import Path
@@ -68,8 +69,31 @@ class DaemonSection(_Strict):
     max_export_bytes: int = Field(default=16 << 30, ge=1 << 20)
     # Seconds between signed tree heads of the audit log when idle.
     tree_head_interval: float = Field(default=60.0, gt=0)
+    # Prometheus metrics: always on <runtime_dir>/agentd-metrics.sock (0660, this group; ""
+    # keeps root's), and on this loopback "host:port" too if set (e.g. "127.0.0.1:9464").
+    metrics_group: str = ""
+    metrics_listen: str = ""
 
-    @field_validator("socket_group", "approver_group")
+    @field_validator("metrics_listen")
+    @classmethod
+    def _loopback_only(cls, value: str) -> str:
+        if not value:
+            return value
+        host, sep, port = value.rpartition(":")
+        host = host.strip("[]")
+        try:
+            loopback = ipaddress.ip_address(host).is_loopback
+        except ValueError:
+            loopback = host == "localhost"
+        if not sep or not port.isdigit() or not 0 < int(port) < 65536:
+            raise ValueError(f"{value!r} is not host:port; write e.g. \"127.0.0.1:9464\"")
+        if not loopback:
+            raise ValueError(f"{host!r} is not a loopback address: metrics are served on "
+                             "loopback only (127.0.0.1, ::1 or localhost); scrape remote hosts "
+                             "through the unix socket and a local agent")
+        return value
+
+    @field_validator("socket_group", "approver_group", "metrics_group")
     @classmethod
     def _group_exists(cls, value: str) -> str:
         if value:
@@ -109,6 +133,10 @@ class Config(_Strict):
         run = self.daemon.runtime_dir
         return {"client": run / "agentd.sock", "approver": run / "agentd-approver.sock",
                 "admin": run / "agentd-admin.sock"}
+
+    @property
+    def metrics_socket(self) -> Path:
+        return self.daemon.runtime_dir / "agentd-metrics.sock"
 
 
 def load_config(path: str | Path) -> Config:

@@ -19,13 +19,15 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import grp
 import os
 import signal
 import sys
+import time
 
 import structlog
 
-from agentd import activation, logs, systemd
+from agentd import __version__, activation, logs, metrics, systemd
 from agentd.api.server import (
     SOCKET_MODES,
     Servers,
@@ -44,6 +46,7 @@ from agentd.scheduler.agents import AgentRegistry
 from agentd.scheduler.runs import RunManager
 from agentd.scheduler.steps import StepRunner, recover_steps
 from agentd.scheduler.tasks import TaskRunner
+from agentd.status import DaemonStatus
 from agentd.store.layers import LayerStore
 from agentd.store.runs import RunStore
 from agentd.store.steps import StepStore
@@ -72,7 +75,9 @@ class Daemon:
                                 allow_self_approval=d.allow_self_approval,
                                 squash_depth=d.squash_depth,
                                 max_export_bytes=d.max_export_bytes)
-        registrations = [agentd_registration(AgentdServicer(self.runs, self.steps)),
+        self.started_at = time.monotonic()
+        registrations = [agentd_registration(AgentdServicer(self.runs, self.steps,
+                                                            self.status)),
                          audit_registration(audit)]
         # Under systemd the role sockets are its own (passed, listening); otherwise the daemon
         # makes them. Either way grpc serves on private sockets that the forwarder feeds, so
@@ -92,6 +97,7 @@ class Daemon:
             loop.add_signal_handler(sig, self._stopping.set)
         await self.servers.start()
         await self.activation.start()
+        metrics_servers = await self._serve_metrics()
         background = [loop.create_task(self._probe_audit()), loop.create_task(self._watchdog())]
         systemd.notify("READY=1\nSTATUS=serving")
         log.info("agentd.ready", sockets={r: str(p) for r, p in self.config.role_sockets().items()},
@@ -102,6 +108,54 @@ class Daemon:
         await self.drain()
         for task in background:
             task.cancel()
+        for server in metrics_servers:
+            server.close()
+
+    def status(self) -> DaemonStatus:
+        """The daemon's health and load now (cheap: counters, one statvfs, one COUNT)."""
+        d = self.config.daemon
+        cgroups = self.cgroups.describe()
+        head = self.audit.last_head
+        disk = os.statvfs(d.state_dir)
+        return DaemonStatus(
+            version=__version__, uptime_seconds=time.monotonic() - self.started_at,
+            cgroup_backend=cgroups.get("backend", self.cgroups.name),
+            cgroup_parent=", ".join(f"{k.removeprefix('parent.')}={v}"
+                                    for k, v in cgroups.items() if k.startswith("parent")),
+            workers_in_use=self.runs.running(), max_workers=d.max_concurrent_workers,
+            open_runs=self.store.count_open(), draining=self.runs.draining,
+            warm_pool_depth=0, warm_pool_size=0,
+            audit_writable=self.audit.healthy, audit_problem=self.audit.problem,
+            audit_records=self.audit.size, audit_queue_depth=self.audit.queue_depth,
+            audit_head_size=head.tree_size if head else 0,
+            audit_head_time=head.timestamp if head else "",
+            state_free_bytes=disk.f_bavail * disk.f_frsize, state_reserve_bytes=d.state_reserve,
+            metrics_socket=str(self.config.metrics_socket), metrics_listen=d.metrics_listen)
+
+    def _refresh_metrics(self) -> None:
+        """The gauges read at scrape time rather than kept up to date on the hot path."""
+        metrics.AUDIT_QUEUE.set(self.audit.queue_depth)
+        metrics.AUDIT_WRITABLE.set(1 if self.audit.healthy else 0)
+        disk = os.statvfs(self.config.daemon.state_dir)
+        metrics.STATE_FREE_BYTES.set(disk.f_bavail * disk.f_frsize)
+
+    async def _serve_metrics(self) -> list[asyncio.AbstractServer]:
+        d = self.config.daemon
+        gid = grp.getgrnam(d.metrics_group).gr_gid if d.metrics_group else None
+        servers: list[asyncio.AbstractServer] = [await metrics.serve_unix(
+            str(self.config.metrics_socket), mode=0o660, gid=gid,
+            refresh=self._refresh_metrics)]
+        if d.metrics_listen:
+            host, _, port = d.metrics_listen.rpartition(":")
+            try:
+                servers.append(await metrics.serve_tcp(host.strip("[]"), int(port),
+                                                       refresh=self._refresh_metrics))
+            except OSError as exc:
+                raise AgentdError(f"metrics_listen {d.metrics_listen}: cannot listen: "
+                                  f"{exc.strerror}; choose a free loopback port") from None
+        log.info("metrics.serving", socket=str(self.config.metrics_socket),
+                 listen=d.metrics_listen or None)
+        return servers
 
     async def _record_denial(self, caller: Caller, method: str, denied: PermissionDenied
                              ) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 import json
 from collections.abc import Iterable
 
@@ -14,6 +15,7 @@ from agentd.scheduler import channels
 from agentd.scheduler.plan import TaskRequest
 from agentd.scheduler.steps import StepResult
 from agentd.scheduler.tasks import TaskOutcome
+from agentd.status import DaemonStatus
 from agentd.store.runs import RunRecord
 from agentd.store.steps import CheckpointRecord, StepRecord
 
@@ -152,3 +154,7 @@ def checkpoint(record: CheckpointRecord) -> pb.Checkpoint:
     return pb.Checkpoint(step=record.step, committed_at=_timestamp(record.committed_at),
                          layers=len(record.layers),
                          versions={k: v.version for k, v in record.channels.items()})
+
+
+def status(value: DaemonStatus) -> pb.Status:
+    return pb.Status(**dataclasses.asdict(value))

@@ -21,6 +21,7 @@ from agentd.scheduler.plan import TaskRequest
 from agentd.scheduler.runs import RunManager
 from agentd.scheduler.steps import StepResult, StepRunner
 from agentd.scheduler.tasks import StepListener, TaskOutcome
+from agentd.status import DaemonStatus
 
 # Output chunks buffered for a slow client before the worker's reader waits for it.
 STREAM_BUFFER = 256
@@ -30,8 +31,10 @@ STREAM_EVENTS = 16
 
 
 class AgentdServicer(agentd_pb2_grpc.AgentdServicer):
-    def __init__(self, runs: RunManager, steps: StepRunner) -> None:
+    def __init__(self, runs: RunManager, steps: StepRunner,
+                 status: Callable[[], DaemonStatus]) -> None:
         self.runs = runs
+        self.status = status
         self.steps = steps
 
     async def CreateRun(self, request: pb.CreateRunRequest, context: Any) -> pb.Run:
@@ -133,6 +136,9 @@ class AgentdServicer(agentd_pb2_grpc.AgentdServicer):
             async for chunk in chunks:
                 yield pb.ExportChunk(data=chunk)
 
+
+    async def GetStatus(self, request: pb.GetStatusRequest, context: Any) -> pb.Status:
+        return convert.status(self.status())
 
 async def _stream_step(start: Callable[[StepListener], Awaitable[StepResult]]
                        ) -> AsyncIterator[Any]:

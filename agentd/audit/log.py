@@ -197,6 +197,22 @@ class AuditLog:
         """Number of durable records."""
         return self._store.size
 
+    @property
+    def problem(self) -> str:
+        """Why the log cannot be written now ("" while it can)."""
+        failure = self._failure
+        return "" if failure is None else f"since {failure.since}: {failure.reason}"
+
+    @property
+    def queue_depth(self) -> int:
+        """Records submitted and not yet taken by the writer."""
+        return len(self._queue)
+
+    @property
+    def last_head(self) -> TreeHead | None:
+        """The last signed tree head written."""
+        return self._heads.last
+
     def has_room(self) -> bool:
         """Whether the log's filesystem has RESERVE_BYTES free. A write that fits in the slack
         of a file's last page succeeds on a full disk; work that will need records later (an

@@ -36,6 +36,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
+from agentd import metrics
 from agentd.audit import record
 from agentd.audit.merkle import leaf_hash
 from agentd.errors import FailedPrecondition
@@ -80,10 +81,11 @@ class AppendOnlyFile:
             self._dirty = False
         try:
             view = memoryview(data)
-            while view:
-                written = os.write(self._fd, view)
-                view = view[written:]
-            os.fdatasync(self._fd)
+            with metrics.AUDIT_FSYNC_SECONDS.time():
+                while view:
+                    written = os.write(self._fd, view)
+                    view = view[written:]
+                os.fdatasync(self._fd)
         except OSError:
             try:
                 os.ftruncate(self._fd, self.size)

@@ -32,7 +32,7 @@ from typing import Any, NoReturn
 
 import grpc
 
-from agentd.cli import exec_cmd, policy_cmd, runs_cmd, steps_cmd
+from agentd.cli import exec_cmd, policy_cmd, runs_cmd, status_cmd, steps_cmd
 from agentd.cli.output import UsageError
 from agentd.client import AgentdClient, ClientError, error_from_rpc, resolve_socket
 
@@ -91,6 +91,7 @@ def build_parser() -> Parser:
     exec_cmd.register(subparsers)
     steps_cmd.register(subparsers)
     policy_cmd.register(subparsers)
+    status_cmd.register(subparsers)
     _register_optional(subparsers, "agentd.cli.audit_cmd", "audit", "the audit log")
     return parser
 

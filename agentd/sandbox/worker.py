@@ -29,6 +29,7 @@ from dataclasses import dataclass
 
 import structlog
 
+from agentd import metrics
 from agentd.sandbox.cgroups import CgroupDriver, CgroupLimits, TaskCgroup
 from agentd.sandbox.launcher_client import LauncherClient, SetupError, Spawned
 from agentd.sandbox.spec import ResourceUsage, SetupFailure, WorkerSpec
@@ -141,9 +142,19 @@ class Worker:
             await asyncio.to_thread(cgroup.remove)
             self._mark("cgroup removed")
             log.debug("worker.timing", task_id=self.spec.task_id, **self._phases())
+            metrics.observe_phases(metrics.SPAWN_SECONDS, self._spans())
 
     def _mark(self, phase: str) -> None:
         self._marks.append((phase, time.perf_counter()))
+
+    def _spans(self) -> dict[str, float]:
+        """The metrics' phases (ms): cgroup, launch (to the tool's execve), run, cleanup."""
+        at = dict(self._marks)
+        spans = {"cgroup_ms": ("begin", "cgroup created"), "launch_ms": ("cgroup created",
+                                                                         "started"),
+                 "run_ms": ("started", "exited"), "cleanup_ms": ("exited", "cgroup removed")}
+        return {name: (at[b] - at[a]) * 1e3 for name, (a, b) in spans.items()
+                if a in at and b in at}
 
     def _phases(self) -> dict[str, float]:
         """Milliseconds between successive marks: where a worker's time went."""

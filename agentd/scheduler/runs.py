@@ -19,8 +19,10 @@ from collections.abc import Sequence
 
 import structlog
 
+from agentd import metrics
 from agentd.audit import AuditLog
 from agentd.errors import (
+    AgentdError,
     FailedPrecondition,
     InvalidArgument,
     NotFound,
@@ -65,6 +67,10 @@ class RunManager:
         self.refs = LayerRefs(layers, steps.referenced_of)
         self.draining = False
         self._channel_specs: dict[str, dict[str, channels.ChannelSpec]] = {}
+        self._worker_left = asyncio.Event()
+        self._workspace_runs: set[str] = set()
+        self._background: set[asyncio.Task[None]] = set()
+        metrics.WORKERS_LIMIT.set(max_workers)
 
     # -- runs ---------------------------------------------------------------------------
 
@@ -98,7 +104,7 @@ class RunManager:
         initial = channels.initial_state(specs)
         self.steps.create_run(record, CheckpointRecord(run_id, 0, [base], initial, time.time()))
         log.info("run.created", run_id=run_id, agent=agent.name, stage=agent.stage,
-                 caller=str(caller))
+                 caller=str(caller), uid=caller.uid)
         return self.get_run(run_id)
 
     def get_run(self, run_id: str) -> RunRecord:
@@ -169,7 +175,10 @@ class RunManager:
                 gate.phase = Phase.CLOSED
             await self.refs.release(dropped)
             await self.audit.sign_tree_head()
-            log.info("run.closed", run_id=run_id, kept_workspace=keep_workspace, killed=killed)
+            self.forget_workspace(run_id)
+            self._channel_specs.pop(run_id, None)
+            log.info("run.closed", run_id=run_id, kept_workspace=keep_workspace, killed=killed,
+                     uid=caller.uid)
             return self.get_run(run_id)
         finally:
             if gate.phase is Phase.CLOSING:
@@ -199,6 +208,7 @@ class RunManager:
                                                  "layers": checkpoint.layers,
                                                  "label (caller-supplied)": label})
                 self.steps.fork(checkpoint, record)
+        log.info("run.forked", run_id=new_id, source=run_id, step=step, uid=caller.uid)
         await self.audit.sign_tree_head()
         return self.get_run(new_id)
 
@@ -242,12 +252,15 @@ class RunManager:
         self.check_open(run_id)
         self.check_capacity(1)
         self._workers.setdefault(run_id, {})[worker.spec.task_id] = worker
+        metrics.WORKERS_IN_USE.set(self.running())
 
     def unregister(self, run_id: str, task_id: str) -> None:
         tasks = self._workers.get(run_id, {})
         tasks.pop(task_id, None)
         if not tasks:
             self._workers.pop(run_id, None)
+        metrics.WORKERS_IN_USE.set(self.running())
+        self._worker_left.set()
 
     async def stop_workers(self, run_id: str | None, reason: str) -> int:
         """Kills the workers of one run (or all, for None) and waits until they are gone."""
@@ -256,10 +269,32 @@ class RunManager:
         for worker in victims:
             worker.stop(reason)
         deadline = time.monotonic() + 10
-        while any(run_id in (None, rid) for rid in self._workers) and \
-                time.monotonic() < deadline:
-            await asyncio.sleep(0.02)
-        return len(victims)
+        while True:
+            # Cleared before the check, with no await between them: no departure is missed.
+            self._worker_left.clear()
+            remaining = deadline - time.monotonic()
+            if not any(run_id in (None, rid) for rid in self._workers) or remaining <= 0:
+                return len(victims)
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(self._worker_left.wait(), remaining)
+
+    def note_workspace(self, run_id: str, stack: list[str]) -> None:
+        """After a commit: the run's workspace size, for the metrics, measured off the reply
+        path (usage sidecars, one small file per layer)."""
+        async def measure() -> None:
+            with contextlib.suppress(OSError, AgentdError):
+                used = await asyncio.to_thread(self.layers.usage, stack)
+                if run_id in self._workspace_runs or len(self._workspace_runs) < 10_000:
+                    self._workspace_runs.add(run_id)
+                    metrics.WORKSPACE_BYTES.labels(run_id).set(used.bytes)
+        task = asyncio.get_running_loop().create_task(measure())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    def forget_workspace(self, run_id: str) -> None:
+        if run_id in self._workspace_runs:
+            self._workspace_runs.discard(run_id)
+            metrics.WORKSPACE_BYTES.remove(run_id)
 
     def running(self) -> int:
         return sum(len(tasks) for tasks in self._workers.values())

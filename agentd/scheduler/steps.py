@@ -36,6 +36,7 @@ from typing import Any
 
 import structlog
 
+from agentd import metrics
 from agentd.audit import AuditLog, durable
 from agentd.errors import (
     Aborted,
@@ -171,6 +172,7 @@ class StepRunner:
                                              "rule": getattr(exc, "rule", None)})
             log.info("step.refused", run_id=run_id, reason=exc.message, uid=caller.uid,
                      rule=getattr(exc, "rule", None))
+            metrics.REFUSALS.labels(getattr(exc, "rule", None) or exc.code).inc()
             raise
         # The requester's uid (SO_PEERCRED) decides who may approve: another person.
         request = {"tasks": [t.to_json() for t in requests], "requested_uid": caller.uid}
@@ -181,6 +183,7 @@ class StepRunner:
             self._no_pending(run_id)
             number = run.step + 1
             if plan.triggers:
+                metrics.STEPS.labels(str(StepState.PENDING_APPROVAL)).inc()
                 return await self._hold_for_approval(run_id, number, plan, policy, request,
                                                      caller)
             gate.claim(f"step {number}")
@@ -351,6 +354,7 @@ class StepRunner:
                                caller, started)
             phases.mark("committed")
             layer = None  # a checkpoint records it now
+            self.runs.note_workspace(run_id, layers)
             if len(layers) >= self.squash_depth:
                 self._start_squash(run_id, layers)
             return result
@@ -360,7 +364,11 @@ class StepRunner:
             await self._finish(attempt, result, caller, outcomes, hold, layer,
                                started_record)
             phases.mark("finished")
-            log.debug("step.timing", run_id=run_id, step=number, **phases.durations())
+            durations = phases.durations()
+            log.debug("step.timing", run_id=run_id, step=number, **durations)
+            metrics.observe_phases(metrics.STEP_SECONDS,
+                                   {**durations, "total_ms": sum(durations.values())})
+            metrics.STEPS.labels(str(result.state)).inc()
 
     async def _run_tasks(self, ctx: StepContext, planned: Sequence[PlannedTask],
                          outcomes: Sequence[TaskOutcome]) -> None:

@@ -111,6 +111,10 @@ class RunStore:
         rows = self._db.execute(query + " ORDER BY created_at", (agent, agent)).fetchall()
         return [RunRecord(*row) for row in rows]
 
+    def count_open(self) -> int:
+        return int(self._db.execute("SELECT COUNT(*) FROM runs WHERE state = 'open'")
+                   .fetchone()[0])
+
     def count_exec(self, run_id: str) -> None:
         self._db.execute("UPDATE runs SET execs = execs + 1 WHERE run_id = ?", (run_id,))
 

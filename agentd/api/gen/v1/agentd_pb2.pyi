@@ -115,6 +115,101 @@ STEP_STATE_DISCARDED: StepState.ValueType  # 5
 Global___StepState: _TypeAlias = StepState  # noqa: Y015
 
 @_typing.final
+class GetStatusRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetStatusRequest: _TypeAlias = GetStatusRequest  # noqa: Y015
+
+@_typing.final
+class Status(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    VERSION_FIELD_NUMBER: _builtins.int
+    UPTIME_SECONDS_FIELD_NUMBER: _builtins.int
+    CGROUP_BACKEND_FIELD_NUMBER: _builtins.int
+    CGROUP_PARENT_FIELD_NUMBER: _builtins.int
+    WORKERS_IN_USE_FIELD_NUMBER: _builtins.int
+    MAX_WORKERS_FIELD_NUMBER: _builtins.int
+    OPEN_RUNS_FIELD_NUMBER: _builtins.int
+    DRAINING_FIELD_NUMBER: _builtins.int
+    WARM_POOL_DEPTH_FIELD_NUMBER: _builtins.int
+    WARM_POOL_SIZE_FIELD_NUMBER: _builtins.int
+    AUDIT_WRITABLE_FIELD_NUMBER: _builtins.int
+    AUDIT_PROBLEM_FIELD_NUMBER: _builtins.int
+    AUDIT_RECORDS_FIELD_NUMBER: _builtins.int
+    AUDIT_QUEUE_DEPTH_FIELD_NUMBER: _builtins.int
+    AUDIT_HEAD_SIZE_FIELD_NUMBER: _builtins.int
+    AUDIT_HEAD_TIME_FIELD_NUMBER: _builtins.int
+    STATE_FREE_BYTES_FIELD_NUMBER: _builtins.int
+    STATE_RESERVE_BYTES_FIELD_NUMBER: _builtins.int
+    METRICS_SOCKET_FIELD_NUMBER: _builtins.int
+    METRICS_LISTEN_FIELD_NUMBER: _builtins.int
+    version: _builtins.str
+    uptime_seconds: _builtins.float
+    cgroup_backend: _builtins.str
+    """"v2", "hybrid" or "v1", and where agentd's cgroups live."""
+    cgroup_parent: _builtins.str
+    workers_in_use: _builtins.int
+    max_workers: _builtins.int
+    open_runs: _builtins.int
+    draining: _builtins.bool
+    warm_pool_depth: _builtins.int
+    """Workers pre-built and waiting (0: agentd builds every worker at call time)."""
+    warm_pool_size: _builtins.int
+    audit_writable: _builtins.bool
+    """False while agentd fails closed; `audit_problem` says why."""
+    audit_problem: _builtins.str
+    audit_records: _builtins.int
+    audit_queue_depth: _builtins.int
+    audit_head_size: _builtins.int
+    audit_head_time: _builtins.str
+    state_free_bytes: _builtins.int
+    """The state filesystem: free bytes, and the part of them workspace commits never use."""
+    state_reserve_bytes: _builtins.int
+    metrics_socket: _builtins.str
+    metrics_listen: _builtins.str
+    def __init__(
+        self,
+        *,
+        version: _builtins.str = ...,
+        uptime_seconds: _builtins.float = ...,
+        cgroup_backend: _builtins.str = ...,
+        cgroup_parent: _builtins.str = ...,
+        workers_in_use: _builtins.int = ...,
+        max_workers: _builtins.int = ...,
+        open_runs: _builtins.int = ...,
+        draining: _builtins.bool = ...,
+        warm_pool_depth: _builtins.int = ...,
+        warm_pool_size: _builtins.int = ...,
+        audit_writable: _builtins.bool = ...,
+        audit_problem: _builtins.str = ...,
+        audit_records: _builtins.int = ...,
+        audit_queue_depth: _builtins.int = ...,
+        audit_head_size: _builtins.int = ...,
+        audit_head_time: _builtins.str = ...,
+        state_free_bytes: _builtins.int = ...,
+        state_reserve_bytes: _builtins.int = ...,
+        metrics_socket: _builtins.str = ...,
+        metrics_listen: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["audit_head_size", b"audit_head_size", "audit_head_time", b"audit_head_time", "audit_problem", b"audit_problem", "audit_queue_depth", b"audit_queue_depth", "audit_records", b"audit_records", "audit_writable", b"audit_writable", "cgroup_backend", b"cgroup_backend", "cgroup_parent", b"cgroup_parent", "draining", b"draining", "max_workers", b"max_workers", "metrics_listen", b"metrics_listen", "metrics_socket", b"metrics_socket", "open_runs", b"open_runs", "state_free_bytes", b"state_free_bytes", "state_reserve_bytes", b"state_reserve_bytes", "uptime_seconds", b"uptime_seconds", "version", b"version", "warm_pool_depth", b"warm_pool_depth", "warm_pool_size", b"warm_pool_size", "workers_in_use", b"workers_in_use"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___Status: _TypeAlias = Status  # noqa: Y015
+
+@_typing.final
 class Run(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

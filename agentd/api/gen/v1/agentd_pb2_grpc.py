@@ -99,6 +99,11 @@ class AgentdStub:
                 request_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ExportCheckpointRequest.SerializeToString,
                 response_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ExportChunk.FromString,
                 _registered_method=True)
+        self.GetStatus = channel.unary_unary(
+                '/agentd.v1.Agentd/GetStatus',
+                request_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.GetStatusRequest.SerializeToString,
+                response_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.Status.FromString,
+                _registered_method=True)
 
 
 class AgentdServicer:
@@ -196,6 +201,13 @@ class AgentdServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStatus(self, request, context):
+        """The daemon's health and load, for operators (`agentctl status`); any role may ask.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentdServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -263,6 +275,11 @@ def add_AgentdServicer_to_server(servicer, server):
                     servicer.ExportCheckpoint,
                     request_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ExportCheckpointRequest.FromString,
                     response_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ExportChunk.SerializeToString,
+            ),
+            'GetStatus': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStatus,
+                    request_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.GetStatusRequest.FromString,
+                    response_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.Status.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -616,6 +633,33 @@ class Agentd:
             '/agentd.v1.Agentd/ExportCheckpoint',
             agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ExportCheckpointRequest.SerializeToString,
             agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ExportChunk.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStatus(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.Agentd/GetStatus',
+            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.GetStatusRequest.SerializeToString,
+            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.Status.FromString,
             options,
             channel_credentials,
             insecure,

@@ -67,6 +67,8 @@ class AgentdStub:
     """A new run sharing the checkpoint's workspace layers and channel values. O(1)."""
     ExportCheckpoint: _grpc.UnaryStreamMultiCallable[_agentd_pb2.ExportCheckpointRequest, _agentd_pb2.ExportChunk]
     """A tarball of the workspace at a checkpoint, in chunks."""
+    GetStatus: _grpc.UnaryUnaryMultiCallable[_agentd_pb2.GetStatusRequest, _agentd_pb2.Status]
+    """The daemon's health and load, for operators (`agentctl status`); any role may ask."""
 
 @_typing.type_check_only
 class AgentdAsyncStub(AgentdStub):
@@ -100,6 +102,8 @@ class AgentdAsyncStub(AgentdStub):
     """A new run sharing the checkpoint's workspace layers and channel values. O(1)."""
     ExportCheckpoint: _aio.UnaryStreamMultiCallable[_agentd_pb2.ExportCheckpointRequest, _agentd_pb2.ExportChunk]  # type: ignore[assignment]
     """A tarball of the workspace at a checkpoint, in chunks."""
+    GetStatus: _aio.UnaryUnaryMultiCallable[_agentd_pb2.GetStatusRequest, _agentd_pb2.Status]  # type: ignore[assignment]
+    """The daemon's health and load, for operators (`agentctl status`); any role may ask."""
 
 class AgentdServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -208,5 +212,13 @@ class AgentdServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_abc.Iterator[_agentd_pb2.ExportChunk], _abc.AsyncIterator[_agentd_pb2.ExportChunk]]:
         """A tarball of the workspace at a checkpoint, in chunks."""
+
+    @_abc_1.abstractmethod
+    def GetStatus(
+        self,
+        request: _agentd_pb2.GetStatusRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agentd_pb2.Status, _abc.Awaitable[_agentd_pb2.Status]]:
+        """The daemon's health and load, for operators (`agentctl status`); any role may ask."""
 
 def add_AgentdServicer_to_server(servicer: AgentdServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
