@@ -61,6 +61,9 @@ class TreeStore:
         self._levels: list[bytearray] = []  # [j]: roots of perfect subtrees of 2**(8+j) leaves
         self._positions: list[tuple[int, int]] = []  # first record of each chunk, tail included
         self._tail: list[bytes] = []  # leaf hashes of the incomplete last chunk
+        # _levels_of(_tail), kept up to date as leaves arrive (8 hashes per leaf at most):
+        # a root per batch must not rehash the tail chunk for every subtree it reads.
+        self._tail_levels: list[list[bytes]] = [self._tail]
         self._cache: OrderedDict[int, list[list[bytes]]] = OrderedDict()
         self._persisted = 0
 
@@ -68,15 +71,27 @@ class TreeStore:
 
     def extend(self, leaves: Sequence[bytes], positions: Sequence[tuple[int, int]]) -> None:
         """Appends leaf hashes, each with the (segment, offset) of its record."""
-        tail = self._tail
         for leaf, pos in zip(leaves, positions, strict=True):
-            if not tail:
+            if not self._tail:
                 self._positions.append(pos)
-            tail.append(leaf)
-            if len(tail) == CHUNK:
-                self._push_chunk(_levels_of(tail)[-1][0])
-                tail = self._tail = []
+            self._add_to_tail(leaf)
+            if len(self._tail) == CHUNK:
+                self._push_chunk(self._tail_levels[-1][0])
+                self._tail = []
+                self._tail_levels = [self._tail]
         self.size += len(leaves)
+
+    def _add_to_tail(self, leaf: bytes) -> None:
+        levels = self._tail_levels
+        levels[0].append(leaf)
+        level = 0
+        while len(levels[level]) % 2 == 0:
+            row = levels[level]
+            node = _sha256(b"\x01" + row[-2] + row[-1]).digest()
+            if level + 1 == len(levels):
+                levels.append([])
+            levels[level + 1].append(node)
+            level += 1
 
     def _push_chunk(self, node: bytes) -> None:
         level = 0
@@ -105,7 +120,7 @@ class TreeStore:
 
     def _chunk_levels(self, chunk: int) -> list[list[bytes]]:
         if chunk == self.chunks:
-            return _levels_of(list(self._tail))
+            return self._tail_levels
         cached = self._cache.get(chunk)
         if cached is not None:
             self._cache.move_to_end(chunk)

@@ -10,7 +10,8 @@ import json
 import sys
 
 BENCHES = {"spawn": "tests.bench.spawn_bench", "audit": "tests.bench.audit_bench",
-           "layers": "tests.bench.layers_bench", "steps": "tests.bench.steps_bench"}
+           "layers": "tests.bench.layers_bench", "steps": "tests.bench.steps_bench",
+           "throughput": "tests.bench.throughput_bench"}
 
 
 def report(name: str, figures: dict[str, float]) -> None:
