@@ -5,7 +5,7 @@ VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-stamp
 
-.PHONY: venv run test lint bench proto clean install vm-test
+.PHONY: venv run test lint bench soak proto clean install vm-test
 
 venv: $(STAMP)
 
@@ -29,6 +29,11 @@ lint: venv
 
 bench: venv
 	$(BIN)/python -m tests.bench.run $(BENCH_ARGS)
+
+# 10,000 mixed calls against one daemon, then leaks looked for from outside (fds, mounts,
+# cgroups, network namespaces, processes, zombies, RSS). `make test` runs a short one.
+soak: venv
+	$(BIN)/python -m tests.soak --calls 10000 $(SOAK_ARGS)
 
 # Installs agentd on this host as a systemd service (needs root): wheel -> /opt/agentd, units,
 # groups (sysusers), directories (tmpfiles). See README "Running as a service".
