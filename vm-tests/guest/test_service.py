@@ -13,6 +13,7 @@ import json
 import os
 import re
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import Callable, Iterator
@@ -361,3 +362,35 @@ class TestJournal:
         assert show("NRestarts") == "0"
         log = sh("journalctl", "-u", UNIT, "--no-pager", "-b").stdout
         assert not re.search(r"[Ww]atchdog timeout", log)
+
+
+class TestObservability:
+    def test_status_and_metrics_under_systemd(self, run_id: str) -> None:
+        """Under the real service: `agentctl status` reports the v2 backend and a writable
+        audit log; the metrics socket is 0660 and serves the spawn histogram after an exec;
+        agentd's mounts (uppers, a worker's root) live in its own mount namespace, never on
+        the host."""
+        status = json.loads(agentctl("status", "--json").stdout)
+        assert status["cgroup_backend"] == "v2"
+        assert status["audit_writable"] is True
+        assert status["max_workers"] >= 1
+        agentctl("exec", run_id, "--", "/bin/true")
+        metrics = Path("/run/agentd/agentd-metrics.sock")
+        assert metrics.stat().st_mode & 0o777 == 0o660
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(30)
+            s.connect(str(metrics))
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: agentd\r\n\r\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        assert data.startswith(b"HTTP/1.1 200"), data[:200]
+        assert b'agentd_spawn_seconds_count{phase="launch"}' in data
+        bg = Background(run_id, "/bin/sleep", "3.0202")
+        try:
+            main = show("MainPID")
+            assert os.stat(f"/proc/{main}/ns/mnt").st_ino != os.stat("/proc/self/ns/mnt").st_ino
+            assert "/var/lib/agentd/workspaces/" not in Path("/proc/self/mountinfo").read_text()
+        finally:
+            rc, _, err = bg.finish()
+        assert rc == 0, err
