@@ -55,6 +55,9 @@ class DaemonSection(_Strict):
     # to deliver the outcome before the servers close.
     drain_seconds: float = Field(default=10.0, ge=0)
     max_concurrent_workers: int = Field(default=64, ge=1)
+    # Workers prebuilt per shape (policy and approvals) in use, taken by calls and refilled in
+    # the background (agentd/sandbox/pool.py); 0 builds every worker at call time.
+    warm_pool: int = Field(default=2, ge=0, le=32)
     # Bytes of the state filesystem that workspace commits never use: room kept for the audit
     # log and the state database when workspaces fill the disk.
     state_reserve: int = Field(default=64 << 20, ge=0)

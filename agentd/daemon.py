@@ -42,6 +42,7 @@ from agentd.identity import SYSTEM, Caller
 from agentd.sandbox import libc
 from agentd.sandbox.cgroups import CgroupDriver, probe
 from agentd.sandbox.launcher_client import LauncherClient
+from agentd.sandbox.pool import WarmPool
 from agentd.scheduler.agents import AgentRegistry
 from agentd.scheduler.runs import RunManager
 from agentd.scheduler.steps import StepRunner, recover_steps
@@ -69,7 +70,8 @@ class Daemon:
         self.runs = RunManager(registry=registry, store=store, steps=step_store, layers=layers,
                                audit=audit, worker_uid=d.worker_uid, worker_gid=d.worker_gid,
                                max_workers=d.max_concurrent_workers)
-        self.tasks = TaskRunner(self.runs, audit, layers, launcher, cgroups,
+        self.pool = WarmPool(launcher, cgroups, size=d.warm_pool)
+        self.tasks = TaskRunner(self.runs, audit, layers, launcher, cgroups, self.pool,
                                 worker_uid=d.worker_uid, worker_gid=d.worker_gid)
         self.steps = StepRunner(self.runs, self.tasks, step_store, layers, audit,
                                 allow_self_approval=d.allow_self_approval,
@@ -124,7 +126,7 @@ class Daemon:
                                     for k, v in cgroups.items() if k.startswith("parent")),
             workers_in_use=self.runs.running(), max_workers=d.max_concurrent_workers,
             open_runs=self.store.count_open(), draining=self.runs.draining,
-            warm_pool_depth=0, warm_pool_size=0,
+            warm_pool_depth=self.pool.depth, warm_pool_size=self.pool.capacity,
             audit_writable=self.audit.healthy, audit_problem=self.audit.problem,
             audit_records=self.audit.size, audit_queue_depth=self.audit.queue_depth,
             audit_head_size=head.tree_size if head else 0,
@@ -168,6 +170,7 @@ class Daemon:
         await self.activation.stop_accepting()  # new callers wait in systemd's backlog
         await self.servers.not_serving()
         killed = await self.runs.stop_workers(None, "shutdown")
+        await self.pool.close()  # prebuilt workers, killed with their cgroups
         await self.servers.stop(grace=self.config.daemon.drain_seconds)
         await self.activation.close()
         await self.audit.append("daemon.stopped", actor=SYSTEM.actor(),

@@ -39,6 +39,11 @@ REFUSALS = Counter("agentd_refusals_total",
                    ["rule"], registry=REGISTRY)
 WORKERS_IN_USE = Gauge("agentd_workers_in_use", "Workers running now.", registry=REGISTRY)
 WORKERS_LIMIT = Gauge("agentd_workers_limit", "max_concurrent_workers.", registry=REGISTRY)
+WARM_POOL_DEPTH = Gauge("agentd_warm_pool_depth",
+                        "Prebuilt workers ready to be taken (agentd/sandbox/pool.py).",
+                        registry=REGISTRY)
+SPAWNS = Counter("agentd_spawns_total", "Workers started, by how: prebuilt or cold.",
+                 ["how"], registry=REGISTRY)
 AUDIT_QUEUE = Gauge("agentd_audit_queue_depth",
                     "Audit records submitted and not yet written.", registry=REGISTRY)
 AUDIT_FSYNC_SECONDS = Histogram("agentd_audit_fsync_seconds",

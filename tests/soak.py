@@ -55,6 +55,7 @@ class Snapshot:
     mounts: int
     host_mounts: list[str]
     cgroups: list[str]
+    prebuilt: set[str]  # the warm pool's cgroups (agentd/sandbox/pool.py), by name
     netns: int
     children: list[str]
     zombies: list[int]
@@ -98,8 +99,10 @@ def snapshot(handle: DaemonHandle) -> Snapshot:
     instance = instance.split('"')[0]
     cgroups = [str(p) for root in Path("/sys/fs/cgroup").iterdir() if root.is_dir()
                for p in root.rglob("t-*") if instance in str(p)]
+    prebuilt = {p.name for root in Path("/sys/fs/cgroup").iterdir() if root.is_dir()
+                for p in root.rglob("prebuilt-*") if instance in str(p)}
     children = daemon.children(recursive=True)
-    return Snapshot(
+    return Snapshot(prebuilt=prebuilt,
         fds=daemon.num_fds(), mounts=len(own_mounts), host_mounts=host, cgroups=cgroups,
         netns=_netns(), children=[" ".join(c.cmdline()[:4]) for c in children],
         zombies=[c.pid for c in children if c.status() == psutil.STATUS_ZOMBIE],
@@ -227,6 +230,7 @@ def _settled(handle: DaemonHandle, warm: Snapshot) -> Snapshot:
     while True:
         now = snapshot(handle)
         clean = (now.fds <= warm.fds and now.mounts <= warm.mounts and not now.cgroups
+                 and len(now.prebuilt) <= len(warm.prebuilt)
                  and now.netns <= warm.netns and not now.zombies
                  and len(now.children) <= len(warm.children))
         if clean or time.monotonic() > deadline:
@@ -272,6 +276,9 @@ def _judge(report: Report) -> None:
         report.failures.append(f"mounts left on the host: {end.host_mounts[:5]}")
     if end.cgroups:
         report.failures.append(f"task cgroups left: {end.cgroups[:5]}")
+    if len(end.prebuilt) > len(warm.prebuilt):
+        report.failures.append(f"warm pool cgroups grew: {len(warm.prebuilt)} -> "
+                               f"{len(end.prebuilt)}")
     if end.netns > warm.netns:
         report.failures.append(f"network namespaces: {warm.netns} warm, {end.netns} at the end")
     if len(end.children) > len(warm.children):

@@ -30,7 +30,7 @@ def cmd_status(args: argparse.Namespace) -> int:
                 if s.audit_head_size else "no signed head yet")
         spare = s.state_free_bytes - s.state_reserve_bytes
         pool = (f"{s.warm_pool_depth} of {s.warm_pool_size} ready" if s.warm_pool_size
-                else "none (every worker is built at call time)")
+                else "empty (filled per policy at its first call; warm_pool = 0 turns it off)")
         lines = [
             f"agentd {s.version}, up {_duration(s.uptime_seconds)}"
             + (", DRAINING" if s.draining else ""),

@@ -17,6 +17,11 @@ over a SOCK_SEQPACKET socketpair (one JSON message per packet, fds passed with S
       │ ◀── failed{id,action,errno,message}│
       │                                  │ pidfd readable → waitpid
       │ ◀── exited{id,status}            │
+      │ prebuild{slot,spec,join} ───────▶│ clone ──▶ prebuilt(): joins its cgroup, root,
+      │ ◀── ready{slot}                  │ ◀── "r" on its control socket, then waits
+      │ spawn{…,pooled=slot} + fds ─────▶│ spec + fds + workspace mount ──▶ the rest of
+      │                                  │   contain(), as above (or served cold)
+      │ ◀── pool_exited{slot,…}          │ (a prebuilt worker died or was discarded)
       │ ping{seq} ──────────────────────▶│ (the daemon's watchdog; no pong in time:
       │ ◀── pong{seq}                    │  SIGKILL and a new launcher)
       │ shutdown{} ─────────────────────▶│ SIGKILL every worker, exit
@@ -46,8 +51,8 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agentd.sandbox import execwatch, libc, namespaces, seccomp
-from agentd.sandbox.contain import contain
-from agentd.sandbox.spec import WorkerSpec
+from agentd.sandbox.contain import contain, prebuilt
+from agentd.sandbox.spec import WorkerSpec, shape_of
 
 MAX_MESSAGE = 1 << 20
 FDS_PER_SPAWN = 3
@@ -106,6 +111,12 @@ class _Child:
     reported: bool = False
     watch_fd: int = -1  # its exec-watch listener (agentd/sandbox/execwatch.py)
     denied: int = 0
+    # A prebuilt worker (warm pool): its slot, shape and control socket; request_id is 0
+    # until a spawn takes it.
+    slot: int = 0
+    shape: str = ""
+    ctl_fd: int = -1
+    ready: bool = False
 
 
 class Launcher:
@@ -116,6 +127,7 @@ class Launcher:
         self.new_root = new_root
         self.selector = selectors.DefaultSelector()
         self.children: dict[int, _Child] = {}
+        self.pool: dict[int, _Child] = {}  # slot -> prebuilt worker not taken yet
         self.seccomp_program = seccomp.build_filter()
 
     def serve(self) -> None:
@@ -135,6 +147,9 @@ class Launcher:
                     elif kind == "watch":
                         if child.watch_fd >= 0:
                             self._on_exec(child)
+                    elif kind == "ctl":
+                        if child.ctl_fd >= 0 and not child.ready:
+                            self._on_ready(child)
                     else:
                         self._on_exit(child)
 
@@ -145,7 +160,16 @@ class Launcher:
         if message.get("op") == "ping":  # the daemon's watchdog: we are still serving
             send_message(self.sock, {"op": "pong", "seq": message.get("seq")})
         elif message.get("op") == "spawn" and len(fds) >= FDS_PER_SPAWN:
-            self._spawn(message, fds)
+            if message.get("pooled"):
+                self._take(message, fds)
+            else:
+                self._spawn(message, fds)
+        elif message.get("op") == "prebuild":
+            self._prebuild(message)
+        elif message.get("op") == "discard":
+            child = self.pool.pop(int(message.get("slot") or 0), None)
+            if child is not None:
+                self._close_ctl(child)  # EOF: the worker exits; its exit is reported
         else:
             for fd in fds:
                 os.close(fd)
@@ -173,21 +197,102 @@ class Launcher:
         for fd in (go_r, err_w, *fds):
             os.close(fd)
         child = _Child(request_id, pid, err_r, os.pidfd_open(pid))
-        self.children[pid] = child
+        self._release(child, spec, message.get("join", []), go_w)
+
+    def _prebuild(self, message: dict[str, Any]) -> None:
+        """A warm-pool worker of the spec's shape (contain.prebuilt), into cgroup `join`; the
+        daemon hears "ready" (or "pool_exited" if it dies first)."""
+        slot = int(message["slot"])
+        spec = WorkerSpec.from_json(message["spec"])
+        go_r, go_w = os.pipe2(os.O_CLOEXEC)
+        err_sock, err_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        ctl_sock, ctl_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        err_r, err_w = err_sock.detach(), err_theirs.detach()
+        ctl_r, ctl_w = ctl_sock.detach(), ctl_theirs.detach()
         try:
-            for path in message.get("join", []):
+            pid = libc.clone(namespaces.clone_flags(spec))
+        except OSError as exc:
+            for fd in (go_r, go_w, err_r, err_w, ctl_r, ctl_w):
+                os.close(fd)
+            send_message(self.sock, {"op": "pool_exited", "slot": slot, "action": "clone",
+                                     "errno": exc.errno or 0, "message": str(exc)})
+            return
+        if pid == 0:  # the worker, until its call
+            prebuilt(spec, new_root=self.new_root, seccomp_program=self.seccomp_program,
+                     go_fd=go_r, err_fd=err_w, ctl_fd=ctl_w,
+                     join=tuple(message.get("join", [])))
+        for fd in (go_r, err_w, ctl_w):
+            os.close(fd)
+        child = _Child(0, pid, err_r, os.pidfd_open(pid), slot=slot, shape=shape_of(spec),
+                       ctl_fd=ctl_r)
+        self.pool[slot] = child
+        self._release(child, spec, [], go_w)  # it joins its cgroup itself
+        self.selector.register(ctl_r, selectors.EVENT_READ, ("ctl", child))
+
+    def _release(self, child: _Child, spec: WorkerSpec, join: list[str], go_w: int) -> None:
+        """The launcher's part of a new worker's set-up: its cgroup, its id maps, "go"."""
+        self.children[child.pid] = child
+        try:
+            for path in join:
                 with open(path, "w") as f:
-                    f.write(str(pid))
-            namespaces.from_parent(pid, spec)
+                    f.write(str(child.pid))
+            namespaces.from_parent(child.pid, spec)
             os.write(go_w, b"g")
         except OSError as exc:
-            os.kill(pid, signal.SIGKILL)
+            os.kill(child.pid, signal.SIGKILL)
             child.error += json.dumps({"action": LAUNCHER_ACTION, "errno": exc.errno or 0,
                                        "message": str(exc)}).encode()
         finally:
             os.close(go_w)
-        self.selector.register(err_r, selectors.EVENT_READ, ("err", child))
+        self.selector.register(child.err_fd, selectors.EVENT_READ, ("err", child))
         self.selector.register(child.pidfd, selectors.EVENT_READ, ("exit", child))
+
+    def _on_ready(self, child: _Child) -> None:
+        try:
+            said = os.read(child.ctl_fd, 1)
+        except OSError:
+            said = b""
+        if said != b"r":  # it died: its exit says so
+            self._close_ctl(child)
+            return
+        child.ready = True
+        self.selector.unregister(child.ctl_fd)
+        send_message(self.sock, {"op": "ready", "slot": child.slot})
+
+    def _close_ctl(self, child: _Child) -> None:
+        if child.ctl_fd >= 0:
+            if not child.ready:
+                self.selector.unregister(child.ctl_fd)
+            os.close(child.ctl_fd)
+            child.ctl_fd = -1
+
+    def _take(self, message: dict[str, Any], fds: list[int]) -> None:
+        """A spawn on a prebuilt worker: the call (spec, the tool's fds, the workspace mount
+        last) goes to the worker, which confines itself and execs. A slot that is gone, not
+        ready or of another shape is not used: the spawn is served cold, into the same cgroup."""
+        request_id = int(message["id"])
+        child = self.pool.pop(int(message["pooled"]), None)
+        shape = shape_of(WorkerSpec.from_json(dict(message["spec"])))
+        if child is None or not child.ready or child.shape != shape or child.ctl_fd < 0:
+            if child is not None:
+                self._close_ctl(child)
+                os.kill(child.pid, signal.SIGKILL)
+            if message.get("workspace"):
+                os.close(fds.pop())  # the cold worker mounts its workspace itself
+            self._spawn(message, fds)
+            return
+        child.request_id = request_id
+        ctl = socket.socket(fileno=os.dup(child.ctl_fd))
+        try:
+            send_message(ctl, {"spec": message["spec"],
+                               "workspace": bool(message.get("workspace"))}, fds)
+        except OSError:
+            os.kill(child.pid, signal.SIGKILL)  # its exit reports the failure
+        finally:
+            ctl.close()
+            for fd in fds:
+                os.close(fd)
+            self._close_ctl(child)
 
     def _read_error_socket(self, child: _Child) -> bytes | None:
         """One packet of the worker (None at EOF): an error report, or its exec-watch listener,
@@ -241,6 +346,8 @@ class Launcher:
         self.selector.unregister(child.err_fd)
         os.close(child.err_fd)
         child.reported = True
+        if not child.request_id:
+            return  # a prebuilt worker died before its call: its exit says so
         if not child.error:
             send_message(self.sock, {"op": "started", "id": child.request_id, "pid": child.pid})
             return
@@ -258,6 +365,12 @@ class Launcher:
         del self.children[child.pid]
         # pid 1 of its namespace is gone, so is every process of it: no exec is pending.
         self._unwatch(child)
+        if not child.request_id:  # a prebuilt worker that was never taken
+            self._close_ctl(child)
+            self.pool.pop(child.slot, None)
+            report = _first_cause(child.error) if child.error else {}
+            send_message(self.sock, {"op": "pool_exited", "slot": child.slot, **report})
+            return
         send_message(self.sock, {"op": "exited", "id": child.request_id, "status": status,
                                  "exec_denied": child.denied})
 

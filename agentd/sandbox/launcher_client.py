@@ -78,6 +78,10 @@ class LauncherClient:
         self._watchdog: asyncio.Task[None] | None = None
         # Called on the event loop for every refused exec a worker attempted (execwatch).
         self.on_exec_attempt: Callable[[ExecAttempt], None] = _log_attempt
+        # The warm pool's (agentd/sandbox/pool.py): a prebuilt worker is "ready" or
+        # "pool_exited" (with the launcher's message); and every prebuilt worker is gone.
+        self.on_pool_event: Callable[[str, int, dict[str, Any]], None] = _ignore_pool_event
+        self.on_pool_reset: Callable[[], None] = _ignore_reset
 
     def start(self) -> None:
         """Starts the launcher; call before the daemon starts any thread."""
@@ -139,23 +143,47 @@ class LauncherClient:
     def pid(self) -> int | None:
         return self._process.pid if self._process else None
 
-    async def spawn(self, spec: WorkerSpec, join_paths: list[str], fds: tuple[int, ...]
-                    ) -> Spawned:
-        """Asks for a worker with stdin, stdout, stderr and extras `fds`; the caller keeps (and
-        closes) its copies."""
+    def _ensure_running(self) -> socket.socket:
         if self._sock is None or (self._process and self._process.poll() is not None):
             self._restart()
         assert self._sock is not None
+        return self._sock
+
+    async def spawn(self, spec: WorkerSpec, join_paths: list[str], fds: tuple[int, ...], *,
+                    pooled: int = 0, workspace_fd: int = -1) -> Spawned:
+        """Asks for a worker with stdin, stdout, stderr and extras `fds`; the caller keeps (and
+        closes) its copies. `pooled`: the prebuilt worker's slot, handed the spec, the fds and
+        the detached workspace mount `workspace_fd` (the launcher serves the call cold if that
+        worker is gone)."""
+        sock = self._ensure_running()
         request_id = next(self._ids)
         spawned = Spawned(task_id=spec.task_id)
         self._pending[request_id] = spawned
-        message = {"op": "spawn", "id": request_id, "spec": spec.to_json(), "join": join_paths}
+        message: dict[str, Any] = {"op": "spawn", "id": request_id, "spec": spec.to_json(),
+                                   "join": join_paths}
+        sent = list(fds)
+        if pooled:
+            message.update(pooled=pooled, workspace=workspace_fd >= 0)
+            if workspace_fd >= 0:
+                sent.append(workspace_fd)
         try:
-            send_message(self._sock, message, list(fds))
+            send_message(sock, message, sent)
         except OSError as exc:
             del self._pending[request_id]
             raise Unavailable(f"cannot reach the worker launcher: {exc}") from exc
         return spawned
+
+    def prebuild(self, slot: int, shape: WorkerSpec, join_paths: list[str]) -> None:
+        """Asks for a prebuilt worker of `shape` in slot `slot`, in the cgroup `join_paths`;
+        "ready" or "pool_exited" comes back through `on_pool_event`."""
+        send_message(self._ensure_running(), {"op": "prebuild", "slot": slot,
+                                              "spec": shape.to_json(), "join": join_paths})
+
+    def discard(self, slot: int) -> None:
+        """Lets the prebuilt worker in `slot` exit unused ("pool_exited" follows)."""
+        if self._sock is not None:
+            with contextlib.suppress(OSError):
+                send_message(self._sock, {"op": "discard", "slot": slot})
 
     def abandon(self, spawned: Spawned, status: int) -> None:
         """Completes `spawned` without the launcher (its worker's cgroup is empty and the
@@ -169,6 +197,7 @@ class LauncherClient:
     def _restart(self) -> None:
         log.error("launcher.restarting", previous_pid=self.pid)
         self._close_socket()
+        self.on_pool_reset()
         self.start()
 
     def _on_readable(self, generation: int) -> None:
@@ -195,6 +224,9 @@ class LauncherClient:
             self._pong = max(self._pong, int(message.get("seq") or 0))
             if self._pong_event is not None:
                 self._pong_event.set()
+            return
+        if op in ("ready", "pool_exited"):
+            self.on_pool_event(str(op), int(message.get("slot") or 0), message)
             return
         spawned = self._pending.get(int(message.get("id") or 0))
         if spawned is None:
@@ -230,6 +262,7 @@ class LauncherClient:
                 _fail(spawned.started, error)
                 _fail(spawned.exited, error)
         self._pending.clear()
+        self.on_pool_reset()  # prebuilt workers died with the launcher
 
     def _close_socket(self) -> None:
         if self._sock is not None:
@@ -267,6 +300,14 @@ def _fail(future: asyncio.Future[int], error: Exception) -> None:
     if not future.done():
         future.set_exception(error)
         future.exception()  # consumed here: no 'never retrieved' warning
+
+
+def _ignore_pool_event(op: str, slot: int, message: dict[str, Any]) -> None:
+    pass
+
+
+def _ignore_reset() -> None:
+    pass
 
 
 def _log_attempt(attempt: ExecAttempt) -> None:

@@ -134,8 +134,34 @@ def _write_etc(root: str, spec: WorkerSpec) -> None:
                 f.write(text)
 
 
-def enter(spec: WorkerSpec, new_root: str) -> None:
-    """Builds the worker's root at `new_root` and pivots into it (child side, still privileged)."""
+def workspace_attrs(spec: WorkerSpec) -> int:
+    """The workspace mount's attributes: noexec unless the policy lets /workspace execute."""
+    return _NOSUID_NODEV_ATTR | (0 if _executable_under("/workspace", spec)
+                                 else libc.MOUNT_ATTR_NOEXEC)
+
+
+def open_workspace(spec: WorkerSpec) -> int | None:
+    """The spec's /workspace as a detached mount fd, built by the daemon for a prebuilt worker
+    (agentd/sandbox/pool.py), which attaches it with `attach_workspace`; None if the spec has
+    no workspace. The caller closes the fd."""
+    if not (spec.workspace_layers and spec.workspace_upper and spec.workspace_work):
+        return None
+    if spec.workspace_writable:
+        return overlay.open_workspace(spec.workspace_layers, spec.workspace_upper,
+                                      spec.workspace_work, attrs=workspace_attrs(spec))
+    return overlay.open_readonly(spec.workspace_layers, attrs=workspace_attrs(spec))
+
+
+def attach_workspace(mount_fd: int) -> None:
+    """Attaches the workspace a prebuilt worker was handed (child side, after pivot_root)."""
+    overlay.attach(mount_fd, "/workspace")
+
+
+def enter(spec: WorkerSpec, new_root: str, *, workspace: bool = True) -> None:
+    """Builds the worker's root at `new_root` and pivots into it (child side, still privileged).
+
+    Without `workspace` (a prebuilt worker), /workspace stays an empty directory for the
+    workspace mount handed over at call time."""
     # Nothing we mount may propagate back to the host.
     libc.mount(None, "/", None, libc.MS_REC | libc.MS_PRIVATE)
     libc.mount("tmpfs", new_root, "tmpfs", _NOSUID_NODEV, "mode=0755,size=1m")
@@ -147,17 +173,15 @@ def enter(spec: WorkerSpec, new_root: str) -> None:
         _bind_over(path, new_root, _READ_ONLY)
     for path in spec.exec_withheld:
         _bind_over(path, new_root, _READ_ONLY_NOEXEC)
-    if spec.workspace_layers and spec.workspace_upper and spec.workspace_work:
-        _mkdirs(new_root + "/workspace")
-        attrs = _NOSUID_NODEV_ATTR | (0 if _executable_under("/workspace", spec)
-                                      else libc.MOUNT_ATTR_NOEXEC)
+    _mkdirs(new_root + "/workspace")
+    if workspace and spec.workspace_layers and spec.workspace_upper and spec.workspace_work:
         if spec.workspace_writable:
             overlay.mount_workspace(new_root + "/workspace", spec.workspace_layers,
-                                    spec.workspace_upper, spec.workspace_work, attrs=attrs)
+                                    spec.workspace_upper, spec.workspace_work,
+                                    attrs=workspace_attrs(spec))
         else:
-            overlay.mount_readonly(new_root + "/workspace", spec.workspace_layers, attrs=attrs)
-    else:
-        _mkdirs(new_root + "/workspace")
+            overlay.mount_readonly(new_root + "/workspace", spec.workspace_layers,
+                                   attrs=workspace_attrs(spec))
     _mkdirs(new_root + "/tmp")
     libc.mount("tmpfs", new_root + "/tmp", "tmpfs",
                _NOSUID_NODEV | (0 if _executable_under("/tmp", spec) else libc.MS_NOEXEC),

@@ -211,11 +211,8 @@ def _mount_overlay_legacy(target: str, lowers: Sequence[str],
         os.chdir(previous)
 
 
-def _mount_overlay(target: str, lowers: Sequence[str], upper: tuple[str, str] | None,
-                   attrs: int) -> None:
-    if not _LOWERDIR_PLUS:
-        _mount_overlay_legacy(target, lowers, upper, attrs)
-        return
+def _open_overlay(lowers: Sequence[str], upper: tuple[str, str] | None, attrs: int) -> int:
+    """A detached overlay mount (an fd for move_mount), built with `lowerdir+` (>= 6.8)."""
     fs_fd = _syscall(_SYS_FSOPEN, "fsopen overlay", ctypes.c_char_p(b"overlay"),
                      ctypes.c_uint(_FSOPEN_CLOEXEC))
     try:
@@ -227,10 +224,68 @@ def _mount_overlay(target: str, lowers: Sequence[str], upper: tuple[str, str] | 
         for key, value in OPTIONS:
             _fsconfig(fs_fd, key, value)
         _create(fs_fd)
-        mount_fd = _syscall(_SYS_FSMOUNT, "fsmount overlay", ctypes.c_int(fs_fd),
-                            ctypes.c_uint(_FSMOUNT_CLOEXEC), ctypes.c_uint(attrs))
+        return _syscall(_SYS_FSMOUNT, "fsmount overlay", ctypes.c_int(fs_fd),
+                        ctypes.c_uint(_FSMOUNT_CLOEXEC), ctypes.c_uint(attrs))
     finally:
         os.close(fs_fd)
+
+
+def _open_tree(path: str, attrs: int) -> int:
+    """A detached bind of `path` with mount attributes `attrs`."""
+    tree_fd = _syscall(_SYS_OPEN_TREE, f"open_tree {path}", ctypes.c_int(_AT_FDCWD),
+                       ctypes.c_char_p(path.encode()),
+                       ctypes.c_uint(_OPEN_TREE_CLONE | _OPEN_TREE_CLOEXEC))
+    try:
+        attr = _MountAttr(attrs, 0, 0, 0)
+        libc.syscall("mount_setattr", ctypes.c_int(tree_fd), ctypes.c_char_p(b""),
+                     ctypes.c_uint(_AT_EMPTY_PATH), ctypes.c_void_p(ctypes.addressof(attr)),
+                     ctypes.c_size_t(ctypes.sizeof(attr)))
+    except BaseException:
+        os.close(tree_fd)
+        raise
+    return tree_fd
+
+
+# A workspace can be built as a detached mount in one process and attached by another (the
+# warm pool: agentd/sandbox/pool.py) only where `lowerdir+` exists.
+DETACHED = _LOWERDIR_PLUS
+
+
+def attach(mount_fd: int, target: str) -> None:
+    """Attaches a detached mount (from `open_workspace`/`open_readonly`) at `target`, in the
+    caller's mount namespace; the fd may come from another process."""
+    _attach(mount_fd, target)
+
+
+def open_workspace(lowers: Sequence[str], upper: str, work: str, *,
+                   attrs: int = DEFAULT_ATTRS) -> int:
+    """`mount_workspace` as a detached mount fd (kernel >= 6.8, see DETACHED); the caller
+    closes it. Raises OSError(EROFS) if overlay fell back to a read-only mount."""
+    _check_lowers(lowers, minimum=1)
+    mount_fd = _open_overlay(lowers, (upper, work), attrs & ~libc.MOUNT_ATTR_RDONLY)
+    if os.fstatvfs(mount_fd).f_flag & os.ST_RDONLY:
+        os.close(mount_fd)
+        raise OSError(errno.EROFS, f"overlay came out read-only: the mounter cannot write "
+                                   f"{upper} or {work} (in a user namespace they must be "
+                                   "owned by the mapped uid)")
+    return mount_fd
+
+
+def open_readonly(lowers: Sequence[str], *, attrs: int = DEFAULT_ATTRS) -> int:
+    """`mount_readonly` as a detached mount fd (kernel >= 6.8); the caller closes it."""
+    _check_lowers(lowers, minimum=1)
+    attrs |= libc.MOUNT_ATTR_RDONLY
+    if len(lowers) > 1:
+        return _open_overlay(lowers, None, attrs)
+    return _open_tree(lowers[0], attrs)
+
+
+def _mount_overlay(target: str, lowers: Sequence[str], upper: tuple[str, str] | None,
+                   attrs: int) -> None:
+    if not _LOWERDIR_PLUS:
+        _mount_overlay_legacy(target, lowers, upper, attrs)
+        return
+    mount_fd = _open_overlay(lowers, upper, attrs)
     try:
         _attach(mount_fd, target)
     finally:
@@ -262,14 +317,8 @@ def mount_readonly(target: str, lowers: Sequence[str], *, attrs: int = DEFAULT_A
     if len(lowers) > 1:
         _mount_overlay(target, lowers, None, attrs)
         return
-    tree_fd = _syscall(_SYS_OPEN_TREE, f"open_tree {lowers[0]}", ctypes.c_int(_AT_FDCWD),
-                       ctypes.c_char_p(lowers[0].encode()),
-                       ctypes.c_uint(_OPEN_TREE_CLONE | _OPEN_TREE_CLOEXEC))
+    tree_fd = _open_tree(lowers[0], attrs)
     try:
-        attr = _MountAttr(attrs, 0, 0, 0)
-        libc.syscall("mount_setattr", ctypes.c_int(tree_fd), ctypes.c_char_p(b""),
-                     ctypes.c_uint(_AT_EMPTY_PATH), ctypes.c_void_p(ctypes.addressof(attr)),
-                     ctypes.c_size_t(ctypes.sizeof(attr)))
         _attach(tree_fd, target)
     finally:
         os.close(tree_fd)

@@ -8,6 +8,8 @@ policy file. It crosses the daemon→launcher socket as JSON, hence plain fields
 from __future__ import annotations
 
 import dataclasses
+import hashlib
+import json
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -70,6 +72,27 @@ class WorkerSpec:
                      "workspace_layers"):
             data[name] = tuple(data[name])
         return cls(limits=limits, **data)
+
+
+# What a prebuilt worker (agentd/sandbox/pool.py) is handed at call time; every other field,
+# and any field added later, is part of the shape it was built with before the call.
+CALL_FIELDS = ("task_id", "argv", "env", "cwd", "workspace_layers", "workspace_upper",
+               "workspace_work", "workspace_quota")
+CALL_LIMITS = ("wall_seconds", "output_bytes", "open_files", "file_size_bytes")
+
+
+def shape_of(spec: WorkerSpec) -> str:
+    """The digest of what a worker is built with before its call: namespaces, root (grants,
+    executable binds, /tmp), cgroup limits, identity. A prebuilt worker serves only a spec of
+    its own shape, so it is never shared across policies (or approvals)."""
+    data = spec.to_json()
+    for name in CALL_FIELDS:
+        del data[name]
+    for name in CALL_LIMITS:
+        del data["limits"][name]
+    data["has_workspace"] = bool(spec.workspace_layers and spec.workspace_upper
+                                 and spec.workspace_work)
+    return hashlib.sha256(json.dumps(data, sort_keys=True).encode()).hexdigest()
 
 
 @dataclass(frozen=True)

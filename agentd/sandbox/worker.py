@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import os
 import signal
 import time
@@ -30,8 +31,10 @@ from dataclasses import dataclass
 import structlog
 
 from agentd import metrics
+from agentd.sandbox import mounts
 from agentd.sandbox.cgroups import CgroupDriver, CgroupLimits, TaskCgroup
 from agentd.sandbox.launcher_client import LauncherClient, SetupError, Spawned
+from agentd.sandbox.pool import Prebuilt, WarmPool
 from agentd.sandbox.spec import ResourceUsage, SetupFailure, WorkerSpec
 
 
@@ -82,9 +85,12 @@ class Worker:
     """Runs one WorkerSpec to completion; `stop(reason)` may be called from anywhere."""
 
     def __init__(self, spec: WorkerSpec, *, launcher: LauncherClient, cgroups: CgroupDriver,
-                 extra_fds: tuple[int, ...] = ()) -> None:
-        """`extra_fds` become fds 3, 4, ... in the tool; the caller keeps and closes them."""
+                 extra_fds: tuple[int, ...] = (), pool: WarmPool | None = None) -> None:
+        """`extra_fds` become fds 3, 4, ... in the tool; the caller keeps and closes them.
+        With a `pool`, a prebuilt worker of the spec's shape is taken if one is ready."""
         self.spec = spec
+        self._pool = pool
+        self._prebuilt: Prebuilt | None = None
         self._extra_fds = extra_fds
         self._launcher = launcher
         self._cgroups = cgroups
@@ -128,8 +134,14 @@ class Worker:
 
     async def run(self, stdin: bytes, on_output: OutputSink) -> WorkerResult:
         self._mark("begin")
-        self._cgroup = await asyncio.to_thread(
-            self._cgroups.create, self.spec.task_id, CgroupLimits.from_limits(self.spec.limits))
+        self._prebuilt = self._pool.take(self.spec) if self._pool is not None else None
+        if self._prebuilt is not None:
+            self._cgroup = self._prebuilt.cgroup  # built with the limits of this shape
+        else:
+            self._cgroup = await asyncio.to_thread(
+                self._cgroups.create, self.spec.task_id,
+                CgroupLimits.from_limits(self.spec.limits))
+        metrics.SPAWNS.labels("prebuilt" if self._prebuilt else "cold").inc()
         self._mark("cgroup created")
         started_at = time.monotonic()
         try:
@@ -141,6 +153,8 @@ class Worker:
                     await self._killing
             await asyncio.to_thread(cgroup.remove)
             self._mark("cgroup removed")
+            if self._prebuilt is not None and self._pool is not None:
+                self._pool.refill(self.spec)
             log.debug("worker.timing", task_id=self.spec.task_id, **self._phases())
             metrics.observe_phases(metrics.SPAWN_SECONDS, self._spans())
 
@@ -168,12 +182,18 @@ class Worker:
         in_r, in_w = os.pipe2(os.O_CLOEXEC)
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
+        workspace_fd = -1
         try:
-            spawned = await self._launcher.spawn(self.spec, self._cgroup.join_paths(),
-                                                 (in_r, out_w, err_w, *self._extra_fds))
+            if self._prebuilt is not None:
+                workspace_fd = await self._open_workspace()
+            spawned = await self._launcher.spawn(
+                self.spec, self._cgroup.join_paths(), (in_r, out_w, err_w, *self._extra_fds),
+                pooled=self._prebuilt.slot if self._prebuilt else 0, workspace_fd=workspace_fd)
         finally:
             for fd in (in_r, out_w, err_w):
                 os.close(fd)
+            if workspace_fd >= 0:
+                os.close(workspace_fd)
         self._spawned = spawned
         for fd, kind in ((out_r, STDOUT), (err_r, STDERR)):
             os.set_blocking(fd, False)
@@ -265,6 +285,20 @@ class Worker:
             self._paused = True  # the tool blocks in write(2) until the consumer catches up
             for open_fd in self._readers:
                 loop.remove_reader(open_fd)
+
+    async def _open_workspace(self) -> int:
+        """The workspace mount a prebuilt worker attaches, built here (-1: none). If it cannot
+        be built, the prebuilt worker is let go and the call is built cold, where the same
+        error is reported as the worker's own set-up failure."""
+        try:
+            fd = await asyncio.to_thread(mounts.open_workspace, self.spec)
+        except OSError as exc:
+            assert self._prebuilt is not None
+            log.info("pool.workspace_cold", task_id=self.spec.task_id, error=str(exc))
+            self._launcher.discard(self._prebuilt.slot)
+            self._prebuilt = dataclasses.replace(self._prebuilt, slot=0)
+            return -1
+        return -1 if fd is None else fd
 
     async def _feed_stdin(self, fd: int, data: bytes) -> None:
         """Writes stdin without blocking the loop; a tool that never reads it just never gets it."""

@@ -28,6 +28,7 @@ from agentd.policy.paths import is_at_or_below
 from agentd.sandbox.cgroups import CgroupDriver
 from agentd.sandbox.execwatch import ExecAttempt
 from agentd.sandbox.launcher_client import LauncherClient
+from agentd.sandbox.pool import WarmPool
 from agentd.sandbox.spec import Limits, WorkerSpec
 from agentd.sandbox.worker import Worker, WorkerResult
 from agentd.scheduler import channels
@@ -98,9 +99,10 @@ class TaskRunner:
     """Builds and runs the workers of the RunManager's runs."""
 
     def __init__(self, runs: RunManager, audit: AuditLog, layers: LayerStore,
-                 launcher: LauncherClient, cgroups: CgroupDriver, *, worker_uid: int,
-                 worker_gid: int) -> None:
+                 launcher: LauncherClient, cgroups: CgroupDriver, pool: WarmPool | None = None,
+                 *, worker_uid: int, worker_gid: int) -> None:
         self.runs = runs
+        self.pool = pool
         self.audit = audit
         self.layers = layers
         self.launcher = launcher
@@ -181,7 +183,7 @@ class TaskRunner:
         collector = WritesCollector(limit=policy.writes_bytes)
         snapshot_fd = channels_snapshot_fd(ctx.snapshot)
         worker = Worker(spec, launcher=self.launcher, cgroups=self.cgroups,
-                        extra_fds=(collector.write_fd, snapshot_fd))
+                        extra_fds=(collector.write_fd, snapshot_fd), pool=self.pool)
         kept = {"stdout": CappedOutput(), "stderr": CappedOutput()}
 
         async def on_output(kind: str, data: bytes) -> None:

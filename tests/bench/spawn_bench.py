@@ -15,9 +15,12 @@ import tempfile
 import time
 from collections.abc import Callable
 from pathlib import Path
+from typing import Any
+
+import psutil
 
 from agentd.api.gen.v1 import agentd_pb2 as pb
-from tests.conftest import start_daemon, stop_daemon
+from tests.conftest import CONFIG, start_daemon, stop_daemon
 
 BWRAP = ["bwrap", "--unshare-all", "--die-with-parent", "--cap-drop", "ALL",
          "--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib",
@@ -37,35 +40,62 @@ def summary(samples: list[float]) -> dict[str, float]:
 
 
 def run(report: Callable[[str, dict[str, float]], None], rounds: int = 100) -> None:
+    """Three daemons' worth: prebuilt workers (the default, warm_pool = 2), cold (warm_pool =
+    0), and bubblewrap; each agentd call interleaved with a bwrap run."""
     if shutil.which("bwrap") is None:
         raise SystemExit("bwrap is not installed: apt-get install bubblewrap")
-    with tempfile.TemporaryDirectory(prefix="agentd-bench-") as tmp:
-        handle = start_daemon(Path(tmp))
-        try:
-            stub = handle.stub()
-            run_id = stub.CreateRun(pb.CreateRunRequest(agent="integration")).run_id
-            request = pb.ExecRequest(run_id=run_id, argv=["/bin/true"])
+    samples: dict[str, list[float]] = {"warm": [], "cold": [], "bwrap": []}
+    memory: dict[str, float] = {}
+    for mode, pool in (("warm", 2), ("cold", 0)):
+        config = CONFIG.replace("[daemon]\n", f"[daemon]\nwarm_pool = {pool}\n", 1)
+        with tempfile.TemporaryDirectory(prefix="agentd-bench-") as tmp:
+            handle = start_daemon(Path(tmp), config)
+            try:
+                stub = handle.stub()
+                run_id = stub.CreateRun(pb.CreateRunRequest(agent="integration")).run_id
+                request = pb.ExecRequest(run_id=run_id, argv=["/bin/true"])
 
-            def agentd_exec() -> None:
-                events = list(stub.Exec(request))
-                assert events[-1].outcome.exit_code == 0, events
+                def agentd_exec(stub: Any = stub, request: pb.ExecRequest = request) -> None:
+                    events = list(stub.Exec(request))
+                    assert events[-1].outcome.exit_code == 0, events
 
-            def bwrap() -> None:
-                subprocess.run(BWRAP, check=True)
+                def bwrap() -> None:
+                    subprocess.run(BWRAP, check=True)
 
-            samples: dict[str, list[float]] = {"agentd": [], "bwrap": []}
-            for _ in range(5):  # warm-up: imports, page cache, first cgroups
-                agentd_exec()
-                bwrap()
-            for _ in range(rounds):
-                for name, call in (("agentd", agentd_exec), ("bwrap", bwrap)):
-                    start = time.perf_counter()
-                    call()
-                    samples[name].append(time.perf_counter() - start)
-        finally:
-            stop_daemon(handle)
-    ours, ref = summary(samples["agentd"]), summary(samples["bwrap"])
-    report("spawn: gRPC Exec /bin/true (confined)", ours)
+                for _ in range(5):  # warm-up: imports, page cache, first cgroups, the pool
+                    agentd_exec()
+                    bwrap()
+                for _ in range(rounds):
+                    for name, call in ((mode, agentd_exec), ("bwrap", bwrap)):
+                        start = time.perf_counter()
+                        call()
+                        samples[name].append(time.perf_counter() - start)
+                if pool:
+                    time.sleep(0.5)  # refilled
+                    memory = pool_memory(handle.process.pid)
+            finally:
+                stop_daemon(handle)
+    ref = summary(samples["bwrap"])
+    for mode, label in (("warm", "prebuilt worker (warm_pool = 2)"), ("cold", "cold")):
+        ours = summary(samples[mode])
+        report(f"spawn: gRPC Exec /bin/true, {label}", ours)
+        goal = "0.5 from a warm pool" if mode == "warm" else "1.0 cold"
+        report(f"spawn: ratio {mode}/bwrap (goal <= {goal})", {
+            "median": ours["median_ms"] / ref["median_ms"],
+            "p95": ours["p95_ms"] / ref["p95_ms"]})
     report("spawn: bwrap --unshare-all /bin/true", ref)
-    report("spawn: ratio agentd/bwrap (goal <= 1.0 cold)", {
-        "median": ours["median_ms"] / ref["median_ms"], "p95": ours["p95_ms"] / ref["p95_ms"]})
+    report("spawn: memory of one prebuilt worker", memory)
+
+
+def pool_memory(daemon_pid: int) -> dict[str, float]:
+    """USS and PSS (MiB) of the prebuilt workers: the launcher's children that are waiting."""
+    daemon = psutil.Process(daemon_pid)
+    launchers = [c for c in daemon.children() if "agentd.sandbox.launcher" in " ".join(
+        c.cmdline())]
+    waiting = [c for launcher in launchers for c in launcher.children()]
+    if not waiting:
+        return {"workers": 0}
+    infos = [c.memory_full_info() for c in waiting]
+    return {"workers": len(waiting),
+            "uss_mib": statistics.mean(i.uss for i in infos) / (1 << 20),
+            "pss_mib": statistics.mean(i.pss for i in infos) / (1 << 20)}
