@@ -6,8 +6,10 @@ query side (list by agent, by state) for free. The daemon is the only writer.
 
 from __future__ import annotations
 
+import contextlib
 import sqlite3
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -57,8 +59,30 @@ class RunRecord:
     problem: str = ""  # not stored: why the run is inconsistent, if it is (see get_run)
 
 
+@contextlib.contextmanager
+def not_synced(db: sqlite3.Connection) -> Iterator[None]:
+    """Transactions in this block are committed without an fsync (synchronous=NORMAL in WAL).
+
+    Only for rows whose durability the audit log already provides and whose loss is harmless:
+    in WAL mode NORMAL loses a commit only to an OS crash or power loss, never to a process
+    crash (kill -9 loses nothing); and the next FULL commit (every step ends in one: commit
+    or failure) fsyncs the WAL with every frame before it, so the window closes when the step
+    ends. What falls in it is a step's RUNNING attempt row and its task counter: after a power
+    loss inside a running step, the step's uppers (tmpfs) are gone, nothing of it was applied,
+    and step.started/exec.allowed are already durable in the audit log, which is the record.
+    The store is used from the event loop's thread only, so the pragma cannot leak into
+    another caller's transaction.
+    """
+    db.execute("PRAGMA synchronous=NORMAL")
+    try:
+        yield
+    finally:
+        db.execute("PRAGMA synchronous=FULL")
+
+
 class RunStore:
-    """CRUD over the runs table; every write is its own durable transaction."""
+    """CRUD over the runs table; every write is its own durable transaction, except the task
+    counter (`not_synced`)."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -116,7 +140,8 @@ class RunStore:
                    .fetchone()[0])
 
     def count_exec(self, run_id: str) -> None:
-        self._db.execute("UPDATE runs SET execs = execs + 1 WHERE run_id = ?", (run_id,))
+        with not_synced(self._db):  # a statistic; the audit log has every exec.allowed
+            self._db.execute("UPDATE runs SET execs = execs + 1 WHERE run_id = ?", (run_id,))
 
     def close_run(self, run_id: str, *, workspace: str) -> RunRecord:
         self._db.execute(
