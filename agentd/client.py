@@ -246,7 +246,7 @@ class Run:
     policy_file: str
     workspace: str  # "" once removed
     created_by: str
-    execs: int
+    tasks_run: int
     step: int = 0  # the last committed step; 0 before the first
     forked_from: str = ""  # the run this one was forked from, "" if none
     forked_at_step: int = 0
@@ -269,7 +269,7 @@ class Run:
             policy_file=msg.policy_file,
             workspace=msg.workspace,
             created_by=msg.created_by,
-            execs=msg.execs,
+            tasks_run=msg.tasks_run,
             step=msg.step,
             forked_from=msg.forked_from,
             forked_at_step=msg.forked_at_step,

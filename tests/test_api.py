@@ -180,7 +180,7 @@ class TestRuns:
             assert run.policy_file.endswith("integration.yaml")
             assert abs(run.created_at.ToSeconds() - time.time()) < 60
             assert not run.HasField("closed_at")
-            assert run.execs == 0
+            assert run.tasks_run == 0
         finally:
             stub.CloseRun(pb.CloseRunRequest(run_id=run.run_id))
 
@@ -317,11 +317,11 @@ class TestRuns:
         workspace = stub.GetRun(pb.GetRunRequest(run_id=run_id)).workspace
         assert (Path(workspace) / "note").read_text() == "hello\n"
 
-    def test_execs_are_counted(self, stub: Stub, run_id: str) -> None:
-        """Every Exec that reached a worker increments the run's execs."""
+    def test_tasks_are_counted(self, stub: Stub, run_id: str) -> None:
+        """Every Exec that reached a worker increments the run's tasks_run."""
         for _ in range(3):
             sh(stub, run_id, "true")
-        assert stub.GetRun(pb.GetRunRequest(run_id=run_id)).execs == 3
+        assert stub.GetRun(pb.GetRunRequest(run_id=run_id)).tasks_run == 3
 
     def test_closed_run_refuses_exec(self, stub: Stub) -> None:
         """Exec in a closed run is FAILED_PRECONDITION."""
@@ -511,8 +511,8 @@ class TestExecIsAStep:
         else:
             assert outcome.stop_reason == pb.STOP_REASON_TIMEOUT
         after = stub.GetRun(pb.GetRunRequest(run_id=run_id))
-        assert (after.step, after.workspace, after.execs) == (
-            before.step, before.workspace, before.execs + 1)
+        assert (after.step, after.workspace, after.tasks_run) == (
+            before.step, before.workspace, before.tasks_run + 1)
         assert checkpoint_layers(stub, run_id) == checkpoints
         assert layers_on_disk(daemon) == on_disk
         assert not upper_of(daemon, outcome.task_id).exists()
@@ -757,7 +757,7 @@ class TestRefusals:
         assert "exec.allowed" not in events
         assert "step.started" not in events
         run = stub.GetRun(pb.GetRunRequest(run_id=run_id))
-        assert (run.execs, run.step) == (0, 0)
+        assert (run.tasks_run, run.step) == (0, 0)
         return events
 
     @pytest.mark.parametrize(("argv", "env", "timeout", "rule"), [
@@ -867,7 +867,7 @@ class TestRoles:
         assert [code_of(c) for c in calls] == [grpc.StatusCode.PERMISSION_DENIED] * 3
         run = stub.GetRun(pb.GetRunRequest(run_id=run_id))
         assert run.state == pb.RUN_STATE_OPEN
-        assert run.execs == 0
+        assert run.tasks_run == 0
 
     def test_approver_refusal_names_role_and_method(self, approver_stub: Stub) -> None:
         """The refusal says which role may not call which method."""

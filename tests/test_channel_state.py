@@ -38,7 +38,7 @@ def _store(path: Path) -> StepStore:
 def _run(run_id: str) -> RunRecord:
     return RunRecord(run_id=run_id, agent="a", stage="prototype", state="open", created_at=0.0,
                      closed_at=None, policy_hash="", policy_file="", workspace="",
-                     created_by="test", label="", execs=0)
+                     created_by="test", label="", tasks_run=0)
 
 
 def _state(big: str, step: int) -> dict[str, ChannelValue]:
@@ -114,6 +114,23 @@ class TestStorage:
         assert store.checkpoint("r-1", 0).channels == {
             "notes": ChannelValue(["a", "b"], 2), "gate": ChannelValue({"x": 1}, 1, ("x",))}
         assert _store(path).checkpoint("r-1", 0).channels["notes"].version == 2  # idempotent
+
+    def test_the_execs_column_of_an_older_database_is_renamed_tasks_run(
+            self, tmp_path: Path) -> None:
+        """`execs` counted tasks; a database made before the rename keeps its counts."""
+        path = tmp_path / "state.db"
+        db = sqlite3.connect(path, isolation_level=None)
+        db.executescript("""
+            CREATE TABLE runs (run_id TEXT PRIMARY KEY, agent TEXT NOT NULL,
+                stage TEXT NOT NULL, state TEXT NOT NULL, created_at REAL NOT NULL,
+                closed_at REAL, policy_hash TEXT NOT NULL, policy_file TEXT NOT NULL,
+                workspace TEXT NOT NULL, created_by TEXT NOT NULL, label TEXT NOT NULL,
+                execs INTEGER NOT NULL DEFAULT 0);""")
+        db.execute("INSERT INTO runs VALUES ('r-1', 'a', 'prototype', 'open', 0.0, NULL, 'h',"
+                   " 'p', 'w', 'c', '', 7)")
+        db.close()
+        assert RunStore(path).get("r-1").tasks_run == 7
+        assert RunStore(path).get("r-1").tasks_run == 7  # idempotent
 
 
 # --- against a real daemon -------------------------------------------------------------------

@@ -413,7 +413,7 @@ class TestRunCommands:
             agentctl("run", "create", "--agent", agent, socket=sock)
         result = agentctl("run", "list", socket=sock)
         lines = result.stdout.splitlines()
-        assert lines[0].split() == ["RUN", "AGENT", "STAGE", "STATE", "CREATED", "EXECS"]
+        assert lines[0].split() == ["RUN", "AGENT", "STAGE", "STATE", "CREATED", "TASKS"]
         assert [line.split()[:4] for line in lines[1:]] == [
             ["r-1", "web", "prototype", "open"],
             ["r-2", "cve-triage", "prototype", "open"],

@@ -326,7 +326,7 @@ class TestSigkill:
         runs = stub.ListRuns(pb.ListRunsRequest()).runs
         assert run_id in {r.run_id for r in runs}
         run = stub.GetRun(pb.GetRunRequest(run_id=run_id))
-        assert (run.execs, run.step) == (1, 0)
+        assert (run.tasks_run, run.step) == (1, 0)
         [interrupted] = stub.ListSteps(pb.ListStepsRequest(run_id=run_id)).steps
         assert (interrupted.step, interrupted.state) == (1, pb.STEP_STATE_FAILED)
         assert "daemon stopped" in interrupted.reason

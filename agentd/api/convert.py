@@ -42,7 +42,7 @@ def run_to_proto(run: RunRecord) -> pb.Run:
         state=pb.RUN_STATE_OPEN if run.state == "open" else pb.RUN_STATE_CLOSED,
         created_at=_timestamp(run.created_at), closed_at=_timestamp(run.closed_at),
         policy_hash=run.policy_hash, policy_file=run.policy_file, workspace=run.workspace,
-        created_by=run.created_by, execs=run.execs, step=run.step,
+        created_by=run.created_by, tasks_run=run.tasks_run, step=run.step,
         forked_from=run.forked_from, forked_at_step=run.forked_at, problem=run.problem,
         channels=[pb.ChannelDecl(name=c["name"], reducer=c["reducer"],
                                  barrier_tasks=c.get("barrier_tasks", []))

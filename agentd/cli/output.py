@@ -56,7 +56,7 @@ def run_to_json(run: Run) -> dict[str, Any]:
         "policy_file": run.policy_file,
         "workspace": run.workspace,
         "created_by": run.created_by,
-        "execs": run.execs,
+        "tasks_run": run.tasks_run,
         "step": run.step,
         "forked_from": run.forked_from,
         "forked_at_step": run.forked_at_step,
@@ -76,9 +76,10 @@ def print_json(value: object, out: TextIO | None = None) -> None:
 
 def runs_table(runs: Sequence[Run]) -> str:
     """A table of runs, one per line, with a header; columns padded to the widest value."""
-    header = ("RUN", "AGENT", "STAGE", "STATE", "CREATED", "EXECS")
+    header = ("RUN", "AGENT", "STAGE", "STATE", "CREATED", "TASKS")
     rows = [
-        (r.run_id, r.agent, r.stage, str(r.state), _when(r.created_at), str(r.execs)) for r in runs
+        (r.run_id, r.agent, r.stage, str(r.state), _when(r.created_at), str(r.tasks_run))
+        for r in runs
     ]
     return _table([header, *rows])
 
@@ -104,7 +105,7 @@ def run_details(run: Run) -> str:
         ("closed", _when(run.closed_at)),
         ("policy", f"{run.policy_file or '-'} (sha256 {run.policy_hash or '-'})"),
         ("workspace", run.workspace or "(removed)"),
-        ("execs", str(run.execs)),
+        ("tasks run", str(run.tasks_run)),
         ("step", str(run.step) if run.step else "0 (nothing committed yet)"),
     ]
     if run.forked_from:

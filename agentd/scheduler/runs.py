@@ -88,7 +88,7 @@ class RunManager:
             run_id=run_id, agent=agent.name, stage=agent.stage, state="open",
             created_at=time.time(), closed_at=None, policy_hash=agent.policy.content_hash,
             policy_file=agent.policy_file, workspace="", created_by=str(caller),
-            label=label, execs=0,
+            label=label, tasks_run=0,
             channels=json.dumps(declared))
         try:
             await self.audit.append("run.created", actor=caller.actor(), run_id=run_id,
@@ -201,7 +201,7 @@ class RunManager:
                 new_id = "r-" + secrets.token_hex(6)
                 record = dataclasses.replace(
                     source, run_id=new_id, state="open", created_at=time.time(),
-                    closed_at=None, workspace="", created_by=str(caller), label=label, execs=0,
+                    closed_at=None, workspace="", created_by=str(caller), label=label, tasks_run=0,
                     step=step, forked_from=run_id, forked_at=step)
                 await self.audit.append("run.forked", actor=caller.actor(), run_id=new_id,
                                         details={"from_run": run_id, "at_step": step,

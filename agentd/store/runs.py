@@ -28,7 +28,7 @@ CREATE TABLE IF NOT EXISTS runs (
     workspace   TEXT NOT NULL,
     created_by  TEXT NOT NULL,
     label       TEXT NOT NULL DEFAULT '',
-    execs       INTEGER NOT NULL DEFAULT 0,
+    tasks_run   INTEGER NOT NULL DEFAULT 0,
     step        INTEGER NOT NULL DEFAULT 0,
     channels    TEXT NOT NULL DEFAULT '[]',
     forked_from TEXT NOT NULL DEFAULT '',
@@ -51,7 +51,7 @@ class RunRecord:
     workspace: str
     created_by: str
     label: str
-    execs: int
+    tasks_run: int  # tasks run on this run (a column named execs before)
     step: int = 0
     channels: str = "[]"  # JSON list of channel declarations
     forked_from: str = ""
@@ -95,6 +95,8 @@ class RunStore:
     def _migrate(self) -> None:
         """Adds the columns later versions introduced to a database made by an earlier one."""
         have = {row[1] for row in self._db.execute("PRAGMA table_info(runs)")}
+        if "execs" in have:  # it counted tasks, not Exec calls: renamed
+            self._db.execute("ALTER TABLE runs RENAME COLUMN execs TO tasks_run")
         for column, decl in (("step", "INTEGER NOT NULL DEFAULT 0"),
                              ("channels", "TEXT NOT NULL DEFAULT '[]'"),
                              ("forked_from", "TEXT NOT NULL DEFAULT ''"),
@@ -118,7 +120,7 @@ class RunStore:
         """Inserts with `db`, so a caller can make it part of a larger transaction."""
         db.execute(
             "INSERT INTO runs VALUES (:run_id, :agent, :stage, :state, :created_at, :closed_at,"
-            " :policy_hash, :policy_file, :workspace, :created_by, :label, :execs, :step,"
+            " :policy_hash, :policy_file, :workspace, :created_by, :label, :tasks_run, :step,"
             " :channels, :forked_from, :forked_at)",
             record.__dict__)
 
@@ -139,9 +141,10 @@ class RunStore:
         return int(self._db.execute("SELECT COUNT(*) FROM runs WHERE state = 'open'")
                    .fetchone()[0])
 
-    def count_exec(self, run_id: str) -> None:
+    def count_task(self, run_id: str) -> None:
         with not_synced(self._db):  # a statistic; the audit log has every exec.allowed
-            self._db.execute("UPDATE runs SET execs = execs + 1 WHERE run_id = ?", (run_id,))
+            self._db.execute("UPDATE runs SET tasks_run = tasks_run + 1 WHERE run_id = ?",
+                             (run_id,))
 
     def close_run(self, run_id: str, *, workspace: str) -> RunRecord:
         self._db.execute(

@@ -318,7 +318,7 @@ class TestRestartAndStop:
         sh("systemctl", "start", UNIT, timeout=180)
         after = json.loads(agentctl("run", "show", run, "--json").stdout)
         assert after["run_id"] == run
-        assert after["execs"] == before["execs"] >= 1
+        assert after["tasks_run"] == before["tasks_run"] >= 1
         listed = agentctl("run", "list", "--all", "--json").stdout
         assert run in {r["run_id"] for r in json.loads(listed)["runs"]}
         verify = sh(AGENTCTL, "audit", "verify", AUDIT_DIR, "--deep")

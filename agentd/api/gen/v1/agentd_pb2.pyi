@@ -223,7 +223,7 @@ class Run(_message.Message):
     POLICY_FILE_FIELD_NUMBER: _builtins.int
     WORKSPACE_FIELD_NUMBER: _builtins.int
     CREATED_BY_FIELD_NUMBER: _builtins.int
-    EXECS_FIELD_NUMBER: _builtins.int
+    TASKS_RUN_FIELD_NUMBER: _builtins.int
     STEP_FIELD_NUMBER: _builtins.int
     FORKED_FROM_FIELD_NUMBER: _builtins.int
     FORKED_AT_STEP_FIELD_NUMBER: _builtins.int
@@ -242,7 +242,8 @@ class Run(_message.Message):
     """
     created_by: _builtins.str
     """Identity of the caller that created the run, as the daemon established it."""
-    execs: _builtins.int
+    tasks_run: _builtins.int
+    """tasks run on this run (every Exec is a step of one task); was "execs" """
     step: _builtins.int
     """The last committed step (0: nothing committed yet) and the run it was forked from."""
     forked_from: _builtins.str
@@ -270,7 +271,7 @@ class Run(_message.Message):
         policy_file: _builtins.str = ...,
         workspace: _builtins.str = ...,
         created_by: _builtins.str = ...,
-        execs: _builtins.int = ...,
+        tasks_run: _builtins.int = ...,
         step: _builtins.int = ...,
         forked_from: _builtins.str = ...,
         forked_at_step: _builtins.int = ...,
@@ -279,7 +280,7 @@ class Run(_message.Message):
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["closed_at", b"closed_at", "created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "channels", b"channels", "closed_at", b"closed_at", "created_at", b"created_at", "created_by", b"created_by", "execs", b"execs", "forked_at_step", b"forked_at_step", "forked_from", b"forked_from", "policy_file", b"policy_file", "policy_hash", b"policy_hash", "problem", b"problem", "run_id", b"run_id", "stage", b"stage", "state", b"state", "step", b"step", "workspace", b"workspace"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "channels", b"channels", "closed_at", b"closed_at", "created_at", b"created_at", "created_by", b"created_by", "forked_at_step", b"forked_at_step", "forked_from", b"forked_from", "policy_file", b"policy_file", "policy_hash", b"policy_hash", "problem", b"problem", "run_id", b"run_id", "stage", b"stage", "state", b"state", "step", b"step", "tasks_run", b"tasks_run", "workspace", b"workspace"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
