@@ -42,7 +42,9 @@ WORKERS_LIMIT = Gauge("agentd_workers_limit", "max_concurrent_workers.", registr
 WARM_POOL_DEPTH = Gauge("agentd_warm_pool_depth",
                         "Prebuilt workers ready to be taken (agentd/sandbox/pool.py).",
                         registry=REGISTRY)
-SPAWNS = Counter("agentd_spawns_total", "Workers started, by how: prebuilt or cold.",
+SPAWNS = Counter("agentd_spawns_total",
+                 "Workers started, by how: prebuilt, cold, or cold_into_cgroup (clone3 "
+                 "CLONE_INTO_CGROUP, cgroup v2).",
                  ["how"], registry=REGISTRY)
 AUDIT_QUEUE = Gauge("agentd_audit_queue_depth",
                     "Audit records submitted and not yet written.", registry=REGISTRY)

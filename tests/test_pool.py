@@ -225,3 +225,48 @@ class TestLauncherHandsOver:
         # The call ran, cold, with its own root: /etc/ssl is there, as call_b asked.
         assert os.WIFEXITED(status)
         assert os.WEXITSTATUS(status) == 0
+
+
+UNIFIED = "/sys/fs/cgroup/unified"  # this host's cgroup2 mount (hybrid); /sys/fs/cgroup on v2
+
+
+@pytest.mark.skipif(not os.path.isfile(f"{UNIFIED}/cgroup.procs"),
+                    reason=f"no cgroup2 mount at {UNIFIED} (on a v2 host the vm-tests cover it)")
+class TestCloneIntoCgroup:
+    """Cold workers on cgroup v2 are born in their cgroup (clone3 CLONE_INTO_CGROUP): no
+    cgroup.procs write, by the launcher or anyone."""
+
+    def test_a_worker_is_cloned_straight_into_the_cgroup_it_is_given(
+            self, short_tmp: Path) -> None:
+        directory = f"{UNIFIED}/agentd-test-clone-into-{os.getpid()}"
+        os.mkdir(directory)
+        programs = [os.path.realpath("/usr/bin/sleep")]
+        spec = WorkerSpec(task_id="c", argv=("/usr/bin/sleep", "5"), env={}, cwd="/",
+                          read_only=("/usr", "/lib", "/lib64"), exec_allow=("/usr/bin/",),
+                          exec_binds=(*programs, *sorted(_library_dirs(programs))))
+
+        async def scenario() -> tuple[int, str]:
+            client = LauncherClient(str(short_tmp / "launcher-root-c"))
+            client.start()
+            client.attach(asyncio.get_running_loop())
+            null = os.open(os.devnull, os.O_RDWR)
+            fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
+            try:
+                # No join paths at all: only the clone can have put it there.
+                spawned = await client.spawn(spec, [], (null, null, null), cgroup_fd=fd)
+                pid = await asyncio.wait_for(spawned.started, 10)
+                with open(f"{directory}/cgroup.procs") as f:
+                    members = f.read()
+                os.kill(pid, 9)
+                await asyncio.wait_for(spawned.exited, 10)
+                return pid, members
+            finally:
+                os.close(fd)
+                os.close(null)
+                client.stop()
+
+        try:
+            pid, members = asyncio.run(scenario())
+        finally:
+            os.rmdir(directory)
+        assert members.split() == [str(pid)]

@@ -117,6 +117,7 @@ class _Child:
     shape: str = ""
     ctl_fd: int = -1
     ready: bool = False
+    into_cgroup: bool = False  # cloned straight into its cgroup (CLONE_INTO_CGROUP)
 
 
 class Launcher:
@@ -128,6 +129,7 @@ class Launcher:
         self.selector = selectors.DefaultSelector()
         self.children: dict[int, _Child] = {}
         self.pool: dict[int, _Child] = {}  # slot -> prebuilt worker not taken yet
+        self.clone_into_cgroup = True  # until the kernel refuses it once
         self.seccomp_program = seccomp.build_filter()
 
     def serve(self) -> None:
@@ -180,24 +182,45 @@ class Launcher:
     def _spawn(self, message: dict[str, Any], fds: list[int]) -> None:
         request_id = int(message["id"])
         spec = WorkerSpec.from_json(message["spec"])
+        # cgroup v2: the cgroup's directory, to clone the worker straight into (last fd).
+        cgroup_fd = fds.pop() if message.get("cgroup_fd") else -1
+        join = list(message.get("join", []))
         go_r, go_w = os.pipe2(os.O_CLOEXEC)
         # A socket, not a pipe: the worker also sends its exec-watch listener fd through it.
         err_sock, err_theirs = socket.socketpair(socket.AF_UNIX, socket.SOCK_SEQPACKET)
         err_r, err_w = err_sock.detach(), err_theirs.detach()
         try:
-            pid = libc.clone(namespaces.clone_flags(spec))
+            pid = self._clone(namespaces.clone_flags(spec), cgroup_fd)
         except OSError as exc:
-            for fd in (go_r, go_w, err_r, err_w, *fds):
+            for fd in (go_r, go_w, err_r, err_w, *fds, *([cgroup_fd] if cgroup_fd >= 0 else [])):
                 os.close(fd)
             self._report_failure(request_id, "clone", exc)
             return
+        into_cgroup = cgroup_fd >= 0 and self.clone_into_cgroup
+        if cgroup_fd >= 0:
+            os.close(cgroup_fd)  # the worker has no use for it either
+        if into_cgroup:
+            join = []  # born in its cgroup
         if pid == 0:  # the worker
             contain(spec, new_root=self.new_root, seccomp_program=self.seccomp_program,
                     go_fd=go_r, err_fd=err_w, fds=tuple(fds))
         for fd in (go_r, err_w, *fds):
             os.close(fd)
-        child = _Child(request_id, pid, err_r, os.pidfd_open(pid))
-        self._release(child, spec, message.get("join", []), go_w)
+        child = _Child(request_id, pid, err_r, os.pidfd_open(pid), into_cgroup=into_cgroup)
+        self._release(child, spec, join, go_w)
+
+    def _clone(self, flags: int, cgroup_fd: int) -> int:
+        """clone(), into the cgroup `cgroup_fd` where the kernel can (CLONE_INTO_CGROUP); if it
+        cannot (before 5.7, or a refusal), plain clone from then on, and the cgroup is joined
+        by cgroup.procs writes as on v1."""
+        if cgroup_fd >= 0 and self.clone_into_cgroup:
+            try:
+                return libc.clone_into_cgroup(flags, cgroup_fd)
+            except OSError as exc:
+                self.clone_into_cgroup = False
+                send_message(self.sock, {"op": "notice", "what": "clone_into_cgroup_off",
+                                         "errno": exc.errno or 0, "message": str(exc)})
+        return libc.clone(flags)
 
     def _prebuild(self, message: dict[str, Any]) -> None:
         """A warm-pool worker of the spec's shape (contain.prebuilt), into cgroup `join`; the
@@ -349,7 +372,9 @@ class Launcher:
         if not child.request_id:
             return  # a prebuilt worker died before its call: its exit says so
         if not child.error:
-            send_message(self.sock, {"op": "started", "id": child.request_id, "pid": child.pid})
+            send_message(self.sock, {"op": "started", "id": child.request_id, "pid": child.pid,
+                                     "into_cgroup": child.into_cgroup,
+                                     "prebuilt": bool(child.slot)})
             return
         report = _first_cause(child.error)
         send_message(self.sock, {"op": "failed", "id": child.request_id, **report})

@@ -51,6 +51,8 @@ class Spawned:
     failure: SetupFailure | None = None
     task_id: str = ""
     exec_denied: int = 0  # execs the kernel refused it (execwatch), all of them counted
+    into_cgroup: bool = False  # the launcher cloned it straight into its cgroup
+    prebuilt: bool = False  # a warm-pool worker took the call (not served cold instead)
 
 
 class SetupError(Exception):
@@ -150,11 +152,12 @@ class LauncherClient:
         return self._sock
 
     async def spawn(self, spec: WorkerSpec, join_paths: list[str], fds: tuple[int, ...], *,
-                    pooled: int = 0, workspace_fd: int = -1) -> Spawned:
+                    pooled: int = 0, workspace_fd: int = -1, cgroup_fd: int = -1) -> Spawned:
         """Asks for a worker with stdin, stdout, stderr and extras `fds`; the caller keeps (and
         closes) its copies. `pooled`: the prebuilt worker's slot, handed the spec, the fds and
         the detached workspace mount `workspace_fd` (the launcher serves the call cold if that
-        worker is gone)."""
+        worker is gone). `cgroup_fd`: a cgroup v2 directory to clone the worker straight into
+        (`join_paths` are the fallback)."""
         sock = self._ensure_running()
         request_id = next(self._ids)
         spawned = Spawned(task_id=spec.task_id)
@@ -166,6 +169,9 @@ class LauncherClient:
             message.update(pooled=pooled, workspace=workspace_fd >= 0)
             if workspace_fd >= 0:
                 sent.append(workspace_fd)
+        elif cgroup_fd >= 0:
+            message["cgroup_fd"] = True
+            sent.append(cgroup_fd)
         try:
             send_message(sock, message, sent)
         except OSError as exc:
@@ -225,6 +231,9 @@ class LauncherClient:
             if self._pong_event is not None:
                 self._pong_event.set()
             return
+        if op == "notice":
+            log.warning("launcher.notice", **{k: v for k, v in message.items() if k != "op"})
+            return
         if op in ("ready", "pool_exited"):
             self.on_pool_event(str(op), int(message.get("slot") or 0), message)
             return
@@ -237,6 +246,8 @@ class LauncherClient:
                 spawned.task_id, int(message["pid"]), str(message["path"]),
                 str(message["reason"]), bool(message["refused"])))
         elif op == "started":
+            spawned.into_cgroup = bool(message.get("into_cgroup"))
+            spawned.prebuilt = bool(message.get("prebuilt"))
             _resolve(spawned.started, int(message["pid"]))
         elif op == "failed":
             spawned.failure = SetupFailure(str(message.get("action")), int(message.get("errno", 0)),

@@ -141,7 +141,6 @@ class Worker:
             self._cgroup = await asyncio.to_thread(
                 self._cgroups.create, self.spec.task_id,
                 CgroupLimits.from_limits(self.spec.limits))
-        metrics.SPAWNS.labels("prebuilt" if self._prebuilt else "cold").inc()
         self._mark("cgroup created")
         started_at = time.monotonic()
         try:
@@ -182,18 +181,20 @@ class Worker:
         in_r, in_w = os.pipe2(os.O_CLOEXEC)
         out_r, out_w = os.pipe2(os.O_CLOEXEC)
         err_r, err_w = os.pipe2(os.O_CLOEXEC)
-        workspace_fd = -1
+        workspace_fd = cgroup_fd = -1
         try:
             if self._prebuilt is not None:
                 workspace_fd = await self._open_workspace()
+            elif (directory := self._cgroup.clone_into()) is not None:
+                cgroup_fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY | os.O_CLOEXEC)
             spawned = await self._launcher.spawn(
                 self.spec, self._cgroup.join_paths(), (in_r, out_w, err_w, *self._extra_fds),
-                pooled=self._prebuilt.slot if self._prebuilt else 0, workspace_fd=workspace_fd)
+                pooled=self._prebuilt.slot if self._prebuilt else 0, workspace_fd=workspace_fd,
+                cgroup_fd=cgroup_fd)
         finally:
-            for fd in (in_r, out_w, err_w):
-                os.close(fd)
-            if workspace_fd >= 0:
-                os.close(workspace_fd)
+            for fd in (in_r, out_w, err_w, workspace_fd, cgroup_fd):
+                if fd >= 0:
+                    os.close(fd)
         self._spawned = spawned
         for fd, kind in ((out_r, STDOUT), (err_r, STDERR)):
             os.set_blocking(fd, False)
@@ -211,6 +212,9 @@ class Worker:
             except SetupError as exc:
                 failure = exc.failure
             self._mark("started")
+            metrics.SPAWNS.labels("prebuilt" if spawned.prebuilt
+                                  else "cold_into_cgroup" if spawned.into_cgroup
+                                  else "cold").inc()
             while (item := await self._queue.get()) is not None:
                 self._queued -= len(item[1])
                 self._resume_reading()

@@ -394,3 +394,22 @@ class TestObservability:
         finally:
             rc, _, err = bg.finish()
         assert rc == 0, err
+
+    def test_cold_workers_are_cloned_into_their_cgroup(self, run_id: str) -> None:
+        """On cgroup v2 the launcher clones a cold worker straight into its cgroup (clone3
+        CLONE_INTO_CGROUP: no cgroup.procs write); agentd_spawns_total counts it so. (This
+        VM's 6.1 kernel has no `lowerdir+`, so it has no warm pool: every worker is cold.)"""
+        agentctl("exec", run_id, "--", "/bin/true")
+        with socket.socket(socket.AF_UNIX) as s:
+            s.settimeout(30)
+            s.connect("/run/agentd/agentd-metrics.sock")
+            s.sendall(b"GET /metrics HTTP/1.1\r\nHost: agentd\r\n\r\n")
+            data = b""
+            while chunk := s.recv(65536):
+                data += chunk
+        found = re.search(rb'agentd_spawns_total\{how="cold_into_cgroup"\} ([0-9.e+]+)', data)
+        assert found is not None, data[-2000:]
+        assert float(found.group(1)) >= 1
+        assert b'agentd_spawns_total{how="cold"}' not in data
+        log = sh("journalctl", "-u", UNIT, "--no-pager", "-b").stdout
+        assert "clone_into_cgroup_off" not in log

@@ -112,6 +112,12 @@ class TaskCgroup(Protocol):
         """Moves process `pid` (all its threads) into this cgroup, from the parent's side."""
         ...
 
+    def clone_into(self) -> str | None:
+        """The directory a new process can be cloned straight into (clone3 with
+        CLONE_INTO_CGROUP: no migration, no cgroup.procs write); None where one directory is
+        not the whole cgroup (v1 and hybrid: one per hierarchy)."""
+        ...
+
     def kill(self) -> None:
         """SIGKILLs every process in the cgroup and returns once it is empty (CgroupError if
         that takes longer than KILL_TIMEOUT). Nothing survives: not a setsid()'d grandchild,

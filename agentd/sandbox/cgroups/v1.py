@@ -79,6 +79,9 @@ class V1Task:
         for path in self.join_paths():
             write_text(path, str(pid))
 
+    def clone_into(self) -> str | None:
+        return None  # one directory per hierarchy: joined by cgroup.procs writes
+
     def _pids(self) -> set[int]:
         found: set[int] = set()
         for directory in self.directories():

@@ -80,6 +80,9 @@ class V2Task:
     def add_pid(self, pid: int) -> None:
         write_text(os.path.join(self.directory, "cgroup.procs"), str(pid))
 
+    def clone_into(self) -> str | None:
+        return self.directory
+
     def populated(self) -> bool:
         if not os.path.isdir(self.directory):
             return False
