@@ -4,11 +4,12 @@ Runs in the child of the launcher's clone(), which already put it in new pid, mo
 and net namespaces (and a user namespace when asked). The order matters and is the point of
 this module:
 
-    die with the launcher; stdio; new session
-    new root (mounts), pivot_root; loopback up; rlimits, cwd
-    wait for the parent (it moved us into our cgroup meanwhile; with a user namespace,
-        it maps our ids, and we wait for that first, since unmapped ids cannot create files)
-    cgroup namespace, hostname
+    die with the launcher; join our cgroup (unless born in it, or in a user namespace: then
+        the launcher moves us); stdio; new session
+    new root (mounts), pivot_root; loopback up
+    wait for the parent (with a user namespace it maps our ids, and we wait for that
+        first, since unmapped ids cannot create files)
+    rlimits, cwd; cgroup namespace, hostname
     # from here on, not root
     drop privileges (no_new_privs, every capability, unprivileged uid/gid), and re-arm the
         death signal the uid change cleared
@@ -158,12 +159,16 @@ def _report_and_exit(action: type[_Action], exc: BaseException, spec: WorkerSpec
 
 
 def contain(spec: WorkerSpec, *, new_root: str, seccomp_program: bytes, go_fd: int,
-            err_fd: int, fds: tuple[int, ...]) -> NoReturn:
-    """Confines the calling (freshly cloned) process and execs the tool; never returns."""
+            err_fd: int, fds: tuple[int, ...], join: tuple[str, ...] = ()) -> NoReturn:
+    """Confines the calling (freshly cloned) process and execs the tool; never returns.
+    `join`: its cgroup's cgroup.procs files, written first (else the launcher moves it)."""
     action = _Action
     try:
         with _action(action, "pdeathsig"):
             libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        if join:
+            with _action(action, "join cgroup"):
+                _join(join)
         if spec.user_namespace:
             with _action(action, "wait for parent"):
                 _wait_for_parent(go_fd)
@@ -182,8 +187,8 @@ def contain(spec: WorkerSpec, *, new_root: str, seccomp_program: bytes, go_fd: i
         with _action(action, "network"):
             network.enter()
         if not spec.user_namespace:
-            # The parent's cgroup.procs writes (an RCU grace period on cgroup v1) overlapped
-            # with building the root; nothing of the tool runs before we are in the cgroup.
+            # The launcher's "go" (it may still be writing our cgroup.procs if it was not
+            # ours to write); nothing of the tool runs before we are in the cgroup.
             with _action(action, "wait for parent"):
                 _wait_for_parent(go_fd)
         _confine_and_exec(spec, action, err_fd, seccomp_program)
@@ -211,9 +216,7 @@ def prebuilt(shape: WorkerSpec, *, new_root: str, seccomp_program: bytes, go_fd:
             _close_all_but(err_fd, go_fd, ctl_fd)
             _new_session()
         with _action(action, "join cgroup"):
-            for path in join:
-                with open(path, "w") as f:
-                    f.write("0")
+            _join(join)
         with _action(action, "mounts"):
             mounts.enter(shape, new_root, workspace=False)
         with _action(action, "network"):
@@ -235,6 +238,13 @@ def prebuilt(shape: WorkerSpec, *, new_root: str, seccomp_program: bytes, go_fd:
         _confine_and_exec(spec, action, err_fd, seccomp_program)
     except BaseException as exc:
         _report_and_exit(action, exc, spec, err_fd)
+
+
+def _join(paths: tuple[str, ...]) -> None:
+    """Moves this process into its cgroup: "0" in each hierarchy's cgroup.procs."""
+    for path in paths:
+        with open(path, "w") as f:
+            f.write("0")
 
 
 def _receive_call(ctl_fd: int, shape: WorkerSpec

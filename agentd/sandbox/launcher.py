@@ -201,13 +201,18 @@ class Launcher:
             os.close(cgroup_fd)  # the worker has no use for it either
         if into_cgroup:
             join = []  # born in its cgroup
+        # Who joins the cgroup: the worker itself, so that a slow cgroup.procs write (an RCU
+        # grace period on v1, up to ~20 ms) stalls only that worker, not this loop and every
+        # spawn behind it; the launcher only where the worker cannot (in a user namespace it
+        # has no right to the host's cgroup files).
+        own_join = () if spec.user_namespace else tuple(join)
         if pid == 0:  # the worker
             contain(spec, new_root=self.new_root, seccomp_program=self.seccomp_program,
-                    go_fd=go_r, err_fd=err_w, fds=tuple(fds))
+                    go_fd=go_r, err_fd=err_w, fds=tuple(fds), join=own_join)
         for fd in (go_r, err_w, *fds):
             os.close(fd)
         child = _Child(request_id, pid, err_r, os.pidfd_open(pid), into_cgroup=into_cgroup)
-        self._release(child, spec, join, go_w)
+        self._release(child, spec, [] if own_join else join, go_w)
 
     def _clone(self, flags: int, cgroup_fd: int) -> int:
         """clone(), into the cgroup `cgroup_fd` where the kernel can (CLONE_INTO_CGROUP); if it
