@@ -21,8 +21,8 @@ What holds:
   `max_shapes` most recently used; a shape whose workers keep failing to build is dropped.
 - User-namespace workers and kernels before 6.8 (no `lowerdir+`, so no detached overlay) are
   always built cold.
-- The pool refills in the background after each call that took from it; a launcher
-  restart empties it.
+- The pool refills in the background once the calls that took from it are done (none
+  still running); a launcher restart empties it.
 
 Cost: each prebuilt worker is a clone of the launcher (a Python process, mostly shared
 copy-on-write pages) plus its root's mounts; `make bench` measures it (docs/architecture.md).
@@ -82,6 +82,8 @@ class WarmPool:
         self._failures: dict[str, int] = {}
         self._slots = itertools.count(1)
         self._refilling: set[str] = set()
+        self._taken = 0  # prebuilt workers taken whose calls' workers have not exited yet
+        self._owed: set[str] = set()  # shapes to refill once none is
         self._tasks: set[asyncio.Task[None]] = set()
         self._closed = False
         launcher.on_pool_event = self._on_event
@@ -117,13 +119,22 @@ class WarmPool:
                 taken = Prebuilt(entry.slot, entry.cgroup)
         if taken is None:
             self._refill(shape)
+        else:
+            self._taken += 1
         self._publish()
         return taken
 
     def refill(self, spec: WorkerSpec) -> None:
-        """The call that took a worker of `spec`'s shape is done with it: build its successor."""
+        """The call that took a worker of `spec`'s shape is done with it: its successor is
+        built once no taken worker is still running (the launcher's one loop also answers
+        running workers' execs; a 16-task step would otherwise wait behind 16 clones)."""
+        self._taken = max(0, self._taken - 1)
         if not self._closed and self.serves(spec):
-            self._refill(shape_of(spec))
+            self._owed.add(shape_of(spec))
+        if self._taken == 0:
+            owed, self._owed = self._owed, set()
+            for shape in owed:
+                self._refill(shape)
 
     def _remember(self, shape: str, spec: WorkerSpec) -> None:
         if shape in self._shapes:

@@ -146,16 +146,18 @@ class Worker:
         try:
             return await self._run(stdin, on_output, started_at)
         finally:
-            cgroup = self._cgroup
-            if self._killing is not None:
-                with contextlib.suppress(Exception):
-                    await self._killing
-            await asyncio.to_thread(cgroup.remove)
-            self._mark("cgroup removed")
-            if self._prebuilt is not None and self._pool is not None:
-                self._pool.refill(self.spec)
-            log.debug("worker.timing", task_id=self.spec.task_id, **self._phases())
-            metrics.observe_phases(metrics.SPAWN_SECONDS, self._spans())
+            try:
+                cgroup = self._cgroup
+                if self._killing is not None:
+                    with contextlib.suppress(Exception):
+                        await self._killing
+                await asyncio.to_thread(cgroup.remove)
+                self._mark("cgroup removed")
+                log.debug("worker.timing", task_id=self.spec.task_id, **self._phases())
+                metrics.observe_phases(metrics.SPAWN_SECONDS, self._spans())
+            finally:
+                if self._prebuilt is not None and self._pool is not None:
+                    self._pool.refill(self.spec)  # however this worker ended
 
     def _mark(self, phase: str) -> None:
         self._marks.append((phase, time.perf_counter()))
