@@ -63,7 +63,11 @@ class WorkerSpec:
     landlock: bool = True
 
     def to_json(self) -> dict[str, Any]:
-        return dataclasses.asdict(self)
+        # Not dataclasses.asdict: it deep-copies every value, and this runs per spawn (and
+        # per pool look-up); the fields are plain values, the one nested dataclass is limits.
+        data = {f.name: getattr(self, f.name) for f in _SPEC_FIELDS}
+        data["limits"] = dict(vars(self.limits))
+        return data
 
     @classmethod
     def from_json(cls, data: dict[str, Any]) -> WorkerSpec:
@@ -73,6 +77,8 @@ class WorkerSpec:
             data[name] = tuple(data[name])
         return cls(limits=limits, **data)
 
+
+_SPEC_FIELDS = dataclasses.fields(WorkerSpec)
 
 # What a prebuilt worker (agentd/sandbox/pool.py) is handed at call time; every other field,
 # and any field added later, is part of the shape it was built with before the call.
