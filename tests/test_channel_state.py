@@ -21,7 +21,7 @@ from agentd.api.gen.v1 import agentd_pb2_grpc
 from agentd.api.limits import MAX_MESSAGE_BYTES
 from agentd.cli.output import step_summary
 from agentd.client import AgentdClient, StepState, TaskSpec
-from agentd.store.runs import RunRecord, RunStore
+from agentd.store.runs import RunRecord, RunState, RunStore
 from agentd.store.steps import CheckpointRecord, StepStore
 from agentd.store.values import ChannelValue
 from tests.conftest import CONFIG, DaemonHandle, daemon_base, start_daemon, stop_daemon
@@ -36,9 +36,9 @@ def _store(path: Path) -> StepStore:
 
 
 def _run(run_id: str) -> RunRecord:
-    return RunRecord(run_id=run_id, agent="a", stage="prototype", state="open", created_at=0.0,
-                     closed_at=None, policy_hash="", policy_file="", workspace="",
-                     created_by="test", label="", tasks_run=0)
+    return RunRecord(run_id=run_id, agent="a", stage="prototype", state=RunState.OPEN,
+                     created_at=0.0, closed_at=None, policy_hash="", policy_file="",
+                     workspace="", created_by="test", label="", tasks_run=0)
 
 
 def _state(big: str, step: int) -> dict[str, ChannelValue]:

@@ -16,7 +16,7 @@ from agentd.scheduler.plan import TaskRequest
 from agentd.scheduler.steps import StepResult
 from agentd.scheduler.tasks import TaskOutcome
 from agentd.status import DaemonStatus
-from agentd.store.runs import RunRecord
+from agentd.store.runs import RunRecord, RunState
 from agentd.store.steps import CheckpointRecord, StepRecord
 
 STOP_REASONS = {
@@ -39,14 +39,13 @@ def _timestamp(seconds: float | None) -> Timestamp | None:
 def run_to_proto(run: RunRecord) -> pb.Run:
     return pb.Run(
         run_id=run.run_id, agent=run.agent, stage=run.stage,
-        state=pb.RUN_STATE_OPEN if run.state == "open" else pb.RUN_STATE_CLOSED,
+        state=pb.RUN_STATE_OPEN if run.state is RunState.OPEN else pb.RUN_STATE_CLOSED,
         created_at=_timestamp(run.created_at), closed_at=_timestamp(run.closed_at),
         policy_hash=run.policy_hash, policy_file=run.policy_file, workspace=run.workspace,
         created_by=run.created_by, tasks_run=run.tasks_run, step=run.step,
         forked_from=run.forked_from, forked_at_step=run.forked_at, problem=run.problem,
-        channels=[pb.ChannelDecl(name=c["name"], reducer=c["reducer"],
-                                 barrier_tasks=c.get("barrier_tasks", []))
-                  for c in json.loads(run.channels)])
+        channels=[pb.ChannelDecl(name=c.name, reducer=c.reducer, barrier_tasks=c.barrier_tasks)
+                  for c in run.channels])
 
 
 def output_event(kind: str, data: bytes) -> pb.ExecEvent:

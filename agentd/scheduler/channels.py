@@ -24,78 +24,29 @@ from __future__ import annotations
 import json
 import re
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
-from typing import Any, Final, Literal, get_args
+from typing import Any, Final
 
 from agentd.errors import InvalidArgument
-from agentd.store.values import ChannelValue, encoded_size
+from agentd.store.values import (
+    MAX_BARRIER_TASKS,
+    MAX_CHANNELS,
+    MAX_TASK_NAME,
+    NAME_PATTERN,
+    REDUCERS,
+    ChannelSpec,
+    ChannelValue,
+    Reducer,
+    encoded_size,
+)
 
-__all__ = ["ChannelSpec", "ChannelValue", "WritesError", "declare", "encoded_size",
+__all__ = ["MAX_BARRIER_TASKS", "MAX_CHANNELS", "MAX_TASK_NAME", "NAME_PATTERN", "REDUCERS",
+           "ChannelSpec", "ChannelValue", "Reducer", "WritesError", "declare", "encoded_size",
            "initial_state", "is_available", "parse_writes", "visible"]
 
-Reducer = Literal["last_value", "append", "topic", "barrier"]
-REDUCERS: Final[tuple[str, ...]] = get_args(Reducer)
-
-NAME_PATTERN: Final = r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$"
-_NAME = re.compile(NAME_PATTERN)
-# A run's declarations come from a request; bound them so a request cannot make every
-# barrier walk millions of entries.
-MAX_CHANNELS: Final = 256
-MAX_BARRIER_TASKS: Final = 256
-MAX_TASK_NAME: Final = 128
 # Nesting depth of a written value. Deeper values would hit Python's recursion limit in the
 # audit encoder and in checkpoint code long after the task that wrote them is gone.
 MAX_VALUE_DEPTH: Final = 64
 _SURROGATE = re.compile("[\ud800-\udfff]")
-
-
-@dataclass(frozen=True)
-class ChannelSpec:
-    """One channel's declaration; `barrier_tasks` names the tasks a barrier waits for."""
-
-    name: str
-    reducer: Reducer
-    barrier_tasks: tuple[str, ...] = ()
-
-    def __post_init__(self) -> None:
-        # A repeated proto field arrives as a list; keep the spec hashable and immutable.
-        if not isinstance(self.barrier_tasks, tuple):
-            object.__setattr__(self, "barrier_tasks", tuple(self.barrier_tasks))
-
-    def validate(self) -> None:
-        """Raises InvalidArgument saying what to change if the declaration is malformed."""
-        if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
-            raise InvalidArgument(
-                f"channel name {self.name!r} is not valid; use 1-64 letters, digits, '_', '.'"
-                " or '-', starting with a letter or '_' (e.g. plan, review.notes)")
-        where = f"channel {self.name!r}"
-        if self.reducer not in REDUCERS:
-            raise InvalidArgument(
-                f"{where}: reducer {self.reducer!r} is unknown; use one of {', '.join(REDUCERS)}")
-        if self.reducer != "barrier":
-            if self.barrier_tasks:
-                raise InvalidArgument(
-                    f"{where}: barrier_tasks is only for the barrier reducer; remove it or"
-                    " declare the channel as a barrier")
-            return
-        if not self.barrier_tasks:
-            raise InvalidArgument(
-                f"{where}: a barrier needs the names of the tasks it waits for in barrier_tasks")
-        if len(self.barrier_tasks) > MAX_BARRIER_TASKS:
-            raise InvalidArgument(
-                f"{where}: a barrier waits for at most {MAX_BARRIER_TASKS} tasks")
-        for task in self.barrier_tasks:
-            if (not isinstance(task, str) or not task or len(task) > MAX_TASK_NAME
-                    or not task.isprintable() or any(c.isspace() for c in task)):
-                raise InvalidArgument(
-                    f"{where}: barrier task {task!r} is not a task name; use the name given"
-                    f" to the task in the step request (1-{MAX_TASK_NAME} printable characters,"
-                    " no spaces)")
-        if len(set(self.barrier_tasks)) != len(self.barrier_tasks):
-            twice = sorted({t for t in self.barrier_tasks if self.barrier_tasks.count(t) > 1})
-            raise InvalidArgument(
-                f"{where}: barrier task(s) {', '.join(map(repr, twice))} listed more than once;"
-                " list each task once")
 
 
 class WritesError(Exception):

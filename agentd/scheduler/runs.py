@@ -12,7 +12,6 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import dataclasses
-import json
 import secrets
 import time
 from collections.abc import Sequence
@@ -37,7 +36,7 @@ from agentd.scheduler.agents import AgentRegistry
 from agentd.scheduler.gate import Phase, RunGate, RunGates
 from agentd.store.layers import LayerStore
 from agentd.store.refs import LayerRefs
-from agentd.store.runs import RunRecord, RunStore
+from agentd.store.runs import RunRecord, RunState, RunStore
 from agentd.store.steps import CheckpointRecord, StepStore
 
 log = structlog.get_logger("agentd.runs")
@@ -66,7 +65,6 @@ class RunManager:
         # Layers in use by readers (tasks, exports, forks, squashes): never deleted under them.
         self.refs = LayerRefs(layers, steps.referenced_of)
         self.draining = False
-        self._channel_specs: dict[str, dict[str, channels.ChannelSpec]] = {}
         self._worker_left = asyncio.Event()
         self._workspace_runs: set[str] = set()
         self._background: set[asyncio.Task[None]] = set()
@@ -83,13 +81,12 @@ class RunManager:
         specs = channels.declare(channel_specs)
         run_id = "r-" + secrets.token_hex(6)
         base = await asyncio.to_thread(self.layers.create_base, self._uid, self._gid)
-        declared = [dataclasses.asdict(spec) for spec in specs.values()]
+        declared = [spec.to_json() for spec in specs.values()]
         record = RunRecord(
-            run_id=run_id, agent=agent.name, stage=agent.stage, state="open",
+            run_id=run_id, agent=agent.name, stage=agent.stage, state=RunState.OPEN,
             created_at=time.time(), closed_at=None, policy_hash=agent.policy.content_hash,
             policy_file=agent.policy_file, workspace="", created_by=str(caller),
-            label=label, tasks_run=0,
-            channels=json.dumps(declared))
+            label=label, tasks_run=0, channels=tuple(specs.values()))
         try:
             await self.audit.append("run.created", actor=caller.actor(), run_id=run_id,
                                     details={"agent": agent.name, "stage": agent.stage,
@@ -114,7 +111,7 @@ class RunManager:
         returned with `problem` saying so rather than raising, so that one bad run never
         breaks a listing."""
         record = self.store.get(run_id)
-        if record.state == "open" or record.workspace:
+        if record.state is RunState.OPEN or record.workspace:
             try:
                 checkpoint = self.steps.checkpoint(run_id, record.step)
             except NotFound:
@@ -138,16 +135,8 @@ class RunManager:
         return self.registry.get(run.agent).policy
 
     def channel_specs(self, run_id: str) -> dict[str, channels.ChannelSpec]:
-        """The run's declared channels, decoded from the store once per run (they never
-        change after creation); typed from here on."""
-        specs = self._channel_specs.get(run_id)
-        if specs is None:
-            specs = channels.declare([channels.ChannelSpec(**c)
-                                      for c in json.loads(self.store.get(run_id).channels)])
-            if len(self._channel_specs) >= 4096:  # bounded: a cache, not a registry
-                self._channel_specs.clear()
-            self._channel_specs[run_id] = specs
-        return specs
+        """The run's declared channels by name (the store decodes them)."""
+        return {spec.name: spec for spec in self.store.get(run_id).channels}
 
     def list_runs(self, agent: str = "", include_closed: bool = False) -> list[RunRecord]:
         return [self.get_run(r.run_id)
@@ -176,7 +165,6 @@ class RunManager:
             await self.refs.release(dropped)
             await self.audit.sign_tree_head()
             self.forget_workspace(run_id)
-            self._channel_specs.pop(run_id, None)
             log.info("run.closed", run_id=run_id, kept_workspace=keep_workspace, killed=killed,
                      uid=caller.uid)
             return self.get_run(run_id)
@@ -200,7 +188,7 @@ class RunManager:
             async with self.refs.hold(checkpoint.layers):
                 new_id = "r-" + secrets.token_hex(6)
                 record = dataclasses.replace(
-                    source, run_id=new_id, state="open", created_at=time.time(),
+                    source, run_id=new_id, state=RunState.OPEN, created_at=time.time(),
                     closed_at=None, workspace="", created_by=str(caller), label=label, tasks_run=0,
                     step=step, forked_from=run_id, forked_at=step)
                 await self.audit.append("run.forked", actor=caller.actor(), run_id=new_id,
@@ -215,7 +203,7 @@ class RunManager:
     def check_open(self, run_id: str) -> RunRecord:
         """The run, if new work may enter it; FAILED_PRECONDITION if closed or closing."""
         record = self.store.get(run_id)
-        if record.state == "closed":
+        if record.state is RunState.CLOSED:
             raise FailedPrecondition(f"run {run_id} is closed; create a new run")
         self.gate(run_id).check_open()
         return record
@@ -223,7 +211,7 @@ class RunManager:
     def gate(self, run_id: str) -> RunGate:
         """The run's gate; NOT_FOUND for an unknown run. Only open runs keep one (so bad or
         late run ids cannot grow the table): a closed run's is a fresh, CLOSED one."""
-        if self.store.get(run_id).state == "closed":
+        if self.store.get(run_id).state is RunState.CLOSED:
             return RunGate(run_id, phase=Phase.CLOSED)
         return self.gates(run_id)
 

@@ -7,13 +7,16 @@ query side (list by agent, by state) for free. The daemon is the only writer.
 from __future__ import annotations
 
 import contextlib
+import enum
 import sqlite3
 import time
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 from agentd.errors import NotFound
+from agentd.store.values import ChannelSpec, decode_specs, encode_specs
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS runs (
@@ -38,12 +41,19 @@ CREATE INDEX IF NOT EXISTS runs_agent ON runs(agent, state);
 """
 
 
+class RunState(enum.StrEnum):
+    """A run is open (steps, rollbacks, forks) until it is closed, for good."""
+
+    OPEN = "open"
+    CLOSED = "closed"
+
+
 @dataclass(frozen=True)
 class RunRecord:
     run_id: str
     agent: str
     stage: str
-    state: str
+    state: RunState
     created_at: float
     closed_at: float | None
     policy_hash: str
@@ -53,10 +63,18 @@ class RunRecord:
     label: str
     tasks_run: int  # tasks run on this run (a column named execs before)
     step: int = 0
-    channels: str = "[]"  # JSON list of channel declarations
+    channels: tuple[ChannelSpec, ...] = field(default=())  # its declared channels, in order
     forked_from: str = ""
     forked_at: int = 0
     problem: str = ""  # not stored: why the run is inconsistent, if it is (see get_run)
+
+
+def _record(row: tuple[Any, ...]) -> RunRecord:
+    """A runs row, decoded: its state an enum, its channel declarations typed."""
+    values = list(row)
+    values[3] = RunState(values[3])
+    values[13] = decode_specs(values[13])
+    return RunRecord(*values)
 
 
 @contextlib.contextmanager
@@ -122,20 +140,20 @@ class RunStore:
             "INSERT INTO runs VALUES (:run_id, :agent, :stage, :state, :created_at, :closed_at,"
             " :policy_hash, :policy_file, :workspace, :created_by, :label, :tasks_run, :step,"
             " :channels, :forked_from, :forked_at)",
-            record.__dict__)
+            {**record.__dict__, "channels": encode_specs(record.channels)})
 
     def get(self, run_id: str) -> RunRecord:
         row = self._db.execute("SELECT * FROM runs WHERE run_id = ?", (run_id,)).fetchone()
         if row is None:
             raise NotFound(f"run {run_id!r} not found; `agentctl run list` shows the runs")
-        return RunRecord(*row)
+        return _record(row)
 
     def list(self, *, agent: str = "", include_closed: bool = False) -> list[RunRecord]:
         query = "SELECT * FROM runs WHERE (? = '' OR agent = ?)"
         if not include_closed:
             query += " AND state = 'open'"
         rows = self._db.execute(query + " ORDER BY created_at", (agent, agent)).fetchall()
-        return [RunRecord(*row) for row in rows]
+        return [_record(row) for row in rows]
 
     def count_open(self) -> int:
         return int(self._db.execute("SELECT COUNT(*) FROM runs WHERE state = 'open'")

@@ -19,17 +19,22 @@ elements, each element stored once as a value of its own. An `append` channel gr
 checkpoint. A node's blob starts with "L", which no canonical JSON does, so a value can never
 be mistaken for a node. `value_refs` records which elements a node holds, for deletion.
 
-Decoding happens here, once: callers get `ChannelValue`s, never JSON text.
+Decoding happens here, once: callers get `ChannelValue`s, never JSON text. The same holds for a
+run's channel declarations (`ChannelSpec`, stored by the runs table as a JSON list): the store
+encodes and decodes them, everything above it sees typed values.
 """
 
 from __future__ import annotations
 
 import hashlib
 import json
+import re
 import sqlite3
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Any, Final
+from typing import Any, Final, Literal, get_args
+
+from agentd.errors import InvalidArgument
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS channel_values (
@@ -53,6 +58,83 @@ CREATE TABLE IF NOT EXISTS value_refs (
 );
 CREATE INDEX IF NOT EXISTS value_refs_child ON value_refs(child);
 """
+Reducer = Literal["last_value", "append", "topic", "barrier"]
+REDUCERS: Final[tuple[str, ...]] = get_args(Reducer)
+
+NAME_PATTERN: Final = r"^[A-Za-z_][A-Za-z0-9_.-]{0,63}$"
+_NAME = re.compile(NAME_PATTERN)
+# A run's declarations come from a request; bound them so a request cannot make every
+# barrier walk millions of entries.
+MAX_CHANNELS: Final = 256
+MAX_BARRIER_TASKS: Final = 256
+MAX_TASK_NAME: Final = 128
+
+
+@dataclass(frozen=True)
+class ChannelSpec:
+    """One channel's declaration; `barrier_tasks` names the tasks a barrier waits for."""
+
+    name: str
+    reducer: Reducer
+    barrier_tasks: tuple[str, ...] = ()
+
+    def __post_init__(self) -> None:
+        # A repeated proto field (or a stored JSON list) arrives as a list; keep the spec
+        # hashable and immutable.
+        if not isinstance(self.barrier_tasks, tuple):
+            object.__setattr__(self, "barrier_tasks", tuple(self.barrier_tasks))
+
+    def validate(self) -> None:
+        """Raises InvalidArgument saying what to change if the declaration is malformed."""
+        if not isinstance(self.name, str) or not _NAME.fullmatch(self.name):
+            raise InvalidArgument(
+                f"channel name {self.name!r} is not valid; use 1-64 letters, digits, '_', '.'"
+                " or '-', starting with a letter or '_' (e.g. plan, review.notes)")
+        where = f"channel {self.name!r}"
+        if self.reducer not in REDUCERS:
+            raise InvalidArgument(
+                f"{where}: reducer {self.reducer!r} is unknown; use one of {', '.join(REDUCERS)}")
+        if self.reducer != "barrier":
+            if self.barrier_tasks:
+                raise InvalidArgument(
+                    f"{where}: barrier_tasks is only for the barrier reducer; remove it or"
+                    " declare the channel as a barrier")
+            return
+        if not self.barrier_tasks:
+            raise InvalidArgument(
+                f"{where}: a barrier needs the names of the tasks it waits for in barrier_tasks")
+        if len(self.barrier_tasks) > MAX_BARRIER_TASKS:
+            raise InvalidArgument(
+                f"{where}: a barrier waits for at most {MAX_BARRIER_TASKS} tasks")
+        for task in self.barrier_tasks:
+            if (not isinstance(task, str) or not task or len(task) > MAX_TASK_NAME
+                    or not task.isprintable() or any(c.isspace() for c in task)):
+                raise InvalidArgument(
+                    f"{where}: barrier task {task!r} is not a task name; use the name given"
+                    f" to the task in the step request (1-{MAX_TASK_NAME} printable characters,"
+                    " no spaces)")
+        if len(set(self.barrier_tasks)) != len(self.barrier_tasks):
+            twice = sorted({t for t in self.barrier_tasks if self.barrier_tasks.count(t) > 1})
+            raise InvalidArgument(
+                f"{where}: barrier task(s) {', '.join(map(repr, twice))} listed more than once;"
+                " list each task once")
+
+    def to_json(self) -> dict[str, Any]:
+        return {"name": self.name, "reducer": self.reducer,
+                "barrier_tasks": list(self.barrier_tasks)}
+
+
+def encode_specs(specs: tuple[ChannelSpec, ...]) -> str:
+    """A run's channel declarations as stored (a JSON list), decoded by `decode_specs`."""
+    return json.dumps([spec.to_json() for spec in specs])
+
+
+def decode_specs(text: str) -> tuple[ChannelSpec, ...]:
+    return tuple(ChannelSpec(name=c["name"], reducer=c["reducer"],
+                             barrier_tasks=tuple(c.get("barrier_tasks", ())))
+                 for c in json.loads(text))
+
+
 _NODE: Final = b"L"
 _CHUNK: Final = 500  # hashes per IN (...) query, well under SQLite's variable limit
 
