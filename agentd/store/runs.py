@@ -81,15 +81,14 @@ def _record(row: tuple[Any, ...]) -> RunRecord:
 def not_synced(db: sqlite3.Connection) -> Iterator[None]:
     """Transactions in this block are committed without an fsync (synchronous=NORMAL in WAL).
 
-    Only for rows whose durability the audit log already provides and whose loss is harmless:
-    in WAL mode NORMAL loses a commit only to an OS crash or power loss, never to a process
-    crash (kill -9 loses nothing); and the next FULL commit (every step ends in one: commit
-    or failure) fsyncs the WAL with every frame before it, so the window closes when the step
-    ends. What falls in it is a step's RUNNING attempt row and its task counter: after a power
-    loss inside a running step, the step's uppers (tmpfs) are gone, nothing of it was applied,
-    and step.started/exec.allowed are already durable in the audit log, which is the record.
-    The store is used from the event loop's thread only, so the pragma cannot leak into
-    another caller's transaction.
+    Only for rows whose loss is harmless and whose facts the audit log holds anyway: in WAL
+    mode NORMAL loses a commit only to an OS crash or power loss, never to a process crash
+    (kill -9 loses nothing), and the next FULL commit (every step ends in one) fsyncs the WAL
+    with every frame before it. The one user is the task counter (`Run.tasks_run`, a
+    statistic; every task's exec.allowed is in the audit log). A running step's attempt row
+    is *not* one: recovery needs it to list a step cut short after its `step.committing`
+    record (see StepStore.begin). The store is used from the event loop's thread only, so
+    the pragma cannot leak into another caller's transaction.
     """
     db.execute("PRAGMA synchronous=NORMAL")
     try:

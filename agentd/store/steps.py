@@ -23,7 +23,7 @@ from typing import Any
 
 from agentd.errors import Aborted, FailedPrecondition, NotFound
 from agentd.store import values
-from agentd.store.runs import RunRecord, RunStore, not_synced
+from agentd.store.runs import RunRecord, RunStore
 from agentd.store.values import ChannelValue
 
 SCHEMA = """
@@ -187,16 +187,14 @@ class StepStore:
 
     def begin(self, run_id: str, step: int, state: str, request: dict[str, Any],
               requested_by: str) -> int:
-        """A new attempt. A running one is written without an fsync (`not_synced` says why);
-        a pending approval is durable: someone will decide on it, perhaps after a reboot."""
-        insert = ("INSERT INTO steps (run_id, step, state, request, requested_by, created_at)"
-                  " VALUES (?, ?, ?, ?, ?, ?)")
-        values = (run_id, step, state, json.dumps(request), requested_by, time.time())
-        if state == "running":
-            with not_synced(self._db):
-                cursor = self._db.execute(insert, values)
-        else:
-            cursor = self._db.execute(insert, values)
+        """A new attempt, durable at once (fsynced), even a running one: if the daemon dies
+        after the step's `step.committing` record and before its checkpoint, recovery must
+        find this row to list the step as interrupted (`daemon.started`), or the audit log
+        would show a commit that never happened."""
+        cursor = self._db.execute(
+            "INSERT INTO steps (run_id, step, state, request, requested_by, created_at)"
+            " VALUES (?, ?, ?, ?, ?, ?)",
+            (run_id, step, state, json.dumps(request), requested_by, time.time()))
         return int(cursor.lastrowid or 0)
 
     def finish(self, attempt: int, state: str, *, reply: dict[str, Any], reason: str = "",
