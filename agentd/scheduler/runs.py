@@ -134,6 +134,10 @@ class RunManager:
         """The effective policy the run is bound to (its agent's, clamped to its stage)."""
         return self.registry.get(run.agent).policy
 
+    def count_task(self, run_id: str) -> None:
+        """One more task started on the run (`Run.tasks_run`)."""
+        self.store.count_task(run_id)
+
     def channel_specs(self, run_id: str) -> dict[str, channels.ChannelSpec]:
         """The run's declared channels by name (the store decodes them)."""
         return {spec.name: spec for spec in self.store.get(run_id).channels}

@@ -240,7 +240,7 @@ class TaskRunner:
                                             "stage": ctx.policy.stage,
                                             "policy_hash": ctx.policy.content_hash})
             await durable(ctx.started, allowed)
-            self.runs.store.count_task(run_id)
+            self.runs.count_task(run_id)
             try:
                 result = await worker.run(task.request.stdin, on_output)
             except asyncio.CancelledError:
