@@ -19,10 +19,12 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import concurrent.futures
 import grp
 import os
 import signal
 import sys
+import threading
 import time
 
 import structlog
@@ -53,6 +55,14 @@ from agentd.store.runs import RunStore
 from agentd.store.steps import StepStore
 
 log = structlog.get_logger("agentd")
+
+
+IO_THREAD = "agentd-io"  # the event loop's worker threads (asyncio.to_thread)
+
+
+def _name_io_thread() -> None:
+    with open(f"/proc/self/task/{threading.get_native_id()}/comm", "w") as f:
+        f.write(IO_THREAD)
 
 
 class Daemon:
@@ -94,6 +104,10 @@ class Daemon:
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
+        # asyncio's own default size, with the threads named in /proc (ps, py-spy, tests).
+        loop.set_default_executor(concurrent.futures.ThreadPoolExecutor(
+            max_workers=min(32, (os.cpu_count() or 1) + 4), thread_name_prefix=IO_THREAD,
+            initializer=_name_io_thread))
         self.launcher.attach(loop)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
