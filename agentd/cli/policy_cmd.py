@@ -1,4 +1,5 @@
-"""`agentctl policy check|effective|schema`: policy files, read locally without the daemon.
+"""`agentctl policy check|effective|explain|diff|lint|schema`: policy files, read locally
+without the daemon: the security reviewer's tools.
 
 This is the one place agentctl uses `agentd.policy` directly (see DESIGN.md, Layering); it is
 imported inside the handlers so that the rest of agentctl never pays for it.
@@ -40,6 +41,38 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         "--config", help="the daemon config (default: $AGENTD_CONFIG, ./agentd.dev.toml in a "
         "checkout, else /etc/agentd/agentd.toml)")
     effective.set_defaults(func=cmd_effective)
+
+    explain = sub.add_parser(
+        "explain", help="say in plain words what an agent may do at a stage, after clamping: "
+        "programs, files, network, environment, limits, approvals, residual reach")
+    explain.add_argument("target", metavar="FILE|AGENT",
+                         help="a policy file, or an agent of the daemon config")
+    explain.add_argument("--stage", help="the stage (default: the agent's; for a file, every "
+                         "stage it reaches)")
+    explain.add_argument("--stages", metavar="FILE", help="stage ceilings (default: "
+                         "stages.yaml beside the policy file)")
+    explain.add_argument("--config", help="the daemon config, for an AGENT")
+    explain.add_argument("--no-reach", action="store_true",
+                         help="skip the residual reach (it reads ELF headers of the grants)")
+    explain.set_defaults(func=cmd_explain)
+
+    diff = sub.add_parser(
+        "diff", help="what changes between two versions of a policy, per stage, in "
+        "capabilities (+ looser, - stricter); exit 0 if nothing changes, 1 if something does")
+    diff.add_argument("old", metavar="OLD", help="the policy file as it was")
+    diff.add_argument("new", metavar="NEW", help="the policy file as it is proposed")
+    diff.add_argument("--stage", help="one stage only")
+    diff.add_argument("--stages", metavar="FILE", help="stage ceilings (default: stages.yaml "
+                      "beside NEW)")
+    diff.set_defaults(func=cmd_diff)
+
+    lint = sub.add_parser(
+        "lint", help="flag risky grants, each with its line and a reason; exit 0 if none, 1 "
+        "if any, 2 if a file is invalid")
+    lint.add_argument("files", nargs="+", metavar="FILE", help="policy file (YAML)")
+    lint.add_argument("--stages", metavar="FILE", help="stage ceilings (default: stages.yaml "
+                      "beside each file)")
+    lint.set_defaults(func=cmd_lint)
 
     schema = sub.add_parser("schema", help="print the JSON Schema of policy files")
     schema.set_defaults(func=cmd_schema)
@@ -119,6 +152,102 @@ def _with_file(message: str, path: str) -> str:
     """Each error line, prefixed with the file's name unless the line already starts with it."""
     lines = message.splitlines() or ["invalid"]
     return "".join((line if line.startswith(path) else f"{path}: {line}") + "\n" for line in lines)
+
+
+def cmd_explain(args: argparse.Namespace) -> int:
+    """`policy explain FILE|AGENT`: the effective policy in sentences, per stage."""
+    import os
+
+    from agentd.policy import effective_policy, load_policy, load_stage_ceilings
+    from agentd.policy.execset import reach
+    from agentd.policy.explain import explain
+    from agentd.policy.model import STAGES
+
+    if os.path.exists(args.target):
+        policy = load_policy(args.target)
+        ceilings = load_stage_ceilings(_stages_file(args.target, args.stages))
+        stages = [args.stage] if args.stage else [s for s in STAGES if policy.resolve(s)]
+    else:
+        config, config_path = _config(args.config)
+        agent = config.agents.get(args.target)
+        if agent is None:
+            known = ", ".join(sorted(config.agents)) or "none"
+            print(f"agentctl: {args.target!r} is neither a file nor an agent of {config_path} "
+                  f"(agents: {known})", file=sys.stderr)
+            return 2
+        policy_dir = config.daemon.policy_dir
+        policy = load_policy(policy_dir / agent.policy)
+        ceilings = load_stage_ceilings(args.stages or policy_dir / config.daemon.stages_file)
+        stages = [args.stage or agent.stage]
+    for n, stage in enumerate(stages):
+        if policy.resolve(stage) is None:
+            print(f"agentctl: {policy.source} declares no stage at or below {stage}",
+                  file=sys.stderr)
+            return 2
+        eff = effective_policy(policy, stage, ceilings)
+        print(("\n" if n else "") + "\n".join(
+            explain(eff, reach=None if args.no_reach else reach(eff))))
+    return 0
+
+
+def cmd_diff(args: argparse.Namespace) -> int:
+    """`policy diff OLD NEW`: capabilities that move, per stage; 1 if any does."""
+    from agentd.policy import effective_policy, load_policy, load_stage_ceilings
+    from agentd.policy.diff import diff, render
+    from agentd.policy.model import STAGES
+
+    old, new = load_policy(args.old), load_policy(args.new)
+    ceilings = load_stage_ceilings(_stages_file(args.new, args.stages))
+    changed = False
+    for stage in [args.stage] if args.stage else STAGES:
+        before = effective_policy(old, stage, ceilings) if old.resolve(stage) else None
+        after = effective_policy(new, stage, ceilings) if new.resolve(stage) else None
+        if before is None and after is None:
+            continue
+        changes = diff(before, after) if before and after else []
+        changed = changed or bool(changes) or (before is None) != (after is None)
+        print("\n".join(render(stage, before, after, changes)))
+    return 1 if changed else 0
+
+
+def cmd_lint(args: argparse.Namespace) -> int:
+    """`policy lint FILE...`: risky grants; 1 if any, 2 if a file cannot be read."""
+    from agentd.policy import load_policy, load_stage_ceilings
+    from agentd.policy.lint import lint
+
+    status = 0
+    for path in args.files:
+        try:
+            policy = load_policy(path)
+            findings = lint(policy, load_stage_ceilings(_stages_file(path, args.stages)))
+        except AgentdError as exc:
+            sys.stderr.write(_with_file(str(exc), path))
+            status = 2
+            continue
+        except OSError as exc:
+            print(f"{path}: cannot read: {exc.strerror or exc}", file=sys.stderr)
+            status = 2
+            continue
+        for finding in findings:
+            print(finding)
+        live = [f for f in findings if not f.waived]
+        waived = len(findings) - len(live)
+        print(f"{path}: {len(live)} finding(s)" + (f", {waived} waived" if waived else "")
+              if live else f"{path}: ok" + (f" ({waived} waived)" if waived else ""))
+        if live and status == 0:
+            status = 1
+    return status
+
+
+def _config(path: str | None) -> tuple[Any, str]:
+    """The daemon config agentctl reads for AGENT arguments, and its path."""
+    import os
+
+    from agentd.config import load_config
+
+    config_path = path or os.environ.get("AGENTD_CONFIG") or (
+        "agentd.dev.toml" if os.path.exists("agentd.dev.toml") else "/etc/agentd/agentd.toml")
+    return load_config(config_path), config_path
 
 
 def cmd_schema(args: argparse.Namespace) -> int:

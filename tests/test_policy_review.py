@@ -1,0 +1,214 @@
+"""The security reviewer's offline tools: `agentctl policy explain`, `diff` and `lint`, on the
+shipped policies and on deliberately risky ones, through the real command line."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+import textwrap
+from pathlib import Path
+
+import pytest
+
+REPO = Path(__file__).resolve().parent.parent
+SHIPPED = ("shell-helper.yaml", "cve-triage.yaml")
+AGENTCTL = (sys.executable, "-m", "agentd.cli.main")
+
+BASE = textwrap.dedent("""\
+    apiVersion: agentd/v1
+    kind: Policy
+    name: reviewed
+    stages:
+      prototype:
+        exec:
+          allow: [/usr/bin/cat, /usr/bin/ls]
+        filesystem:
+          read_only: [/usr, /lib, /lib64]
+          workspace: read_write
+        limits:
+          memory: 64MiB
+          pids: 16
+          cpu: 0.5
+          wall_time: 10s
+          output: 1MiB
+          tmp: 8MiB
+          open_files: 64
+          file_size: 8MiB
+          writes: 1MiB
+          workspace: 64MiB
+          inodes: 1000
+          channel_state: 1MiB
+      pilot:
+        limits:
+          memory: 128MiB
+    """)
+
+
+def agentctl(*argv: str, cwd: Path = REPO) -> subprocess.CompletedProcess[str]:
+    return subprocess.run([*AGENTCTL, *argv], cwd=cwd, capture_output=True, text=True,
+                          timeout=60, check=False)
+
+
+@pytest.fixture
+def policies(tmp_path: Path) -> Path:
+    """A policy directory with the shipped stage ceilings."""
+    shutil.copy(REPO / "policies" / "stages.yaml", tmp_path)
+    return tmp_path
+
+
+def write(directory: Path, name: str, text: str) -> Path:
+    path = directory / name
+    path.write_text(text)
+    return path
+
+
+class TestExplain:
+    @pytest.mark.parametrize("name", SHIPPED)
+    def test_every_stage_of_a_shipped_policy_is_explained(self, name: str) -> None:
+        done = agentctl("policy", "explain", f"policies/{name}", "--no-reach")
+        assert done.returncode == 0, done.stderr
+        for stage in ("prototype", "sandbox", "pilot", "production"):
+            assert f"at stage {stage} " in done.stdout
+        for heading in ("Programs it may run:", "Needs a person's approval", "Files:",
+                        "Network:", "Environment:", "Limits, per task:",
+                        "Clamped by the stage ceiling:"):
+            assert heading in done.stdout
+        assert f"policies/{name}:" in done.stdout  # every fact names its line
+
+    def test_an_agent_is_explained_at_its_stage_with_the_clamps_and_reach(self) -> None:
+        done = agentctl("policy", "explain", "shell-helper")  # agentd.dev.toml in the checkout
+        assert done.returncode == 0, done.stderr
+        assert "shell-helper at stage prototype" in done.stdout
+        assert "/bin/sh  (runs code it is given)" in done.stdout
+        assert "ELF programs inside the library directories" in done.stdout
+
+    def test_a_clamp_and_an_approval_are_said_in_words(self, policies: Path) -> None:
+        greedy = BASE.replace("  pilot:\n    limits:\n      memory: 128MiB\n",
+                              "  pilot:\n    limits:\n      memory: 64GiB\n"
+                              "    approval:\n      required_for: [exec:/usr/bin/ls]\n")
+        assert greedy != BASE
+        path = write(policies, "greedy.yaml", greedy)
+        done = agentctl("policy", "explain", str(path), "--stage", "pilot", "--no-reach")
+        assert done.returncode == 0, done.stderr
+        clamped = done.stdout.split("Clamped by the stage ceiling:")[1]
+        assert "limits.memory" in clamped
+        assert "stages.yaml" in clamped
+        assert "a step that runs /usr/bin/ls; in a step nobody approved it cannot be executed" \
+            in done.stdout
+
+    def test_an_unknown_target_is_a_clear_error(self) -> None:
+        done = agentctl("policy", "explain", "no-such-agent")
+        assert done.returncode == 2
+        assert "neither a file nor an agent" in done.stderr
+        assert "Traceback" not in done.stderr
+
+
+class TestDiff:
+    def test_the_same_capabilities_written_differently_are_no_change(
+            self, policies: Path) -> None:
+        old = write(policies, "old.yaml", BASE)
+        reordered = BASE.replace("allow: [/usr/bin/cat, /usr/bin/ls]",
+                                 "# reordered, with a comment\n      allow: [/usr/bin/ls, "
+                                 "/usr/bin/cat]")
+        new = write(policies, "new.yaml", reordered)
+        done = agentctl("policy", "diff", str(old), str(new))
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "stage prototype: no change in what the agent may do" in done.stdout
+
+    def test_each_capability_that_moves_is_shown_with_its_direction(
+            self, policies: Path) -> None:
+        old = write(policies, "old.yaml", BASE)
+        changed = (BASE.replace("allow: [/usr/bin/cat, /usr/bin/ls]",
+                                "allow: [/usr/bin/cat, /usr/bin/python3]")
+                   .replace("memory: 64MiB", "memory: 32MiB")
+                   .replace("  pilot:\n", "  pilot:\n    approval:\n"
+                            "      required_for: [exec:/usr/bin/python3]\n"))
+        assert "approval" in changed
+        new = write(policies, "new.yaml", changed)
+        done = agentctl("policy", "diff", str(old), str(new))
+        assert done.returncode == 1, done.stderr
+        prototype = done.stdout.split("stage sandbox")[0]
+        assert "+ exec.allow: may run /usr/bin/python3" in prototype
+        assert "- exec.allow: no longer may run /usr/bin/ls" in prototype
+        assert "- limits.memory: 64MiB -> 32MiB" in prototype
+        pilot = done.stdout.split("stage pilot")[1].split("stage production")[0]
+        assert "- approval.required_for: needs approval for exec:/usr/bin/python3" in pilot
+        assert "limits.memory" not in pilot  # pilot's own 128MiB did not move
+
+    def test_shipped_policies_against_themselves(self) -> None:
+        for name in SHIPPED:
+            done = agentctl("policy", "diff", f"policies/{name}", f"policies/{name}")
+            assert done.returncode == 0, done.stdout
+            assert "looser" not in done.stdout
+
+
+class TestLint:
+    def test_the_shipped_policies_pass_with_their_waivers_shown(self) -> None:
+        done = agentctl("policy", "lint", *(f"policies/{name}" for name in SHIPPED))
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "interpreter-unapproved" in done.stdout  # still shown...
+        assert "(waived: " in done.stdout  # ...with the reason it is accepted
+
+    def test_each_risky_grant_is_flagged_at_its_line(self, policies: Path) -> None:
+        risky = textwrap.dedent("""\
+            apiVersion: agentd/v1
+            kind: Policy
+            name: risky
+            stages:
+              prototype:
+                exec:
+                  allow:
+                    - /usr/bin/cat
+                    - /usr/bin/
+                    - /workspace/tool
+                    - /usr/bin/python3
+                filesystem:
+                  read_only: [/usr]
+                approval:
+                  required_for: [exec:/usr/bin/rm]
+                limits:
+                  memory: 64MiB
+              pilot:
+                limits:
+                  memory: 64MiB
+            """)
+        path = write(policies, "risky.yaml", risky)
+        # A host whose prototype ceiling lets /workspace execute (the shipped one does not: a
+        # grant the ceiling removes is not the policy's risk, and lint does not report it).
+        stages = policies / "stages.yaml"
+        shipped = "allow: [/usr/bin/, /bin/, /usr/sbin/, /sbin/, /usr/local/bin/, /usr/lib/]"
+        stages.write_text(stages.read_text().replace(
+            shipped, shipped.replace("]", ", /workspace/]"), 1))
+        done = agentctl("policy", "lint", str(path))
+        assert done.returncode == 1, done.stdout + done.stderr
+        out = done.stdout
+        assert (f"{path}:9: prototype, sandbox, pilot, production: exec.allow: /usr/bin/ grants"
+                " every program") in out
+        assert (f"{path}:10: prototype: exec.allow: /workspace/tool is writable by the agent"
+                in out)
+        assert f"{path}:11: pilot, production: exec.allow: /usr/bin/python3 runs any code" in out
+        assert "[trigger-bypassable]" in out
+        assert "exec:/usr/bin/rm: an allowed interpreter" in out
+        assert "limits.pids: not set in the file" in out
+        assert "[missing-limit]" in out
+
+    def test_a_waiver_names_its_rule_and_reason(self, policies: Path) -> None:
+        text = BASE.replace("allow: [/usr/bin/cat, /usr/bin/ls]",
+                            "allow:\n        - /usr/bin/cat\n        - /usr/bin/python3"
+                            "  # lint: allow interpreter-unapproved (its job is Python)")
+        path = write(policies, "waived.yaml", text)
+        done = agentctl("policy", "lint", str(path))
+        assert done.returncode == 0, done.stdout
+        assert "(waived: its job is Python)" in done.stdout
+        # A waiver for another rule waives nothing.
+        other = write(policies, "other.yaml", text.replace("interpreter-unapproved",
+                                                           "tree-grant"))
+        done = agentctl("policy", "lint", str(other))
+        assert done.returncode == 1, done.stdout
+
+    def test_an_invalid_file_is_exit_2_with_file_and_line(self) -> None:
+        done = agentctl("policy", "lint", "tests/policy_cases/bad/unknown-field.yaml")
+        assert done.returncode == 2
+        assert "unknown-field.yaml:" in done.stderr
+        assert "Traceback" not in done.stderr
