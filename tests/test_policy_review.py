@@ -8,6 +8,7 @@ import subprocess
 import sys
 import textwrap
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -212,3 +213,92 @@ class TestLint:
         assert done.returncode == 2
         assert "unknown-field.yaml:" in done.stderr
         assert "Traceback" not in done.stderr
+
+
+class TestPolicyTest:
+    def test_the_shipped_cases_pass_and_report_coverage(self) -> None:
+        done = agentctl("policy", "test", "policies/tests/shell-helper.test.yaml",
+                        "policies/tests/cve-triage.test.yaml")
+        assert done.returncode == 0, done.stdout + done.stderr
+        assert "shell-helper.test.yaml: 10 of 10 cases pass (policies/shell-helper.yaml)" \
+            in done.stdout
+        assert "prototype: exec.allow: 3 of 45 entries exercised; none for:" in done.stdout
+        assert "refusals exercised by: env.allow, exec.allow, limits.wall_time" in done.stdout
+
+    def test_a_wrong_expectation_fails_with_what_was_decided(self, policies: Path) -> None:
+        write(policies, "reviewed.yaml", BASE)
+        cases = write(policies, "reviewed.test.yaml", textwrap.dedent("""\
+            apiVersion: agentd/v1
+            kind: PolicyTest
+            policy: reviewed.yaml
+            cases:
+              - name: cat is allowed
+                request: {argv: [/usr/bin/cat, x]}
+                expect: allow
+              - name: "ls is refused (wrong: it is allowed)"
+                request: {argv: [/usr/bin/ls]}
+                expect: refuse
+              - name: python is refused by the wrong rule
+                request: {argv: [/usr/bin/python3]}
+                expect: refuse
+                rule: env.allow
+            """))
+        done = agentctl("policy", "test", str(cases))
+        assert done.returncode == 1, done.stdout + done.stderr
+        assert ("FAIL " + str(cases) + ": ls is refused (wrong: it is allowed) (prototype): "
+                "expected refuse, got allow: /usr/bin/ls may run") in done.stdout
+        assert "python is refused by the wrong rule (prototype): expected refuse by env.allow," \
+            " got refuse" in done.stdout
+        assert "1 of 3 cases pass" in done.stdout
+
+    def test_a_bad_case_file_names_file_line_and_field(self, policies: Path) -> None:
+        write(policies, "reviewed.yaml", BASE)
+        cases = write(policies, "bad.test.yaml", textwrap.dedent("""\
+            apiVersion: agentd/v1
+            kind: PolicyTest
+            policy: reviewed.yaml
+            cases:
+              - name: a typo
+                request: {argv: [/usr/bin/cat]}
+                expect: allowed
+            """))
+        done = agentctl("policy", "test", str(cases))
+        assert done.returncode == 2
+        assert f"{cases}:7: cases[0].expect:" in done.stderr
+        assert "Traceback" not in done.stderr
+
+
+@pytest.mark.privileged
+class TestPolicyTestAgreesWithTheDaemon:
+    """`policy test` claims to decide as the daemon does: every shipped prototype case, sent to
+    a real daemon as a step, gets the same decision there."""
+
+    def test_every_shipped_case_is_decided_the_same_by_the_daemon(self, stub: Any) -> None:
+        import grpc
+
+        from agentd.api.gen.v1 import agentd_pb2 as pb
+        from agentd.policy.loader import load_policy_tests
+
+        tests = load_policy_tests(REPO / "policies" / "tests" / "shell-helper.test.yaml")
+        run_id = stub.CreateRun(pb.CreateRunRequest(agent="shell-helper")).run_id
+        checked = 0
+        try:
+            for case in tests.cases:
+                if (case.stage or tests.stage) != "prototype":
+                    continue  # the test daemon runs shell-helper at prototype
+                r = case.request
+                task = pb.TaskSpec(name="t", argv=r.argv, env=r.env, cwd=r.cwd,
+                                   timeout_seconds=r.timeout)
+                try:
+                    stub.Step(pb.StepRequest(run_id=run_id, tasks=[task]), timeout=60)
+                    got = "allow"
+                except grpc.RpcError as exc:
+                    got = {grpc.StatusCode.PERMISSION_DENIED: "refuse",
+                           grpc.StatusCode.INVALID_ARGUMENT: "invalid",
+                           grpc.StatusCode.FAILED_PRECONDITION: "approval"}.get(
+                               exc.code(), str(exc.code()))
+                assert got == case.expect, (case.name, got)
+                checked += 1
+        finally:
+            stub.CloseRun(pb.CloseRunRequest(run_id=run_id))
+        assert checked >= 8

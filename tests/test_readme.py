@@ -155,6 +155,7 @@ def checkout() -> Iterator[tuple[Path, DaemonHandle]]:
     handle = start_daemon(base, CONFIG)  # copies stages.yaml and the shipped policies
     (base / "policies" / "integration.yaml").unlink()  # not part of a checkout's policies/
     shutil.copytree(REPO / "policies" / "schema", base / "policies" / "schema")
+    shutil.copytree(REPO / "policies" / "tests", base / "policies" / "tests")
     try:
         yield base, handle
     finally:

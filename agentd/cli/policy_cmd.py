@@ -74,6 +74,13 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
                       "beside each file)")
     lint.set_defaults(func=cmd_lint)
 
+    test = sub.add_parser(
+        "test", help="run a policy's YAML test cases (a call and the decision expected) and "
+        "report the rules they exercise; exit 0 if all pass, 1 if any fails, 2 if a file is "
+        "invalid")
+    test.add_argument("files", nargs="+", metavar="FILE", help="test cases (kind: PolicyTest)")
+    test.set_defaults(func=cmd_test)
+
     schema = sub.add_parser("schema", help="print the JSON Schema of policy files")
     schema.set_defaults(func=cmd_schema)
 
@@ -235,6 +242,54 @@ def cmd_lint(args: argparse.Namespace) -> int:
         print(f"{path}: {len(live)} finding(s)" + (f", {waived} waived" if waived else "")
               if live else f"{path}: ok" + (f" ({waived} waived)" if waived else ""))
         if live and status == 0:
+            status = 1
+    return status
+
+
+def cmd_test(args: argparse.Namespace) -> int:
+    """`policy test FILE...`: every case decided as the scheduler would; coverage after."""
+    from agentd.policy import effective_policy, load_policy, load_stage_ceilings
+    from agentd.policy.cases import Coverage, coverage_lines, policy_path, run_case
+    from agentd.policy.loader import load_policy_tests
+
+    status = 0
+    for path in args.files:
+        try:
+            tests = load_policy_tests(path)
+            target = policy_path(tests)
+            policy = load_policy(target)
+            ceilings = load_stage_ceilings(target.parent / tests.stages)
+        except AgentdError as exc:
+            sys.stderr.write(_with_file(str(exc), path))
+            status = 2
+            continue
+        except OSError as exc:
+            print(f"{path}: cannot read: {exc.strerror or exc}", file=sys.stderr)
+            status = 2
+            continue
+        stages: dict[str, tuple[Any, Coverage]] = {}
+        failed = 0
+        for case in tests.cases:
+            stage = case.stage or tests.stage
+            if stage not in stages:
+                if policy.resolve(stage) is None:
+                    print(f"{path}: case {case.name!r}: {target} declares no stage at or "
+                          f"below {stage}", file=sys.stderr)
+                    status = 2
+                    continue
+                stages[stage] = (effective_policy(policy, stage, ceilings), Coverage())
+            eff, coverage = stages[stage]
+            outcome = run_case(eff, case, coverage)
+            if not outcome.passed:
+                failed += 1
+                want = case.expect + (f" by {case.rule}" if case.rule else "")
+                print(f"FAIL {path}: {case.name} ({stage}): expected {want}, got "
+                      f"{outcome.got}: {outcome.detail}")
+        print(f"{path}: {len(tests.cases) - failed} of {len(tests.cases)} cases pass "
+              f"({target})")
+        for eff, coverage in stages.values():
+            print("\n".join(coverage_lines(eff, coverage)))
+        if failed and status == 0:
             status = 1
     return status
 

@@ -6,6 +6,7 @@
     effective_policy(policy, stage, ceilings) -> EffectivePolicy
     decide_exec(eff, executable, env, cwd, timeout_seconds) -> None, or raises
     resolve_executable(argv0, eff) -> the program the worker would run
+    decide_call(eff, argv0, env, cwd, timeout) -> CallDecision (all of the above, in order)
     approval_triggers(eff, executables), withheld_programs(eff, approved)
     policy_json_schema()         -> the JSON Schema of policy files
 
@@ -25,7 +26,13 @@ from __future__ import annotations
 from typing import Any
 
 from agentd.policy.approvals import approval_triggers, withheld_programs
-from agentd.policy.decide import DEFAULT_PATH, decide_exec, resolve_executable
+from agentd.policy.decide import (
+    DEFAULT_PATH,
+    CallDecision,
+    decide_call,
+    decide_exec,
+    resolve_executable,
+)
 from agentd.policy.effective import RULE_FIELDS, EffectivePolicy
 from agentd.policy.issues import Issue, PolicyFileError
 from agentd.policy.loader import check_policy_file, load_policy, load_stage_ceilings
@@ -48,6 +55,7 @@ __all__ = [
     "DEFAULT_PATH",
     "RULE_FIELDS",
     "STAGES",
+    "CallDecision",
     "CeilingRules",
     "EffectivePolicy",
     "Issue",
@@ -58,6 +66,7 @@ __all__ = [
     "StageRules",
     "approval_triggers",
     "check_policy_file",
+    "decide_call",
     "decide_exec",
     "effective_policy",
     "format_duration",

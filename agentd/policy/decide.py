@@ -16,9 +16,11 @@ from __future__ import annotations
 import math
 import os
 from collections.abc import Mapping
+from dataclasses import dataclass
 from typing import Final
 
 from agentd.errors import InvalidArgument, PermissionDenied
+from agentd.policy.approvals import approval_triggers
 from agentd.policy.effective import EffectivePolicy
 from agentd.policy.paths import check_worker_path, is_at_or_below, matching_exec_entry
 from agentd.policy.rules import ENV_NAME_PATTERN, check_env_name
@@ -26,6 +28,28 @@ from agentd.policy.sizes import format_duration
 
 WORKSPACE_DIR: Final = "/workspace"
 TMP_DIR: Final = "/tmp"
+
+
+@dataclass(frozen=True)
+class CallDecision:
+    """An allowed call: the program as the worker will run it, its working directory, and
+    the approval triggers it matches (empty: it may run at once)."""
+
+    executable: str
+    cwd: str
+    triggers: tuple[str, ...]
+
+
+def decide_call(eff: EffectivePolicy, argv0: str, env: Mapping[str, str], cwd: str,
+                timeout_seconds: float) -> CallDecision:
+    """Everything the policy decides about one tool call, in the order the scheduler asks it
+    (scheduler/plan.py) and `agentctl policy test` replays it: argv[0] resolved on the worker's
+    PATH, the working directory (the workspace, or /tmp without one), allow or refuse
+    (raises, as `decide_exec`), then the approval triggers."""
+    executable = resolve_executable(argv0, eff)
+    cwd = cwd or (WORKSPACE_DIR if eff.workspace != "none" else TMP_DIR)
+    decide_exec(eff, executable, env, cwd, timeout_seconds)
+    return CallDecision(executable, cwd, tuple(approval_triggers(eff, [executable])))
 
 
 def decide_exec(

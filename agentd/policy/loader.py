@@ -27,6 +27,7 @@ from ruamel.yaml import YAML
 from ruamel.yaml.error import MarkedYAMLError, YAMLError
 from ruamel.yaml.nodes import MappingNode, Node, ScalarNode, SequenceNode
 
+from agentd.policy.cases import PolicyTests
 from agentd.policy.issues import Issue, PolicyFileError, from_validation
 from agentd.policy.model import Document, Policy, StageCeilings
 
@@ -47,6 +48,11 @@ def load_policy(path: str | Path) -> Policy:
 def load_stage_ceilings(path: str | Path) -> StageCeilings:
     """Read and validate the host's stage ceilings (stages.yaml); raise PolicyFileError."""
     return _load(path, StageCeilings)
+
+
+def load_policy_tests(path: str | Path) -> PolicyTests:
+    """A file of policy test cases (`agentctl policy test`), validated like a policy."""
+    return _load(path, PolicyTests)
 
 
 def check_policy_file(path: str | Path) -> Policy | StageCeilings:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from typing import Any
 
 from agentd.errors import AgentdError, InvalidArgument
-from agentd.policy import EffectivePolicy, approval_triggers, decide_exec, resolve_executable
+from agentd.policy import EffectivePolicy, approval_triggers, decide_call
 
 MAX_TASKS = 64
 MAX_ARGS = 4096
@@ -104,19 +104,14 @@ def check_task(request: TaskRequest) -> None:
         raise InvalidArgument("stdin is larger than 16 MiB; put large inputs in the workspace")
 
 
-def working_directory(request: TaskRequest, policy: EffectivePolicy) -> str:
-    """As asked, else the workspace (or /tmp when the policy gives none)."""
-    return request.cwd or ("/workspace" if policy.workspace != "none" else "/tmp")
-
-
 def plan_task(request: TaskRequest, policy: EffectivePolicy) -> PlannedTask:
-    """Validates one task and decides it by policy; raises InvalidArgument for a malformed
-    request, PermissionDenied naming the rule for a refused one."""
+    """Validates one task and decides it by policy (`decide_call`, which `agentctl policy
+    test` replays offline); raises InvalidArgument for a malformed request, PermissionDenied
+    naming the rule for a refused one."""
     check_task(request)
-    executable = resolve_executable(request.argv[0], policy)
-    cwd = working_directory(request, policy)
-    decide_exec(policy, executable, request.env, cwd, request.timeout_seconds)
-    return PlannedTask(request, executable, cwd)
+    decided = decide_call(policy, request.argv[0], request.env, request.cwd,
+                          request.timeout_seconds)
+    return PlannedTask(request, decided.executable, decided.cwd)
 
 
 def plan_step(requests: Sequence[TaskRequest], policy: EffectivePolicy, *,
