@@ -178,9 +178,10 @@ class TestLint:
         # A host whose prototype ceiling lets /workspace execute (the shipped one does not: a
         # grant the ceiling removes is not the policy's risk, and lint does not report it).
         stages = policies / "stages.yaml"
-        shipped = "allow: [/usr/bin/, /bin/, /usr/sbin/, /sbin/, /usr/local/bin/, /usr/lib/]"
+        shipped = "      allow:\n        - /usr/bin/\n"
+        assert shipped in stages.read_text()
         stages.write_text(stages.read_text().replace(
-            shipped, shipped.replace("]", ", /workspace/]"), 1))
+            shipped, shipped + "        - /workspace/\n", 1))
         done = agentctl("policy", "lint", str(path))
         assert done.returncode == 1, done.stdout + done.stderr
         out = done.stdout
@@ -302,3 +303,54 @@ class TestPolicyTestAgreesWithTheDaemon:
         finally:
             stub.CloseRun(pb.CloseRunRequest(run_id=run_id))
         assert checked >= 8
+
+
+class TestFmt:
+    MESSY = textwrap.dedent("""\
+        # a reviewer's note on top
+        apiVersion: agentd/v1
+        kind: Policy
+        name: messy
+        stages:
+          prototype:
+            exec:
+              allow: [/usr/bin/cat,   /usr/bin/ls]   # two tools
+            filesystem: {read_only: [/usr, /lib, /lib64], workspace: read_write}
+            env:
+              allow: []  # nothing from the caller
+            limits: {memory: 64MiB, pids: 16}
+        """)
+
+    def test_the_shipped_files_are_in_the_canonical_layout(self) -> None:
+        done = agentctl("policy", "fmt", "--check", "policies/shell-helper.yaml",
+                        "policies/cve-triage.yaml", "policies/stages.yaml")
+        assert done.returncode == 0, done.stdout + done.stderr
+
+    def test_fmt_keeps_comments_and_meaning_and_is_idempotent(self, policies: Path) -> None:
+        from agentd.policy import effective_policy, load_policy, load_stage_ceilings
+
+        path = write(policies, "messy.yaml", self.MESSY)
+        ceilings = load_stage_ceilings(policies / "stages.yaml")
+        before = effective_policy(load_policy(path), "prototype", ceilings).content_hash
+        check = agentctl("policy", "fmt", "--check", str(path))
+        assert check.returncode == 1, check.stdout
+        assert path.read_text() == self.MESSY  # --check changes nothing
+        done = agentctl("policy", "fmt", str(path))
+        assert done.returncode == 0, done.stderr
+        text = path.read_text()
+        for comment in ("# a reviewer's note on top", "# two tools", "# nothing from the caller"):
+            assert comment in text
+        assert "\n        - /usr/bin/cat\n        - /usr/bin/ls\n" in text
+        assert "allow: []" in text  # an empty list has no block form
+        assert effective_policy(load_policy(path), "prototype", ceilings).content_hash == before
+        again = agentctl("policy", "fmt", "--check", str(path))
+        assert again.returncode == 0, again.stdout
+        assert f"{path}: unchanged" in again.stdout
+
+    def test_an_invalid_file_is_left_alone(self, policies: Path) -> None:
+        broken = self.MESSY.replace("pids: 16", "pids: 16, colour: blue")
+        path = write(policies, "broken.yaml", broken)
+        done = agentctl("policy", "fmt", str(path))
+        assert done.returncode == 2
+        assert f"{path}:12: stages.prototype.limits.colour:" in done.stderr
+        assert path.read_text() == broken

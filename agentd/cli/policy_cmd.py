@@ -8,6 +8,7 @@ imported inside the handlers so that the rest of agentctl never pays for it.
 from __future__ import annotations
 
 import argparse
+import contextlib
 import sys
 from typing import Any
 
@@ -80,6 +81,14 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         "invalid")
     test.add_argument("files", nargs="+", metavar="FILE", help="test cases (kind: PolicyTest)")
     test.set_defaults(func=cmd_test)
+
+    fmt = sub.add_parser(
+        "fmt", help="rewrite policy files in the canonical layout (comments and key order "
+        "kept); --check only says which would change (exit 1)")
+    fmt.add_argument("files", nargs="+", metavar="FILE", help="policy or stages file (YAML)")
+    fmt.add_argument("--check", action="store_true",
+                     help="change nothing; exit 1 if a file is not in the canonical layout")
+    fmt.set_defaults(func=cmd_fmt)
 
     schema = sub.add_parser("schema", help="print the JSON Schema of policy files")
     schema.set_defaults(func=cmd_schema)
@@ -291,6 +300,53 @@ def cmd_test(args: argparse.Namespace) -> int:
             print("\n".join(coverage_lines(eff, coverage)))
         if failed and status == 0:
             status = 1
+    return status
+
+
+def cmd_fmt(args: argparse.Namespace) -> int:
+    """`policy fmt FILE...`: the canonical layout, written in place (atomically) or checked."""
+    import os
+    import tempfile
+
+    from agentd.policy import check_policy_file
+    from agentd.policy.fmt import format_text
+
+    status = 0
+    for path in args.files:
+        try:
+            check_policy_file(path)  # never reformat what does not mean anything yet
+            with open(path, encoding="utf-8") as f:
+                text = f.read()
+        except AgentdError as exc:
+            sys.stderr.write(_with_file(str(exc), path))
+            status = 2
+            continue
+        except OSError as exc:
+            print(f"{path}: cannot read: {exc.strerror or exc}", file=sys.stderr)
+            status = 2
+            continue
+        formatted = format_text(text)
+        if formatted == text:
+            print(f"{path}: unchanged")
+            continue
+        if args.check:
+            print(f"{path}: not in the canonical layout; run agentctl policy fmt {path}")
+            status = max(status, 1)
+            continue
+        directory = os.path.dirname(path) or "."
+        fd, tmp = tempfile.mkstemp(dir=directory, prefix=".fmt-")
+        try:
+            with os.fdopen(fd, "w", encoding="utf-8") as f:
+                f.write(formatted)
+                f.flush()
+                os.fsync(f.fileno())
+            os.chmod(tmp, os.stat(path).st_mode & 0o7777)
+            os.replace(tmp, path)
+        except BaseException:
+            with contextlib.suppress(OSError):
+                os.unlink(tmp)
+            raise
+        print(f"{path}: reformatted")
     return status
 
 
