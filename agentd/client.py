@@ -504,6 +504,24 @@ class Status:
         return cls(**{f.name: getattr(msg, f.name) for f in dataclasses.fields(cls)})
 
 
+@dataclass(frozen=True)
+class PolicyReload:
+    """One agent's policy before and after `reload_policies` (effective content hashes)."""
+
+    agent: str
+    stage: str
+    policy_file: str
+    old_hash: str
+    new_hash: str
+    changed: bool
+    clamped: tuple[str, ...]
+
+    @classmethod
+    def from_proto(cls, msg: pb.PolicyReload) -> PolicyReload:
+        return cls(msg.agent, msg.stage, msg.policy_file, msg.old_hash, msg.new_hash,
+                   msg.changed, tuple(msg.clamped))
+
+
 class AuditClient:
     """The audit service of one agentd (any role's socket): records, tree heads, proofs.
 
@@ -742,6 +760,15 @@ class AgentdClient:
                                                           timeout=self.timeout))
         except grpc.RpcError as exc:
             raise self.error(exc) from None
+
+    def reload_policies(self) -> list[PolicyReload]:
+        """Every policy file read again and swapped in at once (admin socket only); a file
+        that does not load replaces nothing (FAILED_PRECONDITION)."""
+        try:
+            reply = self._stub.ReloadPolicies(pb.ReloadPoliciesRequest(), timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise self.error(exc) from None
+        return [PolicyReload.from_proto(a) for a in reply.agents]
 
     def list_checkpoints(self, run_id: str) -> list[Checkpoint]:
         """The run's checkpoints, oldest first."""

@@ -20,6 +20,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import concurrent.futures
+import contextlib
 import grp
 import os
 import signal
@@ -39,13 +40,13 @@ from agentd.api.server import (
 from agentd.api.service import AgentdServicer
 from agentd.audit import AuditLog
 from agentd.config import Config, load_config
-from agentd.errors import AgentdError, PermissionDenied
+from agentd.errors import AgentdError, FailedPrecondition, PermissionDenied
 from agentd.identity import SYSTEM, Caller
 from agentd.sandbox import libc
 from agentd.sandbox.cgroups import CgroupDriver, probe
 from agentd.sandbox.launcher_client import LauncherClient
 from agentd.sandbox.pool import WarmPool
-from agentd.scheduler.agents import AgentRegistry
+from agentd.scheduler.agents import AgentRegistry, Reloaded
 from agentd.scheduler.runs import RunManager
 from agentd.scheduler.steps import StepRunner, recover_steps
 from agentd.scheduler.tasks import TaskRunner
@@ -88,8 +89,10 @@ class Daemon:
                                 squash_depth=d.squash_depth,
                                 max_export_bytes=d.max_export_bytes)
         self.started_at = time.monotonic()
+        self._reloading = asyncio.Lock()
         registrations = [agentd_registration(AgentdServicer(self.runs, self.steps,
-                                                            self.status)),
+                                                            self.status,
+                                                            self.reload_policies)),
                          audit_registration(audit)]
         # Under systemd the role sockets are its own (passed, listening); otherwise the daemon
         # makes them. Either way grpc serves on private sockets that the forwarder feeds, so
@@ -101,6 +104,7 @@ class Daemon:
                                groups, registrations, self._record_denial,
                                public=config.role_sockets())
         self._stopping = asyncio.Event()
+        self._background: set[asyncio.Task[None]] = set()
 
     async def serve(self) -> None:
         loop = asyncio.get_running_loop()
@@ -111,6 +115,7 @@ class Daemon:
         self.launcher.attach(loop)
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
+        loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
         await self.servers.start()
         await self.activation.start()
         metrics_servers = await self._serve_metrics()
@@ -126,6 +131,41 @@ class Daemon:
             task.cancel()
         for server in metrics_servers:
             server.close()
+
+    async def reload_policies(self, caller: Caller) -> list[Reloaded]:
+        """Every policy file and the stage ceilings read again and swapped in at once, on
+        record first; a file that does not load replaces nothing (FailedPrecondition, and a
+        `policy.reload_refused` record)."""
+        async with self._reloading:
+            registry = self.runs.registry
+            try:
+                agents, changes = await asyncio.to_thread(registry.prepare_reload)
+            except (AgentdError, OSError) as exc:
+                reason = exc.message if isinstance(exc, AgentdError) else str(exc)
+                log.warning("policy.reload_refused", uid=caller.uid, reason=reason)
+                await self.audit.append("policy.reload_refused", actor=caller.actor(),
+                                        details={"error": reason[:4000]})
+                raise FailedPrecondition(
+                    f"policies not reloaded; the ones in force stay: {reason}") from None
+            await self.audit.append("policy.reloaded", actor=caller.actor(), details={
+                "agents": {c.agent: {"stage": c.stage, "policy_file": c.policy_file,
+                                     "old_hash": c.old_hash, "new_hash": c.new_hash,
+                                     "clamped": list(c.clamped)} for c in changes}})
+            registry.swap(agents)
+            for change in changes:
+                log.info("policy.reloaded", agent=change.agent, changed=change.changed,
+                         old_hash=change.old_hash, new_hash=change.new_hash, uid=caller.uid)
+            return changes
+
+    def _reload_on_signal(self) -> None:
+        """SIGHUP (systemctl reload): as the admin's ReloadPolicies, by the system."""
+        async def reload() -> None:
+            with contextlib.suppress(AgentdError):  # refused: logged and recorded above
+                await self.reload_policies(SYSTEM)
+
+        task = asyncio.get_running_loop().create_task(reload())
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
 
     def status(self) -> DaemonStatus:
         """The daemon's health and load now (cheap: counters, one statvfs, one COUNT)."""

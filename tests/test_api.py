@@ -935,7 +935,7 @@ class TestHealthAndReflection:
                 "grpc.reflection.v1alpha.ServerReflection"} <= services
         assert methods == {"CreateRun", "GetRun", "ListRuns", "CloseRun", "Exec", "Step",
                            "StreamStep", "Approve", "ListSteps", "ListCheckpoints", "Rollback",
-                           "Fork", "ExportCheckpoint", "GetStatus"}
+                           "Fork", "ExportCheckpoint", "GetStatus", "ReloadPolicies"}
         assert agentd.methods_by_name["Exec"].output_type.full_name == "agentd.v1.ExecEvent"
         assert agentd.methods_by_name["Exec"].server_streaming
         assert agentd.methods_by_name["Step"].output_type.full_name == "agentd.v1.StepReply"

@@ -37,6 +37,7 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "/agentd.v1.Agentd/Fork": frozenset({"client", "admin"}),
     "/agentd.v1.Agentd/ExportCheckpoint": frozenset({"client", "admin"}),
     "/agentd.v1.Agentd/Approve": frozenset({"approver", "admin"}),
+    "/agentd.v1.Agentd/ReloadPolicies": frozenset({"admin"}),
 }
 
 

@@ -17,6 +17,8 @@ from agentd.api.gen.v1 import agentd_pb2 as pb
 from agentd.api.gen.v1 import agentd_pb2_grpc
 from agentd.api.interceptor import current_caller
 from agentd.errors import FailedPrecondition, InvalidArgument
+from agentd.identity import Caller
+from agentd.scheduler.agents import Reloaded
 from agentd.scheduler.plan import TaskRequest
 from agentd.scheduler.runs import RunManager
 from agentd.scheduler.steps import StepResult, StepRunner
@@ -32,10 +34,12 @@ STREAM_EVENTS = 16
 
 class AgentdServicer(agentd_pb2_grpc.AgentdServicer):
     def __init__(self, runs: RunManager, steps: StepRunner,
-                 status: Callable[[], DaemonStatus]) -> None:
+                 status: Callable[[], DaemonStatus],
+                 reload: Callable[[Caller], Awaitable[list[Reloaded]]]) -> None:
         self.runs = runs
         self.status = status
         self.steps = steps
+        self.reload = reload
 
     async def CreateRun(self, request: pb.CreateRunRequest, context: Any) -> pb.Run:
         if not request.agent:
@@ -139,6 +143,14 @@ class AgentdServicer(agentd_pb2_grpc.AgentdServicer):
 
     async def GetStatus(self, request: pb.GetStatusRequest, context: Any) -> pb.Status:
         return convert.status(self.status())
+
+    async def ReloadPolicies(self, request: pb.ReloadPoliciesRequest, context: Any
+                             ) -> pb.ReloadPoliciesReply:
+        changes = await self.reload(current_caller.get())
+        return pb.ReloadPoliciesReply(agents=[
+            pb.PolicyReload(agent=c.agent, stage=c.stage, policy_file=c.policy_file,
+                            old_hash=c.old_hash, new_hash=c.new_hash, changed=c.changed,
+                            clamped=c.clamped) for c in changes])
 
 async def _stream_step(start: Callable[[StepListener], Awaitable[StepResult]]
                        ) -> AsyncIterator[Any]:

@@ -90,6 +90,12 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
                      help="change nothing; exit 1 if a file is not in the canonical layout")
     fmt.set_defaults(func=cmd_fmt)
 
+    reload = sub.add_parser(
+        "reload", help="make the daemon read every policy file again and swap them in at "
+        "once (admin socket: --socket .../agentd-admin.sock); a file that fails validation "
+        "replaces nothing")
+    reload.set_defaults(func=cmd_reload)
+
     schema = sub.add_parser("schema", help="print the JSON Schema of policy files")
     schema.set_defaults(func=cmd_schema)
 
@@ -348,6 +354,18 @@ def cmd_fmt(args: argparse.Namespace) -> int:
             raise
         print(f"{path}: reformatted")
     return status
+
+
+def cmd_reload(args: argparse.Namespace) -> int:
+    """`policy reload`: through the daemon (the client), like every other daemon call."""
+    changes = args.client().reload_policies()
+    for change in changes:
+        what = (f"{change.old_hash[:19]} -> {change.new_hash[:19]}" if change.changed
+                else "unchanged")
+        print(f"{change.agent} ({change.stage}, {change.policy_file}): {what}")
+        for note in change.clamped:
+            print(f"  clamped: {note}")
+    return 0
 
 
 def _config(path: str | None) -> tuple[Any, str]:

@@ -1,7 +1,11 @@
-"""The registered agents and their effective policies, computed once at start-up.
+"""The registered agents and their effective policies: computed at start-up, and again on a
+reload (SIGHUP or the admin's ReloadPolicies).
 
 A daemon whose config names a policy that does not load refuses to start: better no service
-than a service running an agent under a policy nobody reviewed in that form.
+than a service running an agent under a policy nobody reviewed in that form. A reload is all or
+nothing: every file is loaded and clamped first (`prepare_reload`), and only if all of them are
+valid are the new policies swapped in, in one assignment on the event loop (`swap`), so a step
+is planned either wholly under the old policies or wholly under the new ones.
 """
 
 from __future__ import annotations
@@ -21,22 +25,48 @@ class Agent:
     policy: EffectivePolicy
 
 
+@dataclass(frozen=True)
+class Reloaded:
+    """One agent's effective policy before and after a reload."""
+
+    agent: str
+    stage: str
+    policy_file: str
+    old_hash: str
+    new_hash: str
+    clamped: tuple[str, ...]
+
+    @property
+    def changed(self) -> bool:
+        return self.old_hash != self.new_hash
+
+
 class AgentRegistry:
     """Agent name → effective policy at the agent's stage."""
 
-    def __init__(self, agents: dict[str, Agent]) -> None:
+    def __init__(self, agents: dict[str, Agent], config: Config | None = None) -> None:
         self._agents = agents
+        self._config = config
 
     @classmethod
     def load(cls, config: Config) -> AgentRegistry:
-        policy_dir = config.daemon.policy_dir
-        ceilings = load_stage_ceilings(policy_dir / config.daemon.stages_file)
-        agents = {}
-        for name, section in config.agents.items():
-            path = policy_dir / section.policy
-            effective = effective_policy(load_policy(path), section.stage, ceilings)
-            agents[name] = Agent(name, section.stage, str(path), effective)
-        return cls(agents)
+        return cls(_build(config), config)
+
+    def prepare_reload(self) -> tuple[dict[str, Agent], list[Reloaded]]:
+        """Every agent's policy loaded and clamped again from the files; raises (PolicyError,
+        OSError) on the first that does not load, and nothing changes. Blocking file reads:
+        call it off the event loop, then `swap`."""
+        if self._config is None:
+            raise RuntimeError("a registry made without a config cannot reload")
+        agents = _build(self._config)
+        return agents, [Reloaded(name, agent.stage, agent.policy_file,
+                                 self._agents[name].policy.content_hash,
+                                 agent.policy.content_hash, agent.policy.notes)
+                        for name, agent in sorted(agents.items())]
+
+    def swap(self, agents: dict[str, Agent]) -> None:
+        """The prepared policies, in force for every step planned from now on."""
+        self._agents = agents
 
     def get(self, name: str) -> Agent:
         try:
@@ -48,3 +78,14 @@ class AgentRegistry:
 
     def names(self) -> list[str]:
         return sorted(self._agents)
+
+
+def _build(config: Config) -> dict[str, Agent]:
+    policy_dir = config.daemon.policy_dir
+    ceilings = load_stage_ceilings(policy_dir / config.daemon.stages_file)
+    agents = {}
+    for name, section in config.agents.items():
+        path = policy_dir / section.policy
+        effective = effective_policy(load_policy(path), section.stage, ceilings)
+        agents[name] = Agent(name, section.stage, str(path), effective)
+    return agents

@@ -413,3 +413,21 @@ class TestObservability:
         assert b'agentd_spawns_total{how="cold"}' not in data
         log = sh("journalctl", "-u", UNIT, "--no-pager", "-b").stdout
         assert "clone_into_cgroup_off" not in log
+
+
+class TestReload:
+    def test_systemctl_reload_reloads_policies_in_place(self) -> None:
+        """`systemctl reload agentd` (ExecReload: SIGHUP) reads every policy again without a
+        restart: the same main pid, and the reload in the journal."""
+        before = show("MainPID")
+        sh("systemctl", "reload", UNIT, timeout=120)
+        deadline = time.monotonic() + 60
+        log = ""
+        while time.monotonic() < deadline:
+            log = sh("journalctl", "-u", UNIT, "--no-pager", "-b").stdout
+            if "policy.reloaded" in log:
+                break
+            time.sleep(0.5)
+        assert "policy.reloaded" in log
+        assert show("MainPID") == before
+        assert show("ActiveState") == "active"

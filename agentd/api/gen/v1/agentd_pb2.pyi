@@ -130,6 +130,83 @@ class GetStatusRequest(_message.Message):
 Global___GetStatusRequest: _TypeAlias = GetStatusRequest  # noqa: Y015
 
 @_typing.final
+class ReloadPoliciesRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    def __init__(
+        self,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReloadPoliciesRequest: _TypeAlias = ReloadPoliciesRequest  # noqa: Y015
+
+@_typing.final
+class PolicyReload(_message.Message):
+    """One agent's policy before and after a reload; content hashes of the effective policies."""
+
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_FIELD_NUMBER: _builtins.int
+    STAGE_FIELD_NUMBER: _builtins.int
+    POLICY_FILE_FIELD_NUMBER: _builtins.int
+    OLD_HASH_FIELD_NUMBER: _builtins.int
+    NEW_HASH_FIELD_NUMBER: _builtins.int
+    CHANGED_FIELD_NUMBER: _builtins.int
+    CLAMPED_FIELD_NUMBER: _builtins.int
+    agent: _builtins.str
+    stage: _builtins.str
+    policy_file: _builtins.str
+    old_hash: _builtins.str
+    new_hash: _builtins.str
+    changed: _builtins.bool
+    @_builtins.property
+    def clamped(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
+        """What the stage ceiling clamps in the new version."""
+
+    def __init__(
+        self,
+        *,
+        agent: _builtins.str = ...,
+        stage: _builtins.str = ...,
+        policy_file: _builtins.str = ...,
+        old_hash: _builtins.str = ...,
+        new_hash: _builtins.str = ...,
+        changed: _builtins.bool = ...,
+        clamped: _abc.Iterable[_builtins.str] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "changed", b"changed", "clamped", b"clamped", "new_hash", b"new_hash", "old_hash", b"old_hash", "policy_file", b"policy_file", "stage", b"stage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PolicyReload: _TypeAlias = PolicyReload  # noqa: Y015
+
+@_typing.final
+class ReloadPoliciesReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENTS_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def agents(self) -> _containers.RepeatedCompositeFieldContainer[Global___PolicyReload]: ...
+    def __init__(
+        self,
+        *,
+        agents: _abc.Iterable[Global___PolicyReload] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agents", b"agents"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ReloadPoliciesReply: _TypeAlias = ReloadPoliciesReply  # noqa: Y015
+
+@_typing.final
 class Status(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

@@ -104,6 +104,11 @@ class AgentdStub:
                 request_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.GetStatusRequest.SerializeToString,
                 response_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.Status.FromString,
                 _registered_method=True)
+        self.ReloadPolicies = channel.unary_unary(
+                '/agentd.v1.Agentd/ReloadPolicies',
+                request_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ReloadPoliciesRequest.SerializeToString,
+                response_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ReloadPoliciesReply.FromString,
+                _registered_method=True)
 
 
 class AgentdServicer:
@@ -208,6 +213,15 @@ class AgentdServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ReloadPolicies(self, request, context):
+        """Re-reads every agent's policy file and the stage ceilings and swaps them in at once, for
+        steps planned from then on (admin only; SIGHUP does the same). A file that fails
+        validation replaces nothing: FAILED_PRECONDITION, and the policies in force stay.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentdServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -280,6 +294,11 @@ def add_AgentdServicer_to_server(servicer, server):
                     servicer.GetStatus,
                     request_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.GetStatusRequest.FromString,
                     response_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.Status.SerializeToString,
+            ),
+            'ReloadPolicies': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReloadPolicies,
+                    request_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ReloadPoliciesRequest.FromString,
+                    response_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ReloadPoliciesReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -660,6 +679,33 @@ class Agentd:
             '/agentd.v1.Agentd/GetStatus',
             agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.GetStatusRequest.SerializeToString,
             agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.Status.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReloadPolicies(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.Agentd/ReloadPolicies',
+            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ReloadPoliciesRequest.SerializeToString,
+            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ReloadPoliciesReply.FromString,
             options,
             channel_credentials,
             insecure,

@@ -69,6 +69,11 @@ class AgentdStub:
     """A tarball of the workspace at a checkpoint, in chunks."""
     GetStatus: _grpc.UnaryUnaryMultiCallable[_agentd_pb2.GetStatusRequest, _agentd_pb2.Status]
     """The daemon's health and load, for operators (`agentctl status`); any role may ask."""
+    ReloadPolicies: _grpc.UnaryUnaryMultiCallable[_agentd_pb2.ReloadPoliciesRequest, _agentd_pb2.ReloadPoliciesReply]
+    """Re-reads every agent's policy file and the stage ceilings and swaps them in at once, for
+    steps planned from then on (admin only; SIGHUP does the same). A file that fails
+    validation replaces nothing: FAILED_PRECONDITION, and the policies in force stay.
+    """
 
 @_typing.type_check_only
 class AgentdAsyncStub(AgentdStub):
@@ -104,6 +109,11 @@ class AgentdAsyncStub(AgentdStub):
     """A tarball of the workspace at a checkpoint, in chunks."""
     GetStatus: _aio.UnaryUnaryMultiCallable[_agentd_pb2.GetStatusRequest, _agentd_pb2.Status]  # type: ignore[assignment]
     """The daemon's health and load, for operators (`agentctl status`); any role may ask."""
+    ReloadPolicies: _aio.UnaryUnaryMultiCallable[_agentd_pb2.ReloadPoliciesRequest, _agentd_pb2.ReloadPoliciesReply]  # type: ignore[assignment]
+    """Re-reads every agent's policy file and the stage ceilings and swaps them in at once, for
+    steps planned from then on (admin only; SIGHUP does the same). A file that fails
+    validation replaces nothing: FAILED_PRECONDITION, and the policies in force stay.
+    """
 
 class AgentdServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -220,5 +230,16 @@ class AgentdServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agentd_pb2.Status, _abc.Awaitable[_agentd_pb2.Status]]:
         """The daemon's health and load, for operators (`agentctl status`); any role may ask."""
+
+    @_abc_1.abstractmethod
+    def ReloadPolicies(
+        self,
+        request: _agentd_pb2.ReloadPoliciesRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agentd_pb2.ReloadPoliciesReply, _abc.Awaitable[_agentd_pb2.ReloadPoliciesReply]]:
+        """Re-reads every agent's policy file and the stage ceilings and swaps them in at once, for
+        steps planned from then on (admin only; SIGHUP does the same). A file that fails
+        validation replaces nothing: FAILED_PRECONDITION, and the policies in force stay.
+        """
 
 def add_AgentdServicer_to_server(servicer: AgentdServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
