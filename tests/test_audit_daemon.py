@@ -380,7 +380,11 @@ class TestKillNineUnderLoad:
         [long_task] = [r for r in records if r["event"] == "exec.allowed"
                        and r["run_id"] == long_run_id and r["details"]["argv"][2] == Load.LONG]
         assert "exec.exited" not in by_task[long_task["task_id"]]
-        assert long_task["task_id"] in started[-1]["details"]["stale_cgroups_removed"]
+        # Its cgroup (named by the task, or prebuilt-N for a warm-pool worker, as its
+        # exec.allowed says) is among those the restart found and removed.
+        cgroup = long_task["details"]["cgroup"]
+        assert cgroup == long_task["task_id"] or cgroup.startswith("prebuilt-")
+        assert cgroup in started[-1]["details"]["stale_cgroups_removed"]
 
 
 # --- disk full -------------------------------------------------------------------------------

@@ -54,6 +54,8 @@ QUEUE_BYTES = 512 * 1024
 REAP_GRACE = 2.0
 
 OutputSink = Callable[[str, bytes], Awaitable[None]]
+# Clean-ups of prebuilt workers taken but never run, until they finish.
+_RELEASES: set[asyncio.Task[None]] = set()
 
 
 @dataclass(frozen=True)
@@ -91,6 +93,8 @@ class Worker:
         self.spec = spec
         self._pool = pool
         self._prebuilt: Prebuilt | None = None
+        self._looked = False  # the pool was asked (take_prebuilt)
+        self._ran = False
         self._extra_fds = extra_fds
         self._launcher = launcher
         self._cgroups = cgroups
@@ -132,9 +136,40 @@ class Worker:
                     self._launcher.abandon(spawned, status=signal.SIGKILL)
                     self._queue.put_nowait(None)  # the pipes may never close: output ends here
 
+    def take_prebuilt(self) -> str:
+        """Takes a prebuilt worker of the spec's shape from the pool, if one is ready, and
+        returns the name of the cgroup the task will run in (`prebuilt-N`, or the task id for
+        a cold worker), for the exec.allowed record: after a crash, the cgroups removed at
+        the next start are named, and this maps them to their tasks. Call `run` or
+        `release_unused` after it."""
+        if self._pool is not None and not self._looked:
+            self._prebuilt = self._pool.take(self.spec)
+        self._looked = True  # once: the record names the cgroup the task really runs in
+        return self._prebuilt.cgroup.name if self._prebuilt else self.spec.task_id
+
+    def release_unused(self) -> None:
+        """`run` was never called (the record before it could not be written): the taken
+        prebuilt worker is let go and its cgroup removed."""
+        if self._prebuilt is None or self._ran or self._pool is None:
+            return
+        self._launcher.discard(self._prebuilt.slot)
+        cgroup, spec, pool = self._prebuilt.cgroup, self.spec, self._pool
+        self._prebuilt = None
+
+        async def remove() -> None:
+            try:
+                await asyncio.to_thread(cgroup.remove)
+            finally:
+                pool.refill(spec)
+
+        task = asyncio.get_running_loop().create_task(remove())
+        _RELEASES.add(task)
+        task.add_done_callback(_RELEASES.discard)
+
     async def run(self, stdin: bytes, on_output: OutputSink) -> WorkerResult:
+        self._ran = True
         self._mark("begin")
-        self._prebuilt = self._pool.take(self.spec) if self._pool is not None else None
+        self.take_prebuilt()
         if self._prebuilt is not None:
             self._cgroup = self._prebuilt.cgroup  # built with the limits of this shape
         else:

@@ -238,7 +238,8 @@ class TaskRunner:
                                             **request_details(task.request, ctx.policy),
                                             "executable": task.executable,
                                             "stage": ctx.policy.stage,
-                                            "policy_hash": ctx.policy.content_hash})
+                                            "policy_hash": ctx.policy.content_hash,
+                                            "cgroup": worker.take_prebuilt()})
             await durable(ctx.started, allowed)
             self.runs.count_task(run_id)
             try:
@@ -249,6 +250,7 @@ class TaskRunner:
                                         details={"reason": "the caller went away"})
                 raise
         finally:
+            worker.release_unused()  # the record could not be written: it never ran
             self.runs.unregister(run_id, task_id)
             self._watched.pop(task_id, None)
         # After the worker's exec.denied records (submitted as they happened).
