@@ -4,7 +4,9 @@
     agentctl [--socket PATH] exec RUN [options] -- CMD [ARG...]
     agentctl [--socket PATH] step RUN --task [NAME=]CMD... | approve RUN STEP | timeline RUN
     agentctl [--socket PATH] checkpoints RUN | rollback|fork|export RUN STEP ...
-    agentctl policy check FILE... | policy schema
+    agentctl policy check|lint|fmt FILE... | explain FILE|AGENT | diff OLD NEW | test CASES...
+    agentctl [--socket ADMIN-SOCKET] policy reload
+    agentctl status
     agentctl [--socket PATH] audit ...            (when agentd.cli.audit_cmd is installed)
 
 Every subcommand module exposes `register(subparsers)`, which adds its parsers and sets

@@ -18,7 +18,8 @@ from agentd.errors import AgentdError
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     """Adds `policy` and its subcommands."""
-    policy = subparsers.add_parser("policy", help="check policy files")
+    policy = subparsers.add_parser(
+        "policy", help="check, explain, compare, lint, test and format policy files; reload them")
     sub = policy.add_subparsers(dest="policy_command", metavar="ACTION", required=True)
 
     check = sub.add_parser(
