@@ -20,7 +20,9 @@ A finding is waived, deliberately and visibly, by a comment on its line naming t
 why: `- /usr/bin/python3  # lint: allow interpreter-unapproved (the agent's job is Python)`.
 Waived findings are still printed, marked as such, and do not fail the lint.
 
-A grant unused in an evidence window needs the audit log; it is not judged here.
+Not a rule: a writable host path, because a policy cannot grant one (the host is bound
+read-only; only the run's workspace and a private /tmp are writable, see `runs-what-it-writes`).
+A grant unused in an evidence window needs the audit log; it is not judged here yet.
 """
 
 from __future__ import annotations
