@@ -34,7 +34,7 @@ from typing import Any, NoReturn
 
 import grpc
 
-from agentd.cli import exec_cmd, policy_cmd, runs_cmd, status_cmd, steps_cmd
+from agentd.cli import exec_cmd, policy_cmd, runs_cmd, stage_cmd, status_cmd, steps_cmd
 from agentd.cli.output import UsageError
 from agentd.client import AgentdClient, ClientError, error_from_rpc, resolve_socket
 
@@ -94,6 +94,7 @@ def build_parser() -> Parser:
     steps_cmd.register(subparsers)
     policy_cmd.register(subparsers)
     status_cmd.register(subparsers)
+    stage_cmd.register(subparsers)
     _register_optional(subparsers, "agentd.cli.audit_cmd", "audit", "the audit log")
     return parser
 

@@ -1,0 +1,127 @@
+"""Evidence for a stage gate, computed from the audit log alone.
+
+A gate's criteria (runs and steps completed at a stage, the failure rate, zero violations, a
+rollback drill, the policy unchanged) are facts about what an agent did, and every one of them
+is in the log: anyone holding the log directory and its public key recomputes the same figures
+(`agentctl stage evidence AGENT --audit DIR`), after `verify` has checked every record against
+the signed tree heads. Only records covered by the last signed head count, so the figures are
+those of a signed state of the log; each figure carries the record indexes behind it.
+
+Which run belongs to which agent and stage comes from its `run.created` record (a fork inherits
+its source's); a step counts by its `step.committing` or `step.failed`; a violation is a
+refused exec (`exec.refused`), an exec the kernel refused (`exec.denied`) or a task stopped for
+a limit (`exec.exited` with a memory, pids, timeout, output or quota stop, or an OOM kill).
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Iterable, Iterator, Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from agentd.audit import segments
+
+LIMIT_STOPS = ("memory", "pids", "timeout", "output", "quota")
+
+
+@dataclass
+class Evidence:
+    """What one agent did at one stage, each figure with the indexes of its records."""
+
+    agent: str
+    stage: str
+    runs: list[int] = field(default_factory=list)
+    runs_closed: list[int] = field(default_factory=list)
+    steps_committed: list[int] = field(default_factory=list)
+    steps_failed: list[int] = field(default_factory=list)
+    violations: list[tuple[int, str, str]] = field(default_factory=list)
+    rollbacks: list[int] = field(default_factory=list)
+    policy_hashes: dict[str, int] = field(default_factory=dict)  # hash -> first index
+    first_time: str = ""
+    last_time: str = ""
+
+    @property
+    def steps(self) -> int:
+        return len(self.steps_committed) + len(self.steps_failed)
+
+    @property
+    def failure_rate(self) -> float:
+        return len(self.steps_failed) / self.steps if self.steps else 0.0
+
+    def lines(self) -> list[str]:
+        def at(indexes: list[int]) -> str:
+            shown = ", ".join(map(str, indexes[:8])) + (" ..." if len(indexes) > 8 else "")
+            return f" (records {shown})" if indexes else ""
+
+        out = [f"{self.agent} at {self.stage}: {self.first_time or '-'} .. "
+               f"{self.last_time or '-'}",
+               f"  runs: {len(self.runs)} created{at(self.runs)}, {len(self.runs_closed)} "
+               f"closed{at(self.runs_closed)}",
+               f"  steps: {len(self.steps_committed)} committed{at(self.steps_committed)}, "
+               f"{len(self.steps_failed)} failed{at(self.steps_failed)}; failure rate "
+               f"{self.failure_rate:.1%}",
+               f"  violations: {len(self.violations)}"]
+        out += [f"    record {i}: {event}: {what}" for i, event, what in self.violations[:20]]
+        out.append(f"  rollback drills: {len(self.rollbacks)}{at(self.rollbacks)}")
+        out.append("  policy versions: " + (", ".join(
+            f"{h[:19]} (from record {i})" for h, i in self.policy_hashes.items()) or "none"))
+        return out
+
+
+def read_records(directory: Path, limit: int | None = None) -> Iterator[dict[str, Any]]:
+    """The log's records in order, the first `limit` of them (all if None)."""
+    count = 0
+    for number in segments.list_segments(directory):
+        with open(segments.segment_path(directory, number), "rb") as f:
+            for line in f:
+                if limit is not None and count >= limit:
+                    return
+                if line.endswith(b"\n"):
+                    yield json.loads(line)
+                    count += 1
+
+
+def collect(records: Iterable[Mapping[str, Any]], agent: str) -> dict[str, Evidence]:
+    """`agent`'s evidence per stage, from `records` in log order."""
+    runs: dict[str, str] = {}  # run id -> stage, for this agent's runs
+    found: dict[str, Evidence] = {}
+
+    def of(stage: str) -> Evidence:
+        return found.setdefault(stage, Evidence(agent, stage))
+
+    for rec in records:
+        event, run_id, index = rec["event"], str(rec.get("run_id") or ""), int(rec["index"])
+        details = rec.get("details") or {}
+        if event == "run.created" and details.get("agent") == agent:
+            runs[run_id] = stage = str(details.get("stage"))
+            evidence = of(stage)
+            evidence.runs.append(index)
+            policy_hash = str(details.get("policy_hash", ""))
+            evidence.policy_hashes.setdefault(policy_hash, index)
+        elif event == "run.forked" and details.get("from_run") in runs:
+            runs[run_id] = stage = runs[details["from_run"]]
+            of(stage).runs.append(index)
+        if run_id not in runs:
+            continue
+        evidence = of(runs[run_id])
+        evidence.first_time = evidence.first_time or str(rec.get("time", ""))
+        evidence.last_time = str(rec.get("time", ""))
+        if event == "run.closed":
+            evidence.runs_closed.append(index)
+        elif event == "step.committing":
+            evidence.steps_committed.append(index)
+        elif event == "step.failed":
+            evidence.steps_failed.append(index)
+        elif event == "run.rolled_back":
+            evidence.rollbacks.append(index)
+        elif event == "exec.refused":
+            evidence.violations.append((index, event, str(details.get("reason", ""))[:160]))
+        elif event == "exec.denied":
+            evidence.violations.append((index, event, str(details.get("path", ""))[:160]))
+        elif event == "exec.exited" and (details.get("stop_reason") in LIMIT_STOPS
+                                         or details.get("oom_killed")):
+            evidence.violations.append(
+                (index, event, f"stopped for {details.get('stop_reason') or 'memory'}"))
+    return found
