@@ -105,3 +105,24 @@ class TestEvidence:
         done = agentctl("stage", "evidence", "shell-helper", "--audit", str(forged))
         assert done.returncode == 2
         assert "does not verify, so no evidence is computed from it" in done.stderr
+
+
+class TestUnusedGrants:
+    def test_lint_flags_what_the_agent_never_ran_at_a_stage_it_ran_at(
+            self, log_copy: Path) -> None:
+        done = agentctl("policy", "lint", "policies/shell-helper.yaml", "--usage", str(log_copy),
+                        "--agent", "shell-helper")
+        assert done.returncode == 1, done.stdout + done.stderr
+        unused = [line for line in done.stdout.splitlines() if "[unused-grant]" in line]
+        # The agent's tasks ran /bin/sh only (every task was `sh -c ...`), all at prototype.
+        assert any(": prototype: exec.allow: /usr/bin/cat: no task ran it" in line
+                   for line in unused), unused
+        assert not any("exec.allow: /bin/sh:" in line for line in unused)
+        assert all(": prototype: " in line for line in unused)  # no run at other stages
+
+    def test_usage_from_a_log_that_does_not_verify_is_refused(self, tmp_path: Path) -> None:
+        (tmp_path / "audit").mkdir()
+        done = agentctl("policy", "lint", "policies/shell-helper.yaml", "--usage",
+                        str(tmp_path / "audit"), "--agent", "shell-helper")
+        assert done.returncode == 2
+        assert "does not verify, so it is not used" in done.stderr

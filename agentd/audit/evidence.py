@@ -39,6 +39,7 @@ class Evidence:
     violations: list[tuple[int, str, str]] = field(default_factory=list)
     rollbacks: list[int] = field(default_factory=list)
     policy_hashes: dict[str, int] = field(default_factory=dict)  # hash -> first index
+    executables: dict[str, int] = field(default_factory=dict)  # program run -> tasks
     first_time: str = ""
     last_time: str = ""
 
@@ -116,6 +117,9 @@ def collect(records: Iterable[Mapping[str, Any]], agent: str) -> dict[str, Evide
             evidence.steps_failed.append(index)
         elif event == "run.rolled_back":
             evidence.rollbacks.append(index)
+        elif event == "exec.allowed":
+            exe = str(details.get("executable", ""))
+            evidence.executables[exe] = evidence.executables.get(exe, 0) + 1
         elif event == "exec.refused":
             evidence.violations.append((index, event, str(details.get("reason", ""))[:160]))
         elif event == "exec.denied":

@@ -10,6 +10,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import sys
+from pathlib import Path
 from typing import Any
 
 from agentd.cli import output
@@ -74,6 +75,12 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     lint.add_argument("files", nargs="+", metavar="FILE", help="policy file (YAML)")
     lint.add_argument("--stages", metavar="FILE", help="stage ceilings (default: stages.yaml "
                       "beside each file)")
+    lint.add_argument("--usage", metavar="AUDIT_DIR", type=Path,
+                      help="also flag exec.allow entries AGENT never ran (unused-grant), from "
+                      "this audit log, verified first")
+    lint.add_argument("--agent", help="the agent whose runs --usage looks at")
+    lint.add_argument("--key", metavar="PUB", type=Path,
+                      help="the public key to verify --usage with (default: DIR/audit.pub)")
     lint.set_defaults(func=cmd_lint)
 
     test = sub.add_parser(
@@ -238,11 +245,20 @@ def cmd_lint(args: argparse.Namespace) -> int:
     from agentd.policy import load_policy, load_stage_ceilings
     from agentd.policy.lint import lint
 
+    usage = None
+    if args.usage is not None:
+        if not args.agent:
+            print("agentctl: --usage needs --agent: whose runs to look at", file=sys.stderr)
+            return 2
+        usage = _usage(args.usage, args.key, args.agent)
+        if usage is None:
+            return 2
     status = 0
     for path in args.files:
         try:
             policy = load_policy(path)
-            findings = lint(policy, load_stage_ceilings(_stages_file(path, args.stages)))
+            findings = lint(policy, load_stage_ceilings(_stages_file(path, args.stages)),
+                            usage)
         except AgentdError as exc:
             sys.stderr.write(_with_file(str(exc), path))
             status = 2
@@ -260,6 +276,22 @@ def cmd_lint(args: argparse.Namespace) -> int:
         if live and status == 0:
             status = 1
     return status
+
+
+def _usage(directory: Path, key: Path | None, agent: str) -> dict[str, dict[str, int]] | None:
+    """Per stage, the programs `agent`'s tasks ran, from a verified log (None: it does not
+    verify, said on stderr)."""
+    from agentd.audit import verify
+    from agentd.audit.evidence import collect, read_records
+
+    report = verify(directory, public_key=key, allow_unsigned_tail=True)
+    if not report.ok:
+        print(f"agentctl: {directory} does not verify, so it is not used: {report.first}",
+              file=sys.stderr)
+        return None
+    size = report.last_head.tree_size if report.last_head is not None else 0
+    found = collect(read_records(directory, limit=size), agent)
+    return {stage: evidence.executables for stage, evidence in found.items()}
 
 
 def cmd_test(args: argparse.Namespace) -> int:

@@ -15,6 +15,8 @@ at the line that wrote each risky grant. Findings, by rule:
                             interpreter can do what the program does without running it
     user-namespace          a user namespace without an approval trigger: more kernel surface
     missing-limit           a limit the file never writes: the default applies silently
+    unused-grant            (with the usage of an audit log) an exec.allow entry no task of
+                            the agent ran at that stage in the log's window: drop it
 
 A finding is waived, deliberately and visibly, by a comment on its line naming the rule and
 why: `- /usr/bin/python3  # lint: allow interpreter-unapproved (the agent's job is Python)`.
@@ -22,7 +24,8 @@ Waived findings are still printed, marked as such, and do not fail the lint.
 
 Not a rule: a writable host path, because a policy cannot grant one (the host is bound
 read-only; only the run's workspace and a private /tmp are writable, see `runs-what-it-writes`).
-A grant unused in an evidence window needs the audit log; it is not judged here yet.
+A grant unused in an evidence window needs the audit log: `usage` (per stage, the programs the
+agent's tasks ran, from agentd/audit/evidence.py) turns that rule on.
 """
 
 from __future__ import annotations
@@ -37,6 +40,7 @@ from agentd.policy.approvals import approval_triggers
 from agentd.policy.effective import RULE_FIELDS, EffectivePolicy
 from agentd.policy.explain import is_interpreter
 from agentd.policy.model import STAGES, Policy, StageCeilings
+from agentd.policy.paths import matching_exec_entry
 from agentd.policy.sizes import format_duration, format_size
 from agentd.policy.stages import effective_policy
 
@@ -61,9 +65,11 @@ class Finding:
         return f"{text} (waived: {self.waived})" if self.waived else text
 
 
-def lint(policy: Policy, ceilings: StageCeilings) -> list[Finding]:
+def lint(policy: Policy, ceilings: StageCeilings,
+         usage: Mapping[str, Mapping[str, int]] | None = None) -> list[Finding]:
     """Every finding of `policy`, once per line and rule with the stages it holds at, in file
-    order; waived ones marked."""
+    order; waived ones marked. `usage`: stage -> programs the agent ran there (and how often),
+    for `unused-grant`; a stage without usage is not judged on it."""
     found: dict[tuple[str, str, int | None, str], list[Finding]] = {}
     reported_limits: set[str] = set()
     for stage in STAGES:
@@ -71,7 +77,8 @@ def lint(policy: Policy, ceilings: StageCeilings) -> list[Finding]:
         if resolved is None:
             continue
         eff = effective_policy(policy, stage, ceilings)
-        for finding in _stage_findings(policy, eff, resolved.origin, reported_limits):
+        used = usage.get(stage) if usage is not None else None
+        for finding in _stage_findings(policy, eff, resolved.origin, reported_limits, used):
             key = (finding.rule, finding.message, finding.line, finding.field)
             found.setdefault(key, []).append(finding)
     lines = _source_lines(policy.source)
@@ -103,7 +110,8 @@ def _waiver(lines: list[str], line: int | None, rule: str) -> str:
 
 
 def _stage_findings(policy: Policy, eff: EffectivePolicy, origin: Mapping[str, str],
-                    reported_limits: set[str]) -> list[Finding]:
+                    reported_limits: set[str], used: Mapping[str, int] | None
+                    ) -> list[Finding]:
     stage, out = eff.stage, []
 
     def at(field: str, value: str | None = None) -> int | None:
@@ -136,6 +144,13 @@ def _stage_findings(policy: Policy, eff: EffectivePolicy, origin: Mapping[str, s
                 f"{entry} runs any code it is handed, with no approval trigger at this stage;"
                 f" add approval.required_for: [exec:{entry}], drop it, or waive it with a "
                 "reason")
+    if used is not None:
+        tasks = sum(used.values())
+        for entry in eff.exec_allow:
+            if not any(matching_exec_entry([entry], exe) for exe in used):
+                add("unused-grant", "exec.allow", at("exec.allow", entry),
+                    f"{entry}: no task ran it at this stage in the log's window ({tasks} "
+                    "tasks); a grant nobody uses is reach for nothing: drop it")
     for trigger in eff.approval_required_for:
         target = trigger.removeprefix("exec:")
         if trigger.startswith("exec:") and interpreters:
