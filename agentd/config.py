@@ -113,6 +113,10 @@ class AgentSection(_Strict):
 
     policy: str
     stage: Literal["prototype", "sandbox", "pilot", "production"] = "prototype"
+    # Audit mode: every call is also decided under the next stage's effective policy, never
+    # enforced; where the two differ (the next stage would refuse, or newly allow) a
+    # `stage.shadow` record says so: the evidence a reviewer reads before a promotion.
+    audit_next_stage: bool = False
 
 
 class Config(_Strict):

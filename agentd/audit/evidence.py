@@ -40,6 +40,9 @@ class Evidence:
     rollbacks: list[int] = field(default_factory=list)
     policy_hashes: dict[str, int] = field(default_factory=dict)  # hash -> first index
     executables: dict[str, int] = field(default_factory=dict)  # program run -> tasks
+    # Audit mode (stage.shadow): calls the next stage would refuse, and would newly allow.
+    next_refuses: list[int] = field(default_factory=list)
+    next_allows: list[int] = field(default_factory=list)
     first_time: str = ""
     last_time: str = ""
 
@@ -66,6 +69,10 @@ class Evidence:
                f"  violations: {len(self.violations)}"]
         out += [f"    record {i}: {event}: {what}" for i, event, what in self.violations[:20]]
         out.append(f"  rollback drills: {len(self.rollbacks)}{at(self.rollbacks)}")
+        if self.next_refuses or self.next_allows:
+            out.append(f"  audit mode, the next stage would refuse {len(self.next_refuses)} "
+                       f"call(s){at(self.next_refuses)} and newly allow "
+                       f"{len(self.next_allows)}{at(self.next_allows)}")
         out.append("  policy versions: " + (", ".join(
             f"{h[:19]} (from record {i})" for h, i in self.policy_hashes.items()) or "none"))
         return out
@@ -120,6 +127,11 @@ def collect(records: Iterable[Mapping[str, Any]], agent: str) -> dict[str, Evide
         elif event == "exec.allowed":
             exe = str(details.get("executable", ""))
             evidence.executables[exe] = evidence.executables.get(exe, 0) + 1
+        elif event == "stage.shadow":
+            if details.get("next") in ("refuse", "approval", "invalid"):
+                evidence.next_refuses.append(index)
+            elif details.get("next") == "allow":
+                evidence.next_allows.append(index)
         elif event == "exec.refused":
             evidence.violations.append((index, event, str(details.get("reason", ""))[:160]))
         elif event == "exec.denied":

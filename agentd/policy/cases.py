@@ -33,8 +33,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from agentd.errors import InvalidArgument, PermissionDenied
-from agentd.policy.decide import decide_call
+from agentd.policy.decide import judge
 from agentd.policy.effective import EffectivePolicy
 from agentd.policy.model import Document
 from agentd.policy.paths import matching_exec_entry
@@ -114,24 +113,16 @@ class Coverage:
 def run_case(eff: EffectivePolicy, case: Case, coverage: Coverage) -> Outcome:
     """Decides `case` as the scheduler would, and notes what it exercised."""
     request = case.request
-    try:
-        decided = decide_call(eff, request.argv[0], request.env, request.cwd, request.timeout)
-    except PermissionDenied as exc:
-        rule = exc.rule or ""
-        coverage.refused_by.add(_field_of(rule))
-        return Outcome(case, eff.stage, "refuse", exc.message, rule)
-    except InvalidArgument as exc:
-        return Outcome(case, eff.stage, "invalid", exc.message)
-    entry = matching_exec_entry(eff.exec_allow, decided.executable)
-    if entry is not None:
-        coverage.exec_entries.add(entry)
-    coverage.triggers.update(decided.triggers)
-    if decided.triggers:
-        return Outcome(case, eff.stage, "approval",
-                       f"{decided.executable} needs approval ({', '.join(decided.triggers)})",
-                       eff.rule("approval.required_for"))
-    return Outcome(case, eff.stage, "allow", f"{decided.executable} may run",
-                   eff.rule("exec.allow"))
+    verdict = judge(eff, request.argv[0], request.env, request.cwd, request.timeout)
+    if verdict.verdict == "refuse":
+        coverage.refused_by.add(_field_of(verdict.rule))
+    if verdict.executable:
+        entry = matching_exec_entry(eff.exec_allow, verdict.executable)
+        if entry is not None:
+            coverage.exec_entries.add(entry)
+    coverage.triggers.update(verdict.triggers)
+    return Outcome(case, eff.stage, verdict.verdict, verdict.detail,  # type: ignore[arg-type]
+                   verdict.rule)
 
 
 def _field_of(rule: str) -> str:

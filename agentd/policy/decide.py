@@ -52,6 +52,35 @@ def decide_call(eff: EffectivePolicy, argv0: str, env: Mapping[str, str], cwd: s
     return CallDecision(executable, cwd, tuple(approval_triggers(eff, [executable])))
 
 
+@dataclass(frozen=True)
+class Verdict:
+    """`decide_call`'s answer as a value: allow, approval (allowed, a person must approve),
+    refuse (the policy says no) or invalid (malformed, whatever the policy)."""
+
+    verdict: str
+    detail: str
+    rule: str = ""
+    executable: str = ""
+    triggers: tuple[str, ...] = ()
+
+
+def judge(eff: EffectivePolicy, argv0: str, env: Mapping[str, str], cwd: str,
+          timeout_seconds: float) -> Verdict:
+    """`decide_call`, answered instead of raised (policy tests, audit mode)."""
+    try:
+        decided = decide_call(eff, argv0, env, cwd, timeout_seconds)
+    except PermissionDenied as exc:
+        return Verdict("refuse", exc.message, exc.rule or "")
+    except InvalidArgument as exc:
+        return Verdict("invalid", exc.message)
+    if decided.triggers:
+        return Verdict("approval", f"{decided.executable} needs approval "
+                       f"({', '.join(decided.triggers)})", eff.rule("approval.required_for"),
+                       decided.executable, decided.triggers)
+    return Verdict("allow", f"{decided.executable} may run", eff.rule("exec.allow"),
+                   decided.executable)
+
+
 def decide_exec(
     eff: EffectivePolicy,
     executable: str,

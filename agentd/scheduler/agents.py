@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from agentd.config import Config
 from agentd.errors import NotFound
 from agentd.policy import EffectivePolicy, effective_policy, load_policy, load_stage_ceilings
+from agentd.policy.model import STAGES
 
 
 @dataclass(frozen=True)
@@ -23,6 +24,10 @@ class Agent:
     stage: str
     policy_file: str
     policy: EffectivePolicy
+    shadow: EffectivePolicy | None = None
+    """Audit mode: the next stage's effective policy, evaluated beside `policy`, never
+    enforced (None: audit mode is off, the agent is at production, or the policy declares
+    nothing at the next stage)."""
 
 
 @dataclass(frozen=True)
@@ -86,6 +91,12 @@ def _build(config: Config) -> dict[str, Agent]:
     agents = {}
     for name, section in config.agents.items():
         path = policy_dir / section.policy
-        effective = effective_policy(load_policy(path), section.stage, ceilings)
-        agents[name] = Agent(name, section.stage, str(path), effective)
+        policy = load_policy(path)
+        effective = effective_policy(policy, section.stage, ceilings)
+        shadow = None
+        if section.audit_next_stage and section.stage != STAGES[-1]:
+            following = STAGES[STAGES.index(section.stage) + 1]
+            if policy.resolve(following) is not None:
+                shadow = effective_policy(policy, following, ceilings)
+        agents[name] = Agent(name, section.stage, str(path), effective, shadow)
     return agents

@@ -134,6 +134,10 @@ class RunManager:
         """The effective policy the run is bound to (its agent's, clamped to its stage)."""
         return self.registry.get(run.agent).policy
 
+    def shadow_of(self, run: RunRecord) -> EffectivePolicy | None:
+        """The next stage's policy, in audit mode (see Agent.shadow); never enforced."""
+        return self.registry.get(run.agent).shadow
+
     def count_task(self, run_id: str) -> None:
         """One more task started on the run (`Run.tasks_run`)."""
         self.store.count_task(run_id)

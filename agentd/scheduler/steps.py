@@ -47,6 +47,7 @@ from agentd.errors import (
 )
 from agentd.identity import SYSTEM, Caller
 from agentd.policy import EffectivePolicy
+from agentd.policy.decide import judge
 from agentd.scheduler import barrier, channels
 from agentd.scheduler.export import Exporter
 from agentd.scheduler.gate import Phase, RunGate
@@ -144,12 +145,34 @@ class StepRunner:
         task's refusal, and refuses the whole step."""
         run = self.runs.check_open(run_id)
         policy = self.runs.policy_of(run)
+        shadow = self.runs.shadow_of(run)
+        if shadow is not None:
+            await self._audit_next_stage(run_id, requests, policy, shadow, caller)
         try:
             return policy, plan_step(requests, policy, request_approval=request_approval)
         except TaskRefused as refused:
             await self.tasks.refused(run_id, refused.task, caller,
                                      "t-" + secrets.token_hex(8), refused.error, policy)
             raise refused.error from None
+
+    async def _audit_next_stage(self, run_id: str, requests: Sequence[TaskRequest],
+                                policy: EffectivePolicy, shadow: EffectivePolicy,
+                                caller: Caller) -> None:
+        """Audit mode: each task decided again under the next stage's policy, never
+        enforced; where the verdicts differ, a `stage.shadow` record (before the step's own
+        records, so a refused step has it too)."""
+        for request in requests[:MAX_TASKS]:
+            if not request.argv or not request.argv[0]:
+                continue
+            args = (request.argv[0], request.env, request.cwd, request.timeout_seconds)
+            now, then = judge(policy, *args), judge(shadow, *args)
+            if now.verdict == then.verdict:
+                continue
+            await self.audit.append("stage.shadow", actor=caller.actor(), run_id=run_id,
+                                    details={"task": request.name, "argv": request.argv[:8],
+                                             "stage": policy.stage, "next_stage": shadow.stage,
+                                             "enforced": now.verdict, "next": then.verdict,
+                                             "reason": then.detail[:400], "rule": then.rule})
 
     async def step(self, run_id: str, requests: Sequence[TaskRequest], caller: Caller,
                    listener: StepListener | None = None, *,
