@@ -33,13 +33,13 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from agentd.policy.decide import judge
+from agentd.policy.decide import VerdictKind, judge
 from agentd.policy.effective import EffectivePolicy
 from agentd.policy.model import Document
 from agentd.policy.paths import matching_exec_entry
 
 Stage = Literal["prototype", "sandbox", "pilot", "production"]
-Expect = Literal["allow", "approval", "refuse", "invalid"]
+Expect = VerdictKind
 
 
 class CaseRequest(BaseModel):
@@ -121,8 +121,7 @@ def run_case(eff: EffectivePolicy, case: Case, coverage: Coverage) -> Outcome:
         if entry is not None:
             coverage.exec_entries.add(entry)
     coverage.triggers.update(verdict.triggers)
-    return Outcome(case, eff.stage, verdict.verdict, verdict.detail,  # type: ignore[arg-type]
-                   verdict.rule)
+    return Outcome(case, eff.stage, verdict.verdict, verdict.detail, verdict.rule)
 
 
 def _field_of(rule: str) -> str:

@@ -17,7 +17,7 @@ import math
 import os
 from collections.abc import Mapping
 from dataclasses import dataclass
-from typing import Final
+from typing import Final, Literal
 
 from agentd.errors import InvalidArgument, PermissionDenied
 from agentd.policy.approvals import approval_triggers
@@ -52,12 +52,15 @@ def decide_call(eff: EffectivePolicy, argv0: str, env: Mapping[str, str], cwd: s
     return CallDecision(executable, cwd, tuple(approval_triggers(eff, [executable])))
 
 
+VerdictKind = Literal["allow", "approval", "refuse", "invalid"]
+
+
 @dataclass(frozen=True)
 class Verdict:
     """`decide_call`'s answer as a value: allow, approval (allowed, a person must approve),
     refuse (the policy says no) or invalid (malformed, whatever the policy)."""
 
-    verdict: str
+    verdict: VerdictKind
     detail: str
     rule: str = ""
     executable: str = ""
