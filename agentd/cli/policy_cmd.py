@@ -9,12 +9,16 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import functools
 import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 
 from agentd.cli import output
 from agentd.errors import AgentdError
+
+T = TypeVar("T")
 
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
@@ -253,18 +257,14 @@ def cmd_lint(args: argparse.Namespace) -> int:
         usage = _usage(args.usage, args.key, args.agent)
         if usage is None:
             return 2
+    def findings_of(path: str) -> list[Any]:
+        ceilings = load_stage_ceilings(_stages_file(path, args.stages))
+        return lint(load_policy(path), ceilings, usage)
+
     status = 0
     for path in args.files:
-        try:
-            policy = load_policy(path)
-            findings = lint(policy, load_stage_ceilings(_stages_file(path, args.stages)),
-                            usage)
-        except AgentdError as exc:
-            sys.stderr.write(_with_file(str(exc), path))
-            status = 2
-            continue
-        except OSError as exc:
-            print(f"{path}: cannot read: {exc.strerror or exc}", file=sys.stderr)
+        findings = _load_or_report(path, functools.partial(findings_of, path))
+        if findings is None:
             status = 2
             continue
         for finding in findings:
@@ -300,21 +300,19 @@ def cmd_test(args: argparse.Namespace) -> int:
     from agentd.policy.cases import Coverage, coverage_lines, policy_path, run_case
     from agentd.policy.loader import load_policy_tests
 
+    def load(path: str) -> tuple[Any, Path, Any, Any]:
+        tests = load_policy_tests(path)
+        target = policy_path(tests)
+        return tests, target, load_policy(target), load_stage_ceilings(
+            target.parent / tests.stages)
+
     status = 0
     for path in args.files:
-        try:
-            tests = load_policy_tests(path)
-            target = policy_path(tests)
-            policy = load_policy(target)
-            ceilings = load_stage_ceilings(target.parent / tests.stages)
-        except AgentdError as exc:
-            sys.stderr.write(_with_file(str(exc), path))
+        loaded = _load_or_report(path, functools.partial(load, path))
+        if loaded is None:
             status = 2
             continue
-        except OSError as exc:
-            print(f"{path}: cannot read: {exc.strerror or exc}", file=sys.stderr)
-            status = 2
-            continue
+        tests, target, policy, ceilings = loaded
         stages: dict[str, tuple[Any, Coverage]] = {}
         failed = 0
         for case in tests.cases:
@@ -350,18 +348,15 @@ def cmd_fmt(args: argparse.Namespace) -> int:
     from agentd.policy import check_policy_file
     from agentd.policy.fmt import format_text
 
+    def read_valid(path: str) -> str:
+        check_policy_file(path)  # never reformat what does not mean anything yet
+        with open(path, encoding="utf-8") as f:
+            return f.read()
+
     status = 0
     for path in args.files:
-        try:
-            check_policy_file(path)  # never reformat what does not mean anything yet
-            with open(path, encoding="utf-8") as f:
-                text = f.read()
-        except AgentdError as exc:
-            sys.stderr.write(_with_file(str(exc), path))
-            status = 2
-            continue
-        except OSError as exc:
-            print(f"{path}: cannot read: {exc.strerror or exc}", file=sys.stderr)
+        text = _load_or_report(path, functools.partial(read_valid, path))
+        if text is None:
             status = 2
             continue
         formatted = format_text(text)
@@ -399,6 +394,18 @@ def cmd_reload(args: argparse.Namespace) -> int:
         for note in change.clamped:
             print(f"  clamped: {note}")
     return 0
+
+
+def _load_or_report(path: str, load: Callable[[], T]) -> T | None:
+    """`load()`, or None after saying on stderr why `path` cannot be used (each error with
+    its file and line)."""
+    try:
+        return load()
+    except AgentdError as exc:
+        sys.stderr.write(_with_file(str(exc), path))
+    except OSError as exc:
+        print(f"{path}: cannot read: {exc.strerror or exc}", file=sys.stderr)
+    return None
 
 
 def _config(path: str | None) -> tuple[Any, str]:
