@@ -522,6 +522,48 @@ class PolicyReload:
                    msg.changed, tuple(msg.clamped))
 
 
+@dataclass(frozen=True)
+class StageCriterion:
+    name: str
+    met: bool
+    figure: str
+    records: tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class StageStatus:
+    """An agent's stage, the next gate's criteria and any pending promotion."""
+
+    agent: str
+    stage: str
+    config_stage: str
+    since_index: int
+    next_stage: str
+    criteria: tuple[StageCriterion, ...]
+    pending_to: str
+    pending_owner: str
+    approvals: int
+    approvals_needed: int
+
+    @classmethod
+    def from_proto(cls, msg: pb.StageStatus) -> StageStatus:
+        return cls(msg.agent, msg.stage, msg.config_stage, msg.since_index, msg.next_stage,
+                   tuple(StageCriterion(c.name, c.met, c.figure, tuple(c.records))
+                         for c in msg.criteria),
+                   msg.pending_to, msg.pending_owner, msg.approvals, msg.approvals_needed)
+
+
+@dataclass(frozen=True)
+class StageChange:
+    index: int
+    time: str
+    event: str
+    stage: str
+    previous: str
+    actor: dict[str, Any]
+    reason: str
+
+
 class AuditClient:
     """The audit service of one agentd (any role's socket): records, tree heads, proofs.
 
@@ -758,6 +800,38 @@ class AgentdClient:
         try:
             return Status.from_proto(self._stub.GetStatus(pb.GetStatusRequest(),
                                                           timeout=self.timeout))
+        except grpc.RpcError as exc:
+            raise self.error(exc) from None
+
+    def stage(self, agent: str) -> StageStatus:
+        """`agent`'s stage and the next gate's criteria."""
+        try:
+            return StageStatus.from_proto(self._stub.GetStage(pb.GetStageRequest(agent=agent),
+                                                              timeout=self.timeout))
+        except grpc.RpcError as exc:
+            raise self.error(exc) from None
+
+    def stage_history(self, agent: str) -> list[StageChange]:
+        try:
+            reply = self._stub.StageHistory(pb.GetStageRequest(agent=agent), timeout=self.timeout)
+        except grpc.RpcError as exc:
+            raise self.error(exc) from None
+        return [StageChange(c.index, c.time, c.event, c.stage, c.previous,
+                            json.loads(c.actor_json or "{}"), c.reason) for c in reply.changes]
+
+    def promote(self, agent: str, to: str, owner: str, reason: str) -> StageStatus:
+        """A promotion request (admin socket)."""
+        try:
+            return StageStatus.from_proto(self._stub.PromoteStage(pb.PromoteStageRequest(
+                agent=agent, to=to, owner=owner, reason=reason), timeout=self.timeout))
+        except grpc.RpcError as exc:
+            raise self.error(exc) from None
+
+    def approve_stage(self, agent: str, approve: bool, reason: str = "") -> StageStatus:
+        """An approver's decision on a pending promotion (approver socket)."""
+        try:
+            return StageStatus.from_proto(self._stub.ApproveStage(pb.ApproveStageRequest(
+                agent=agent, approve=approve, reason=reason), timeout=self.timeout))
         except grpc.RpcError as exc:
             raise self.error(exc) from None
 

@@ -48,6 +48,7 @@ from agentd.sandbox.launcher_client import LauncherClient
 from agentd.sandbox.pool import WarmPool
 from agentd.scheduler.agents import AgentRegistry, Reloaded
 from agentd.scheduler.runs import RunManager
+from agentd.scheduler.stages import StageKeeper, open_stages
 from agentd.scheduler.steps import StepRunner, recover_steps
 from agentd.scheduler.tasks import TaskRunner
 from agentd.status import DaemonStatus
@@ -71,8 +72,9 @@ class Daemon:
 
     def __init__(self, config: Config, registry: AgentRegistry, launcher: LauncherClient,
                  cgroups: CgroupDriver, audit: AuditLog, store: RunStore, step_store: StepStore,
-                 layers: LayerStore) -> None:
+                 layers: LayerStore, stages: StageKeeper) -> None:
         self.config = config
+        self.stages = stages
         self.launcher = launcher
         self.cgroups = cgroups
         self.audit = audit
@@ -92,7 +94,7 @@ class Daemon:
         self._reloading = asyncio.Lock()
         registrations = [agentd_registration(AgentdServicer(self.runs, self.steps,
                                                             self.status,
-                                                            self.reload_policies)),
+                                                            self.reload_policies, stages)),
                          audit_registration(audit)]
         # Under systemd the role sockets are its own (passed, listening); otherwise the daemon
         # makes them. Either way grpc serves on private sockets that the forwarder feeds, so
@@ -152,6 +154,7 @@ class Daemon:
                                      "old_hash": c.old_hash, "new_hash": c.new_hash,
                                      "clamped": list(c.clamped)} for c in changes}})
             registry.swap(agents)
+            self.stages.refresh_gates()
             for change in changes:
                 log.info("policy.reloaded", agent=change.agent, changed=change.changed,
                          old_hash=change.old_hash, new_hash=change.new_hash, uid=caller.uid)
@@ -285,6 +288,8 @@ def start(config: Config) -> Daemon:
                     prefer=None if d.cgroup_backend == "auto" else d.cgroup_backend)
     stale = cgroups.cleanup_stale()
     audit = AuditLog.open(d.state_dir / "audit", head_interval=d.tree_head_interval)
+    # Each agent's stage is the log's, not the config's (after its first start).
+    stages = open_stages(config, registry, audit, d.state_dir / "audit", SYSTEM.actor())
     store = RunStore(d.state_dir / "state.db")
     step_store = StepStore(store.connection)
     layers = LayerStore(d.state_dir / "workspaces", reserve_bytes=d.state_reserve)
@@ -302,6 +307,7 @@ def start(config: Config) -> Daemon:
         "pid": os.getpid(), "cgroups": cgroups.describe(), "stale_cgroups_removed": stale,
         "recovered": recovered,
         "agents": {name: {"stage": registry.get(name).stage,
+                          "config_stage": config.agents[name].stage,
                           "policy_hash": registry.get(name).policy.content_hash,
                           "clamped": list(registry.get(name).policy.notes)}
                    for name in registry.names()}})
@@ -310,7 +316,7 @@ def start(config: Config) -> Daemon:
             log.warning("policy.clamped", agent=name, stage=registry.get(name).stage, note=note)
     if stale:
         log.warning("agentd.recovered", stale_cgroups_removed=stale)
-    return Daemon(config, registry, launcher, cgroups, audit, store, step_store, layers)
+    return Daemon(config, registry, launcher, cgroups, audit, store, step_store, layers, stages)
 
 
 def main(argv: list[str] | None = None) -> None:

@@ -78,14 +78,16 @@ class Report:
         return not self.failures
 
 
-def _netns() -> int:
+def _netns(daemon: psutil.Process) -> int:
+    """Network namespaces held by the daemon's process tree (the daemon, the launcher, the
+    workers, prebuilt ones included): agentd binds none to a file, so one that outlives its
+    processes cannot exist, and other processes on the host do not count."""
     found = set()
-    for entry in os.listdir("/proc"):
-        if entry.isdigit():
-            try:
-                found.add(os.stat(f"/proc/{entry}/ns/net").st_ino)
-            except OSError:
-                continue
+    for process in [daemon, *daemon.children(recursive=True)]:
+        try:
+            found.add(os.stat(f"/proc/{process.pid}/ns/net").st_ino)
+        except OSError:
+            continue
     return len(found)
 
 
@@ -104,7 +106,7 @@ def snapshot(handle: DaemonHandle) -> Snapshot:
     children = daemon.children(recursive=True)
     return Snapshot(prebuilt=prebuilt,
         fds=daemon.num_fds(), mounts=len(own_mounts), host_mounts=host, cgroups=cgroups,
-        netns=_netns(), children=[" ".join(c.cmdline()[:4]) for c in children],
+        netns=_netns(daemon), children=[" ".join(c.cmdline()[:4]) for c in children],
         zombies=[c.pid for c in children if c.status() == psutil.STATUS_ZOMBIE],
         rss=daemon.memory_info().rss)
 

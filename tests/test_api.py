@@ -935,7 +935,8 @@ class TestHealthAndReflection:
                 "grpc.reflection.v1alpha.ServerReflection"} <= services
         assert methods == {"CreateRun", "GetRun", "ListRuns", "CloseRun", "Exec", "Step",
                            "StreamStep", "Approve", "ListSteps", "ListCheckpoints", "Rollback",
-                           "Fork", "ExportCheckpoint", "GetStatus", "ReloadPolicies"}
+                           "Fork", "ExportCheckpoint", "GetStatus", "ReloadPolicies",
+                           "GetStage", "StageHistory", "PromoteStage", "ApproveStage"}
         assert agentd.methods_by_name["Exec"].output_type.full_name == "agentd.v1.ExecEvent"
         assert agentd.methods_by_name["Exec"].server_streaming
         assert agentd.methods_by_name["Step"].output_type.full_name == "agentd.v1.StepReply"

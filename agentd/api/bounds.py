@@ -25,6 +25,9 @@ LIMITS: Final[dict[str, tuple[int | None, int | None]]] = {
     "agentd.v1.CreateRunRequest.label": (200, None),
     "agentd.v1.ForkRequest.label": (200, None),
     "agentd.v1.ApproveRequest.reason": (2000, None),
+    "agentd.v1.PromoteStageRequest.reason": (2000, None),
+    "agentd.v1.ApproveStageRequest.reason": (2000, None),
+    "agentd.v1.PromoteStageRequest.owner": (200, None),
     "agentd.v1.ExecRequest.argv": (1 << 20, 4096),
     "agentd.v1.TaskSpec.argv": (1 << 20, 4096),
     "agentd.v1.ExecRequest.env": (32 << 10, 256),
@@ -42,7 +45,8 @@ for _name in ("GetRunRequest.run_id", "CloseRunRequest.run_id", "ExecRequest.run
               "ListCheckpointsRequest.run_id", "RollbackRequest.run_id", "ForkRequest.run_id",
               "ExportCheckpointRequest.run_id", "CreateRunRequest.agent",
               "ListRunsRequest.agent", "ChannelDecl.name", "ChannelDecl.reducer",
-              "TaskSpec.name"):
+              "TaskSpec.name", "GetStageRequest.agent", "PromoteStageRequest.agent",
+              "PromoteStageRequest.to", "ApproveStageRequest.agent"):
     LIMITS[f"agentd.v1.{_name}"] = (128, None)
 
 

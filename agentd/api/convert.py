@@ -13,6 +13,7 @@ from agentd.api.limits import MAX_MESSAGE_BYTES, REPLY_HEADROOM
 from agentd.sandbox.worker import WorkerResult
 from agentd.scheduler import channels
 from agentd.scheduler.plan import TaskRequest
+from agentd.scheduler.stages import StageChange, StageStatus
 from agentd.scheduler.steps import StepResult
 from agentd.scheduler.tasks import TaskOutcome
 from agentd.status import DaemonStatus
@@ -157,3 +158,22 @@ def checkpoint(record: CheckpointRecord) -> pb.Checkpoint:
 
 def status(value: DaemonStatus) -> pb.Status:
     return pb.Status(**dataclasses.asdict(value))
+
+
+def stage_status(status: StageStatus) -> pb.StageStatus:
+    pending = status.pending
+    return pb.StageStatus(
+        agent=status.agent, stage=status.stage, config_stage=status.config_stage,
+        since_index=status.since_index, next_stage=status.next_stage,
+        criteria=[pb.StageCriterion(name=c.name, met=c.met, figure=c.figure,
+                                    records=list(c.records)) for c in status.criteria],
+        pending_to=pending.to if pending else "", pending_owner=pending.owner if pending else "",
+        approvals=len(pending.approvers) if pending else 0,
+        approvals_needed=status.approvals_needed)
+
+
+def stage_change(change: StageChange) -> pb.StageChange:
+    return pb.StageChange(index=change.index, time=change.time, event=change.event,
+                          stage=change.stage, previous=change.previous,
+                          actor_json=json.dumps(dict(change.actor), sort_keys=True),
+                          reason=change.reason)

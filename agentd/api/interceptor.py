@@ -38,6 +38,8 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "/agentd.v1.Agentd/ExportCheckpoint": frozenset({"client", "admin"}),
     "/agentd.v1.Agentd/Approve": frozenset({"approver", "admin"}),
     "/agentd.v1.Agentd/ReloadPolicies": frozenset({"admin"}),
+    "/agentd.v1.Agentd/PromoteStage": frozenset({"admin"}),
+    "/agentd.v1.Agentd/ApproveStage": frozenset({"approver", "admin"}),
 }
 
 

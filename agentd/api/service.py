@@ -21,6 +21,7 @@ from agentd.identity import Caller
 from agentd.scheduler.agents import Reloaded
 from agentd.scheduler.plan import TaskRequest
 from agentd.scheduler.runs import RunManager
+from agentd.scheduler.stages import StageKeeper
 from agentd.scheduler.steps import StepResult, StepRunner
 from agentd.scheduler.tasks import StepListener, TaskOutcome
 from agentd.status import DaemonStatus
@@ -35,8 +36,10 @@ STREAM_EVENTS = 16
 class AgentdServicer(agentd_pb2_grpc.AgentdServicer):
     def __init__(self, runs: RunManager, steps: StepRunner,
                  status: Callable[[], DaemonStatus],
-                 reload: Callable[[Caller], Awaitable[list[Reloaded]]]) -> None:
+                 reload: Callable[[Caller], Awaitable[list[Reloaded]]],
+                 stages: StageKeeper) -> None:
         self.runs = runs
+        self.stages = stages
         self.status = status
         self.steps = steps
         self.reload = reload
@@ -144,6 +147,26 @@ class AgentdServicer(agentd_pb2_grpc.AgentdServicer):
     async def GetStatus(self, request: pb.GetStatusRequest, context: Any) -> pb.Status:
         return convert.status(self.status())
 
+    async def GetStage(self, request: pb.GetStageRequest, context: Any) -> pb.StageStatus:
+        return convert.stage_status(await self.stages.status(_agent(request.agent)))
+
+    async def StageHistory(self, request: pb.GetStageRequest, context: Any
+                           ) -> pb.StageHistoryReply:
+        changes = self.stages.history(_agent(request.agent))
+        return pb.StageHistoryReply(changes=[convert.stage_change(c) for c in changes])
+
+    async def PromoteStage(self, request: pb.PromoteStageRequest, context: Any
+                           ) -> pb.StageStatus:
+        status = await self.stages.request(_agent(request.agent), request.to, request.owner,
+                                           request.reason, current_caller.get())
+        return convert.stage_status(status)
+
+    async def ApproveStage(self, request: pb.ApproveStageRequest, context: Any
+                           ) -> pb.StageStatus:
+        status = await self.stages.approve(_agent(request.agent), request.approve,
+                                           request.reason, current_caller.get())
+        return convert.stage_status(status)
+
     async def ReloadPolicies(self, request: pb.ReloadPoliciesRequest, context: Any
                              ) -> pb.ReloadPoliciesReply:
         changes = await self.reload(current_caller.get())
@@ -196,3 +219,9 @@ def _run_id(run_id: str) -> str:
     if not run_id:
         raise InvalidArgument("run_id is required")
     return run_id
+
+
+def _agent(name: str) -> str:
+    if not name:
+        raise InvalidArgument("agent is required: the name of a registered agent")
+    return name

@@ -1,9 +1,11 @@
-"""`agentctl stage evidence`: what an agent did at each stage, from the audit log alone.
+"""`agentctl stage status|promote|approve|history|evidence`: an agent's stage and its gates.
 
-Offline, like `audit verify`: it reads a log directory (the daemon's, or a copy) and trusts
-nothing in it until `verify` has checked every record against the signed tree heads with the
-given public key; then it counts only the records a signed head covers. The figures are those
-a stage gate is decided on (agentd/audit/evidence.py).
+status, promote, approve and history go to the daemon (through the client): promote on the
+admin socket, approve on the approver socket. `evidence` is offline, like `audit verify`: it
+reads a log directory (the daemon's, or a copy) and trusts nothing in it until `verify` has
+checked every record against the signed tree heads with the given public key; then it counts
+only the records a signed head covers. The figures are those a gate is decided on
+(agentd/audit/evidence.py).
 """
 
 from __future__ import annotations
@@ -30,6 +32,70 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
                           "(default: DIR/audit.pub; use your own copy)")
     evidence.add_argument("--stage", help="one stage only")
     evidence.set_defaults(func=cmd_evidence)
+
+    status = sub.add_parser("status", help="the agent's stage, each criterion of the next "
+                            "gate (met or not, its figure and records), a pending promotion")
+    status.add_argument("agent", metavar="AGENT")
+    status.set_defaults(func=cmd_status)
+    history = sub.add_parser("history", help="every stage change of the agent, from the log")
+    history.add_argument("agent", metavar="AGENT")
+    history.set_defaults(func=cmd_history)
+    promote = sub.add_parser("promote", help="request a promotion (admin socket); refused "
+                             "with every unmet criterion, else pending approval")
+    promote.add_argument("agent", metavar="AGENT")
+    promote.add_argument("--to", required=True, metavar="STAGE")
+    promote.add_argument("--owner", required=True, metavar="NAME",
+                         help="who answers for the agent at the new stage (a user name)")
+    promote.add_argument("--reason", required=True, metavar="TEXT")
+    promote.set_defaults(func=cmd_promote)
+    approve = sub.add_parser("approve", help="approve (or --refuse) a pending promotion "
+                             "(approver socket; not the requester, not the owner)")
+    approve.add_argument("agent", metavar="AGENT")
+    approve.add_argument("--refuse", action="store_true")
+    approve.add_argument("--reason", default="", metavar="TEXT")
+    approve.set_defaults(func=cmd_approve)
+
+
+def _print_status(status: Any) -> None:
+    mismatch = (f" (the config says {status.config_stage}: ignored, stages change only "
+                "through gates)" if status.config_stage and status.config_stage != status.stage
+                else "")
+    print(f"{status.agent}: {status.stage} since record {status.since_index}{mismatch}")
+    if not status.next_stage:
+        print("  at the top stage")
+        return
+    print(f"  gate into {status.next_stage}:")
+    for c in status.criteria:
+        records = (" (records " + ", ".join(map(str, c.records[:8]))
+                   + (" ..." if len(c.records) > 8 else "") + ")") if c.records else ""
+        print(f"    [{'met' if c.met else 'UNMET'}] {c.name}: {c.figure}{records}")
+    print(f"    approvals: {status.approvals} of {status.approvals_needed} distinct approvers")
+    if status.pending_to:
+        print(f"  pending: promotion to {status.pending_to}, owner {status.pending_owner}")
+
+
+def cmd_status(args: argparse.Namespace) -> int:
+    _print_status(args.client().stage(args.agent))
+    return 0
+
+
+def cmd_history(args: argparse.Namespace) -> int:
+    for change in args.client().stage_history(args.agent):
+        who = change.actor.get("uid", change.actor.get("role", "?"))
+        moved = f"{change.previous} -> {change.stage}" if change.previous else change.stage
+        print(f"record {change.index}  {change.time}  {change.event}  {moved}  by {who}: "
+              f"{change.reason}")
+    return 0
+
+
+def cmd_promote(args: argparse.Namespace) -> int:
+    _print_status(args.client().promote(args.agent, args.to, args.owner, args.reason))
+    return 0
+
+
+def cmd_approve(args: argparse.Namespace) -> int:
+    _print_status(args.client().approve_stage(args.agent, not args.refuse, args.reason))
+    return 0
 
 
 def cmd_evidence(args: argparse.Namespace) -> int:

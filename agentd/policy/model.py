@@ -30,6 +30,7 @@ from pydantic import (
 )
 
 from agentd.policy.rules import CeilingRules, StageRules
+from agentd.policy.sizes import Duration
 
 STAGES: Final[tuple[str, ...]] = ("prototype", "sandbox", "pilot", "production")
 API_VERSION: Final = "agentd/v1"
@@ -237,6 +238,51 @@ class CeilingStages(BaseModel):
     """The most generous stage."""
 
 
+DemotionEvent = Literal["violation", "quarantine", "failure"]
+
+
+class Gate(BaseModel):
+    """The conditions to enter a stage, judged on the evidence of the stage below since the
+    agent entered it (agentd/audit/evidence.py), and what drops an agent out of it again."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    min_runs: int = Field(default=1, ge=0, le=1_000_000, strict=True)
+    """Runs created at the stage below."""
+    min_steps: int = Field(default=5, ge=0, le=100_000_000, strict=True)
+    """Steps ended (committed or failed) at the stage below."""
+    min_time: Duration | None = None
+    """Time at the stage below, from entering it to the request (none: no minimum)."""
+    max_failure_rate: float = Field(default=0.5, ge=0.0, le=1.0)
+    """Failed steps over all steps at the stage below."""
+    max_violations: int = Field(default=0, ge=0, strict=True)
+    """Refused execs, execs the kernel refused and limit kills at the stage below."""
+    rollback_drills: int = Field(default=0, ge=0, strict=True)
+    """Rollbacks performed at the stage below."""
+    approvals: int = Field(default=1, ge=1, le=16, strict=True)
+    """Distinct approver uids, none of them the requester's nor the owner's."""
+    policy_unchanged: bool = Field(default=False, strict=True)
+    """The policy's content the same over the whole evidence window."""
+    demote_on: list[DemotionEvent] = Field(default_factory=list)
+    """Events at this stage that drop the agent one stage at once."""
+
+
+class Gates(BaseModel):
+    """A gate per stage above prototype; sensible defaults, each field overridable."""
+
+    model_config = ConfigDict(extra="forbid", frozen=True, use_attribute_docstrings=True)
+
+    sandbox: Gate = Gate(min_runs=1, min_steps=5, max_failure_rate=0.5)
+    """Into sandbox, from prototype."""
+    pilot: Gate = Gate(min_runs=3, min_steps=20, min_time=3600.0, max_failure_rate=0.2,
+                       rollback_drills=1, demote_on=["violation", "quarantine"])
+    """Into pilot, from sandbox."""
+    production: Gate = Gate(min_runs=10, min_steps=100, min_time=86400.0,
+                            max_failure_rate=0.05, rollback_drills=1, approvals=2,
+                            policy_unchanged=True, demote_on=["violation", "quarantine"])
+    """Into production, from pilot."""
+
+
 class StageCeilings(Document):
     """The host-wide ceiling of each stage. Load with `agentd.policy.load_stage_ceilings`."""
 
@@ -248,6 +294,8 @@ class StageCeilings(Document):
     """Free text for reviewers."""
     stages: CeilingStages
     """The most any agent may have at each stage."""
+    gates: Gates = Field(default_factory=Gates)
+    """What an agent must show to enter each stage above prototype (and what demotes it)."""
 
     def ceiling(self, stage: str) -> CeilingRules:
         """The ceiling of `stage` (one of STAGES)."""

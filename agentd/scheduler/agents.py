@@ -69,9 +69,21 @@ class AgentRegistry:
                                  agent.policy.content_hash, agent.policy.notes)
                         for name, agent in sorted(agents.items())]
 
+    def prepare_stage(self, agent: str, stage: str) -> dict[str, Agent]:
+        """Every agent as now, `agent` at `stage` (its policy clamped there); `swap` it in."""
+        return self.prepare_stages({agent: stage})
+
+    def prepare_stages(self, stages: dict[str, str]) -> dict[str, Agent]:
+        if self._config is None:
+            raise RuntimeError("a registry made without a config cannot change stages")
+        return _build(with_stages(self._config, stages))
+
     def swap(self, agents: dict[str, Agent]) -> None:
-        """The prepared policies, in force for every step planned from now on."""
+        """The prepared policies, in force for every step planned from now on; the stages
+        they are at stay for later reloads."""
         self._agents = agents
+        if self._config is not None:
+            self._config = with_stages(self._config, {n: a.stage for n, a in agents.items()})
 
     def get(self, name: str) -> Agent:
         try:
@@ -83,6 +95,13 @@ class AgentRegistry:
 
     def names(self) -> list[str]:
         return sorted(self._agents)
+
+
+def with_stages(config: Config, stages: dict[str, str]) -> Config:
+    """`config` with some agents at other stages (the stage log decides them, not the file)."""
+    agents = {name: section.model_copy(update={"stage": stages[name]}) if name in stages
+              else section for name, section in config.agents.items()}
+    return config.model_copy(update={"agents": agents})
 
 
 def _build(config: Config) -> dict[str, Agent]:

@@ -115,6 +115,218 @@ STEP_STATE_DISCARDED: StepState.ValueType  # 5
 Global___StepState: _TypeAlias = StepState  # noqa: Y015
 
 @_typing.final
+class GetStageRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_FIELD_NUMBER: _builtins.int
+    agent: _builtins.str
+    def __init__(
+        self,
+        *,
+        agent: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GetStageRequest: _TypeAlias = GetStageRequest  # noqa: Y015
+
+@_typing.final
+class StageCriterion(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    NAME_FIELD_NUMBER: _builtins.int
+    MET_FIELD_NUMBER: _builtins.int
+    FIGURE_FIELD_NUMBER: _builtins.int
+    RECORDS_FIELD_NUMBER: _builtins.int
+    name: _builtins.str
+    met: _builtins.bool
+    figure: _builtins.str
+    @_builtins.property
+    def records(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Audit record indexes behind the figure."""
+
+    def __init__(
+        self,
+        *,
+        name: _builtins.str = ...,
+        met: _builtins.bool = ...,
+        figure: _builtins.str = ...,
+        records: _abc.Iterable[_builtins.int] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["figure", b"figure", "met", b"met", "name", b"name", "records", b"records"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StageCriterion: _TypeAlias = StageCriterion  # noqa: Y015
+
+@_typing.final
+class StageStatus(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_FIELD_NUMBER: _builtins.int
+    STAGE_FIELD_NUMBER: _builtins.int
+    CONFIG_STAGE_FIELD_NUMBER: _builtins.int
+    SINCE_INDEX_FIELD_NUMBER: _builtins.int
+    NEXT_STAGE_FIELD_NUMBER: _builtins.int
+    CRITERIA_FIELD_NUMBER: _builtins.int
+    PENDING_TO_FIELD_NUMBER: _builtins.int
+    PENDING_OWNER_FIELD_NUMBER: _builtins.int
+    APPROVALS_FIELD_NUMBER: _builtins.int
+    APPROVALS_NEEDED_FIELD_NUMBER: _builtins.int
+    agent: _builtins.str
+    stage: _builtins.str
+    config_stage: _builtins.str
+    """What the config says; differs from `stage` once the log has moved it (reported, ignored)."""
+    since_index: _builtins.int
+    """The audit index of the record that put the agent at its stage."""
+    next_stage: _builtins.str
+    """"" at production."""
+    pending_to: _builtins.str
+    pending_owner: _builtins.str
+    approvals: _builtins.int
+    approvals_needed: _builtins.int
+    @_builtins.property
+    def criteria(self) -> _containers.RepeatedCompositeFieldContainer[Global___StageCriterion]: ...
+    def __init__(
+        self,
+        *,
+        agent: _builtins.str = ...,
+        stage: _builtins.str = ...,
+        config_stage: _builtins.str = ...,
+        since_index: _builtins.int = ...,
+        next_stage: _builtins.str = ...,
+        criteria: _abc.Iterable[Global___StageCriterion] | None = ...,
+        pending_to: _builtins.str = ...,
+        pending_owner: _builtins.str = ...,
+        approvals: _builtins.int = ...,
+        approvals_needed: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "approvals", b"approvals", "approvals_needed", b"approvals_needed", "config_stage", b"config_stage", "criteria", b"criteria", "next_stage", b"next_stage", "pending_owner", b"pending_owner", "pending_to", b"pending_to", "since_index", b"since_index", "stage", b"stage"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StageStatus: _TypeAlias = StageStatus  # noqa: Y015
+
+@_typing.final
+class StageChange(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    INDEX_FIELD_NUMBER: _builtins.int
+    TIME_FIELD_NUMBER: _builtins.int
+    EVENT_FIELD_NUMBER: _builtins.int
+    STAGE_FIELD_NUMBER: _builtins.int
+    PREVIOUS_FIELD_NUMBER: _builtins.int
+    ACTOR_JSON_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    index: _builtins.int
+    time: _builtins.str
+    event: _builtins.str
+    """stage.set, stage.promoted or stage.demoted"""
+    stage: _builtins.str
+    previous: _builtins.str
+    actor_json: _builtins.str
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        index: _builtins.int = ...,
+        time: _builtins.str = ...,
+        event: _builtins.str = ...,
+        stage: _builtins.str = ...,
+        previous: _builtins.str = ...,
+        actor_json: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["actor_json", b"actor_json", "event", b"event", "index", b"index", "previous", b"previous", "reason", b"reason", "stage", b"stage", "time", b"time"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StageChange: _TypeAlias = StageChange  # noqa: Y015
+
+@_typing.final
+class StageHistoryReply(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    CHANGES_FIELD_NUMBER: _builtins.int
+    @_builtins.property
+    def changes(self) -> _containers.RepeatedCompositeFieldContainer[Global___StageChange]: ...
+    def __init__(
+        self,
+        *,
+        changes: _abc.Iterable[Global___StageChange] | None = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["changes", b"changes"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___StageHistoryReply: _TypeAlias = StageHistoryReply  # noqa: Y015
+
+@_typing.final
+class PromoteStageRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_FIELD_NUMBER: _builtins.int
+    TO_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    agent: _builtins.str
+    to: _builtins.str
+    owner: _builtins.str
+    """The person accountable for the agent at the new stage (a user name); not an approver."""
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        agent: _builtins.str = ...,
+        to: _builtins.str = ...,
+        owner: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "owner", b"owner", "reason", b"reason", "to", b"to"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___PromoteStageRequest: _TypeAlias = PromoteStageRequest  # noqa: Y015
+
+@_typing.final
+class ApproveStageRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_FIELD_NUMBER: _builtins.int
+    APPROVE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    agent: _builtins.str
+    approve: _builtins.bool
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        agent: _builtins.str = ...,
+        approve: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "approve", b"approve", "reason", b"reason"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ApproveStageRequest: _TypeAlias = ApproveStageRequest  # noqa: Y015
+
+@_typing.final
 class GetStatusRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

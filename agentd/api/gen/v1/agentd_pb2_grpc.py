@@ -109,6 +109,26 @@ class AgentdStub:
                 request_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ReloadPoliciesRequest.SerializeToString,
                 response_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ReloadPoliciesReply.FromString,
                 _registered_method=True)
+        self.GetStage = channel.unary_unary(
+                '/agentd.v1.Agentd/GetStage',
+                request_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.GetStageRequest.SerializeToString,
+                response_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StageStatus.FromString,
+                _registered_method=True)
+        self.StageHistory = channel.unary_unary(
+                '/agentd.v1.Agentd/StageHistory',
+                request_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.GetStageRequest.SerializeToString,
+                response_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StageHistoryReply.FromString,
+                _registered_method=True)
+        self.PromoteStage = channel.unary_unary(
+                '/agentd.v1.Agentd/PromoteStage',
+                request_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.PromoteStageRequest.SerializeToString,
+                response_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StageStatus.FromString,
+                _registered_method=True)
+        self.ApproveStage = channel.unary_unary(
+                '/agentd.v1.Agentd/ApproveStage',
+                request_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ApproveStageRequest.SerializeToString,
+                response_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StageStatus.FromString,
+                _registered_method=True)
 
 
 class AgentdServicer:
@@ -222,6 +242,36 @@ class AgentdServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def GetStage(self, request, context):
+        """An agent's stage (the audit log's, not the config's), the next gate's criteria on the
+        evidence (met or not, each with its figure and records) and any pending promotion.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def StageHistory(self, request, context):
+        """Every stage change of an agent, from the audit log.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def PromoteStage(self, request, context):
+        """A promotion request (admin): FAILED_PRECONDITION listing every unmet criterion, or
+        pending until the gate's number of approvers (approver socket) approve it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ApproveStage(self, request, context):
+        """An approver's decision on a pending promotion: not the requester, not the owner.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentdServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -299,6 +349,26 @@ def add_AgentdServicer_to_server(servicer, server):
                     servicer.ReloadPolicies,
                     request_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ReloadPoliciesRequest.FromString,
                     response_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ReloadPoliciesReply.SerializeToString,
+            ),
+            'GetStage': grpc.unary_unary_rpc_method_handler(
+                    servicer.GetStage,
+                    request_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.GetStageRequest.FromString,
+                    response_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StageStatus.SerializeToString,
+            ),
+            'StageHistory': grpc.unary_unary_rpc_method_handler(
+                    servicer.StageHistory,
+                    request_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.GetStageRequest.FromString,
+                    response_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StageHistoryReply.SerializeToString,
+            ),
+            'PromoteStage': grpc.unary_unary_rpc_method_handler(
+                    servicer.PromoteStage,
+                    request_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.PromoteStageRequest.FromString,
+                    response_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StageStatus.SerializeToString,
+            ),
+            'ApproveStage': grpc.unary_unary_rpc_method_handler(
+                    servicer.ApproveStage,
+                    request_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ApproveStageRequest.FromString,
+                    response_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StageStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -706,6 +776,114 @@ class Agentd:
             '/agentd.v1.Agentd/ReloadPolicies',
             agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ReloadPoliciesRequest.SerializeToString,
             agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ReloadPoliciesReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def GetStage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.Agentd/GetStage',
+            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.GetStageRequest.SerializeToString,
+            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StageStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def StageHistory(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.Agentd/StageHistory',
+            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.GetStageRequest.SerializeToString,
+            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StageHistoryReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def PromoteStage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.Agentd/PromoteStage',
+            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.PromoteStageRequest.SerializeToString,
+            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StageStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ApproveStage(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.Agentd/ApproveStage',
+            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ApproveStageRequest.SerializeToString,
+            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StageStatus.FromString,
             options,
             channel_credentials,
             insecure,

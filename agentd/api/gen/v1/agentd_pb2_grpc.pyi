@@ -74,6 +74,18 @@ class AgentdStub:
     steps planned from then on (admin only; SIGHUP does the same). A file that fails
     validation replaces nothing: FAILED_PRECONDITION, and the policies in force stay.
     """
+    GetStage: _grpc.UnaryUnaryMultiCallable[_agentd_pb2.GetStageRequest, _agentd_pb2.StageStatus]
+    """An agent's stage (the audit log's, not the config's), the next gate's criteria on the
+    evidence (met or not, each with its figure and records) and any pending promotion.
+    """
+    StageHistory: _grpc.UnaryUnaryMultiCallable[_agentd_pb2.GetStageRequest, _agentd_pb2.StageHistoryReply]
+    """Every stage change of an agent, from the audit log."""
+    PromoteStage: _grpc.UnaryUnaryMultiCallable[_agentd_pb2.PromoteStageRequest, _agentd_pb2.StageStatus]
+    """A promotion request (admin): FAILED_PRECONDITION listing every unmet criterion, or
+    pending until the gate's number of approvers (approver socket) approve it.
+    """
+    ApproveStage: _grpc.UnaryUnaryMultiCallable[_agentd_pb2.ApproveStageRequest, _agentd_pb2.StageStatus]
+    """An approver's decision on a pending promotion: not the requester, not the owner."""
 
 @_typing.type_check_only
 class AgentdAsyncStub(AgentdStub):
@@ -114,6 +126,18 @@ class AgentdAsyncStub(AgentdStub):
     steps planned from then on (admin only; SIGHUP does the same). A file that fails
     validation replaces nothing: FAILED_PRECONDITION, and the policies in force stay.
     """
+    GetStage: _aio.UnaryUnaryMultiCallable[_agentd_pb2.GetStageRequest, _agentd_pb2.StageStatus]  # type: ignore[assignment]
+    """An agent's stage (the audit log's, not the config's), the next gate's criteria on the
+    evidence (met or not, each with its figure and records) and any pending promotion.
+    """
+    StageHistory: _aio.UnaryUnaryMultiCallable[_agentd_pb2.GetStageRequest, _agentd_pb2.StageHistoryReply]  # type: ignore[assignment]
+    """Every stage change of an agent, from the audit log."""
+    PromoteStage: _aio.UnaryUnaryMultiCallable[_agentd_pb2.PromoteStageRequest, _agentd_pb2.StageStatus]  # type: ignore[assignment]
+    """A promotion request (admin): FAILED_PRECONDITION listing every unmet criterion, or
+    pending until the gate's number of approvers (approver socket) approve it.
+    """
+    ApproveStage: _aio.UnaryUnaryMultiCallable[_agentd_pb2.ApproveStageRequest, _agentd_pb2.StageStatus]  # type: ignore[assignment]
+    """An approver's decision on a pending promotion: not the requester, not the owner."""
 
 class AgentdServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -241,5 +265,41 @@ class AgentdServicer(metaclass=_abc_1.ABCMeta):
         steps planned from then on (admin only; SIGHUP does the same). A file that fails
         validation replaces nothing: FAILED_PRECONDITION, and the policies in force stay.
         """
+
+    @_abc_1.abstractmethod
+    def GetStage(
+        self,
+        request: _agentd_pb2.GetStageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agentd_pb2.StageStatus, _abc.Awaitable[_agentd_pb2.StageStatus]]:
+        """An agent's stage (the audit log's, not the config's), the next gate's criteria on the
+        evidence (met or not, each with its figure and records) and any pending promotion.
+        """
+
+    @_abc_1.abstractmethod
+    def StageHistory(
+        self,
+        request: _agentd_pb2.GetStageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agentd_pb2.StageHistoryReply, _abc.Awaitable[_agentd_pb2.StageHistoryReply]]:
+        """Every stage change of an agent, from the audit log."""
+
+    @_abc_1.abstractmethod
+    def PromoteStage(
+        self,
+        request: _agentd_pb2.PromoteStageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agentd_pb2.StageStatus, _abc.Awaitable[_agentd_pb2.StageStatus]]:
+        """A promotion request (admin): FAILED_PRECONDITION listing every unmet criterion, or
+        pending until the gate's number of approvers (approver socket) approve it.
+        """
+
+    @_abc_1.abstractmethod
+    def ApproveStage(
+        self,
+        request: _agentd_pb2.ApproveStageRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agentd_pb2.StageStatus, _abc.Awaitable[_agentd_pb2.StageStatus]]:
+        """An approver's decision on a pending promotion: not the requester, not the owner."""
 
 def add_AgentdServicer_to_server(servicer: AgentdServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...

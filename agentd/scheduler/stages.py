@@ -1,0 +1,338 @@
+"""Stages as state: each agent's stage and its history live in the audit log, and change only
+through a gate (promotion) or a demotion.
+
+The config names an agent's policy and, for an agent with no history yet, its starting stage
+(recorded as `stage.set`). After that the log decides: a different stage written in the config
+has no effect; it is logged at start and shown by `agentctl stage status` as a mismatch.
+
+A promotion is a request (`stage.promotion_requested`), refused with every unmet criterion
+unless all of the gate's are met on the evidence of the stage below (agentd/audit/evidence.py,
+counted since the agent entered that stage), then approved on the approver socket by the gate's
+number of distinct uids, none of them the requester's and none the named owner's. The last
+approval appends `stage.promoted` with the evidence summary, the tree size it was computed at,
+the policy's content hash and the semantic diff of what becomes allowed; the new stage's policy
+is in force for steps planned from then on (a running step keeps the policy it was planned
+with). A pending request lives in memory: a restart drops it, and it is asked again.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import pwd
+import time
+from collections.abc import Iterable, Mapping
+from dataclasses import dataclass, field
+from datetime import UTC, datetime
+from pathlib import Path
+from typing import Any
+
+import structlog
+
+from agentd.audit import AuditLog
+from agentd.audit.evidence import Evidence, collect, read_records
+from agentd.config import Config
+from agentd.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from agentd.identity import Caller
+from agentd.policy import load_stage_ceilings
+from agentd.policy.diff import diff
+from agentd.policy.model import STAGES, Gate, Gates
+from agentd.scheduler.agents import AgentRegistry
+
+log = structlog.get_logger("agentd.stages")
+
+CHANGES = ("stage.set", "stage.promoted", "stage.demoted")
+
+
+@dataclass(frozen=True)
+class StageChange:
+    index: int
+    time: str
+    event: str
+    stage: str
+    previous: str
+    actor: Mapping[str, Any]
+    reason: str
+
+
+@dataclass(frozen=True)
+class Criterion:
+    """One condition of a gate, with the figure and the records behind it."""
+
+    name: str
+    met: bool
+    figure: str
+    records: tuple[int, ...] = ()
+
+
+@dataclass
+class Pending:
+    agent: str
+    to: str
+    owner: str
+    reason: str
+    requested_by: Caller
+    approvers: dict[int, str] = field(default_factory=dict)  # uid -> name
+
+
+@dataclass(frozen=True)
+class StageStatus:
+    agent: str
+    stage: str
+    config_stage: str
+    since_index: int
+    next_stage: str
+    criteria: tuple[Criterion, ...]
+    pending: Pending | None
+    approvals_needed: int
+
+
+class StageBook:
+    """Every agent's stage history, from the log's stage.* records."""
+
+    def __init__(self) -> None:
+        self.history: dict[str, list[StageChange]] = {}
+
+    @classmethod
+    def from_records(cls, records: Iterable[Mapping[str, Any]]) -> StageBook:
+        book = cls()
+        for rec in records:
+            if rec.get("event") in CHANGES:
+                book.add(rec)
+        return book
+
+    def add(self, rec: Mapping[str, Any]) -> None:
+        details = rec.get("details") or {}
+        self.history.setdefault(str(details.get("agent")), []).append(StageChange(
+            int(rec["index"]), str(rec.get("time", "")), str(rec["event"]),
+            str(details.get("stage") or details.get("to")), str(details.get("from", "")),
+            rec.get("actor") or {}, str(details.get("reason", ""))))
+
+    def stage(self, agent: str) -> str | None:
+        changes = self.history.get(agent)
+        return changes[-1].stage if changes else None
+
+    def entered(self, agent: str) -> StageChange | None:
+        changes = self.history.get(agent)
+        return changes[-1] if changes else None
+
+
+def next_stage(stage: str) -> str:
+    index = STAGES.index(stage)
+    return STAGES[index + 1] if index + 1 < len(STAGES) else ""
+
+
+def criteria(gate: Gate, evidence: Evidence, *, entered_time: str, now: float,
+             policy_hash: str) -> list[Criterion]:
+    """Every condition of `gate` on `evidence` (of the stage below, since entering it)."""
+    out = [
+        Criterion("runs", len(evidence.runs) >= gate.min_runs,
+                  f"{len(evidence.runs)} of at least {gate.min_runs}", tuple(evidence.runs)),
+        Criterion("steps", evidence.steps >= gate.min_steps,
+                  f"{evidence.steps} of at least {gate.min_steps}",
+                  tuple(sorted(evidence.steps_committed + evidence.steps_failed))),
+        Criterion("failure rate", evidence.failure_rate <= gate.max_failure_rate,
+                  f"{evidence.failure_rate:.1%} of at most {gate.max_failure_rate:.1%}",
+                  tuple(evidence.steps_failed)),
+        Criterion("violations", len(evidence.violations) <= gate.max_violations,
+                  f"{len(evidence.violations)} of at most {gate.max_violations}",
+                  tuple(i for i, _, _ in evidence.violations)),
+        Criterion("rollback drills", len(evidence.rollbacks) >= gate.rollback_drills,
+                  f"{len(evidence.rollbacks)} of at least {gate.rollback_drills}",
+                  tuple(evidence.rollbacks)),
+    ]
+    if gate.min_time is not None:
+        since = datetime.fromisoformat(entered_time).timestamp() if entered_time else now
+        held = now - since
+        out.append(Criterion("time at the stage", held >= gate.min_time,
+                             f"{held / 3600:.2f} h of at least {gate.min_time / 3600:.2f} h"))
+    if gate.policy_unchanged:
+        versions = set(evidence.policy_hashes) | {policy_hash}
+        out.append(Criterion("policy unchanged", len(versions) == 1,
+                             f"{len(versions)} version(s) in the window",
+                             tuple(evidence.policy_hashes.values())))
+    return out
+
+
+class StageKeeper:
+    """The daemon's stages: status, history, promotion requests and approvals."""
+
+    def __init__(self, book: StageBook, registry: AgentRegistry, audit: AuditLog,
+                 ceilings_file: Path, audit_dir: Path, config_stages: Mapping[str, str]) -> None:
+        self.book = book
+        self.ceilings_file = ceilings_file
+        self.gates: Gates = load_stage_ceilings(ceilings_file).gates
+        self.registry = registry
+        self.audit = audit
+        self.audit_dir = audit_dir
+        self.config_stages = dict(config_stages)
+        self.pending: dict[str, Pending] = {}
+        self._lock = asyncio.Lock()
+
+    def stage(self, agent: str) -> str:
+        return self.registry.get(agent).stage
+
+    def refresh_gates(self) -> None:
+        """The gates as stages.yaml says now (after a policy reload validated it)."""
+        self.gates = load_stage_ceilings(self.ceilings_file).gates
+
+    def history(self, agent: str) -> list[StageChange]:
+        self.registry.get(agent)  # NotFound for an unknown agent
+        return list(self.book.history.get(agent, []))
+
+    async def status(self, agent: str) -> StageStatus:
+        stage = self.stage(agent)
+        target = next_stage(stage)
+        entered = self.book.entered(agent)
+        found: list[Criterion] = []
+        needed = 0
+        if target:
+            gate: Gate = getattr(self.gates, target)
+            needed = gate.approvals
+            evidence = await asyncio.to_thread(self._evidence, agent, stage,
+                                               entered.index if entered else 0)
+            found = criteria(gate, evidence, entered_time=entered.time if entered else "",
+                             now=time.time(),
+                             policy_hash=self.registry.get(agent).policy.content_hash)
+        return StageStatus(agent, stage, self.config_stages.get(agent, ""),
+                           entered.index if entered else -1, target, tuple(found),
+                           self.pending.get(agent), needed)
+
+    def _evidence(self, agent: str, stage: str, since: int) -> Evidence:
+        records = (r for r in read_records(self.audit_dir, limit=self.audit.size)
+                   if int(r["index"]) > since)
+        return collect(records, agent).get(stage) or Evidence(agent, stage)
+
+    async def request(self, agent: str, to: str, owner: str, reason: str,
+                      caller: Caller) -> StageStatus:
+        """A promotion request: refused with every unmet criterion, else pending approval."""
+        async with self._lock:
+            status = await self.status(agent)
+            if to != status.next_stage:
+                raise InvalidArgument(f"{agent} is at {status.stage}; the only promotion is to "
+                                      f"{status.next_stage or 'nothing (it is at the top)'}")
+            if not owner.strip() or not reason.strip():
+                raise InvalidArgument("a promotion names an accountable owner and a reason")
+            unmet = [c for c in status.criteria if not c.met]
+            if unmet:
+                raise FailedPrecondition(
+                    f"{agent} cannot be promoted to {to}: "
+                    + "; ".join(f"{c.name}: {c.figure}" for c in unmet))
+            self.pending[agent] = Pending(agent, to, owner.strip(), reason.strip(), caller)
+            await self.audit.append("stage.promotion_requested", actor=caller.actor(),
+                                    details={"agent": agent, "from": status.stage, "to": to,
+                                             "owner": owner, "reason": reason[:1000]})
+            return await self.status(agent)
+
+    async def approve(self, agent: str, approve: bool, reason: str,
+                      caller: Caller) -> StageStatus:
+        """One approver's decision; the last approval promotes, a refusal drops the request."""
+        async with self._lock:
+            pending = self.pending.get(agent)
+            if pending is None:
+                raise FailedPrecondition(f"no promotion of {agent} is pending; request one "
+                                         "with agentctl stage promote")
+            if caller.uid is None:
+                raise PermissionDenied("an approval needs the caller's uid (SO_PEERCRED)")
+            name = _user(caller.uid)
+            if caller.uid == pending.requested_by.uid:
+                raise PermissionDenied("the requester cannot approve their own promotion",
+                                       rule="stages: approver uid != requester uid")
+            if name == pending.owner:
+                raise PermissionDenied(f"{name} is the promotion's owner and cannot approve it",
+                                       rule="stages: owner is not an approver")
+            if caller.uid in pending.approvers:
+                raise FailedPrecondition(f"uid {caller.uid} has already approved; another "
+                                         "person must")
+            if not approve:
+                del self.pending[agent]
+                await self.audit.append("stage.promotion_refused", actor=caller.actor(),
+                                        details={"agent": agent, "to": pending.to,
+                                                 "reason": reason[:1000]})
+                return await self.status(agent)
+            pending.approvers[caller.uid] = name
+            gate: Gate = getattr(self.gates, pending.to)
+            if len(pending.approvers) < gate.approvals:
+                await self.audit.append("stage.promotion_approved", actor=caller.actor(),
+                                        details={"agent": agent, "to": pending.to,
+                                                 "approvals": len(pending.approvers),
+                                                 "needed": gate.approvals})
+                return await self.status(agent)
+            await self._promote(pending, caller)
+            return await self.status(agent)
+
+    async def _promote(self, pending: Pending, caller: Caller) -> None:
+        agent = pending.agent
+        before = self.registry.get(agent)
+        status = await self.status(agent)
+        unmet = [c for c in status.criteria if not c.met]
+        if unmet:  # the evidence moved since the request (a violation meanwhile)
+            del self.pending[agent]
+            raise FailedPrecondition(f"{agent} no longer meets the gate: "
+                                     + "; ".join(f"{c.name}: {c.figure}" for c in unmet))
+        agents = self.registry.prepare_stage(agent, pending.to)
+        after = agents[agent]
+        changes = diff(before.policy, after.policy)
+        rec = await self.audit.append("stage.promoted", actor=caller.actor(), details={
+            "agent": agent, "from": before.stage, "to": pending.to, "owner": pending.owner,
+            "reason": pending.reason, "requested_by": pending.requested_by.actor(),
+            "approvers": sorted(pending.approvers), "evidence_tree_size": self.audit.size,
+            "evidence": {c.name: {"met": c.met, "figure": c.figure,
+                                  "records": list(c.records[:64])} for c in status.criteria},
+            "policy_hash": after.policy.content_hash,
+            "diff": [c.line().strip() for c in changes]})
+        self.registry.swap(agents)
+        self.book.add({"index": rec, "time": _now(), "event": "stage.promoted",
+                       "actor": caller.actor(),
+                       "details": {"agent": agent, "from": before.stage, "to": pending.to,
+                                   "reason": pending.reason}})
+        del self.pending[agent]
+        log.warning("stage.promoted", agent=agent, to=pending.to, owner=pending.owner,
+                    approvers=sorted(pending.approvers))
+
+
+def open_stages(config: Config, registry: AgentRegistry, audit: AuditLog, audit_dir: Path,
+                system: Mapping[str, Any]) -> StageKeeper:
+    """At start-up: the stage history from the log; an agent without one starts at its
+    config stage (`stage.set`); every agent is put at the stage its history says, and a config
+    that says otherwise is reported, not obeyed."""
+    config_stages = {name: section.stage for name, section in config.agents.items()}
+    book = StageBook.from_records(_stage_records(audit_dir, audit.size))
+    stages: dict[str, str] = {}
+    for name in registry.names():
+        configured = config_stages[name]
+        current = book.stage(name)
+        if current is None:
+            details = {"agent": name, "stage": configured,
+                       "reason": "no stage history yet: the config names its starting stage"}
+            index = audit.append_sync("stage.set", actor=system, details=details)
+            book.add({"index": index, "time": _now(), "event": "stage.set", "actor": system,
+                      "details": details})
+            current = configured
+        elif current != configured:
+            log.warning("stage.config_mismatch", agent=name, config_stage=configured,
+                        stage=current, reason="stages change only through gates; the config's "
+                        "stage is ignored (agentctl stage status)")
+        stages[name] = current
+    if any(registry.get(name).stage != stage for name, stage in stages.items()):
+        registry.swap(registry.prepare_stages(stages))
+    return StageKeeper(book, registry, audit,
+                       config.daemon.policy_dir / config.daemon.stages_file, audit_dir,
+                       config_stages)
+
+
+def _stage_records(directory: Path, size: int) -> Iterable[dict[str, Any]]:
+    """The stage.* records among the first `size` (a cheap text test before parsing)."""
+    for rec in read_records(directory, limit=size, containing=b'"event":"stage.'):
+        if rec.get("event") in CHANGES:
+            yield rec
+
+
+def _user(uid: int) -> str:
+    try:
+        return pwd.getpwuid(uid).pw_name
+    except KeyError:
+        return f"uid {uid}"
+
+
+def _now() -> str:
+    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
