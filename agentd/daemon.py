@@ -86,6 +86,10 @@ class Daemon:
         self.pool = WarmPool(launcher, cgroups, size=d.warm_pool)
         self.tasks = TaskRunner(self.runs, audit, layers, launcher, cgroups, self.pool,
                                 worker_uid=d.worker_uid, worker_gid=d.worker_gid)
+        stages.attach(lambda run_id: self.runs.get_run(run_id).agent,
+                      lambda agent: [r.run_id for r in self.runs.list_runs(agent)],
+                      self.runs.stop_workers)
+        self.tasks.on_event = stages.on_event
         self.steps = StepRunner(self.runs, self.tasks, step_store, layers, audit,
                                 allow_self_approval=d.allow_self_approval,
                                 squash_depth=d.squash_depth,

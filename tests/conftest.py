@@ -95,11 +95,24 @@ class DaemonHandle:
         return self.log_path.read_text(errors="replace")
 
 
+# The suite's agents meet violations on purpose (the confinement battery runs at production):
+# its daemons demote nobody. tests/test_stages.py replaces this block where it tests demotion.
+TEST_GATES = """
+gates:
+  pilot:
+    demote_on: []
+  production:
+    demote_on: []
+"""
+
+
 def write_daemon_dir(base: Path, config: str = CONFIG) -> Path:
-    """A daemon directory: config, the repository's stage ceilings and the test policies."""
+    """A daemon directory: config, the repository's stage ceilings (without demotion, see
+    TEST_GATES) and the test policies."""
     policies = base / "policies"
     policies.mkdir(parents=True, exist_ok=True)
-    shutil.copy(REPO / "policies" / "stages.yaml", policies)
+    stages = (REPO / "policies" / "stages.yaml").read_text()
+    (policies / "stages.yaml").write_text(stages + TEST_GATES)
     for name in ("shell-helper.yaml", "cve-triage.yaml"):
         shutil.copy(REPO / "policies" / name, policies)
     shutil.copy(REPO / "tests" / "policy_cases" / "integration.yaml", policies)

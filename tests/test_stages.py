@@ -10,6 +10,7 @@ import shutil
 import subprocess
 import sys
 import textwrap
+import time
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -18,11 +19,21 @@ import pytest
 
 from agentd.api.gen.v1 import agentd_pb2 as pb
 from agentd.audit.evidence import read_records
-from tests.conftest import CONFIG, REPO, DaemonHandle, daemon_base, sh, start_daemon, stop_daemon
+from tests.conftest import (
+    CONFIG,
+    REPO,
+    TEST_GATES,
+    DaemonHandle,
+    daemon_base,
+    sh,
+    start_daemon,
+    stop_daemon,
+)
 
 pytestmark = pytest.mark.privileged
 
-# A gate into sandbox a test can meet in seconds: one run, two steps, a rollback, two people.
+# A gate into sandbox a test can meet in seconds (one run, two steps, a rollback, two people),
+# and pilot demoting on a violation.
 GATES = textwrap.dedent("""\
     gates:
       sandbox:
@@ -31,6 +42,8 @@ GATES = textwrap.dedent("""\
         max_failure_rate: 0.5
         rollback_drills: 1
         approvals: 2
+      pilot:
+        demote_on: [violation]
     """)
 
 
@@ -39,7 +52,8 @@ def _start(base: Path, config: str = CONFIG) -> DaemonHandle:
     reload reads the gates again, as it would after an operator's edit)."""
     handle = start_daemon(base, config)
     stages = base / "policies" / "stages.yaml"
-    stages.write_text(stages.read_text() + GATES)
+    assert TEST_GATES in stages.read_text()
+    stages.write_text(stages.read_text().replace(TEST_GATES, "\n" + GATES))
     handle.stub("admin").ReloadPolicies(pb.ReloadPoliciesRequest(), timeout=60)
     os.chmod(handle.socket("approver"), 0o666)  # what approver_group grants other people
     return handle
@@ -172,5 +186,41 @@ class TestStages:
                 timeout=60, check=False, cwd=REPO)
             assert done.returncode == 0, done.stderr
             assert "the config says production: ignored" in done.stdout
+        finally:
+            stop_daemon(handle)
+
+    def test_a_violation_at_pilot_demotes_at_once_and_stops_running_steps(
+            self, base: Path) -> None:
+        at_pilot = CONFIG.replace('[agents.shell-helper]\npolicy = "shell-helper.yaml"\n'
+                                  'stage = "prototype"',
+                                  '[agents.shell-helper]\npolicy = "shell-helper.yaml"\n'
+                                  'stage = "pilot"')
+        assert at_pilot != CONFIG
+        handle = _start(base, at_pilot)
+        try:
+            stub = handle.stub()
+            busy = stub.CreateRun(pb.CreateRunRequest(agent="shell-helper")).run_id
+            other = stub.CreateRun(pb.CreateRunRequest(agent="shell-helper")).run_id
+            long_step = stub.Step.future(pb.StepRequest(run_id=busy, tasks=[pb.TaskSpec(
+                name="long", argv=["/bin/sh", "-c", "echo x > written; sleep 25"])]),
+                timeout=60)
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and not any(
+                    r["event"] == "exec.allowed" and r["run_id"] == busy
+                    for r in read_records(handle.base / "state" / "audit")):
+                time.sleep(0.05)
+            time.sleep(0.5)  # the long task is running
+            with pytest.raises(grpc.RpcError) as refused:
+                list(stub.Exec(pb.ExecRequest(run_id=other, argv=["/usr/bin/curl", "x"])))
+            assert refused.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            reply = long_step.result(timeout=30)  # stopped long before its 25 s
+            assert reply.state == pb.STEP_STATE_FAILED
+            assert stub.GetRun(pb.GetRunRequest(run_id=busy)).step == 0  # nothing applied
+            status = stub.GetStage(pb.GetStageRequest(agent="shell-helper"))
+            assert status.stage == "sandbox"
+            history = stub.StageHistory(pb.GetStageRequest(agent="shell-helper")).changes
+            assert [(c.event, c.stage) for c in history] == [("stage.set", "pilot"),
+                                                             ("stage.demoted", "sandbox")]
+            assert history[-1].reason.startswith("violation: exec refused:")
         finally:
             stop_daemon(handle)

@@ -8,9 +8,11 @@ the signed tree heads. Only records covered by the last signed head count, so th
 those of a signed state of the log; each figure carries the record indexes behind it.
 
 Which run belongs to which agent and stage comes from its `run.created` record (a fork inherits
-its source's); a step counts by its `step.committing` or `step.failed`; a violation is a
-refused exec (`exec.refused`), an exec the kernel refused (`exec.denied`) or a task stopped for
-a limit (`exec.exited` with a memory, pids, timeout, output or quota stop, or an OOM kill).
+its source's); a step counts by its `step.committing` or `step.failed`; a violation is an exec
+the policy refused (`exec.refused`, PERMISSION_DENIED: a malformed call is not one), an exec the
+kernel refused (`exec.denied`) or a task stopped for a limit (`exec.exited` with a memory, pids,
+timeout, output or quota stop, or an OOM kill). The daemon demotes on the same events
+(agentd/scheduler/stages.py).
 """
 
 from __future__ import annotations
@@ -135,7 +137,7 @@ def collect(records: Iterable[Mapping[str, Any]], agent: str) -> dict[str, Evide
                 evidence.next_refuses.append(index)
             elif details.get("next") == "allow":
                 evidence.next_allows.append(index)
-        elif event == "exec.refused":
+        elif event == "exec.refused" and details.get("error") == "PERMISSION_DENIED":
             evidence.violations.append((index, event, str(details.get("reason", ""))[:160]))
         elif event == "exec.denied":
             evidence.violations.append((index, event, str(details.get("path", ""))[:160]))

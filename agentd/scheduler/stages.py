@@ -20,7 +20,7 @@ from __future__ import annotations
 import asyncio
 import pwd
 import time
-from collections.abc import Iterable, Mapping
+from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import UTC, datetime
 from pathlib import Path
@@ -31,7 +31,7 @@ import structlog
 from agentd.audit import AuditLog
 from agentd.audit.evidence import Evidence, collect, read_records
 from agentd.config import Config
-from agentd.errors import FailedPrecondition, InvalidArgument, PermissionDenied
+from agentd.errors import AgentdError, FailedPrecondition, InvalidArgument, PermissionDenied
 from agentd.identity import Caller
 from agentd.policy import load_stage_ceilings
 from agentd.policy.diff import diff
@@ -157,8 +157,10 @@ class StageKeeper:
     """The daemon's stages: status, history, promotion requests and approvals."""
 
     def __init__(self, book: StageBook, registry: AgentRegistry, audit: AuditLog,
-                 ceilings_file: Path, audit_dir: Path, config_stages: Mapping[str, str]) -> None:
+                 ceilings_file: Path, audit_dir: Path, config_stages: Mapping[str, str],
+                 system: Mapping[str, Any]) -> None:
         self.book = book
+        self._system = dict(system)
         self.ceilings_file = ceilings_file
         self.gates: Gates = load_stage_ceilings(ceilings_file).gates
         self.registry = registry
@@ -167,6 +169,60 @@ class StageKeeper:
         self.config_stages = dict(config_stages)
         self.pending: dict[str, Pending] = {}
         self._lock = asyncio.Lock()
+        self._demoting: set[str] = set()
+        self._tasks: set[asyncio.Task[None]] = set()
+        # Set by `attach`: whose run it is, the agent's open runs, and how to stop a run's
+        # workers (agentd/scheduler/runs.py).
+        self._agent_of: Callable[[str], str] | None = None
+        self._open_runs: Callable[[str], list[str]] | None = None
+        self._stop_run: Callable[[str, str], Awaitable[int]] | None = None
+
+    def attach(self, agent_of: Callable[[str], str], open_runs: Callable[[str], list[str]],
+               stop_run: Callable[[str, str], Awaitable[int]]) -> None:
+        self._agent_of, self._open_runs, self._stop_run = agent_of, open_runs, stop_run
+
+    def on_event(self, run_id: str, kind: str, what: str) -> None:
+        """A violation or quarantine in `run_id`: if the agent's stage demotes on `kind`
+        (its gate's `demote_on`), it drops one stage at once and its running steps stop."""
+        if self._agent_of is None:
+            return
+        try:
+            agent = self._agent_of(run_id)
+            stage = self.stage(agent)
+        except AgentdError:
+            return
+        gate: Gate | None = getattr(self.gates, stage, None)
+        if gate is None or kind not in gate.demote_on or agent in self._demoting:
+            return
+        self._demoting.add(agent)
+        task = asyncio.get_running_loop().create_task(self._demote(agent, stage, kind, what))
+        self._tasks.add(task)
+        task.add_done_callback(self._tasks.discard)
+
+    async def _demote(self, agent: str, stage: str, kind: str, what: str) -> None:
+        try:
+            async with self._lock:
+                if self.stage(agent) != stage:
+                    return
+                to = STAGES[STAGES.index(stage) - 1]
+                agents = self.registry.prepare_stage(agent, to)
+                details = {"agent": agent, "from": stage, "to": to,
+                           "reason": f"{kind}: {what}"[:1000]}
+                index = await self.audit.append("stage.demoted", actor=self._system,
+                                                details=details)
+                self.registry.swap(agents)
+                self.book.add({"index": index, "time": _now(), "event": "stage.demoted",
+                               "actor": self._system, "details": details})
+                self.pending.pop(agent, None)
+                log.warning("stage.demoted", agent=agent, stage=to, reason=details["reason"])
+            # Its running steps stop: a killed task fails its step, so nothing of it applies.
+            if self._open_runs is not None and self._stop_run is not None:
+                for run_id in self._open_runs(agent):
+                    await self._stop_run(run_id, "cancelled")
+        except AgentdError as exc:  # the log refused the record: nothing changed
+            log.exception("stage.demotion_failed", agent=agent, error=exc.message)
+        finally:
+            self._demoting.discard(agent)
 
     def stage(self, agent: str) -> str:
         return self.registry.get(agent).stage
@@ -317,7 +373,7 @@ def open_stages(config: Config, registry: AgentRegistry, audit: AuditLog, audit_
         registry.swap(registry.prepare_stages(stages))
     return StageKeeper(book, registry, audit,
                        config.daemon.policy_dir / config.daemon.stages_file, audit_dir,
-                       config_stages)
+                       config_stages, system)
 
 
 def _stage_records(directory: Path, size: int) -> Iterable[dict[str, Any]]:

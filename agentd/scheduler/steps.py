@@ -492,6 +492,7 @@ class StepRunner:
             quarantined = self.layers.take_quarantined()
             if quarantined:
                 log.error("workspace.quarantined", run_id=run_id, paths=quarantined)
+                self.tasks.on_event(run_id, "quarantine", f"{len(quarantined)} path(s)")
                 with contextlib.suppress(AgentdError):
                     await self.audit.append("workspace.quarantined", actor=SYSTEM.actor(),
                                             run_id=run_id, details={"paths": quarantined})

@@ -114,6 +114,9 @@ class TaskRunner:
         # task id -> the paths it was refused, for its outcome
         self._denied_paths: dict[str, list[str]] = {}
         launcher.on_exec_attempt = self._on_exec_attempt
+        # (run id, kind, what) for each violation and quarantine: stage demotion listens
+        # (agentd/scheduler/stages.py).
+        self.on_event: Callable[[str, str, str], None] = _ignore_event
 
     def _on_exec_attempt(self, attempt: ExecAttempt) -> None:
         """A worker tried to exec something the kernel refuses (or ran the loader itself): on
@@ -130,6 +133,7 @@ class TaskRunner:
             details={"path": attempt.path[:4096], "reason": attempt.reason,
                      "refused": attempt.refused, "pid": attempt.pid})
         record.add_done_callback(lambda f: f.cancelled() or f.exception())
+        self.on_event(run_id, "violation", f"exec of {attempt.path[:200]} refused by the kernel")
 
     # -- the worker -------------------------------------------------------------------------
 
@@ -258,6 +262,8 @@ class TaskRunner:
                                    task_id=task_id, details=_outcome_details(result))
         log.info("exec.exited", run_id=run_id, task_id=task_id, summary=result.summary,
                  wall=round(result.wall_seconds, 4), uid=caller.uid)
+        if result.stop_reason in LIMIT_STOPS or result.usage.oom_killed:
+            self.on_event(run_id, "violation", f"task stopped for {result.stop_reason}")
         return result, exited
 
     async def refused(self, run_id: str, request: TaskRequest, caller: Caller, task_id: str,
@@ -269,6 +275,16 @@ class TaskRunner:
                      "reason": error.message, "rule": getattr(error, "rule", None)})
         log.info("exec.refused", run_id=run_id, reason=error.message, uid=caller.uid,
                  rule=getattr(error, "rule", None))
+        if error.code == "PERMISSION_DENIED":  # the policy said no; a malformed call is not
+            self.on_event(run_id, "violation", f"exec refused: {error.message[:200]}")
+
+
+# Stops that mean the task hit one of the policy's limits (a violation, for demotion).
+LIMIT_STOPS = ("memory", "pids", "timeout", "output", "quota")
+
+
+def _ignore_event(run_id: str, kind: str, what: str) -> None:
+    pass
 
 
 def upper_name(run_id: str, task_id: str) -> str:
