@@ -460,18 +460,10 @@ def cmd_effective(args: argparse.Namespace) -> int:
     return 0
 
 
-# RULE_FIELDS name -> EffectivePolicy attribute, where the names differ.
-_ATTRIBUTES = {"filesystem.read_only": "read_only", "filesystem.workspace": "workspace",
-               "limits.memory": "memory_bytes", "limits.wall_time": "wall_seconds",
-               "limits.output": "output_bytes", "limits.tmp": "tmp_bytes",
-               "limits.file_size": "file_size_bytes", "limits.writes": "writes_bytes",
-               "limits.channel_state": "channel_state_bytes",
-               "limits.workspace": "workspace_bytes"}
-
-
 def _value_of(field: str, values: dict[str, Any]) -> Any:
-    attribute = _ATTRIBUTES.get(field) or field.replace("limits.", "").replace(".", "_")
-    return values.get(attribute, "?")
+    from agentd.policy.effective import attribute_of
+
+    return values.get(attribute_of(field), "?")
 
 
 def _show(value: Any) -> str:

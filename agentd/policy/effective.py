@@ -46,6 +46,21 @@ RULE_FIELDS: Final[tuple[str, ...]] = (
     "limits.channel_state",
     "approval.required_for",
 )
+# RULE_FIELDS name -> EffectivePolicy attribute, where the two differ (see `attribute_of`).
+_ATTRIBUTES: Final = {"filesystem.read_only": "read_only", "filesystem.workspace": "workspace",
+                      "limits.memory": "memory_bytes", "limits.wall_time": "wall_seconds",
+                      "limits.output": "output_bytes", "limits.tmp": "tmp_bytes",
+                      "limits.file_size": "file_size_bytes", "limits.writes": "writes_bytes",
+                      "limits.channel_state": "channel_state_bytes",
+                      "limits.workspace": "workspace_bytes"}
+
+
+def attribute_of(field: str) -> str:
+    """The EffectivePolicy attribute that holds RULE_FIELDS `field` ("limits.memory" ->
+    "memory_bytes", "env.allow" -> "env_allow")."""
+    return _ATTRIBUTES.get(field) or field.removeprefix("limits.").replace(".", "_")
+
+
 # Fields that are about where things came from, not what the worker may do.
 _NOT_HASHED: Final = frozenset({"source", "content_hash", "notes", "rules", "exec_dropped"})
 

@@ -37,7 +37,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from agentd.policy.approvals import approval_triggers
-from agentd.policy.effective import RULE_FIELDS, EffectivePolicy
+from agentd.policy.effective import RULE_FIELDS, EffectivePolicy, attribute_of
 from agentd.policy.explain import is_interpreter
 from agentd.policy.model import STAGES, Policy, StageCeilings
 from agentd.policy.paths import matching_exec_entry
@@ -186,16 +186,8 @@ def _sample(entry: str) -> str:
     return entry + "sh" if entry.endswith("/") else entry
 
 
-# RULE_FIELDS name -> EffectivePolicy attribute, where they differ.
-_ATTRIBUTES = {"limits.memory": "memory_bytes", "limits.wall_time": "wall_seconds",
-               "limits.output": "output_bytes", "limits.tmp": "tmp_bytes",
-               "limits.file_size": "file_size_bytes", "limits.writes": "writes_bytes",
-               "limits.channel_state": "channel_state_bytes",
-               "limits.workspace": "workspace_bytes"}
-
-
 def _value(eff: EffectivePolicy, field: str) -> str:
-    attribute = _ATTRIBUTES.get(field, field.removeprefix("limits."))
+    attribute = attribute_of(field)
     value = getattr(eff, attribute, "?")
     if attribute.endswith("_bytes"):
         return format_size(int(value))
