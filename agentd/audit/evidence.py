@@ -25,6 +25,8 @@ from typing import Any
 
 from agentd.audit import segments
 
+# Stops that mean a task hit one of its policy's limits: a violation, here and for demotion
+# (agentd/scheduler/tasks.py).
 LIMIT_STOPS = ("memory", "pids", "timeout", "output", "quota")
 
 

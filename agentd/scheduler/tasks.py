@@ -20,6 +20,7 @@ from typing import Any
 import structlog
 
 from agentd.audit import AuditLog, durable
+from agentd.audit.evidence import LIMIT_STOPS
 from agentd.errors import AgentdError
 from agentd.identity import Caller
 from agentd.policy import DEFAULT_PATH, EffectivePolicy, withheld_programs
@@ -277,10 +278,6 @@ class TaskRunner:
                  rule=getattr(error, "rule", None))
         if error.code == "PERMISSION_DENIED":  # the policy said no; a malformed call is not
             self.on_event(run_id, "violation", f"exec refused: {error.message[:200]}")
-
-
-# Stops that mean the task hit one of the policy's limits (a violation, for demotion).
-LIMIT_STOPS = ("memory", "pids", "timeout", "output", "quota")
 
 
 def _ignore_event(run_id: str, kind: str, what: str) -> None:
