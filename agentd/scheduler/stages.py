@@ -22,13 +22,12 @@ import pwd
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
-from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 import structlog
 
-from agentd.audit import AuditLog
+from agentd.audit import AuditLog, record
 from agentd.audit.evidence import Evidence, collect, read_records
 from agentd.config import Config
 from agentd.errors import AgentdError, FailedPrecondition, InvalidArgument, PermissionDenied
@@ -107,6 +106,12 @@ class StageBook:
             str(details.get("stage") or details.get("to")), str(details.get("from", "")),
             rec.get("actor") or {}, str(details.get("reason", ""))))
 
+    def recorded(self, index: int, event: str, actor: Mapping[str, Any],
+                 details: Mapping[str, Any]) -> None:
+        """A change this daemon has just appended to the log (at `index`)."""
+        self.add({"index": index, "time": record.now(), "event": event, "actor": actor,
+                  "details": details})
+
     def stage(self, agent: str) -> str | None:
         changes = self.history.get(agent)
         return changes[-1].stage if changes else None
@@ -141,7 +146,7 @@ def criteria(gate: Gate, evidence: Evidence, *, entered_time: str, now: float,
                   tuple(evidence.rollbacks)),
     ]
     if gate.min_time is not None:
-        since = datetime.fromisoformat(entered_time).timestamp() if entered_time else now
+        since = record.parse_time(entered_time).timestamp() if entered_time else now
         held = now - since
         out.append(Criterion("time at the stage", held >= gate.min_time,
                              f"{held / 3600:.2f} h of at least {gate.min_time / 3600:.2f} h"))
@@ -211,8 +216,7 @@ class StageKeeper:
                 index = await self.audit.append("stage.demoted", actor=self._system,
                                                 details=details)
                 self.registry.swap(agents)
-                self.book.add({"index": index, "time": _now(), "event": "stage.demoted",
-                               "actor": self._system, "details": details})
+                self.book.recorded(index, "stage.demoted", self._system, details)
                 self.pending.pop(agent, None)
                 log.warning("stage.demoted", agent=agent, stage=to, reason=details["reason"])
             # Its running steps stop: a killed task fails its step, so nothing of it applies.
@@ -328,19 +332,18 @@ class StageKeeper:
         agents = self.registry.prepare_stage(agent, pending.to)
         after = agents[agent]
         changes = diff(before.policy, after.policy)
-        rec = await self.audit.append("stage.promoted", actor=caller.actor(), details={
+        details = {
             "agent": agent, "from": before.stage, "to": pending.to, "owner": pending.owner,
             "reason": pending.reason, "requested_by": pending.requested_by.actor(),
             "approvers": sorted(pending.approvers), "evidence_tree_size": self.audit.size,
             "evidence": {c.name: {"met": c.met, "figure": c.figure,
                                   "records": list(c.records[:64])} for c in status.criteria},
             "policy_hash": after.policy.content_hash,
-            "diff": [c.line().strip() for c in changes]})
+            "diff": [c.line().strip() for c in changes]}
+        index = await self.audit.append("stage.promoted", actor=caller.actor(),
+                                        details=details)
         self.registry.swap(agents)
-        self.book.add({"index": rec, "time": _now(), "event": "stage.promoted",
-                       "actor": caller.actor(),
-                       "details": {"agent": agent, "from": before.stage, "to": pending.to,
-                                   "reason": pending.reason}})
+        self.book.recorded(index, "stage.promoted", caller.actor(), details)
         del self.pending[agent]
         log.warning("stage.promoted", agent=agent, to=pending.to, owner=pending.owner,
                     approvers=sorted(pending.approvers))
@@ -361,8 +364,7 @@ def open_stages(config: Config, registry: AgentRegistry, audit: AuditLog, audit_
             details = {"agent": name, "stage": configured,
                        "reason": "no stage history yet: the config names its starting stage"}
             index = audit.append_sync("stage.set", actor=system, details=details)
-            book.add({"index": index, "time": _now(), "event": "stage.set", "actor": system,
-                      "details": details})
+            book.recorded(index, "stage.set", system, details)
             current = configured
         elif current != configured:
             log.warning("stage.config_mismatch", agent=name, config_stage=configured,
@@ -389,6 +391,3 @@ def _user(uid: int) -> str:
     except KeyError:
         return f"uid {uid}"
 
-
-def _now() -> str:
-    return datetime.now(UTC).strftime("%Y-%m-%dT%H:%M:%S.%fZ")
