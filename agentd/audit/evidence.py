@@ -24,6 +24,8 @@ from pathlib import Path
 from typing import Any
 
 from agentd.audit import segments
+from agentd.audit.signing import TreeHead
+from agentd.audit.verify import verify
 
 # Stops that mean a task hit one of its policy's limits: a violation, here and for demotion
 # (agentd/scheduler/tasks.py).
@@ -96,6 +98,33 @@ def read_records(directory: Path, limit: int | None = None, *,
                     count += 1
                     if containing in line:
                         yield json.loads(line)
+
+
+class Unverified(Exception):
+    """The log does not verify: no evidence is computed from it."""
+
+
+@dataclass(frozen=True)
+class VerifiedEvidence:
+    head: TreeHead | None
+    """The last signed head; only the records it covers were counted."""
+    stages: dict[str, Evidence]
+
+    @property
+    def size(self) -> int:
+        return self.head.tree_size if self.head is not None else 0
+
+
+def from_verified_log(directory: Path, agent: str, public_key: Path | None = None
+                      ) -> VerifiedEvidence:
+    """`agent`'s evidence per stage from a log directory, after `verify` has checked it with
+    `public_key` (default: the directory's own); Unverified, naming the first problem, if not."""
+    report = verify(directory, public_key=public_key, allow_unsigned_tail=True)
+    if not report.ok:
+        raise Unverified(str(report.first))
+    head = report.last_head
+    size = head.tree_size if head is not None else 0
+    return VerifiedEvidence(head, collect(read_records(directory, limit=size), agent))
 
 
 def collect(records: Iterable[Mapping[str, Any]], agent: str) -> dict[str, Evidence]:

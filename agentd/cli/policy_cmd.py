@@ -281,17 +281,15 @@ def cmd_lint(args: argparse.Namespace) -> int:
 def _usage(directory: Path, key: Path | None, agent: str) -> dict[str, dict[str, int]] | None:
     """Per stage, the programs `agent`'s tasks ran, from a verified log (None: it does not
     verify, said on stderr)."""
-    from agentd.audit import verify
-    from agentd.audit.evidence import collect, read_records
+    from agentd.audit.evidence import Unverified, from_verified_log
 
-    report = verify(directory, public_key=key, allow_unsigned_tail=True)
-    if not report.ok:
-        print(f"agentctl: {directory} does not verify, so it is not used: {report.first}",
+    try:
+        verified = from_verified_log(directory, agent, key)
+    except Unverified as exc:
+        print(f"agentctl: {directory} does not verify, so it is not used: {exc}",
               file=sys.stderr)
         return None
-    size = report.last_head.tree_size if report.last_head is not None else 0
-    found = collect(read_records(directory, limit=size), agent)
-    return {stage: evidence.executables for stage, evidence in found.items()}
+    return {stage: evidence.executables for stage, evidence in verified.stages.items()}
 
 
 def cmd_test(args: argparse.Namespace) -> int:

@@ -99,21 +99,18 @@ def cmd_approve(args: argparse.Namespace) -> int:
 
 
 def cmd_evidence(args: argparse.Namespace) -> int:
-    from agentd.audit import verify
-    from agentd.audit.evidence import collect, read_records
+    from agentd.audit.evidence import Unverified, from_verified_log
 
     directory = args.audit or (DEV_AUDIT_DIR if DEV_AUDIT_DIR.is_dir() else SYSTEM_AUDIT_DIR)
-    report = verify(directory, public_key=args.key, allow_unsigned_tail=True)
-    if not report.ok:
-        first = report.first
+    try:
+        verified = from_verified_log(directory, args.agent, args.key)
+    except Unverified as exc:
         print(f"agentctl: {directory} does not verify, so no evidence is computed from it: "
-              f"{first}", file=sys.stderr)
+              f"{exc}", file=sys.stderr)
         return 2
-    head = report.last_head
-    size = head.tree_size if head is not None else 0
-    found = collect(read_records(directory, limit=size), args.agent)
-    print(f"{directory}: verified; evidence over records 0..{size - 1}, the signed head at "
-          f"size {size}" + (f" ({head.timestamp})" if head is not None else ""))
+    head, found = verified.head, verified.stages
+    print(f"{directory}: verified; evidence over records 0..{verified.size - 1}, the signed "
+          f"head at size {verified.size}" + (f" ({head.timestamp})" if head is not None else ""))
     stages = [args.stage] if args.stage else list(found)
     if not stages:
         print(f"no run of agent {args.agent!r} in these records")
