@@ -36,7 +36,7 @@ import pytest
 
 from agentd.api.gen.v1 import agentd_pb2 as pb
 from agentd.api.gen.v1 import agentd_pb2_grpc
-from agentd.audit import record, verify
+from agentd.audit import evidence, record, verify
 from agentd.audit.segments import list_segments, segment_path
 from agentd.audit.signing import HEADS_FILE
 from tests.conftest import (
@@ -62,11 +62,7 @@ REFUSED_PREFIX = "the audit log is not writable ("
 
 def read_records(audit: Path) -> list[dict[str, Any]]:
     """Every complete record line of the segments, in file order."""
-    found: list[dict[str, Any]] = []
-    for number in list_segments(audit):
-        data = segment_path(audit, number).read_bytes()
-        found += [json.loads(line) for line in data.split(b"\n")[:-1]]
-    return found
+    return list(evidence.read_records(audit))
 
 
 def wait_for(condition: Callable[[], object], timeout: float, interval: float = 0.05) -> bool:
