@@ -18,6 +18,7 @@ with). A pending request lives in memory: a restart drops it, and it is asked ag
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import pwd
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
@@ -277,11 +278,13 @@ class StageKeeper:
                 raise FailedPrecondition(
                     f"{agent} cannot be promoted to {to}: "
                     + "; ".join(f"{c.name}: {c.figure}" for c in unmet))
-            self.pending[agent] = Pending(agent, to, owner.strip(), reason.strip(), caller)
+            pending = Pending(agent, to, owner.strip(), reason.strip(), caller)
             await self.audit.append("stage.promotion_requested", actor=caller.actor(),
                                     details={"agent": agent, "from": status.stage, "to": to,
                                              "owner": owner, "reason": reason[:1000]})
-            return await self.status(agent)
+            self.pending[agent] = pending
+            # The status just judged, with its request: the log is not read a second time.
+            return dataclasses.replace(status, pending=pending)
 
     async def approve(self, agent: str, approve: bool, reason: str,
                       caller: Caller) -> StageStatus:
