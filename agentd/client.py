@@ -515,11 +515,13 @@ class PolicyReload:
     new_hash: str
     changed: bool
     clamped: tuple[str, ...]
+    unreviewed: str = ""
+    """The file's version when it waits for an approver (the agent keeps `new_hash`)."""
 
     @classmethod
     def from_proto(cls, msg: pb.PolicyReload) -> PolicyReload:
         return cls(msg.agent, msg.stage, msg.policy_file, msg.old_hash, msg.new_hash,
-                   msg.changed, tuple(msg.clamped))
+                   msg.changed, tuple(msg.clamped), msg.unreviewed)
 
 
 @dataclass(frozen=True)
@@ -544,13 +546,23 @@ class StageStatus:
     pending_owner: str
     approvals: int
     approvals_needed: int
+    next_stage_refuses: tuple[int, ...] = ()
+    """Audit mode: records of calls the next stage would refuse, and ..."""
+    next_stage_allows: tuple[int, ...] = ()
+    """... would newly allow."""
+    policy_source: str = ""
+    unreviewed_source: str = ""
+    """A policy file version waiting for an approver ("" if none), and its record."""
+    unreviewed_index: int = -1
 
     @classmethod
     def from_proto(cls, msg: pb.StageStatus) -> StageStatus:
         return cls(msg.agent, msg.stage, msg.config_stage, msg.since_index, msg.next_stage,
                    tuple(StageCriterion(c.name, c.met, c.figure, tuple(c.records))
                          for c in msg.criteria),
-                   msg.pending_to, msg.pending_owner, msg.approvals, msg.approvals_needed)
+                   msg.pending_to, msg.pending_owner, msg.approvals, msg.approvals_needed,
+                   tuple(msg.next_stage_refuses), tuple(msg.next_stage_allows),
+                   msg.policy_source, msg.unreviewed_source, msg.unreviewed_index)
 
 
 @dataclass(frozen=True)
@@ -832,6 +844,14 @@ class AgentdClient:
         try:
             return StageStatus.from_proto(self._stub.ApproveStage(pb.ApproveStageRequest(
                 agent=agent, approve=approve, reason=reason), timeout=self.timeout))
+        except grpc.RpcError as exc:
+            raise self.error(exc) from None
+
+    def accept_policy(self, agent: str, source: str, reason: str = "") -> StageStatus:
+        """An approver accepts `agent`'s unreviewed policy version (approver socket)."""
+        try:
+            return StageStatus.from_proto(self._stub.AcceptPolicy(pb.AcceptPolicyRequest(
+                agent=agent, source=source, reason=reason), timeout=self.timeout))
         except grpc.RpcError as exc:
             raise self.error(exc) from None
 

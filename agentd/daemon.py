@@ -90,6 +90,7 @@ class Daemon:
                       lambda agent: [r.run_id for r in self.runs.list_runs(agent)],
                       self.runs.stop_workers)
         self.tasks.on_event = stages.on_event
+        self.runs.on_event = stages.on_event
         self.steps = StepRunner(self.runs, self.tasks, step_store, layers, audit,
                                 allow_self_approval=d.allow_self_approval,
                                 squash_depth=d.squash_depth,
@@ -156,9 +157,12 @@ class Daemon:
             await self.audit.append("policy.reloaded", actor=caller.actor(), details={
                 "agents": {c.agent: {"stage": c.stage, "policy_file": c.policy_file,
                                      "old_hash": c.old_hash, "new_hash": c.new_hash,
-                                     "clamped": list(c.clamped)} for c in changes}})
+                                     "clamped": list(c.clamped),
+                                     "unreviewed": c.unreviewed} for c in changes}})
             registry.swap(agents)
             self.stages.refresh_gates()
+            # A pinned (promoted) agent whose file changed keeps its accepted version.
+            await self.stages.note_unreviewed(caller)
             for change in changes:
                 log.info("policy.reloaded", agent=change.agent, changed=change.changed,
                          old_hash=change.old_hash, new_hash=change.new_hash, uid=caller.uid)

@@ -104,3 +104,18 @@ class TestAuditMode:
         assert done.returncode == 0, done.stderr
         assert "audit mode, the next stage would refuse 1 call(s) (records " in done.stdout
         assert "and newly allow 1 (records " in done.stdout
+
+    def test_stage_status_shows_them(self, handle: DaemonHandle) -> None:
+        """What a reviewer reads before promotion: the same records, through the daemon."""
+        status = handle.stub().GetStage(pb.GetStageRequest(agent="audited"))
+        records = shadows(handle)
+        assert list(status.next_stage_refuses) == [
+            r["index"] for r in records if r["details"]["next"] == "refuse"]  # type: ignore[index]
+        assert list(status.next_stage_allows) == [
+            r["index"] for r in records if r["details"]["next"] == "allow"]  # type: ignore[index]
+        done = subprocess.run(
+            [sys.executable, "-m", "agentd.cli.main", "--socket", str(handle.socket()), "stage",
+             "status", "audited"], cwd=REPO, capture_output=True, text=True, timeout=60,
+            check=False)
+        assert done.returncode == 0, done.stderr
+        assert "audit mode: sandbox would refuse 1 call(s) (records " in done.stdout

@@ -169,7 +169,11 @@ def stage_status(status: StageStatus) -> pb.StageStatus:
                                     records=list(c.records)) for c in status.criteria],
         pending_to=pending.to if pending else "", pending_owner=pending.owner if pending else "",
         approvals=len(pending.approvers) if pending else 0,
-        approvals_needed=status.approvals_needed)
+        approvals_needed=status.approvals_needed,
+        next_stage_refuses=list(status.next_refuses), next_stage_allows=list(status.next_allows),
+        policy_source=status.policy_source,
+        unreviewed_source=status.unreviewed.source if status.unreviewed else "",
+        unreviewed_index=status.unreviewed.index if status.unreviewed else -1)
 
 
 def stage_change(change: StageChange) -> pb.StageChange:

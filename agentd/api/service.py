@@ -167,13 +167,19 @@ class AgentdServicer(agentd_pb2_grpc.AgentdServicer):
                                            request.reason, current_caller.get())
         return convert.stage_status(status)
 
+    async def AcceptPolicy(self, request: pb.AcceptPolicyRequest, context: Any
+                           ) -> pb.StageStatus:
+        status = await self.stages.accept(_agent(request.agent), request.source,
+                                          request.reason, current_caller.get())
+        return convert.stage_status(status)
+
     async def ReloadPolicies(self, request: pb.ReloadPoliciesRequest, context: Any
                              ) -> pb.ReloadPoliciesReply:
         changes = await self.reload(current_caller.get())
         return pb.ReloadPoliciesReply(agents=[
             pb.PolicyReload(agent=c.agent, stage=c.stage, policy_file=c.policy_file,
                             old_hash=c.old_hash, new_hash=c.new_hash, changed=c.changed,
-                            clamped=c.clamped) for c in changes])
+                            clamped=c.clamped, unreviewed=c.unreviewed) for c in changes])
 
 async def _stream_step(start: Callable[[StepListener], Awaitable[StepResult]]
                        ) -> AsyncIterator[Any]:

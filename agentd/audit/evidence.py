@@ -85,9 +85,11 @@ class Evidence:
 
 
 def read_records(directory: Path, limit: int | None = None, *,
-                 containing: bytes = b"") -> Iterator[dict[str, Any]]:
+                 containing: bytes | tuple[bytes, ...] = b"") -> Iterator[dict[str, Any]]:
     """The log's records in order, among the first `limit` (all if None); with `containing`,
-    only lines with those bytes are parsed (a cheap pre-filter; check the parsed record)."""
+    only lines with those bytes (any of them) are parsed (a cheap pre-filter; check the
+    parsed record)."""
+    wanted = containing if isinstance(containing, tuple) else (containing,)
     count = 0
     for number in segments.list_segments(directory):
         with open(segments.segment_path(directory, number), "rb") as f:
@@ -96,7 +98,7 @@ def read_records(directory: Path, limit: int | None = None, *,
                     return
                 if line.endswith(b"\n"):
                     count += 1
-                    if containing in line:
+                    if any(w in line for w in wanted):
                         yield json.loads(line)
 
 

@@ -108,6 +108,16 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         "replaces nothing")
     reload.set_defaults(func=cmd_reload)
 
+    accept = sub.add_parser(
+        "accept", help="accept a promoted agent's unreviewed policy change (approver socket; "
+        "not whoever reloaded it); `agentctl stage status AGENT` shows its hash and diff "
+        "record")
+    accept.add_argument("agent", metavar="AGENT")
+    accept.add_argument("source", metavar="HASH", help="the unreviewed version's source hash "
+                        "(sha256:..., or at least its first 12 hex digits)")
+    accept.add_argument("--reason", default="", metavar="TEXT")
+    accept.set_defaults(func=cmd_accept)
+
     schema = sub.add_parser("schema", help="print the JSON Schema of policy files")
     schema.set_defaults(func=cmd_schema)
 
@@ -389,8 +399,19 @@ def cmd_reload(args: argparse.Namespace) -> int:
         what = (f"{change.old_hash[:19]} -> {change.new_hash[:19]}" if change.changed
                 else "unchanged")
         print(f"{change.agent} ({change.stage}, {change.policy_file}): {what}")
+        if change.unreviewed:
+            print(f"  unreviewed: the file's version {change.unreviewed[:19]} waits for an "
+                  f"approver (agentctl policy accept {change.agent} HASH); the accepted "
+                  "version stays in force")
         for note in change.clamped:
             print(f"  clamped: {note}")
+    return 0
+
+
+def cmd_accept(args: argparse.Namespace) -> int:
+    """`policy accept`: an approver pins the agent's unreviewed version (through the daemon)."""
+    status = args.client().accept_policy(args.agent, args.source, args.reason)
+    print(f"{status.agent}: policy {status.policy_source} accepted, in force for new steps")
     return 0
 
 

@@ -61,6 +61,19 @@ def _print_status(status: Any) -> None:
                 "through gates)" if status.config_stage and status.config_stage != status.stage
                 else "")
     print(f"{status.agent}: {status.stage} since record {status.since_index}{mismatch}")
+    if status.policy_source:
+        print(f"  policy in force: {status.policy_source}")
+    if status.unreviewed_source:
+        print(f"  UNREVIEWED policy change: {status.unreviewed_source} (record "
+              f"{status.unreviewed_index}, with its diff); not in force until an approver "
+              f"runs: agentctl policy accept {status.agent} {status.unreviewed_source[7:19]}")
+    if status.next_stage_refuses or status.next_stage_allows:
+        def at(indexes: tuple[int, ...]) -> str:
+            return (" (records " + ", ".join(map(str, indexes[:8]))
+                    + (" ..." if len(indexes) > 8 else "") + ")") if indexes else ""
+        print(f"  audit mode: {status.next_stage or 'the next stage'} would refuse "
+              f"{len(status.next_stage_refuses)} call(s){at(status.next_stage_refuses)} and "
+              f"newly allow {len(status.next_stage_allows)}{at(status.next_stage_allows)}")
     if not status.next_stage:
         print("  at the top stage")
         return

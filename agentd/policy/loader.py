@@ -40,9 +40,28 @@ _MAP, _SEQ, _MERGE = _TAG + "map", _TAG + "seq", _TAG + "merge"
 D = TypeVar("D", bound=Document)
 
 
-def load_policy(path: str | Path) -> Policy:
-    """Read and validate an agent's policy file; raise PolicyFileError listing every problem."""
-    return _load(path, Policy)
+def load_policy(path: str | Path, raw: bytes | None = None) -> Policy:
+    """Read and validate an agent's policy file; raise PolicyFileError listing every problem.
+    With `raw`, those bytes are the file's (read once by `read_source`, or an accepted copy);
+    problems still name `path`."""
+    return _validate(Policy, _parse(path, raw))
+
+
+def read_source(path: str | Path) -> bytes:
+    """A policy file's bytes, bounded like every read of one; PolicyFileError if unreadable."""
+    source = str(path)
+    try:
+        with open(path, "rb") as file:
+            raw = file.read(MAX_FILE_BYTES + 1)
+    except OSError as error:
+        raise PolicyFileError(
+            [Issue(source, None, None, f"cannot read the file: {error.strerror or error}")]
+        ) from None
+    if len(raw) > MAX_FILE_BYTES:
+        raise PolicyFileError(
+            [Issue(source, None, None, "the file is larger than 1MiB; policies are short files")]
+        )
+    return raw
 
 
 def load_stage_ceilings(path: str | Path) -> StageCeilings:
@@ -97,10 +116,10 @@ class _Parsed(NamedTuple):
     """Fields whose value was refused as YAML and replaced by None."""
 
 
-def _parse(path: str | Path) -> _Parsed:
+def _parse(path: str | Path, raw: bytes | None = None) -> _Parsed:
     """Read and compose the file into plain data, lines and YAML-level issues."""
     source = str(path)
-    text = _read(path, source)
+    text = _decode(read_source(path) if raw is None else raw, source)
     try:
         root = YAML(typ="rt").compose(io.StringIO(text))
     except MarkedYAMLError as error:
@@ -131,18 +150,7 @@ def _parse(path: str | Path) -> _Parsed:
     return _Parsed(source, data, builder.lines, builder.issues, builder.replaced)
 
 
-def _read(path: str | Path, source: str) -> str:
-    try:
-        with open(path, "rb") as file:
-            raw = file.read(MAX_FILE_BYTES + 1)
-    except OSError as error:
-        raise PolicyFileError(
-            [Issue(source, None, None, f"cannot read the file: {error.strerror or error}")]
-        ) from None
-    if len(raw) > MAX_FILE_BYTES:
-        raise PolicyFileError(
-            [Issue(source, None, None, "the file is larger than 1MiB; policies are short files")]
-        )
+def _decode(raw: bytes, source: str) -> str:
     try:
         return raw.decode("utf-8").removeprefix("\ufeff")
     except UnicodeDecodeError as error:

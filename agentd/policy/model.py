@@ -264,7 +264,10 @@ class Gate(BaseModel):
     policy_unchanged: bool = Field(default=False, strict=True)
     """The policy's content the same over the whole evidence window."""
     demote_on: list[DemotionEvent] = Field(default_factory=list)
-    """Events at this stage that drop the agent one stage at once."""
+    """Events at this stage that drop the agent one stage at once: violation (an exec refused
+    by the policy or the kernel, a limit kill), quarantine (a workspace path agentd could not
+    remove), failure (a run closed on a failed step that no later commit or rollback
+    resolved)."""
 
 
 class Gates(BaseModel):
@@ -279,7 +282,8 @@ class Gates(BaseModel):
     """Into pilot, from sandbox."""
     production: Gate = Gate(min_runs=10, min_steps=100, min_time=86400.0,
                             max_failure_rate=0.05, rollback_drills=1, approvals=2,
-                            policy_unchanged=True, demote_on=["violation", "quarantine"])
+                            policy_unchanged=True,
+                            demote_on=["violation", "quarantine", "failure"])
     """Into production, from pilot."""
 
 

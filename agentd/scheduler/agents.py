@@ -6,16 +6,25 @@ than a service running an agent under a policy nobody reviewed in that form. A r
 nothing: every file is loaded and clamped first (`prepare_reload`), and only if all of them are
 valid are the new policies swapped in, in one assignment on the event loop (`swap`), so a step
 is planned either wholly under the old policies or wholly under the new ones.
+
+A promoted agent's policy is *pinned*: it runs the version its promotion or a later acceptance
+recorded (`pins`, agent -> source hash, kept in agentd/store/policies.py), and a file that says
+something else is *unreviewed*: still validated on every load (a broken file fails a reload as
+for anyone), shown, and in force only once an approver accepts it
+(agentd/scheduler/stages.py).
 """
 
 from __future__ import annotations
 
-from dataclasses import dataclass
+from collections.abc import Mapping
+from dataclasses import dataclass, field
 
 from agentd.config import Config
 from agentd.errors import NotFound
 from agentd.policy import EffectivePolicy, effective_policy, load_policy, load_stage_ceilings
+from agentd.policy.loader import read_source
 from agentd.policy.model import STAGES
+from agentd.store.policies import PolicyCopies, source_hash
 
 
 @dataclass(frozen=True)
@@ -28,6 +37,18 @@ class Agent:
     """Audit mode: the next stage's effective policy, evaluated beside `policy`, never
     enforced (None: audit mode is off, the agent is at production, or the policy declares
     nothing at the next stage)."""
+    source: str = ""
+    """The source hash of the version in force (the pinned one for a promoted agent)."""
+    source_text: bytes = field(default=b"", repr=False)
+    file_source: str = ""
+    """The source hash of what the file says now; differs from `source` while unreviewed."""
+    file_text: bytes = field(default=b"", repr=False)
+    file_policy: EffectivePolicy | None = None
+    """The file's version at the agent's stage, while it is unreviewed (else None)."""
+
+    @property
+    def unreviewed(self) -> bool:
+        return self.file_source != self.source
 
 
 @dataclass(frozen=True)
@@ -40,6 +61,8 @@ class Reloaded:
     old_hash: str
     new_hash: str
     clamped: tuple[str, ...]
+    unreviewed: str = ""
+    """The file's source hash when it waits for review (the agent keeps `new_hash`)."""
 
     @property
     def changed(self) -> bool:
@@ -49,13 +72,17 @@ class Reloaded:
 class AgentRegistry:
     """Agent name → effective policy at the agent's stage."""
 
-    def __init__(self, agents: dict[str, Agent], config: Config | None = None) -> None:
+    def __init__(self, agents: dict[str, Agent], config: Config | None = None,
+                 copies: PolicyCopies | None = None) -> None:
         self._agents = agents
         self._config = config
+        self.copies = copies
+        self.pins: dict[str, str] = {}
 
     @classmethod
     def load(cls, config: Config) -> AgentRegistry:
-        return cls(_build(config), config)
+        copies = PolicyCopies(config.daemon.state_dir / "policies")
+        return cls(_build(config, {}, copies), config, copies)
 
     def prepare_reload(self) -> tuple[dict[str, Agent], list[Reloaded]]:
         """Every agent's policy loaded and clamped again from the files; raises (PolicyError,
@@ -63,25 +90,31 @@ class AgentRegistry:
         call it off the event loop, then `swap`."""
         if self._config is None:
             raise RuntimeError("a registry made without a config cannot reload")
-        agents = _build(self._config)
+        agents = _build(self._config, self.pins, self.copies)
         return agents, [Reloaded(name, agent.stage, agent.policy_file,
                                  self._agents[name].policy.content_hash,
-                                 agent.policy.content_hash, agent.policy.notes)
+                                 agent.policy.content_hash, agent.policy.notes,
+                                 agent.file_source if agent.unreviewed else "")
                         for name, agent in sorted(agents.items())]
 
     def prepare_stage(self, agent: str, stage: str) -> dict[str, Agent]:
         """Every agent as now, `agent` at `stage` (its policy clamped there); `swap` it in."""
         return self.prepare_stages({agent: stage})
 
-    def prepare_stages(self, stages: dict[str, str]) -> dict[str, Agent]:
+    def prepare_stages(self, stages: dict[str, str],
+                       pins: Mapping[str, str] | None = None) -> dict[str, Agent]:
+        """Blocking file reads (small files), like `prepare_reload`; `pins` as `self.pins`
+        with those changes (swap them in with `swap(agents, pins)`)."""
         if self._config is None:
             raise RuntimeError("a registry made without a config cannot change stages")
-        return _build(with_stages(self._config, stages))
+        return _build(with_stages(self._config, stages), {**self.pins, **(pins or {})},
+                      self.copies)
 
-    def swap(self, agents: dict[str, Agent]) -> None:
+    def swap(self, agents: dict[str, Agent], pins: Mapping[str, str] | None = None) -> None:
         """The prepared policies, in force for every step planned from now on; the stages
-        they are at stay for later reloads."""
+        they are at, and the pins they were built with, stay for later reloads."""
         self._agents = agents
+        self.pins.update(pins or {})
         if self._config is not None:
             self._config = with_stages(self._config, {n: a.stage for n, a in agents.items()})
 
@@ -104,18 +137,32 @@ def with_stages(config: Config, stages: dict[str, str]) -> Config:
     return config.model_copy(update={"agents": agents})
 
 
-def _build(config: Config) -> dict[str, Agent]:
+def _build(config: Config, pins: Mapping[str, str],
+           copies: PolicyCopies | None) -> dict[str, Agent]:
+    """Every agent's policy at its stage: the file's version, or for a pinned agent the
+    accepted copy (the file still loaded and validated, and kept, for its review)."""
     policy_dir = config.daemon.policy_dir
     ceilings = load_stage_ceilings(policy_dir / config.daemon.stages_file)
     agents = {}
     for name, section in config.agents.items():
         path = policy_dir / section.policy
-        policy = load_policy(path)
+        file_text = read_source(path)
+        file_source = source_hash(file_text)
+        file_policy = load_policy(path, file_text)
+        text, source, policy = file_text, file_source, file_policy
+        pin = pins.get(name)
+        if pin is not None and pin != file_source and copies is not None:
+            text, source = copies.read(pin), pin
+            policy = load_policy(path, text)
+            copies.keep(file_text)  # the bytes an approver will accept, not the file's later
         effective = effective_policy(policy, section.stage, ceilings)
         shadow = None
         if section.audit_next_stage and section.stage != STAGES[-1]:
             following = STAGES[STAGES.index(section.stage) + 1]
             if policy.resolve(following) is not None:
                 shadow = effective_policy(policy, following, ceilings)
-        agents[name] = Agent(name, section.stage, str(path), effective, shadow)
+        agents[name] = Agent(
+            name, section.stage, str(path), effective, shadow, source, text, file_source,
+            file_text, effective_policy(file_policy, section.stage, ceilings)
+            if source != file_source else None)
     return agents

@@ -48,6 +48,10 @@ class RunGate:
     phase: Phase = Phase.OPEN
     holder: str = ""
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    failed_step: int | None = None
+    """A step that failed and that no later commit or rollback has resolved: closing the run
+    with it is an *unresolved failure*, which may demote the agent (scheduler/stages.py).
+    In memory only: after a restart, a crash's interrupted steps are in `daemon.started`."""
 
     def __post_init__(self) -> None:
         self.idle.set()

@@ -14,7 +14,7 @@ import contextlib
 import dataclasses
 import secrets
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 import structlog
 
@@ -68,6 +68,8 @@ class RunManager:
         self._worker_left = asyncio.Event()
         self._workspace_runs: set[str] = set()
         self._background: set[asyncio.Task[None]] = set()
+        # Told (run id, "failure", what) when a run closes on an unresolved failed step.
+        self.on_event: Callable[[str, str, str], None] = lambda run_id, kind, what: None
         metrics.WORKERS_LIMIT.set(max_workers)
 
     # -- runs ---------------------------------------------------------------------------
@@ -173,6 +175,9 @@ class RunManager:
             await self.refs.release(dropped)
             await self.audit.sign_tree_head()
             self.forget_workspace(run_id)
+            if gate.failed_step is not None:
+                self.on_event(run_id, "failure", f"run closed after step {gate.failed_step} "
+                              "failed, with no later commit or rollback")
             log.info("run.closed", run_id=run_id, kept_workspace=keep_workspace, killed=killed,
                      uid=caller.uid)
             return self.get_run(run_id)

@@ -12,7 +12,16 @@ number of distinct uids, none of them the requester's and none the named owner's
 approval appends `stage.promoted` with the evidence summary, the tree size it was computed at,
 the policy's content hash and the semantic diff of what becomes allowed; the new stage's policy
 is in force for steps planned from then on (a running step keeps the policy it was planned
-with). A pending request lives in memory: a restart drops it, and it is asked again.
+with). A pending request and its approvals are rebuilt from their records at start, so a
+restart loses none of them.
+
+From its first promotion on, an agent's policy is pinned to a reviewed version: the one its
+promotion recorded (`policy_source`, the sha256 of the file's bytes, kept in
+agentd/store/policies.py), then each one an approver accepts. A policy file changed under it is
+*unreviewed* (`policy.unreviewed`, with the semantic diff, at the reload or start that finds it):
+the agent keeps running the accepted version until someone on the approver socket accepts the
+new one (`policy.accepted`; not whoever loaded it), naming its hash, so that what is accepted is
+what was reviewed even if the file moves again.
 """
 
 from __future__ import annotations
@@ -41,6 +50,9 @@ from agentd.scheduler.agents import AgentRegistry
 log = structlog.get_logger("agentd.stages")
 
 CHANGES = ("stage.set", "stage.promoted", "stage.demoted")
+# The records a start-up reads to rebuild stages, pins, reviews and pending promotions.
+KEPT = (*CHANGES, "stage.promotion_requested", "stage.promotion_approved",
+        "stage.promotion_refused", "policy.accepted", "policy.unreviewed")
 
 
 @dataclass(frozen=True)
@@ -70,8 +82,20 @@ class Pending:
     to: str
     owner: str
     reason: str
-    requested_by: Caller
+    requested_by: Mapping[str, Any]
+    """The requester's audit actor; its `uid` may not approve."""
     approvers: dict[int, str] = field(default_factory=dict)  # uid -> name
+
+
+@dataclass(frozen=True)
+class Unreviewed:
+    """A policy file version that waits for an approver's acceptance."""
+
+    source: str
+    index: int
+    """The `policy.unreviewed` record."""
+    loaded_by: int | None
+    """The uid whose reload found it (None: the daemon, at start or on SIGHUP)."""
 
 
 @dataclass(frozen=True)
@@ -84,28 +108,62 @@ class StageStatus:
     criteria: tuple[Criterion, ...]
     pending: Pending | None
     approvals_needed: int
+    policy_source: str = ""
+    """The policy version in force (source hash); pinned once the agent was promoted."""
+    unreviewed: Unreviewed | None = None
+    next_refuses: tuple[int, ...] = ()
+    """Audit mode, at this stage: calls the next stage's policy would refuse, and ..."""
+    next_allows: tuple[int, ...] = ()
+    """... calls it would newly allow (the `stage.shadow` records)."""
 
 
 class StageBook:
-    """Every agent's stage history, from the log's stage.* records."""
+    """Every agent's stage history, pending promotion, pinned policy version and unreviewed
+    one, from the log's records (KEPT)."""
 
     def __init__(self) -> None:
         self.history: dict[str, list[StageChange]] = {}
+        self.pending: dict[str, Pending] = {}
+        self.pins: dict[str, str] = {}
+        self.unreviewed: dict[str, Unreviewed] = {}
 
     @classmethod
     def from_records(cls, records: Iterable[Mapping[str, Any]]) -> StageBook:
         book = cls()
         for rec in records:
-            if rec.get("event") in CHANGES:
-                book.add(rec)
+            book.add(rec)
         return book
 
     def add(self, rec: Mapping[str, Any]) -> None:
+        event = str(rec.get("event"))
         details = rec.get("details") or {}
-        self.history.setdefault(str(details.get("agent")), []).append(StageChange(
-            int(rec["index"]), str(rec.get("time", "")), str(rec["event"]),
-            str(details.get("stage") or details.get("to")), str(details.get("from", "")),
-            rec.get("actor") or {}, str(details.get("reason", ""))))
+        actor = rec.get("actor") or {}
+        agent = str(details.get("agent"))
+        if event in CHANGES:
+            self.history.setdefault(agent, []).append(StageChange(
+                int(rec["index"]), str(rec.get("time", "")), event,
+                str(details.get("stage") or details.get("to")), str(details.get("from", "")),
+                actor, str(details.get("reason", ""))))
+            self.pending.pop(agent, None)
+            if details.get("policy_source"):
+                self.pins[agent] = str(details["policy_source"])
+        elif event == "stage.promotion_requested":
+            self.pending[agent] = Pending(agent, str(details.get("to")),
+                                          str(details.get("owner", "")),
+                                          str(details.get("reason", "")), actor)
+        elif event == "stage.promotion_approved" and agent in self.pending:
+            uid = actor.get("uid")
+            if isinstance(uid, int):
+                self.pending[agent].approvers[uid] = _user(uid)
+        elif event == "stage.promotion_refused":
+            self.pending.pop(agent, None)
+        elif event == "policy.accepted":
+            self.pins[agent] = str(details.get("source"))
+            self.unreviewed.pop(agent, None)
+        elif event == "policy.unreviewed":
+            uid = actor.get("uid")
+            self.unreviewed[agent] = Unreviewed(str(details.get("source")), int(rec["index"]),
+                                                uid if isinstance(uid, int) else None)
 
     def recorded(self, index: int, event: str, actor: Mapping[str, Any],
                  details: Mapping[str, Any]) -> None:
@@ -173,7 +231,7 @@ class StageKeeper:
         self.audit = audit
         self.audit_dir = audit_dir
         self.config_stages = dict(config_stages)
-        self.pending: dict[str, Pending] = {}
+        self.pending = book.pending
         self._lock = asyncio.Lock()
         self._demoting: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
@@ -241,22 +299,83 @@ class StageKeeper:
         return list(self.book.history.get(agent, []))
 
     async def status(self, agent: str) -> StageStatus:
-        stage = self.stage(agent)
+        current = self.registry.get(agent)
+        stage = current.stage
         target = next_stage(stage)
         entered = self.book.entered(agent)
         found: list[Criterion] = []
         needed = 0
+        evidence = await asyncio.to_thread(self._evidence, agent, stage,
+                                           entered.index if entered else 0)
         if target:
             gate: Gate = getattr(self.gates, target)
             needed = gate.approvals
-            evidence = await asyncio.to_thread(self._evidence, agent, stage,
-                                               entered.index if entered else 0)
             found = criteria(gate, evidence, entered_time=entered.time if entered else "",
-                             now=time.time(),
-                             policy_hash=self.registry.get(agent).policy.content_hash)
+                             now=time.time(), policy_hash=current.policy.content_hash)
         return StageStatus(agent, stage, self.config_stages.get(agent, ""),
                            entered.index if entered else -1, target, tuple(found),
-                           self.pending.get(agent), needed)
+                           self.pending.get(agent), needed, current.source,
+                           self._unreviewed(agent), tuple(evidence.next_refuses),
+                           tuple(evidence.next_allows))
+
+    def _unreviewed(self, agent: str) -> Unreviewed | None:
+        current = self.registry.get(agent)
+        noted = self.book.unreviewed.get(agent)
+        if not current.unreviewed:
+            return None
+        if noted is None or noted.source != current.file_source:
+            return Unreviewed(current.file_source, -1, None)  # found, its record on the way
+        return noted
+
+    async def note_unreviewed(self, caller: Caller) -> list[str]:
+        """After a reload or at start: a pinned agent whose file now says something else gets
+        one `policy.unreviewed` record per new version, with what it would change."""
+        noted = []
+        for name, details in newly_unreviewed(self.registry, self.book):
+            index = await self.audit.append("policy.unreviewed", actor=caller.actor(),
+                                            details=details)
+            self.book.recorded(index, "policy.unreviewed", caller.actor(), details)
+            noted.append(name)
+        return noted
+
+    async def accept(self, agent: str, source: str, reason: str,
+                     caller: Caller) -> StageStatus:
+        """An approver accepts the unreviewed version named by `source` (its hash, or a prefix
+        of at least 12 hex digits): it is pinned and in force for steps planned from now on."""
+        async with self._lock:
+            current = self.registry.get(agent)
+            waiting = self._unreviewed(agent)
+            if waiting is None:
+                raise FailedPrecondition(f"{agent}'s policy has no unreviewed change (in force: "
+                                         f"{current.source or 'the file as loaded'})")
+            wanted = source.removeprefix("sha256:")
+            if len(wanted) < 12 or not waiting.source.removeprefix("sha256:").startswith(
+                    wanted):
+                raise FailedPrecondition(
+                    f"the unreviewed version of {agent}'s policy is {waiting.source}, not "
+                    f"{source!r}; review that one (agentctl stage status {agent}) and accept it "
+                    "by its hash (at least 12 hex digits)")
+            if caller.uid is None:
+                raise PermissionDenied("an acceptance needs the caller's uid (SO_PEERCRED)")
+            if waiting.loaded_by is not None and caller.uid == waiting.loaded_by:
+                raise PermissionDenied("whoever loaded a policy change cannot accept it; "
+                                       "another person must",
+                                       rule="stages: acceptor uid != reloader uid")
+            pins = {agent: waiting.source}
+            agents = await asyncio.to_thread(self.registry.prepare_stages, {}, pins)
+            after = agents[agent]
+            details = {"agent": agent, "stage": current.stage,
+                       "policy_file": current.policy_file, "source": waiting.source,
+                       "previous": current.source,
+                       "policy_hash": after.policy.content_hash,
+                       "diff": [c.line().strip() for c in diff(current.policy, after.policy)],
+                       "reason": reason[:1000]}
+            index = await self.audit.append("policy.accepted", actor=caller.actor(),
+                                            details=details)
+            self.registry.swap(agents, pins)
+            self.book.recorded(index, "policy.accepted", caller.actor(), details)
+            log.warning("policy.accepted", agent=agent, source=waiting.source, uid=caller.uid)
+        return await self.status(agent)
 
     def _evidence(self, agent: str, stage: str, since: int) -> Evidence:
         records = (r for r in read_records(self.audit_dir, limit=self.audit.size)
@@ -278,7 +397,7 @@ class StageKeeper:
                 raise FailedPrecondition(
                     f"{agent} cannot be promoted to {to}: "
                     + "; ".join(f"{c.name}: {c.figure}" for c in unmet))
-            pending = Pending(agent, to, owner.strip(), reason.strip(), caller)
+            pending = Pending(agent, to, owner.strip(), reason.strip(), caller.actor())
             await self.audit.append("stage.promotion_requested", actor=caller.actor(),
                                     details={"agent": agent, "from": status.stage, "to": to,
                                              "owner": owner, "reason": reason[:1000]})
@@ -297,7 +416,7 @@ class StageKeeper:
             if caller.uid is None:
                 raise PermissionDenied("an approval needs the caller's uid (SO_PEERCRED)")
             name = _user(caller.uid)
-            if caller.uid == pending.requested_by.uid:
+            if caller.uid == pending.requested_by.get("uid"):
                 raise PermissionDenied("the requester cannot approve their own promotion",
                                        rule="stages: approver uid != requester uid")
             if name == pending.owner:
@@ -329,34 +448,66 @@ class StageKeeper:
         status = await self.status(agent)
         unmet = [c for c in status.criteria if not c.met]
         if unmet:  # the evidence moved since the request (a violation meanwhile)
-            del self.pending[agent]
+            self.pending.pop(agent, None)
+            await self.audit.append("stage.promotion_refused", actor=self._system, details={
+                "agent": agent, "to": pending.to,
+                "reason": "the evidence no longer meets the gate"})
             raise FailedPrecondition(f"{agent} no longer meets the gate: "
                                      + "; ".join(f"{c.name}: {c.figure}" for c in unmet))
-        agents = self.registry.prepare_stage(agent, pending.to)
+        # From here on the agent runs a reviewed version: the one in force now (a file
+        # edited since it was loaded is unreviewed, not promoted with it).
+        copies = self.registry.copies
+        pin = (await asyncio.to_thread(copies.keep, before.source_text)
+               if copies is not None else before.source)
+        agents = await asyncio.to_thread(self.registry.prepare_stages, {agent: pending.to},
+                                         {agent: pin})
         after = agents[agent]
         changes = diff(before.policy, after.policy)
         details = {
             "agent": agent, "from": before.stage, "to": pending.to, "owner": pending.owner,
-            "reason": pending.reason, "requested_by": pending.requested_by.actor(),
+            "reason": pending.reason, "requested_by": dict(pending.requested_by),
             "approvers": sorted(pending.approvers), "evidence_tree_size": self.audit.size,
             "evidence": {c.name: {"met": c.met, "figure": c.figure,
                                   "records": list(c.records[:64])} for c in status.criteria},
-            "policy_hash": after.policy.content_hash,
+            "policy_hash": after.policy.content_hash, "policy_source": pin,
             "diff": [c.line().strip() for c in changes]}
         index = await self.audit.append("stage.promoted", actor=caller.actor(),
                                         details=details)
-        self.registry.swap(agents)
+        self.registry.swap(agents, {agent: pin})
         self.book.recorded(index, "stage.promoted", caller.actor(), details)
-        del self.pending[agent]
+        self.pending.pop(agent, None)
         log.warning("stage.promoted", agent=agent, to=pending.to, owner=pending.owner,
                     approvers=sorted(pending.approvers))
 
 
+def newly_unreviewed(registry: AgentRegistry, book: StageBook
+                     ) -> list[tuple[str, dict[str, Any]]]:
+    """The `policy.unreviewed` records due: each pinned agent whose file holds a version not
+    yet on record as waiting, with what it would change at the agent's stage."""
+    due = []
+    for name in registry.names():
+        current = registry.get(name)
+        known = book.unreviewed.get(name)
+        if (not current.unreviewed or current.file_policy is None
+                or (known is not None and known.source == current.file_source)):
+            continue
+        due.append((name, {
+            "agent": name, "stage": current.stage, "policy_file": current.policy_file,
+            "source": current.file_source, "accepted": current.source,
+            "diff": [c.line().strip() for c in diff(current.policy, current.file_policy)],
+            "reason": "a promoted agent's policy changes only when an approver accepts it "
+                      "(agentctl policy accept); until then the accepted version runs"}))
+        log.warning("policy.unreviewed", agent=name, source=current.file_source,
+                    accepted=current.source, file=current.policy_file)
+    return due
+
+
 def open_stages(config: Config, registry: AgentRegistry, audit: AuditLog, audit_dir: Path,
                 system: Mapping[str, Any]) -> StageKeeper:
-    """At start-up: the stage history from the log; an agent without one starts at its
-    config stage (`stage.set`); every agent is put at the stage its history says, and a config
-    that says otherwise is reported, not obeyed."""
+    """At start-up: the stage history, pending promotions and pinned policy versions from the
+    log; an agent without a history starts at its config stage (`stage.set`); every agent is
+    put at the stage its history says (a config that says otherwise is reported, not obeyed),
+    running its pinned version; a file that differs from it is recorded as unreviewed."""
     config_stages = {name: section.stage for name, section in config.agents.items()}
     book = StageBook.from_records(_stage_records(audit_dir, audit.size))
     stages: dict[str, str] = {}
@@ -374,17 +525,22 @@ def open_stages(config: Config, registry: AgentRegistry, audit: AuditLog, audit_
                         stage=current, reason="stages change only through gates; the config's "
                         "stage is ignored (agentctl stage status)")
         stages[name] = current
-    if any(registry.get(name).stage != stage for name, stage in stages.items()):
-        registry.swap(registry.prepare_stages(stages))
+    pins = {name: pin for name, pin in book.pins.items() if name in stages}
+    if pins or any(registry.get(name).stage != stage for name, stage in stages.items()):
+        registry.swap(registry.prepare_stages(stages, pins), pins)
+    for _, details in newly_unreviewed(registry, book):
+        index = audit.append_sync("policy.unreviewed", actor=system, details=details)
+        book.recorded(index, "policy.unreviewed", system, details)
     return StageKeeper(book, registry, audit,
                        config.daemon.policy_dir / config.daemon.stages_file, audit_dir,
                        config_stages, system)
 
 
 def _stage_records(directory: Path, size: int) -> Iterable[dict[str, Any]]:
-    """The stage.* records among the first `size` (a cheap text test before parsing)."""
-    for rec in read_records(directory, limit=size, containing=b'"event":"stage.'):
-        if rec.get("event") in CHANGES:
+    """The KEPT records among the first `size` (a cheap text test before parsing)."""
+    for rec in read_records(directory, limit=size,
+                            containing=(b'"event":"stage.', b'"event":"policy.')):
+        if rec.get("event") in KEPT:
             yield rec
 
 

@@ -460,6 +460,7 @@ class StepRunner:
                         "tasks": [o.to_json() for o in outcomes]}))
                 result.wall_seconds = time.monotonic() - started
                 self.steps.commit(attempt, checkpoint, result.to_json())
+                gate.failed_step = None
             except BaseException:
                 result.state = StepState.FAILED  # the finally of _execute records it so
                 raise
@@ -479,6 +480,7 @@ class StepRunner:
             if result.state != StepState.COMMITTED:
                 self.steps.finish(attempt, StepState.FAILED, reply=result.to_json(),
                                   reason=result.reason)
+                self.runs.gate(run_id).failed_step = result.step
                 log.info("step.failed", run_id=run_id, step=result.step, uid=caller.uid,
                          reason=result.reason)
                 submitted.append(self.audit.submit(
@@ -548,6 +550,7 @@ class StepRunner:
                                          run_id=run_id,
                                          details={"from_step": run.step, "to_step": number})
             dropped = self.steps.rollback(run_id, number)
+            gate.failed_step = None
         log.info("run.rolled_back", run_id=run_id, from_step=run.step, to_step=number,
                  uid=caller.uid)
         await self.audit.sign_tree_head()

@@ -178,6 +178,11 @@ class StageStatus(_message.Message):
     PENDING_OWNER_FIELD_NUMBER: _builtins.int
     APPROVALS_FIELD_NUMBER: _builtins.int
     APPROVALS_NEEDED_FIELD_NUMBER: _builtins.int
+    NEXT_STAGE_REFUSES_FIELD_NUMBER: _builtins.int
+    NEXT_STAGE_ALLOWS_FIELD_NUMBER: _builtins.int
+    POLICY_SOURCE_FIELD_NUMBER: _builtins.int
+    UNREVIEWED_SOURCE_FIELD_NUMBER: _builtins.int
+    UNREVIEWED_INDEX_FIELD_NUMBER: _builtins.int
     agent: _builtins.str
     stage: _builtins.str
     config_stage: _builtins.str
@@ -190,8 +195,23 @@ class StageStatus(_message.Message):
     pending_owner: _builtins.str
     approvals: _builtins.int
     approvals_needed: _builtins.int
+    policy_source: _builtins.str
+    """The policy version in force: "sha256:<hex>" of the file's bytes (pinned once promoted)."""
+    unreviewed_source: _builtins.str
+    """A file version waiting for an approver's acceptance ("" if none), and its record (-1:
+    its record is being written).
+    """
+    unreviewed_index: _builtins.int
     @_builtins.property
     def criteria(self) -> _containers.RepeatedCompositeFieldContainer[Global___StageCriterion]: ...
+    @_builtins.property
+    def next_stage_refuses(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]:
+        """Audit mode at this stage: `stage.shadow` records of calls the next stage's policy would
+        refuse, and would newly allow.
+        """
+
+    @_builtins.property
+    def next_stage_allows(self) -> _containers.RepeatedScalarFieldContainer[_builtins.int]: ...
     def __init__(
         self,
         *,
@@ -205,10 +225,15 @@ class StageStatus(_message.Message):
         pending_owner: _builtins.str = ...,
         approvals: _builtins.int = ...,
         approvals_needed: _builtins.int = ...,
+        next_stage_refuses: _abc.Iterable[_builtins.int] | None = ...,
+        next_stage_allows: _abc.Iterable[_builtins.int] | None = ...,
+        policy_source: _builtins.str = ...,
+        unreviewed_source: _builtins.str = ...,
+        unreviewed_index: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "approvals", b"approvals", "approvals_needed", b"approvals_needed", "config_stage", b"config_stage", "criteria", b"criteria", "next_stage", b"next_stage", "pending_owner", b"pending_owner", "pending_to", b"pending_to", "since_index", b"since_index", "stage", b"stage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "approvals", b"approvals", "approvals_needed", b"approvals_needed", "config_stage", b"config_stage", "criteria", b"criteria", "next_stage", b"next_stage", "next_stage_allows", b"next_stage_allows", "next_stage_refuses", b"next_stage_refuses", "pending_owner", b"pending_owner", "pending_to", b"pending_to", "policy_source", b"policy_source", "since_index", b"since_index", "stage", b"stage", "unreviewed_index", b"unreviewed_index", "unreviewed_source", b"unreviewed_source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -327,6 +352,32 @@ class ApproveStageRequest(_message.Message):
 Global___ApproveStageRequest: _TypeAlias = ApproveStageRequest  # noqa: Y015
 
 @_typing.final
+class AcceptPolicyRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    AGENT_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    agent: _builtins.str
+    source: _builtins.str
+    """The unreviewed version's source hash, or a prefix of at least 12 hex digits."""
+    reason: _builtins.str
+    def __init__(
+        self,
+        *,
+        agent: _builtins.str = ...,
+        source: _builtins.str = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "reason", b"reason", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___AcceptPolicyRequest: _TypeAlias = AcceptPolicyRequest  # noqa: Y015
+
+@_typing.final
 class GetStatusRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 
@@ -369,12 +420,17 @@ class PolicyReload(_message.Message):
     NEW_HASH_FIELD_NUMBER: _builtins.int
     CHANGED_FIELD_NUMBER: _builtins.int
     CLAMPED_FIELD_NUMBER: _builtins.int
+    UNREVIEWED_FIELD_NUMBER: _builtins.int
     agent: _builtins.str
     stage: _builtins.str
     policy_file: _builtins.str
     old_hash: _builtins.str
     new_hash: _builtins.str
     changed: _builtins.bool
+    unreviewed: _builtins.str
+    """The file's source hash when the agent is promoted and the file changed: not in force
+    until an approver accepts it (AcceptPolicy); new_hash is then the accepted version's.
+    """
     @_builtins.property
     def clamped(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """What the stage ceiling clamps in the new version."""
@@ -389,10 +445,11 @@ class PolicyReload(_message.Message):
         new_hash: _builtins.str = ...,
         changed: _builtins.bool = ...,
         clamped: _abc.Iterable[_builtins.str] | None = ...,
+        unreviewed: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "changed", b"changed", "clamped", b"clamped", "new_hash", b"new_hash", "old_hash", b"old_hash", "policy_file", b"policy_file", "stage", b"stage"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "changed", b"changed", "clamped", b"clamped", "new_hash", b"new_hash", "old_hash", b"old_hash", "policy_file", b"policy_file", "stage", b"stage", "unreviewed", b"unreviewed"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 

@@ -129,6 +129,11 @@ class AgentdStub:
                 request_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ApproveStageRequest.SerializeToString,
                 response_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StageStatus.FromString,
                 _registered_method=True)
+        self.AcceptPolicy = channel.unary_unary(
+                '/agentd.v1.Agentd/AcceptPolicy',
+                request_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.AcceptPolicyRequest.SerializeToString,
+                response_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StageStatus.FromString,
+                _registered_method=True)
 
 
 class AgentdServicer:
@@ -272,6 +277,14 @@ class AgentdServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def AcceptPolicy(self, request, context):
+        """An approver accepts a promoted agent's unreviewed policy version, named by its source
+        hash (GetStage shows it): in force for steps planned from then on. Not whoever loaded it.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentdServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -368,6 +381,11 @@ def add_AgentdServicer_to_server(servicer, server):
             'ApproveStage': grpc.unary_unary_rpc_method_handler(
                     servicer.ApproveStage,
                     request_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ApproveStageRequest.FromString,
+                    response_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StageStatus.SerializeToString,
+            ),
+            'AcceptPolicy': grpc.unary_unary_rpc_method_handler(
+                    servicer.AcceptPolicy,
+                    request_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.AcceptPolicyRequest.FromString,
                     response_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StageStatus.SerializeToString,
             ),
     }
@@ -883,6 +901,33 @@ class Agentd:
             target,
             '/agentd.v1.Agentd/ApproveStage',
             agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ApproveStageRequest.SerializeToString,
+            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StageStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def AcceptPolicy(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.Agentd/AcceptPolicy',
+            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.AcceptPolicyRequest.SerializeToString,
             agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StageStatus.FromString,
             options,
             channel_credentials,

@@ -86,6 +86,10 @@ class AgentdStub:
     """
     ApproveStage: _grpc.UnaryUnaryMultiCallable[_agentd_pb2.ApproveStageRequest, _agentd_pb2.StageStatus]
     """An approver's decision on a pending promotion: not the requester, not the owner."""
+    AcceptPolicy: _grpc.UnaryUnaryMultiCallable[_agentd_pb2.AcceptPolicyRequest, _agentd_pb2.StageStatus]
+    """An approver accepts a promoted agent's unreviewed policy version, named by its source
+    hash (GetStage shows it): in force for steps planned from then on. Not whoever loaded it.
+    """
 
 @_typing.type_check_only
 class AgentdAsyncStub(AgentdStub):
@@ -138,6 +142,10 @@ class AgentdAsyncStub(AgentdStub):
     """
     ApproveStage: _aio.UnaryUnaryMultiCallable[_agentd_pb2.ApproveStageRequest, _agentd_pb2.StageStatus]  # type: ignore[assignment]
     """An approver's decision on a pending promotion: not the requester, not the owner."""
+    AcceptPolicy: _aio.UnaryUnaryMultiCallable[_agentd_pb2.AcceptPolicyRequest, _agentd_pb2.StageStatus]  # type: ignore[assignment]
+    """An approver accepts a promoted agent's unreviewed policy version, named by its source
+    hash (GetStage shows it): in force for steps planned from then on. Not whoever loaded it.
+    """
 
 class AgentdServicer(metaclass=_abc_1.ABCMeta):
     @_abc_1.abstractmethod
@@ -301,5 +309,15 @@ class AgentdServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agentd_pb2.StageStatus, _abc.Awaitable[_agentd_pb2.StageStatus]]:
         """An approver's decision on a pending promotion: not the requester, not the owner."""
+
+    @_abc_1.abstractmethod
+    def AcceptPolicy(
+        self,
+        request: _agentd_pb2.AcceptPolicyRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agentd_pb2.StageStatus, _abc.Awaitable[_agentd_pb2.StageStatus]]:
+        """An approver accepts a promoted agent's unreviewed policy version, named by its source
+        hash (GetStage shows it): in force for steps planned from then on. Not whoever loaded it.
+        """
 
 def add_AgentdServicer_to_server(servicer: AgentdServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
