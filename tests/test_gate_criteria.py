@@ -33,8 +33,9 @@ def judged(gate: Gate, found: Evidence, *, hours: float = 0.0,
 
 GATE = Gate(min_runs=2, min_steps=4, min_time=7200.0, max_failure_rate=0.25,
             max_violations=0, rollback_drills=1, policy_unchanged=True)
-MEETS = dict(runs=[1, 2], steps_committed=[3, 4, 5, 6], steps_failed=[], violations=[],
-             rollbacks=[7], policy_hashes={"h1": 1})
+MEETS: dict[str, object] = {
+    "runs": [1, 2], "steps_committed": [3, 4, 5, 6], "steps_failed": [], "violations": [],
+    "rollbacks": [7], "policy_hashes": {"h1": 1}}
 
 
 def test_all_met() -> None:
@@ -64,7 +65,8 @@ def test_time_is_counted_from_entering_the_stage() -> None:
     [held] = [c for c in criteria(GATE, evidence(**MEETS), entered_time=ENTERED,
                                   now=START + 7200, policy_hash="h1")
               if c.name == "time at the stage"]
-    assert held.met and held.figure == "2.00 h of at least 2.00 h"
+    assert held.met
+    assert held.figure == "2.00 h of at least 2.00 h"
 
 
 def test_policy_versions_come_from_the_runs_records() -> None:
@@ -85,4 +87,5 @@ def test_policy_versions_come_from_the_runs_records() -> None:
 
 def test_criteria_a_gate_does_not_ask_for_are_not_listed() -> None:
     names = set(judged(Gate(), evidence()))
-    assert "time at the stage" not in names and "policy unchanged" not in names
+    assert "time at the stage" not in names
+    assert "policy unchanged" not in names
