@@ -141,8 +141,11 @@ def remove_cgroup_parents(config_path: Path) -> None:
                         child.rmdir()
 
 
-def start_daemon(base: Path, config: str = CONFIG, timeout: float = 30.0) -> DaemonHandle:
-    config_path = write_daemon_dir(base, config)
+def start_daemon(base: Path, config: str = CONFIG, timeout: float = 30.0, *,
+                 keep_files: bool = False) -> DaemonHandle:
+    """A daemon on `base`; with `keep_files`, on the config and policies already there (a
+    restart that must see files a test changed)."""
+    config_path = base / "agentd.toml" if keep_files else write_daemon_dir(base, config)
     log_path = base / "daemon.log"
     with open(log_path, "ab") as log_file:
         process = subprocess.Popen([sys.executable, "-m", "agentd.daemon", "--config",

@@ -47,13 +47,15 @@ GATES = textwrap.dedent("""\
     """)
 
 
-def _start(base: Path, config: str = CONFIG) -> DaemonHandle:
-    """A daemon with GATES in its stages.yaml (start_daemon writes the shipped one; a policy
-    reload reads the gates again, as it would after an operator's edit)."""
-    handle = start_daemon(base, config)
+def _start(base: Path, config: str = CONFIG, gates: str = GATES, *,
+           restart: bool = False) -> DaemonHandle:
+    """A daemon with `gates` in its stages.yaml (start_daemon writes the shipped one; a policy
+    reload reads the gates again, as it would after an operator's edit). A restart keeps the
+    files as the test left them."""
+    handle = start_daemon(base, config, keep_files=restart)
     stages = base / "policies" / "stages.yaml"
-    assert TEST_GATES in stages.read_text()
-    stages.write_text(stages.read_text().replace(TEST_GATES, "\n" + GATES))
+    if TEST_GATES in stages.read_text():  # else a restart: the gates are in place already
+        stages.write_text(stages.read_text().replace(TEST_GATES, "\n" + gates))
     handle.stub("admin").ReloadPolicies(pb.ReloadPoliciesRequest(), timeout=60)
     os.chmod(handle.socket("approver"), 0o666)  # what approver_group grants other people
     return handle
@@ -68,6 +70,24 @@ def base() -> Iterator[Path]:
 
 def approve_as(uid: int, handle: DaemonHandle, agent: str) -> str:
     """ApproveStage from a process running as `uid` (another person)."""
+    return _as_user(uid, handle, f"""
+        reply = stub.ApproveStage(pb.ApproveStageRequest(agent="{agent}", approve=True,
+                                                         reason="looked at it"), timeout=60)
+        print("OK", reply.stage, reply.approvals)""")
+
+
+def accept_as(uid: int, handle: DaemonHandle, agent: str, source: str) -> str:
+    """AcceptPolicy from a process running as `uid`."""
+    return _as_user(uid, handle, f"""
+        reply = stub.AcceptPolicy(pb.AcceptPolicyRequest(agent="{agent}", source="{source}",
+                                                         reason="read the diff"), timeout=60)
+        print("OK", reply.policy_source, reply.unreviewed_source or "-")""")
+
+
+def _as_user(uid: int, handle: DaemonHandle, call: str) -> str:
+    """Runs `call` (with `stub` on the approver socket) in a process running as `uid`;
+    prints OK ... or the status code and details."""
+    body = textwrap.indent(textwrap.dedent(call).strip(), "    ")
     program = textwrap.dedent(f"""
         import grpc, os
         from agentd.api.gen.v1 import agentd_pb2 as pb, agentd_pb2_grpc
@@ -77,9 +97,7 @@ def approve_as(uid: int, handle: DaemonHandle, agent: str) -> str:
         stub = agentd_pb2_grpc.AgentdStub(
             grpc.insecure_channel("unix:{handle.socket('approver')}"))
         try:
-            reply = stub.ApproveStage(pb.ApproveStageRequest(agent="{agent}", approve=True,
-                                                             reason="looked at it"), timeout=60)
-            print("OK", reply.stage, reply.approvals)
+        """) + body + textwrap.dedent("""
         except grpc.RpcError as exc:
             print(exc.code().name, exc.details())
         """)
@@ -222,5 +240,185 @@ class TestStages:
             assert [(c.event, c.stage) for c in history] == [("stage.set", "pilot"),
                                                              ("stage.demoted", "sandbox")]
             assert history[-1].reason.startswith("violation: exec refused:")
+        finally:
+            stop_daemon(handle)
+
+
+def _meet_the_sandbox_gate(handle: DaemonHandle) -> None:
+    """One run, two committed steps and a rollback drill: GATES' sandbox criteria."""
+    stub = handle.stub()
+    run_id = stub.CreateRun(pb.CreateRunRequest(agent="shell-helper")).run_id
+    assert sh(stub, run_id, "echo 1 > a").outcome.committed
+    assert sh(stub, run_id, "echo 2 > b").outcome.committed
+    stub.Rollback(pb.RollbackRequest(run_id=run_id, step=1))
+
+
+def _md5sum(handle: DaemonHandle) -> grpc.StatusCode:
+    """Runs /usr/bin/md5sum, which only the edited policy grants: OK or the refusal's code."""
+    stub = handle.stub()
+    run_id = stub.CreateRun(pb.CreateRunRequest(agent="shell-helper")).run_id
+    try:
+        reply = stub.Step(pb.StepRequest(run_id=run_id, tasks=[pb.TaskSpec(
+            name="sum", argv=["/usr/bin/md5sum"], stdin=b"x")]), timeout=60)
+    except grpc.RpcError as exc:
+        return exc.code()
+    assert reply.state == pb.STEP_STATE_COMMITTED, reply.reason
+    return grpc.StatusCode.OK
+
+
+class TestReviewedPolicies:
+    def test_a_pending_promotion_survives_a_restart(self, base: Path) -> None:
+        handle = _start(base)
+        try:
+            _meet_the_sandbox_gate(handle)
+            handle.stub("admin").PromoteStage(pb.PromoteStageRequest(
+                agent="shell-helper", to="sandbox", owner="alice", reason="ready"))
+            assert approve_as(1234, handle, "shell-helper") == "OK prototype 1"
+        finally:
+            stop_daemon(handle)
+        handle = _start(base, restart=True)
+        try:
+            status = handle.stub().GetStage(pb.GetStageRequest(agent="shell-helper"))
+            assert (status.pending_to, status.pending_owner, status.approvals) == (
+                "sandbox", "alice", 1)
+            # The rebuilt request still knows who asked and who approved.
+            assert approve_as(1234, handle, "shell-helper").startswith("FAILED_PRECONDITION")
+            with pytest.raises(grpc.RpcError) as own:
+                handle.stub("approver").ApproveStage(pb.ApproveStageRequest(
+                    agent="shell-helper", approve=True))
+            assert own.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert approve_as(1235, handle, "shell-helper") == "OK sandbox 0"
+        finally:
+            stop_daemon(handle)
+
+    def test_a_changed_policy_waits_for_an_approver(self, base: Path) -> None:
+        """After a promotion, an edited policy file is unreviewed: validated, recorded with
+        its diff, shown, never in force (across a restart too) until another person accepts
+        exactly that version."""
+        handle = _start(base)
+        try:
+            _meet_the_sandbox_gate(handle)
+            handle.stub("admin").PromoteStage(pb.PromoteStageRequest(
+                agent="shell-helper", to="sandbox", owner="alice", reason="ready"))
+            approve_as(1234, handle, "shell-helper")
+            assert approve_as(1235, handle, "shell-helper") == "OK sandbox 0"
+            accepted = handle.stub().GetStage(pb.GetStageRequest(
+                agent="shell-helper")).policy_source
+            assert accepted.startswith("sha256:")
+            assert _md5sum(handle) == grpc.StatusCode.PERMISSION_DENIED
+
+            policy = base / "policies" / "shell-helper.yaml"
+            policy.write_text(policy.read_text().replace(
+                "        - /usr/bin/wc\n", "        - /usr/bin/wc\n        - /usr/bin/md5sum\n"))
+            reply = handle.stub("admin").ReloadPolicies(pb.ReloadPoliciesRequest(), timeout=60)
+            [entry] = [a for a in reply.agents if a.agent == "shell-helper"]
+            assert entry.unreviewed.startswith("sha256:")
+            assert not entry.changed  # the accepted version stays in force
+            assert _md5sum(handle) == grpc.StatusCode.PERMISSION_DENIED
+            status = handle.stub().GetStage(pb.GetStageRequest(agent="shell-helper"))
+            assert (status.policy_source, status.unreviewed_source) == (accepted,
+                                                                        entry.unreviewed)
+            [noted] = [r for r in read_records(base / "state" / "audit")
+                       if r["event"] == "policy.unreviewed"]
+            assert noted["index"] == status.unreviewed_index
+            assert any("/usr/bin/md5sum" in line
+                       for line in noted["details"]["diff"])  # type: ignore[index]
+            # Whoever loaded it (root, by ReloadPolicies) cannot accept it; a wrong or short
+            # hash accepts nothing.
+            with pytest.raises(grpc.RpcError) as own:
+                handle.stub("approver").AcceptPolicy(pb.AcceptPolicyRequest(
+                    agent="shell-helper", source=entry.unreviewed))
+            assert own.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert accept_as(1234, handle, "shell-helper", accepted).startswith(
+                "FAILED_PRECONDITION")
+            assert accept_as(1234, handle, "shell-helper", entry.unreviewed[:12]).startswith(
+                "FAILED_PRECONDITION")
+            # A broken file is refused as ever, and the unreviewed version stays as it was.
+            good = policy.read_text()
+            policy.write_text(good + "bogus: 1\n")
+            with pytest.raises(grpc.RpcError) as broken:
+                handle.stub("admin").ReloadPolicies(pb.ReloadPoliciesRequest(), timeout=60)
+            assert broken.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+            policy.write_text(good)
+        finally:
+            stop_daemon(handle)
+
+        handle = _start(base, restart=True)
+        try:
+            status = handle.stub().GetStage(pb.GetStageRequest(agent="shell-helper"))
+            assert (status.stage, status.policy_source, status.unreviewed_source) == (
+                "sandbox", accepted, entry.unreviewed)
+            assert _md5sum(handle) == grpc.StatusCode.PERMISSION_DENIED
+            assert len([r for r in read_records(base / "state" / "audit")
+                        if r["event"] == "policy.unreviewed"]) == 1  # once per version
+            prefix = entry.unreviewed.removeprefix("sha256:")[:12]
+            assert accept_as(1234, handle, "shell-helper", prefix) == (
+                f"OK {entry.unreviewed} -")
+            assert _md5sum(handle) == grpc.StatusCode.OK
+            [acceptance] = [r for r in read_records(base / "state" / "audit")
+                            if r["event"] == "policy.accepted"]
+            assert acceptance["actor"]["uid"] == 1234  # type: ignore[index]
+            assert acceptance["details"]["previous"] == accepted  # type: ignore[index]
+        finally:
+            stop_daemon(handle)
+        handle = _start(base, restart=True)
+        try:  # the accepted version is the pinned one from now on
+            status = handle.stub().GetStage(pb.GetStageRequest(agent="shell-helper"))
+            assert (status.policy_source, status.unreviewed_source) == (entry.unreviewed, "")
+            assert _md5sum(handle) == grpc.StatusCode.OK
+        finally:
+            stop_daemon(handle)
+
+    def test_an_agent_never_promoted_takes_its_file_at_reload(self, base: Path) -> None:
+        handle = _start(base)
+        try:
+            policy = base / "policies" / "shell-helper.yaml"
+            policy.write_text(policy.read_text().replace(
+                "        - /usr/bin/wc\n", "        - /usr/bin/wc\n        - /usr/bin/md5sum\n"))
+            reply = handle.stub("admin").ReloadPolicies(pb.ReloadPoliciesRequest(), timeout=60)
+            [entry] = [a for a in reply.agents if a.agent == "shell-helper"]
+            assert (entry.changed, entry.unreviewed) == (True, "")
+            assert _md5sum(handle) == grpc.StatusCode.OK
+        finally:
+            stop_daemon(handle)
+
+
+FAILURE_GATES = GATES.replace("  pilot:\n", "    demote_on: [failure]\n  pilot:\n")
+
+
+class TestFailureDemotion:
+    def test_a_run_closed_on_an_unresolved_failure_demotes(self, base: Path) -> None:
+        at_sandbox = CONFIG.replace('[agents.shell-helper]\npolicy = "shell-helper.yaml"\n'
+                                    'stage = "prototype"',
+                                    '[agents.shell-helper]\npolicy = "shell-helper.yaml"\n'
+                                    'stage = "sandbox"')
+        assert at_sandbox != CONFIG
+        assert "demote_on: [failure]" in FAILURE_GATES
+        handle = _start(base, at_sandbox, FAILURE_GATES)
+        try:
+            stub = handle.stub()
+            # A failure resolved by a rollback, then a close: no demotion.
+            resolved = stub.CreateRun(pb.CreateRunRequest(agent="shell-helper")).run_id
+            assert not sh(stub, resolved, "exit 3").outcome.committed
+            stub.Rollback(pb.RollbackRequest(run_id=resolved, step=0))
+            stub.CloseRun(pb.CloseRunRequest(run_id=resolved))
+            # A failure resolved by a later commit: none either.
+            retried = stub.CreateRun(pb.CreateRunRequest(agent="shell-helper")).run_id
+            assert not sh(stub, retried, "exit 3").outcome.committed
+            assert sh(stub, retried, "true").outcome.committed
+            stub.CloseRun(pb.CloseRunRequest(run_id=retried))
+            assert stub.GetStage(pb.GetStageRequest(agent="shell-helper")).stage == "sandbox"
+            # Left unresolved: the close demotes.
+            failed = stub.CreateRun(pb.CreateRunRequest(agent="shell-helper")).run_id
+            assert not sh(stub, failed, "exit 3").outcome.committed
+            stub.CloseRun(pb.CloseRunRequest(run_id=failed))
+            deadline = time.monotonic() + 10
+            while time.monotonic() < deadline and stub.GetStage(pb.GetStageRequest(
+                    agent="shell-helper")).stage != "prototype":
+                time.sleep(0.05)
+            history = stub.StageHistory(pb.GetStageRequest(agent="shell-helper")).changes
+            assert [(c.event, c.stage) for c in history] == [("stage.set", "sandbox"),
+                                                             ("stage.demoted", "prototype")]
+            assert history[-1].reason.startswith("failure: run closed after step 1 failed")
         finally:
             stop_daemon(handle)
