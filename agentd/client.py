@@ -554,6 +554,8 @@ class StageStatus:
     unreviewed_source: str = ""
     """A policy file version waiting for an approver ("" if none), and its record."""
     unreviewed_index: int = -1
+    config_ignored: bool = False
+    """The config names another starting stage than the history began at (no effect)."""
 
     @classmethod
     def from_proto(cls, msg: pb.StageStatus) -> StageStatus:
@@ -562,7 +564,8 @@ class StageStatus:
                          for c in msg.criteria),
                    msg.pending_to, msg.pending_owner, msg.approvals, msg.approvals_needed,
                    tuple(msg.next_stage_refuses), tuple(msg.next_stage_allows),
-                   msg.policy_source, msg.unreviewed_source, msg.unreviewed_index)
+                   msg.policy_source, msg.unreviewed_source, msg.unreviewed_index,
+                   msg.config_ignored)
 
 
 @dataclass(frozen=True)

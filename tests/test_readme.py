@@ -11,6 +11,9 @@ run prints in their place (a line of README is turned into a pattern by these ru
     r-0123456789ab          a run id. The first real id printed where README shows an id is
                             bound to it: later commands have README's id replaced by the real
                             one, and later output must show that same real id.
+    sha256:0123456789ab     a policy version (its hash, shortened), bound the same way; later
+                            commands have README's hex digits replaced by the real ones
+    record 12, records 3, 4 audit record indexes (any number of them)
     2026-11-25 13:51:53Z    a timestamp (any date and time in that shape; also with .123
                             milliseconds)
     Nov 25 13:51            a time as `ls -l` prints it
@@ -43,6 +46,9 @@ pytestmark = pytest.mark.privileged
 README = REPO / "README.md"
 CHECKOUT = "/path/to/agentd"
 RUN_ID = r"r-[0-9a-f]{12}"
+SOURCE = r"sha256:[0-9a-f]{12}"
+# The bindable ids: (group name, how README writes one, how it looks after re.escape).
+IDS = [("id", RUN_ID, r"r\\-[0-9a-f]{12}"), ("src", SOURCE, SOURCE)]
 # (pattern in README's text, regex it stands for); applied after re.escape of the line.
 PLACEHOLDERS = [
     (re.escape(CHECKOUT), "{checkout}"),
@@ -54,6 +60,7 @@ PLACEHOLDERS = [
     (r"(records|segment\\\(s\\\)|heads):\\ \d+", r"\1: \\d+"),
     (r"\d+\\ (in\\ )", r"\\d+ \1"),
     (r"pid=\d+", r"pid=\\d+"),
+    (r"(records?)\\ \d+(,\\ \d+)*", r"\1 \\d+(, \\d+)*"),
 ]
 CONFIG = """
 [daemon]
@@ -104,18 +111,24 @@ def line_pattern(line: str, ids: dict[str, str], checkout: str) -> str:
     for pattern, replacement in PLACEHOLDERS:
         escaped = re.sub(pattern, replacement, escaped)
     escaped = escaped.replace("{checkout}", re.escape(checkout))
-    unbound = [False]
+    for readme_hex, real_hex in ids.items():  # a bound version named by its digits alone
+        if re.fullmatch(r"[0-9a-f]{12}", readme_hex):
+            escaped = re.sub(rf"(?<![:0-9a-f]){readme_hex}\b", real_hex, escaped)
+    for group, shape, escaped_shape in IDS:
+        unbound = [False]
 
-    def run_id(found: re.Match[str]) -> str:
-        readme_id = found.group(0).replace("\\", "")
-        if readme_id in ids:
-            return re.escape(ids[readme_id])
-        if unbound[0]:
-            return RUN_ID
-        unbound[0] = True
-        return f"(?P<id>{RUN_ID})"
+        def bind(found: re.Match[str], group: str = group, shape: str = shape,
+                 unbound: list[bool] = unbound) -> str:
+            readme_id = found.group(0).replace("\\", "")
+            if readme_id in ids:
+                return re.escape(ids[readme_id])
+            if unbound[0]:
+                return shape
+            unbound[0] = True
+            return f"(?P<{group}>{shape})"
 
-    return re.sub(r"r\\-[0-9a-f]{12}", run_id, escaped)
+        escaped = re.sub(escaped_shape, bind, escaped)
+    return escaped
 
 
 def match_output(expected: list[str], actual: list[str], ids: dict[str, str],
@@ -133,10 +146,13 @@ def match_output(expected: list[str], actual: list[str], ids: dict[str, str],
         found = re.fullmatch(line_pattern(expected[e], ids, checkout), actual[a])
         if found is None:
             return False
-        readme_ids = re.findall(RUN_ID, expected[e])
-        new = [i for i in readme_ids if i not in ids]
-        if new and found.groupdict().get("id"):
-            ids[new[0]] = found.group("id")
+        for group, shape, _ in IDS:
+            new = [i for i in re.findall(shape, expected[e]) if i not in ids]
+            real = found.groupdict().get(group)
+            if new and real:
+                ids[new[0]] = real
+                if group == "src":  # commands name a version by its hex digits
+                    ids[new[0].removeprefix("sha256:")] = real.removeprefix("sha256:")
         return go(e + 1, a + 1)
 
     if go(0, 0):

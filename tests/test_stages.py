@@ -171,6 +171,8 @@ class TestStages:
             assert approve_as(1235, handle, "shell-helper") == "OK sandbox 0"
             status = stub.GetStage(pb.GetStageRequest(agent="shell-helper"))
             assert status.stage == "sandbox"
+            # The config still names the starting stage: nothing to report.
+            assert (status.config_stage, status.config_ignored) == ("prototype", False)
             [promoted] = [r for r in stage_records(handle) if r["event"] == "stage.promoted"]
             details = promoted["details"]
             assert details["approvers"] == [1234, 1235]  # type: ignore[index]
@@ -197,6 +199,7 @@ class TestStages:
         try:
             status = handle.stub().GetStage(pb.GetStageRequest(agent="shell-helper"))
             assert (status.stage, status.config_stage) == ("prototype", "production")
+            assert status.config_ignored
             assert "stage.config_mismatch" in handle.log()
             done = subprocess.run(
                 [sys.executable, "-m", "agentd.cli.main", "--socket", str(handle.socket()),

@@ -171,7 +171,7 @@ def stage_status(status: StageStatus) -> pb.StageStatus:
         approvals=len(pending.approvers) if pending else 0,
         approvals_needed=status.approvals_needed,
         next_stage_refuses=list(status.next_refuses), next_stage_allows=list(status.next_allows),
-        policy_source=status.policy_source,
+        policy_source=status.policy_source, config_ignored=status.config_ignored,
         unreviewed_source=status.unreviewed.source if status.unreviewed else "",
         unreviewed_index=status.unreviewed.index if status.unreviewed else -1)
 

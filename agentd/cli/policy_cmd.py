@@ -411,7 +411,8 @@ def cmd_reload(args: argparse.Namespace) -> int:
 def cmd_accept(args: argparse.Namespace) -> int:
     """`policy accept`: an approver pins the agent's unreviewed version (through the daemon)."""
     status = args.client().accept_policy(args.agent, args.source, args.reason)
-    print(f"{status.agent}: policy {status.policy_source} accepted, in force for new steps")
+    print(f"{status.agent}: policy {status.policy_source[:19]} accepted, in force for new "
+          "steps")
     return 0
 
 

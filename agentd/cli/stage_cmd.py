@@ -58,13 +58,12 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
 
 def _print_status(status: Any) -> None:
     mismatch = (f" (the config says {status.config_stage}: ignored, stages change only "
-                "through gates)" if status.config_stage and status.config_stage != status.stage
-                else "")
+                "through gates)" if status.config_ignored else "")
     print(f"{status.agent}: {status.stage} since record {status.since_index}{mismatch}")
     if status.policy_source:
-        print(f"  policy in force: {status.policy_source}")
+        print(f"  policy in force: {status.policy_source[:19]}")
     if status.unreviewed_source:
-        print(f"  UNREVIEWED policy change: {status.unreviewed_source} (record "
+        print(f"  UNREVIEWED policy change: {status.unreviewed_source[:19]} (record "
               f"{status.unreviewed_index}, with its diff); not in force until an approver "
               f"runs: agentctl policy accept {status.agent} {status.unreviewed_source[7:19]}")
     if status.next_stage_refuses or status.next_stage_allows:
@@ -96,7 +95,8 @@ def cmd_history(args: argparse.Namespace) -> int:
     for change in args.client().stage_history(args.agent):
         who = change.actor.get("uid", change.actor.get("role", "?"))
         moved = f"{change.previous} -> {change.stage}" if change.previous else change.stage
-        print(f"record {change.index}  {change.time}  {change.event}  {moved}  by {who}: "
+        when = f"{change.time[:19].replace('T', ' ')}Z" if len(change.time) >= 19 else "-"
+        print(f"record {change.index}  {when}  {change.event}  {moved}  by {who}: "
               f"{change.reason}")
     return 0
 

@@ -286,6 +286,20 @@ class Gates(BaseModel):
                             demote_on=["violation", "quarantine", "failure"])
     """Into production, from pilot."""
 
+    @model_validator(mode="before")
+    @classmethod
+    def _stage_defaults(cls, data: Any) -> Any:
+        """A field a stage's gate leaves out keeps *that stage's* default: writing
+        `pilot: {demote_on: []}` must not drop pilot's hour at sandbox to no time at all."""
+        if not isinstance(data, dict):
+            return data
+        merged = dict(data)
+        for name, field in cls.model_fields.items():
+            given = merged.get(name)
+            if isinstance(given, dict) and isinstance(field.default, Gate):
+                merged[name] = {**field.default.model_dump(), **given}
+        return merged
+
 
 class StageCeilings(Document):
     """The host-wide ceiling of each stage. Load with `agentd.policy.load_stage_ceilings`."""

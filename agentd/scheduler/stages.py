@@ -110,6 +110,9 @@ class StageStatus:
     approvals_needed: int
     policy_source: str = ""
     """The policy version in force (source hash); pinned once the agent was promoted."""
+    config_ignored: bool = False
+    """The config names another starting stage than the one the history began at: it was
+    edited after the fact, and has no effect."""
     unreviewed: Unreviewed | None = None
     next_refuses: tuple[int, ...] = ()
     """Audit mode, at this stage: calls the next stage's policy would refuse, and ..."""
@@ -174,6 +177,11 @@ class StageBook:
     def stage(self, agent: str) -> str | None:
         changes = self.history.get(agent)
         return changes[-1].stage if changes else None
+
+    def started(self, agent: str) -> str | None:
+        """The stage the agent's history began at (its first `stage.set`)."""
+        changes = self.history.get(agent)
+        return changes[0].stage if changes else None
 
     def entered(self, agent: str) -> StageChange | None:
         changes = self.history.get(agent)
@@ -315,6 +323,8 @@ class StageKeeper:
         return StageStatus(agent, stage, self.config_stages.get(agent, ""),
                            entered.index if entered else -1, target, tuple(found),
                            self.pending.get(agent), needed, current.source,
+                           self.book.started(agent) not in (None,
+                                                            self.config_stages.get(agent)),
                            self._unreviewed(agent), tuple(evidence.next_refuses),
                            tuple(evidence.next_allows))
 
@@ -520,7 +530,7 @@ def open_stages(config: Config, registry: AgentRegistry, audit: AuditLog, audit_
             index = audit.append_sync("stage.set", actor=system, details=details)
             book.recorded(index, "stage.set", system, details)
             current = configured
-        elif current != configured:
+        elif book.started(name) != configured:
             log.warning("stage.config_mismatch", agent=name, config_stage=configured,
                         stage=current, reason="stages change only through gates; the config's "
                         "stage is ignored (agentctl stage status)")

@@ -183,6 +183,7 @@ class StageStatus(_message.Message):
     POLICY_SOURCE_FIELD_NUMBER: _builtins.int
     UNREVIEWED_SOURCE_FIELD_NUMBER: _builtins.int
     UNREVIEWED_INDEX_FIELD_NUMBER: _builtins.int
+    CONFIG_IGNORED_FIELD_NUMBER: _builtins.int
     agent: _builtins.str
     stage: _builtins.str
     config_stage: _builtins.str
@@ -202,6 +203,10 @@ class StageStatus(_message.Message):
     its record is being written).
     """
     unreviewed_index: _builtins.int
+    config_ignored: _builtins.bool
+    """The config names another starting stage than the history began at (edited later):
+    reported, never obeyed.
+    """
     @_builtins.property
     def criteria(self) -> _containers.RepeatedCompositeFieldContainer[Global___StageCriterion]: ...
     @_builtins.property
@@ -230,10 +235,11 @@ class StageStatus(_message.Message):
         policy_source: _builtins.str = ...,
         unreviewed_source: _builtins.str = ...,
         unreviewed_index: _builtins.int = ...,
+        config_ignored: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "approvals", b"approvals", "approvals_needed", b"approvals_needed", "config_stage", b"config_stage", "criteria", b"criteria", "next_stage", b"next_stage", "next_stage_allows", b"next_stage_allows", "next_stage_refuses", b"next_stage_refuses", "pending_owner", b"pending_owner", "pending_to", b"pending_to", "policy_source", b"policy_source", "since_index", b"since_index", "stage", b"stage", "unreviewed_index", b"unreviewed_index", "unreviewed_source", b"unreviewed_source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "approvals", b"approvals", "approvals_needed", b"approvals_needed", "config_ignored", b"config_ignored", "config_stage", b"config_stage", "criteria", b"criteria", "next_stage", b"next_stage", "next_stage_allows", b"next_stage_allows", "next_stage_refuses", b"next_stage_refuses", "pending_owner", b"pending_owner", "pending_to", b"pending_to", "policy_source", b"policy_source", "since_index", b"since_index", "stage", b"stage", "unreviewed_index", b"unreviewed_index", "unreviewed_source", b"unreviewed_source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
