@@ -556,6 +556,10 @@ class StageStatus:
     unreviewed_index: int = -1
     config_ignored: bool = False
     """The config names another starting stage than the history began at (no effect)."""
+    owner: str = ""
+    evidence_tree_size: int = 0
+    """The signed head (size and root) whose records the criteria were judged on."""
+    evidence_root_hash: str = ""
 
     @classmethod
     def from_proto(cls, msg: pb.StageStatus) -> StageStatus:
@@ -565,7 +569,8 @@ class StageStatus:
                    msg.pending_to, msg.pending_owner, msg.approvals, msg.approvals_needed,
                    tuple(msg.next_stage_refuses), tuple(msg.next_stage_allows),
                    msg.policy_source, msg.unreviewed_source, msg.unreviewed_index,
-                   msg.config_ignored)
+                   msg.config_ignored, msg.owner, msg.evidence_tree_size,
+                   msg.evidence_root_hash)
 
 
 @dataclass(frozen=True)

@@ -60,7 +60,7 @@ PLACEHOLDERS = [
     (r"(records|segment\\\(s\\\)|heads):\\ \d+", r"\1: \\d+"),
     (r"\d+\\ (in\\ )", r"\\d+ \1"),
     (r"pid=\d+", r"pid=\\d+"),
-    (r"(records?)\\ \d+(,\\ \d+)*", r"\1 \\d+(, \\d+)*"),
+    (r"(records?)\\ \d+((,\\ |\\\.\\\.)\d+)*", r"\1 \\d+((, |\\.\\.)\\d+)*"),
 ]
 CONFIG = """
 [daemon]

@@ -178,6 +178,11 @@ class TestStages:
             assert details["approvers"] == [1234, 1235]  # type: ignore[index]
             assert details["owner"] == "alice"  # type: ignore[index]
             assert details["evidence"]["steps"]["met"] is True  # type: ignore[index]
+            # Judged at a signed head, named in the record; the owner now answers for it.
+            head = details["evidence_head"]  # type: ignore[index]
+            assert head["tree_size"] == details["evidence_tree_size"]  # type: ignore[index]
+            assert len(head["root_hash"]) == 64  # type: ignore[index]
+            assert status.owner == "alice"
             # New steps run under the sandbox policy: their records say so.
             later = stub.CreateRun(pb.CreateRunRequest(agent="shell-helper")).run_id
             assert sh(stub, later, "true").outcome.committed

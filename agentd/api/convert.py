@@ -172,6 +172,8 @@ def stage_status(status: StageStatus) -> pb.StageStatus:
         approvals_needed=status.approvals_needed,
         next_stage_refuses=list(status.next_refuses), next_stage_allows=list(status.next_allows),
         policy_source=status.policy_source, config_ignored=status.config_ignored,
+        owner=status.owner, evidence_tree_size=status.evidence_head.get("tree_size", 0),
+        evidence_root_hash=status.evidence_head.get("root_hash", ""),
         unreviewed_source=status.unreviewed.source if status.unreviewed else "",
         unreviewed_index=status.unreviewed.index if status.unreviewed else -1)
 

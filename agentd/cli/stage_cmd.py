@@ -60,6 +60,8 @@ def _print_status(status: Any) -> None:
     mismatch = (f" (the config says {status.config_stage}: ignored, stages change only "
                 "through gates)" if status.config_ignored else "")
     print(f"{status.agent}: {status.stage} since record {status.since_index}{mismatch}")
+    if status.owner:
+        print(f"  owner: {status.owner}")
     if status.policy_source:
         print(f"  policy in force: {status.policy_source[:19]}")
     if status.unreviewed_source:
@@ -76,7 +78,8 @@ def _print_status(status: Any) -> None:
     if not status.next_stage:
         print("  at the top stage")
         return
-    print(f"  gate into {status.next_stage}:")
+    print(f"  gate into {status.next_stage} (evidence: records 0..{status.evidence_tree_size - 1}"
+          " under a signed head):")
     for c in status.criteria:
         records = (" (records " + ", ".join(map(str, c.records[:8]))
                    + (" ..." if len(c.records) > 8 else "") + ")") if c.records else ""

@@ -113,6 +113,10 @@ class StageStatus:
     config_ignored: bool = False
     """The config names another starting stage than the one the history began at: it was
     edited after the fact, and has no effect."""
+    owner: str = ""
+    """Who answers for the agent at its stage: its last promotion's owner."""
+    evidence_head: Mapping[str, Any] = field(default_factory=dict)
+    """The signed tree head whose records the criteria were judged on."""
     unreviewed: Unreviewed | None = None
     next_refuses: tuple[int, ...] = ()
     """Audit mode, at this stage: calls the next stage's policy would refuse, and ..."""
@@ -129,6 +133,7 @@ class StageBook:
         self.pending: dict[str, Pending] = {}
         self.pins: dict[str, str] = {}
         self.unreviewed: dict[str, Unreviewed] = {}
+        self.owners: dict[str, str] = {}
 
     @classmethod
     def from_records(cls, records: Iterable[Mapping[str, Any]]) -> StageBook:
@@ -148,6 +153,8 @@ class StageBook:
                 str(details.get("stage") or details.get("to")), str(details.get("from", "")),
                 actor, str(details.get("reason", ""))))
             self.pending.pop(agent, None)
+            if event == "stage.promoted":
+                self.owners[agent] = str(details.get("owner", ""))
             if details.get("policy_source"):
                 self.pins[agent] = str(details["policy_source"])
         elif event == "stage.promotion_requested":
@@ -313,20 +320,25 @@ class StageKeeper:
         entered = self.book.entered(agent)
         found: list[Criterion] = []
         needed = 0
+        # Over what the last signed head covers (every acknowledged record: each batch is
+        # signed before its callers hear of it), so the figures are a signed state's.
+        head = self.audit.last_head
         evidence = await asyncio.to_thread(self._evidence, agent, stage,
-                                           entered.index if entered else 0)
+                                           entered.index if entered else 0,
+                                           head.tree_size if head is not None else 0)
         if target:
             gate: Gate = getattr(self.gates, target)
             needed = gate.approvals
             found = criteria(gate, evidence, entered_time=entered.time if entered else "",
                              now=time.time(), policy_hash=current.policy.content_hash)
-        return StageStatus(agent, stage, self.config_stages.get(agent, ""),
-                           entered.index if entered else -1, target, tuple(found),
-                           self.pending.get(agent), needed, current.source,
-                           self.book.started(agent) not in (None,
-                                                            self.config_stages.get(agent)),
-                           self._unreviewed(agent), tuple(evidence.next_refuses),
-                           tuple(evidence.next_allows))
+        return StageStatus(
+            agent, stage, self.config_stages.get(agent, ""), entered.index if entered else -1,
+            target, tuple(found), self.pending.get(agent), needed,
+            policy_source=current.source, unreviewed=self._unreviewed(agent),
+            next_refuses=tuple(evidence.next_refuses), next_allows=tuple(evidence.next_allows),
+            config_ignored=self.book.started(agent) not in (None, self.config_stages.get(agent)),
+            owner=self.book.owners.get(agent, ""),
+            evidence_head=head.to_json() if head is not None else {})
 
     def _unreviewed(self, agent: str) -> Unreviewed | None:
         current = self.registry.get(agent)
@@ -387,8 +399,8 @@ class StageKeeper:
             log.warning("policy.accepted", agent=agent, source=waiting.source, uid=caller.uid)
         return await self.status(agent)
 
-    def _evidence(self, agent: str, stage: str, since: int) -> Evidence:
-        records = (r for r in read_records(self.audit_dir, limit=self.audit.size)
+    def _evidence(self, agent: str, stage: str, since: int, size: int) -> Evidence:
+        records = (r for r in read_records(self.audit_dir, limit=size)
                    if int(r["index"]) > since)
         return collect(records, agent).get(stage) or Evidence(agent, stage)
 
@@ -476,7 +488,9 @@ class StageKeeper:
         details = {
             "agent": agent, "from": before.stage, "to": pending.to, "owner": pending.owner,
             "reason": pending.reason, "requested_by": dict(pending.requested_by),
-            "approvers": sorted(pending.approvers), "evidence_tree_size": self.audit.size,
+            "approvers": sorted(pending.approvers),
+            "evidence_tree_size": status.evidence_head.get("tree_size", 0),
+            "evidence_head": dict(status.evidence_head),
             "evidence": {c.name: {"met": c.met, "figure": c.figure,
                                   "records": list(c.records[:64])} for c in status.criteria},
             "policy_hash": after.policy.content_hash, "policy_source": pin,

@@ -184,6 +184,9 @@ class StageStatus(_message.Message):
     UNREVIEWED_SOURCE_FIELD_NUMBER: _builtins.int
     UNREVIEWED_INDEX_FIELD_NUMBER: _builtins.int
     CONFIG_IGNORED_FIELD_NUMBER: _builtins.int
+    OWNER_FIELD_NUMBER: _builtins.int
+    EVIDENCE_TREE_SIZE_FIELD_NUMBER: _builtins.int
+    EVIDENCE_ROOT_HASH_FIELD_NUMBER: _builtins.int
     agent: _builtins.str
     stage: _builtins.str
     config_stage: _builtins.str
@@ -207,6 +210,13 @@ class StageStatus(_message.Message):
     """The config names another starting stage than the history began at (edited later):
     reported, never obeyed.
     """
+    owner: _builtins.str
+    """Who answers for the agent at its stage (its last promotion's owner; "" before any)."""
+    evidence_tree_size: _builtins.int
+    """The signed tree head the criteria were judged at: the evidence is its first
+    evidence_tree_size records.
+    """
+    evidence_root_hash: _builtins.str
     @_builtins.property
     def criteria(self) -> _containers.RepeatedCompositeFieldContainer[Global___StageCriterion]: ...
     @_builtins.property
@@ -236,10 +246,13 @@ class StageStatus(_message.Message):
         unreviewed_source: _builtins.str = ...,
         unreviewed_index: _builtins.int = ...,
         config_ignored: _builtins.bool = ...,
+        owner: _builtins.str = ...,
+        evidence_tree_size: _builtins.int = ...,
+        evidence_root_hash: _builtins.str = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "approvals", b"approvals", "approvals_needed", b"approvals_needed", "config_ignored", b"config_ignored", "config_stage", b"config_stage", "criteria", b"criteria", "next_stage", b"next_stage", "next_stage_allows", b"next_stage_allows", "next_stage_refuses", b"next_stage_refuses", "pending_owner", b"pending_owner", "pending_to", b"pending_to", "policy_source", b"policy_source", "since_index", b"since_index", "stage", b"stage", "unreviewed_index", b"unreviewed_index", "unreviewed_source", b"unreviewed_source"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["agent", b"agent", "approvals", b"approvals", "approvals_needed", b"approvals_needed", "config_ignored", b"config_ignored", "config_stage", b"config_stage", "criteria", b"criteria", "evidence_root_hash", b"evidence_root_hash", "evidence_tree_size", b"evidence_tree_size", "next_stage", b"next_stage", "next_stage_allows", b"next_stage_allows", "next_stage_refuses", b"next_stage_refuses", "owner", b"owner", "pending_owner", b"pending_owner", "pending_to", b"pending_to", "policy_source", b"policy_source", "since_index", b"since_index", "stage", b"stage", "unreviewed_index", b"unreviewed_index", "unreviewed_source", b"unreviewed_source"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
