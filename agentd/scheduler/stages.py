@@ -236,7 +236,7 @@ class StageKeeper:
     """The daemon's stages: status, history, promotion requests and approvals."""
 
     def __init__(self, book: StageBook, registry: AgentRegistry, audit: AuditLog,
-                 ceilings_file: Path, audit_dir: Path, config_stages: Mapping[str, str],
+                 ceilings_file: Path, config_stages: Mapping[str, str],
                  system: Mapping[str, Any]) -> None:
         self.book = book
         self._system = dict(system)
@@ -244,7 +244,6 @@ class StageKeeper:
         self.gates: Gates = load_stage_ceilings(ceilings_file).gates
         self.registry = registry
         self.audit = audit
-        self.audit_dir = audit_dir
         self.config_stages = dict(config_stages)
         self.pending = book.pending
         self._lock = asyncio.Lock()
@@ -400,8 +399,9 @@ class StageKeeper:
         return await self.status(agent)
 
     def _evidence(self, agent: str, stage: str, since: int, size: int) -> Evidence:
-        records = (r for r in read_records(self.audit_dir, limit=size)
-                   if int(r["index"]) > since)
+        """From the record after `since` (the agent's entry into its stage), reached by the
+        log's own index of positions, not by reading what comes before it."""
+        records = self.audit.read(since + 1, size)
         return collect(records, agent).get(stage) or Evidence(agent, stage)
 
     async def request(self, agent: str, to: str, owner: str, reason: str,
@@ -556,7 +556,7 @@ def open_stages(config: Config, registry: AgentRegistry, audit: AuditLog, audit_
         index = audit.append_sync("policy.unreviewed", actor=system, details=details)
         book.recorded(index, "policy.unreviewed", system, details)
     return StageKeeper(book, registry, audit,
-                       config.daemon.policy_dir / config.daemon.stages_file, audit_dir,
+                       config.daemon.policy_dir / config.daemon.stages_file,
                        config_stages, system)
 
 
