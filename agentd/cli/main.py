@@ -5,7 +5,9 @@
     agentctl [--socket PATH] step RUN --task [NAME=]CMD... | approve RUN STEP | timeline RUN
     agentctl [--socket PATH] checkpoints RUN | rollback|fork|export RUN STEP ...
     agentctl policy check|lint|fmt FILE... | explain FILE|AGENT | diff OLD NEW | test CASES...
-    agentctl [--socket ADMIN-SOCKET] policy reload
+    agentctl [--socket ADMIN-SOCKET] policy reload | stage promote AGENT ...
+    agentctl [--socket APPROVER-SOCKET] policy accept AGENT HASH | stage approve AGENT
+    agentctl stage status|history AGENT | stage evidence AGENT [--audit DIR]
     agentctl status
     agentctl [--socket PATH] audit ...            (when agentd.cli.audit_cmd is installed)
 
