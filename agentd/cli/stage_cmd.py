@@ -2,7 +2,9 @@
 
 status, promote, approve and history go to the daemon (through the client): promote on the
 admin socket, approve on the approver socket. `status` also shows the policy version in force,
-an unreviewed one waiting for `agentctl policy accept`, and the audit-mode counts. `evidence` is offline, like `audit verify`: it
+an unreviewed one waiting for `agentctl policy accept`, and the audit-mode counts.
+
+`evidence` is offline, like `audit verify`: it
 reads a log directory (the daemon's, or a copy) and trusts nothing in it until `verify` has
 checked every record against the signed tree heads with the given public key; then it counts
 only the records a signed head covers. The figures are those a gate is decided on
