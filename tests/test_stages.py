@@ -377,6 +377,28 @@ class TestReviewedPolicies:
         finally:
             stop_daemon(handle)
 
+    def test_a_file_edited_before_the_promotion_is_not_promoted_with_it(
+            self, base: Path) -> None:
+        """The approvers judged the version in force; an edit not yet loaded waits."""
+        handle = _start(base)
+        try:
+            _meet_the_sandbox_gate(handle)
+            before = handle.stub().GetStage(pb.GetStageRequest(agent="shell-helper"))
+            policy = base / "policies" / "shell-helper.yaml"
+            policy.write_text(policy.read_text().replace(
+                "        - /usr/bin/wc\n", "        - /usr/bin/wc\n        - /usr/bin/md5sum\n"))
+            handle.stub("admin").PromoteStage(pb.PromoteStageRequest(
+                agent="shell-helper", to="sandbox", owner="alice", reason="ready"))
+            approve_as(1234, handle, "shell-helper")
+            assert approve_as(1235, handle, "shell-helper") == "OK sandbox 0"
+            status = handle.stub().GetStage(pb.GetStageRequest(agent="shell-helper"))
+            assert status.policy_source == before.policy_source
+            assert status.unreviewed_source not in ("", before.policy_source)
+            assert status.unreviewed_index > 0  # on record
+            assert _md5sum(handle) == grpc.StatusCode.PERMISSION_DENIED
+        finally:
+            stop_daemon(handle)
+
     def test_an_agent_never_promoted_takes_its_file_at_reload(self, base: Path) -> None:
         handle = _start(base)
         try:

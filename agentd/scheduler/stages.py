@@ -41,7 +41,7 @@ from agentd.audit import AuditLog, record
 from agentd.audit.evidence import Evidence, collect, read_records
 from agentd.config import Config
 from agentd.errors import AgentdError, FailedPrecondition, InvalidArgument, PermissionDenied
-from agentd.identity import Caller
+from agentd.identity import SYSTEM, Caller
 from agentd.policy import load_stage_ceilings
 from agentd.policy.diff import diff
 from agentd.policy.model import STAGES, Gate, Gates
@@ -462,6 +462,10 @@ class StageKeeper:
                                                  "needed": gate.approvals})
                 return await self.status(agent)
             await self._promote(pending, caller)
+            # A file edited since it was last loaded was not what the approvers judged: it
+            # waits for review like any later change (on record by the daemon, so any
+            # approver, these included, may accept it).
+            await self.note_unreviewed(SYSTEM)
             return await self.status(agent)
 
     async def _promote(self, pending: Pending, caller: Caller) -> None:
