@@ -936,7 +936,8 @@ class TestHealthAndReflection:
         assert methods == {"CreateRun", "GetRun", "ListRuns", "CloseRun", "Exec", "Step",
                            "StreamStep", "Approve", "ListSteps", "ListCheckpoints", "Rollback",
                            "Fork", "ExportCheckpoint", "GetStatus", "ReloadPolicies",
-                           "GetStage", "StageHistory", "PromoteStage", "ApproveStage"}
+                           "GetStage", "StageHistory", "PromoteStage", "ApproveStage",
+                           "AcceptPolicy"}
         assert agentd.methods_by_name["Exec"].output_type.full_name == "agentd.v1.ExecEvent"
         assert agentd.methods_by_name["Exec"].server_streaming
         assert agentd.methods_by_name["Step"].output_type.full_name == "agentd.v1.StepReply"
