@@ -307,6 +307,8 @@ class Outcome:
     committed: bool = False
     step: int = 0
     step_failure: str = ""
+    base_step: int = 0  # the checkpoint the call ran on
+    read_only: bool = False  # committed without a checkpoint: it changed nothing
 
     @classmethod
     def from_proto(cls, msg: pb.Outcome) -> Outcome:
@@ -327,6 +329,8 @@ class Outcome:
             committed=msg.committed,
             step=msg.step,
             step_failure=msg.step_failure,
+            base_step=msg.base_step,
+            read_only=msg.read_only,
         )
 
 
@@ -404,7 +408,7 @@ class StepReply:
     """One attempt at a step: what became of it, per task, and the channels after it."""
 
     run_id: str
-    step: int  # the number it was planned as: the run's last committed step + 1
+    step: int  # the run's last committed step + 1; for a read-only step, the head it ran on
     state: StepState
     reason: str  # why it failed, is pending or was discarded; "" when committed
     conflicts: tuple[str, ...]
@@ -418,6 +422,8 @@ class StepReply:
     decided_by: str  # the approver, for a step that needed one
     #: Channels left out of `channels` to keep the reply under the message limit -> bytes.
     channels_omitted: Mapping[str, int] = field(default_factory=dict)
+    base_step: int = 0  # the checkpoint the step ran on
+    read_only: bool = False  # committed without a checkpoint: it changed nothing
 
     @classmethod
     def from_proto(cls, msg: pb.StepReply) -> StepReply:
@@ -436,6 +442,8 @@ class StepReply:
             requested_by=msg.requested_by,
             decided_by=msg.decided_by,
             channels_omitted=dict(sorted(msg.channels_omitted.items())),
+            base_step=msg.base_step,
+            read_only=msg.read_only,
         )
 
 

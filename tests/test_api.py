@@ -480,10 +480,11 @@ class TestExecIsAStep:
         assert (Path(run.workspace) / "made").read_text() == "one\n"
         assert checkpoint_layers(stub, run_id) == [(0, 1), (1, 2)]
         assert not upper_of(daemon, outcome.task_id).exists()
-        again = sh(stub, run_id, "cat made")
-        assert again.stdout == b"one\n"
+        again = sh(stub, run_id, "cat made > copy")
+        assert again.stdout == b""
         assert again.outcome is not None
-        assert (again.outcome.committed, again.outcome.step) == (True, 2)
+        assert (again.outcome.committed, again.outcome.step, again.outcome.base_step) == (
+            True, 2, 1)
         assert stub.GetRun(pb.GetRunRequest(run_id=run_id)).step == 2
 
     @pytest.mark.parametrize(("ending", "timeout", "why"), [
@@ -519,18 +520,26 @@ class TestExecIsAStep:
         look = sh(stub, run_id, "cat kept changed; test -e made || echo absent")
         assert look.stdout == b"kept\nold\nabsent\n"
 
-    def test_exec_that_writes_nothing_commits_no_layer(self, stub: Stub, run_id: str) -> None:
-        """An Exec that exits 0 without changing a file still commits a step, on the same layers
-        as the step before (no new layer, the same top layer)."""
+    def test_exec_that_changes_nothing_makes_no_checkpoint(self, stub: Stub,
+                                                           run_id: str) -> None:
+        """An Exec that exits 0 without changing a file or writing a channel is committed
+        read-only: no checkpoint, the run stays at its head, and the outcome names that head
+        as both its step and its base; the timeline shows it."""
         sh(stub, run_id, "echo x > file")
         before = stub.GetRun(pb.GetRunRequest(run_id=run_id))
-        result = sh(stub, run_id, "cat file >/dev/null")
+        result = sh(stub, run_id, "cat file")
+        assert result.stdout == b"x\n"
         assert result.outcome is not None
-        assert (result.outcome.committed, result.outcome.step) == (True, before.step + 1)
+        assert (result.outcome.committed, result.outcome.read_only, result.outcome.step,
+                result.outcome.base_step) == (True, True, before.step, before.step)
         after = stub.GetRun(pb.GetRunRequest(run_id=run_id))
-        assert after.step == before.step + 1
-        assert after.workspace == before.workspace
-        assert checkpoint_layers(stub, run_id) == [(0, 1), (1, 2), (2, 2)]
+        assert (after.step, after.workspace) == (before.step, before.workspace)
+        assert checkpoint_layers(stub, run_id) == [(0, 1), (1, 2)]
+        timeline = stub.ListSteps(pb.ListStepsRequest(run_id=run_id)).steps
+        assert [(s.step, s.read_only, s.state) for s in timeline] == [
+            (1, False, pb.STEP_STATE_COMMITTED), (1, True, pb.STEP_STATE_COMMITTED)]
+        # The next change is the next checkpoint: numbers move only with state.
+        assert sh(stub, run_id, "echo y > other").outcome.step == before.step + 1  # type: ignore[union-attr]
 
 
 # --- exec: streaming -------------------------------------------------------------------------

@@ -331,7 +331,7 @@ class TestSigkill:
         assert (interrupted.step, interrupted.state) == (1, pb.STEP_STATE_FAILED)
         assert "daemon stopped" in interrupted.reason
         assert os.listdir(run.workspace) == []
-        result = sh(stub, run_id, "echo back; test -e half-applied || echo absent")
+        result = sh(stub, run_id, "echo back; test -e half-applied || echo absent; touch new")
         assert result.stdout == b"back\nabsent\n"
         assert result.outcome is not None
         assert result.outcome.exit_code == 0

@@ -288,7 +288,9 @@ class TestApprovalInsideWorker:
         assert "bin=126" in out["sh"], out
         assert "ld=0" not in out["sh"], out
         assert out["py"].strip() == "py 13", out
-        tree = steps_tests.files(steps_tests.export_tree(stub, run_id, 2))
+        # Nothing was removed, so the step changed nothing: committed read-only, no checkpoint.
+        assert (reply.read_only, reply.step) == (True, 1)
+        tree = steps_tests.files(steps_tests.export_tree(stub, run_id, 1))
         assert tree == {"victim": "v\n", "other": "w\n"}
         assert _recorded(approvals, run_id, "/usr/bin/rm"), _denied(approvals, run_id)
         assert _recorded(approvals, run_id, "/bin/rm"), _denied(approvals, run_id)

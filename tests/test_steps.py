@@ -42,6 +42,7 @@ import pytest
 
 from agentd.api.gen.v1 import agentd_pb2 as pb
 from agentd.api.gen.v1 import agentd_pb2_grpc
+from agentd.scheduler.gate import MAX_QUEUED_STEPS
 from tests.conftest import (
     CONFIG,
     REPO,
@@ -398,7 +399,7 @@ class TestReducers:
         second = step(stub, run_id, task("b", emit("lv", {"k": [1]})))
         assert channel_values(second)["lv"] == {"k": [1]}
         assert second.versions["lv"] == 2
-        third = step(stub, run_id, task("c", "true"))
+        third = step(stub, run_id, task("c", "touch f"))  # a checkpoint that writes no value
         assert channel_values(third)["lv"] == {"k": [1]}
         assert third.versions["lv"] == 2
         assert snapshot_at(stub, run_id, 3)["lv"] == {"k": [1]}
@@ -753,7 +754,7 @@ class TestStreaming:
         """StreamStep sends each task's output tagged with its name, a task_done per task
         after its output, and the StepReply last."""
         run_id = runs()
-        out = stream(stub, run_id, task("a", "echo out-a; echo err-a >&2"),
+        out = stream(stub, run_id, task("a", "echo out-a; echo err-a >&2; touch a"),
                      task("b", "sleep 0.2; echo out-b"))
         assert out.stdout == {"a": b"out-a\n", "b": b"out-b\n"}
         assert out.stderr == {"a": b"err-a\n"}
@@ -773,44 +774,88 @@ class TestStreaming:
 
 
 class TestSingleWriter:
-    def test_a_second_step_on_a_busy_run_is_aborted(self, stub: Stub,
-                                                    runs: Callable[..., str]) -> None:
-        """While a step runs, another Step, an Exec or a Rollback on the same run gets ABORTED
-        at once; the first step commits and the run moves by exactly one step."""
+    def test_a_second_step_on_a_busy_run_waits_its_turn(self, stub: Stub,
+                                                       runs: Callable[..., str]) -> None:
+        """While a step runs, another Step and an Exec on the same run queue behind it and run
+        in turn, each on the checkpoint before it (base_step); a Rollback is ABORTED at once,
+        as is a step that expects a checkpoint the run is not at. One that expected the head
+        as it was when it arrived is ABORTED when its turn comes, the head having moved."""
         run_id = runs()
         events = stub.StreamStep(pb.StepRequest(run_id=run_id, tasks=[
             task("long", "echo started; sleep 1; echo 1 > first")]), timeout=60)
         first = next(events)
         assert first.WhichOneof("event") == "output"
-        for call in (lambda: step(stub, run_id, task("second", "echo 2 > second")),
-                     lambda: execute(stub, run_id, ["/bin/true"]),
-                     lambda: stub.Rollback(pb.RollbackRequest(run_id=run_id, step=0))):
+        second = stub.Step.future(pb.StepRequest(run_id=run_id, tasks=[
+            task("second", "echo 2 > second")]), timeout=60)
+        stale = stub.Step.future(pb.StepRequest(run_id=run_id, expect_step=0, tasks=[
+            task("stale", "echo 3 > stale")]), timeout=60)
+        time.sleep(0.2)  # both queued, in this order
+        for call in (lambda: stub.Rollback(pb.RollbackRequest(run_id=run_id, step=0)),
+                     lambda: stub.Step(pb.StepRequest(run_id=run_id, expect_step=7, tasks=[
+                         task("wrong", "true")]), timeout=60)):
             assert rpc_error(call).code() == grpc.StatusCode.ABORTED
-        last = list(events)[-1]
-        assert last.done.state == COMMITTED
-        assert run_step(stub, run_id) == 1
-        assert files(view(stub, run_id, 1)) == {"first": "1\n"}
+        third = execute(stub, run_id, ["/bin/sh", "-c", "echo 3 > third"])  # queues too
+        assert list(events)[-1].done.state == COMMITTED
+        assert (second.result().state, second.result().step,
+                second.result().base_step) == (COMMITTED, 2, 1)
+        with pytest.raises(grpc.RpcError) as moved:
+            stale.result()
+        assert moved.value.code() == grpc.StatusCode.ABORTED
+        assert "is at step 2, not 0" in (moved.value.details() or "")
+        assert third.outcome is not None
+        assert (third.outcome.committed, third.outcome.step, third.outcome.base_step) == (
+            True, 3, 2)
+        assert files(view(stub, run_id, 3)) == {"first": "1\n", "second": "2\n",
+                                                "third": "3\n"}
 
-    def test_concurrent_steps_on_one_run_do_not_both_commit(
+    def test_concurrent_steps_on_one_run_both_commit_one_after_the_other(
             self, stub: Stub, runs: Callable[..., str]) -> None:
-        """Two Step calls sent at once on one run: one commits, the other is ABORTED."""
-        for _ in range(3):
+        """Two Step calls sent at once on one run both commit, as steps 1 and 2, the second
+        on the first's checkpoint; two that both expect step 0 are one commit and one
+        ABORTED."""
+        for _ in range(2):
             run_id = runs()
             go = threading.Barrier(2)
 
-            def call(name: str, run_id: str = run_id, go: threading.Barrier = go) -> str:
+            def call(name: str, run_id: str = run_id, go: threading.Barrier = go,
+                     expect: int | None = None) -> tuple[str, int, int]:
                 go.wait()
                 try:
-                    return pb.StepState.Name(step(stub, run_id, task(
-                        name, f"echo {name} > {name}; sleep 0.5")).state)
+                    reply = stub.Step(pb.StepRequest(run_id=run_id, expect_step=expect, tasks=[
+                        task(name, f"echo {name} > {name}; sleep 0.5")]), timeout=60)
+                    return pb.StepState.Name(reply.state), reply.step, reply.base_step
                 except grpc.RpcError as error:
-                    return error.code().name
+                    return error.code().name, -1, -1
 
             with ThreadPoolExecutor(2) as pool:
                 outcomes = sorted(pool.map(call, ["a", "b"]))
-            assert outcomes == ["ABORTED", "STEP_STATE_COMMITTED"]
+            assert [(o[0], o[1], o[2]) for o in outcomes] == [
+                ("STEP_STATE_COMMITTED", 1, 0), ("STEP_STATE_COMMITTED", 2, 1)]
+            assert len(files(export_tree(stub, run_id, 2))) == 2
+
+            run_id = runs()
+            go = threading.Barrier(2)
+            with ThreadPoolExecutor(2) as pool:
+                expecting = sorted(pool.map(
+                    lambda n: call(n, run_id, go, 0), ["a", "b"]))  # noqa: B023
+            assert [o[0] for o in expecting] == ["ABORTED", "STEP_STATE_COMMITTED"]
             assert run_step(stub, run_id) == 1
-            assert len(files(export_tree(stub, run_id, 1))) == 1
+
+    def test_the_queue_is_bounded(self, stub: Stub, runs: Callable[..., str]) -> None:
+        """At most MAX_QUEUED_STEPS wait behind a running step; one more is
+        RESOURCE_EXHAUSTED at once, and every queued one still runs."""
+        run_id = runs()
+        events = stub.StreamStep(pb.StepRequest(run_id=run_id, tasks=[
+            task("long", "echo started; sleep 3; echo 1 > first")]), timeout=60)
+        assert next(events).WhichOneof("event") == "output"
+        queued = [stub.Step.future(pb.StepRequest(run_id=run_id, tasks=[
+            task("q", f"echo {n} > q{n}")]), timeout=60) for n in range(MAX_QUEUED_STEPS)]
+        time.sleep(0.5)
+        assert rpc_error(lambda: step(stub, run_id, task("over", "true"))).code() == (
+            grpc.StatusCode.RESOURCE_EXHAUSTED)
+        assert list(events)[-1].done.state == COMMITTED
+        assert sorted(f.result().step for f in queued) == list(
+            range(2, MAX_QUEUED_STEPS + 2))
 
     def test_steps_on_different_runs_run_together(self, stub: Stub,
                                                   runs: Callable[..., str]) -> None:
@@ -1149,7 +1194,7 @@ class TestApprovals:
         stub.Rollback(pb.RollbackRequest(run_id=run_id, step=0))
         assert rpc_error(lambda: _approve(approvals, run_id, 2)).code() == \
             grpc.StatusCode.NOT_FOUND
-        assert step(stub, run_id, task("t", "true")).step == 1
+        assert step(stub, run_id, task("t", "touch y")).step == 1
 
     def test_pending_approval_survives_a_daemon_kill(self) -> None:
         """A pending step outlives kill -9 of the daemon and is approved and run after the

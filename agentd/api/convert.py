@@ -104,7 +104,8 @@ def step_result(result: StepResult) -> pb.StepReply:
         tasks=[task_report(t) for t in result.tasks],
         versions=result.versions, wall_seconds=result.wall_seconds,
         created_at=_timestamp(result.created_at), requested_by=result.requested_by,
-        decided_by=result.decided_by)
+        decided_by=result.decided_by, base_step=max(result.base_step, 0),
+        read_only=result.read_only)
     kept, omitted = cap_channels(
         {k: json.dumps(v, sort_keys=True) for k, v in result.channels.items()},
         MAX_MESSAGE_BYTES - REPLY_HEADROOM - reply.ByteSize())
@@ -147,7 +148,9 @@ def step_record(record: StepRecord) -> pb.StepReply:
                    pb.TaskReport(name=t["name"]) for t in record.request.get("tasks", [])],
         versions=reply.get("versions", {}), wall_seconds=reply.get("wall", 0.0),
         created_at=_timestamp(record.created_at), requested_by=record.requested_by,
-        decided_by=record.decided_by)
+        decided_by=record.decided_by,
+        base_step=max(int(reply.get("base_step", record.step - 1)), 0),
+        read_only=bool(reply.get("read_only", False)))
 
 
 def checkpoint(record: CheckpointRecord) -> pb.Checkpoint:

@@ -81,12 +81,15 @@ class AgentdServicer(agentd_pb2_grpc.AgentdServicer):
             event.outcome.committed = result.state == "committed"
             event.outcome.step = result.step
             event.outcome.step_failure = "" if result.state == "committed" else result.reason
+            event.outcome.base_step = max(result.base_step, 0)
+            event.outcome.read_only = result.read_only
             return event
 
         async for item in _stream_step(
                 lambda listener: self.steps.step(_run_id(request.run_id), [task],
                                                  current_caller.get(), listener,
-                                                 task_events=False)):
+                                                 task_events=False,
+                                                 expect_step=_expected(request))):
             if isinstance(item, StepResult):
                 yield await finish(item)
             elif isinstance(item, tuple):
@@ -95,7 +98,8 @@ class AgentdServicer(agentd_pb2_grpc.AgentdServicer):
     async def Step(self, request: pb.StepRequest, context: Any) -> pb.StepReply:
         result = await self.steps.step(_run_id(request.run_id),
                                        convert.task_requests(request.tasks), current_caller.get(),
-                                       request_approval=request.request_approval)
+                                       request_approval=request.request_approval,
+                                       expect_step=_expected(request))
         return convert.step_result(result)
 
     async def StreamStep(self, request: pb.StepRequest, context: Any
@@ -104,7 +108,8 @@ class AgentdServicer(agentd_pb2_grpc.AgentdServicer):
         async for item in _stream_step(
                 lambda listener: self.steps.step(_run_id(request.run_id), tasks,
                                                  current_caller.get(), listener,
-                                                 request_approval=request.request_approval)):
+                                                 request_approval=request.request_approval,
+                                                 expect_step=_expected(request))):
             yield _step_event(item)
 
     async def Approve(self, request: pb.ApproveRequest, context: Any) -> pb.StepReply:
@@ -225,6 +230,11 @@ def _run_id(run_id: str) -> str:
     if not run_id:
         raise InvalidArgument("run_id is required")
     return run_id
+
+
+def _expected(request: pb.StepRequest | pb.ExecRequest) -> int | None:
+    """The checkpoint the caller built on, if it named one (proto3 `optional`)."""
+    return request.expect_step if request.HasField("expect_step") else None
 
 
 def _agent(name: str) -> str:

@@ -8,7 +8,8 @@ the signed tree heads. Only records covered by the last signed head count, so th
 those of a signed state of the log; each figure carries the record indexes behind it.
 
 Which run belongs to which agent and stage comes from its `run.created` record (a fork inherits
-its source's); a step counts by its `step.committing` or `step.failed`; a violation is an exec
+its source's); a step counts by its `step.committing`, `step.unchanged` (committed, changing
+nothing) or `step.failed`; a violation is an exec
 the policy refused (`exec.refused`, PERMISSION_DENIED: a malformed call is not one), an exec the
 kernel refused (`exec.denied`) or a task stopped for a limit (`exec.exited` with a memory, pids,
 timeout, output or quota stop, or an OOM kill). The daemon demotes on the same events
@@ -156,7 +157,7 @@ def collect(records: Iterable[Mapping[str, Any]], agent: str) -> dict[str, Evide
         evidence.last_time = str(rec.get("time", ""))
         if event == "run.closed":
             evidence.runs_closed.append(index)
-        elif event == "step.committing":
+        elif event in ("step.committing", "step.unchanged"):
             evidence.steps_committed.append(index)
         elif event == "step.failed":
             evidence.steps_failed.append(index)

@@ -231,6 +231,8 @@ def step_to_json(step: StepReply) -> dict[str, Any]:
         "created_at": _iso(step.created_at),
         "requested_by": step.requested_by,
         "decided_by": step.decided_by,
+        "base_step": step.base_step,
+        "read_only": step.read_only,
     }
 
 
@@ -243,6 +245,8 @@ def step_summary(step: StepReply) -> str:
         count = len(step.tasks)
         line = f"{what} committed ({count} task{'s' if count != 1 else ''}, "
         line += f"{seconds(step.wall_seconds)})"
+        if step.read_only:
+            line += "; it changed nothing, so no new checkpoint"
     elif step.state is StepState.FAILED:
         line = f"{what} failed: {reason or 'no reason given'}"
     elif step.state is StepState.PENDING_APPROVAL:
@@ -297,7 +301,7 @@ def timeline(steps: Sequence[StepReply]) -> str:
     headings = [
         (
             f"step {s.step}",
-            _state_words(s.state),
+            _state_words(s.state) + (" read-only" if s.read_only else ""),
             _when(s.created_at),
             seconds(s.wall_seconds) if s.wall_seconds else "-",
             _by_whom(s),

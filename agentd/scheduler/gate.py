@@ -11,10 +11,17 @@ checks pass, both changes land. The gate makes each check-and-change one critica
 A step is long (its workers run for seconds or minutes), so it does not keep the lock: it
 *claims* the run under the lock (sets `holder`), runs unlocked, and commits under
 the lock again, re-checking that it still holds the run (a close may have begun meanwhile).
-Whoever finds the run claimed is refused at once (ABORTED), never queued: a client always
-knows which state its call acted on. Close marks the run CLOSING (no new claim succeeds),
-kills the workers, then waits on `idle` (an asyncio.Event, not polling) until the step has
-released its claim, committed or failed.
+Close marks the run CLOSING (no new claim succeeds), kills the workers, then waits on `idle`
+(an asyncio.Event, not polling) until the step has released its claim, committed or failed.
+
+Steps (and approved steps) on one run *queue* for its one writer slot (`turn`, first come
+first served, at most MAX_QUEUED_STEPS waiting; more is RESOURCE_EXHAUSTED): parallel calls of
+a framework on one run do not fail because they are parallel. Each still knows which state it
+ran on: its reply names the checkpoint it built on (`base_step`), and a step that names the
+checkpoint it expects (`expect_step`) is refused (ABORTED) rather than run on another one,
+whether the head had moved when it arrived or moved while it waited. A rollback does not
+queue: it is refused (ABORTED) while a step holds the run, since the caller decided it on a
+head that the running step is about to move.
 
 Alternatives weighed: an actor (one task per run draining a queue of commands) serialises
 the same way but turns every call into a message and a reply future, and makes streaming
@@ -26,10 +33,16 @@ the store keeps a compare-and-set (`UPDATE runs ... WHERE step = ?`) as the back
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import enum
+from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from agentd.errors import Aborted, FailedPrecondition
+from agentd.errors import Aborted, FailedPrecondition, ResourceExhausted
+
+# Steps that may wait behind a run's running step; a framework's fan-out is a handful, a
+# client looping without waiting for replies is not served by growing the queue.
+MAX_QUEUED_STEPS = 16
 
 
 class Phase(enum.Enum):
@@ -48,6 +61,10 @@ class RunGate:
     phase: Phase = Phase.OPEN
     holder: str = ""
     idle: asyncio.Event = field(default_factory=asyncio.Event)
+    writer: asyncio.Lock = field(default_factory=asyncio.Lock)
+    """The run's one writer slot, held by a step from its plan to its end (FIFO)."""
+    queued: int = 0
+    """Steps waiting for `writer`."""
     failed_step: int | None = None
     """A step that failed and that no later commit or rollback has resolved: closing the run
     with it is an *unresolved failure*, which may demote the agent (scheduler/stages.py).
@@ -70,6 +87,26 @@ class RunGate:
         if self.holder:
             raise Aborted(f"{self.holder} is running on run {self.run_id}; one writer per run: "
                           f"{action} when it has ended")
+
+    @contextlib.asynccontextmanager
+    async def turn(self) -> AsyncIterator[None]:
+        """Waits, first come first served, for the run's writer slot and holds it; refused at
+        once if MAX_QUEUED_STEPS are waiting already. A caller that goes away (deadline,
+        cancel) leaves the queue."""
+        self.check_open()
+        if self.writer.locked() and self.queued >= MAX_QUEUED_STEPS:
+            raise ResourceExhausted(
+                f"{self.queued} steps already wait on run {self.run_id} (at most "
+                f"{MAX_QUEUED_STEPS}); wait for their replies before sending more")
+        self.queued += 1
+        try:
+            await self.writer.acquire()
+        finally:
+            self.queued -= 1
+        try:
+            yield
+        finally:
+            self.writer.release()
 
     def claim(self, holder: str) -> None:
         """Takes the run for a step. Call with the lock held, after `check_idle`."""

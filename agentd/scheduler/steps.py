@@ -18,9 +18,15 @@ host; the loop itself only runs tasks, and each part is its own function:
    then is the step reported committed.
 
 One writer per run: a step claims its run under the run's gate (agentd/scheduler/gate.py)
-between its plan and its commit; a second Step, an approval or a rollback on a run whose step
-is still running gets ABORTED at once (rather than queueing behind it), so a client always
-knows which state its call acted on.
+between its plan and its commit. Steps on one run queue for it, first come first served
+(bounded); each reply names the checkpoint the step ran on (`base_step`), and a step that
+names the one it expects (`expect_step`) is refused (ABORTED) if the head has moved. A rollback
+on a run whose step is running is refused (ABORTED), never queued.
+
+A step that succeeds and changes nothing (no file, no channel write: `ls`, a read) makes no
+checkpoint: it is committed *read-only* (`step.unchanged` on record), the run stays at its
+head, and the reply's `step` is that head, so a framework's step numbers move only when state
+does.
 """
 
 from __future__ import annotations
@@ -88,11 +94,16 @@ class StepResult:
     created_at: float = field(default_factory=time.time)
     requested_by: str = ""
     decided_by: str = ""
+    base_step: int = -1
+    """The checkpoint the step ran on (-1: it never reached one)."""
+    read_only: bool = False
+    """Committed without a checkpoint: it changed nothing; `step` is the head it ran on."""
 
     def to_json(self) -> dict[str, Any]:
         return {"state": str(self.state), "reason": self.reason, "conflicts": self.conflicts,
                 "tasks": [t.to_json() for t in self.tasks], "wall": self.wall_seconds,
-                "versions": self.versions}
+                "versions": self.versions, "base_step": self.base_step,
+                "read_only": self.read_only}
 
 
 class Phases:
@@ -175,27 +186,40 @@ class StepRunner:
                                              "reason": then.detail[:400], "rule": then.rule})
 
     async def step(self, run_id: str, requests: Sequence[TaskRequest], caller: Caller,
-                   listener: StepListener | None = None, *,
-                   request_approval: bool = False, task_events: bool = True) -> StepResult:
-        """Plans the step, then claims the run under its gate (or records it pending
-        approval there) and runs it; the claim is released whatever happens."""
+                   listener: StepListener | None = None, *, request_approval: bool = False,
+                   task_events: bool = True, expect_step: int | None = None) -> StepResult:
+        """Waits for the run's writer slot (queued behind its running step), plans the step,
+        then claims the run under its gate (or records it pending approval there) and runs
+        it; the claim and the slot are released whatever happens. With `expect_step`, ABORTED
+        unless the run's head is that checkpoint, on arrival and when its turn comes."""
         self.runs.check_accepting()
         try:
             gate = self.runs.gate(run_id)
+            gate.check_open()
+            self._check_expected(run_id, expect_step)
+        except Aborted:
+            raise
+        except AgentdError as exc:
+            await self._record_refusal(run_id, requests, caller, exc)
+            raise
+        async with gate.turn():
+            return await self._step(gate, run_id, requests, caller, listener,
+                                    request_approval=request_approval,
+                                    task_events=task_events, expect_step=expect_step)
+
+    async def _step(self, gate: RunGate, run_id: str, requests: Sequence[TaskRequest],
+                    caller: Caller, listener: StepListener | None, *, request_approval: bool,
+                    task_events: bool, expect_step: int | None) -> StepResult:
+        try:
             gate.check_idle("retry")
             self._no_pending(run_id)
+            self._check_expected(run_id, expect_step)
             policy, plan = await self._plan(run_id, requests, caller,
                                             request_approval=request_approval)
         except Aborted:
             raise
         except AgentdError as exc:
-            await self.audit.append("step.refused", actor=caller.actor(), run_id=run_id,
-                                    details={"tasks": [t.name for t in requests][:MAX_TASKS],
-                                             "error": exc.code, "reason": exc.message,
-                                             "rule": getattr(exc, "rule", None)})
-            log.info("step.refused", run_id=run_id, reason=exc.message, uid=caller.uid,
-                     rule=getattr(exc, "rule", None))
-            metrics.REFUSALS.labels(getattr(exc, "rule", None) or exc.code).inc()
+            await self._record_refusal(run_id, requests, caller, exc)
             raise
         # The requester's uid (SO_PEERCRED) decides who may approve: another person.
         request = {"tasks": [t.to_json() for t in requests], "requested_uid": caller.uid}
@@ -204,6 +228,7 @@ class StepRunner:
             gate.check_idle("retry")
             run = self.runs.check_open(run_id)
             self._no_pending(run_id)
+            self._check_expected(run_id, expect_step)
             number = run.step + 1
             if plan.triggers:
                 metrics.STEPS.labels(str(StepState.PENDING_APPROVAL)).inc()
@@ -218,6 +243,25 @@ class StepRunner:
         finally:
             gate.release()
 
+    def _check_expected(self, run_id: str, expect_step: int | None) -> None:
+        """ABORTED if the caller built its step on a checkpoint that is no longer the head."""
+        if expect_step is None:
+            return
+        head = self.runs.check_open(run_id).step
+        if head != expect_step:
+            raise Aborted(f"run {run_id} is at step {head}, not {expect_step}: the head moved "
+                          "since the caller looked; read the new state and decide again")
+
+    async def _record_refusal(self, run_id: str, requests: Sequence[TaskRequest],
+                              caller: Caller, exc: AgentdError) -> None:
+        await self.audit.append("step.refused", actor=caller.actor(), run_id=run_id,
+                                details={"tasks": [t.name for t in requests][:MAX_TASKS],
+                                         "error": exc.code, "reason": exc.message,
+                                         "rule": getattr(exc, "rule", None)})
+        log.info("step.refused", run_id=run_id, reason=exc.message, uid=caller.uid,
+                 rule=getattr(exc, "rule", None))
+        metrics.REFUSALS.labels(getattr(exc, "rule", None) or exc.code).inc()
+
     async def _hold_for_approval(self, run_id: str, number: int, plan: Plan,
                                  policy: EffectivePolicy, request: dict[str, Any],
                                  caller: Caller) -> StepResult:
@@ -231,7 +275,7 @@ class StepRunner:
         log.info("step.pending_approval", run_id=run_id, step=number, uid=caller.uid,
                  triggers=list(plan.triggers))
         return StepResult(run_id, number, StepState.PENDING_APPROVAL, reason=reason,
-                          requested_by=str(caller))
+                          requested_by=str(caller), base_step=number - 1)
 
     def _no_pending(self, run_id: str) -> None:
         pending = self.steps.first_pending(run_id)
@@ -279,6 +323,15 @@ class StepRunner:
             # Checked against the policy again (it may have changed since the request).
             policy, plan = await self._plan(run_id, requests, caller)
         gate = self.runs.gate(run_id)
+        async with gate.turn():  # behind a step still running on the run, as a step would
+            return await self._decide(gate, run_id, number, approve, reason, caller, listener,
+                                      self_approved, policy if approve else None,
+                                      plan if approve else None)
+
+    async def _decide(self, gate: RunGate, run_id: str, number: int, approve: bool,
+                      reason: str, caller: Caller, listener: StepListener | None,
+                      self_approved: bool, policy: EffectivePolicy | None,
+                      plan: Plan | None) -> StepResult:
         async with gate.lock:
             pending = self._pending(run_id, number)  # the other decision may have won
             details = {"step": number, "approved": approve, "reason": reason,
@@ -304,6 +357,8 @@ class StepRunner:
                                          "the pending step was discarded, submit it again")
             self.steps.decide(pending.attempt, StepState.RUNNING, decided_by=str(caller))
             gate.claim(f"step {number}")
+        assert plan is not None  # an approval was planned above
+        assert policy is not None
         try:
             return await self._execute(run_id, number, pending.attempt, plan.tasks, policy,
                                        caller, listener, requested_by=pending.requested_by,
@@ -323,7 +378,7 @@ class StepRunner:
         gate = self.runs.gate(run_id)  # the claimed gate, even if a close drops it meanwhile
         started = time.monotonic()
         result = StepResult(run_id, number, StepState.FAILED, requested_by=requested_by,
-                            decided_by=decided_by)
+                            decided_by=decided_by, base_step=number - 1)
         outcomes: list[TaskOutcome] = []
         hold: Hold | None = None
         layer: str | None = None
@@ -371,6 +426,11 @@ class StepRunner:
                 result.reason = exc.message  # nothing applied; the finally records it
                 return result
             phases.mark("layer")
+            if layer is None and not merged.changed:
+                await self._commit_unchanged(gate, attempt, base, specs, outcomes, result,
+                                             caller, started)
+                phases.mark("committed")
+                return result
             layers = base.layers + ([layer] if layer else [])
             checkpoint = CheckpointRecord(run_id, number, layers, merged.state, time.time())
             await self._commit(gate, attempt, checkpoint, merged, specs, outcomes, result,
@@ -465,6 +525,36 @@ class StepRunner:
                 result.state = StepState.FAILED  # the finally of _execute records it so
                 raise
         log.info("step.committed", run_id=run_id, step=number, uid=caller.uid,
+                 wall=round(time.monotonic() - started, 4))
+        await self.audit.sign_tree_head()
+
+    async def _commit_unchanged(self, gate: RunGate, attempt: int, base: CheckpointRecord,
+                                specs: dict[str, channels.ChannelSpec],
+                                outcomes: list[TaskOutcome], result: StepResult,
+                                caller: Caller, started: float) -> None:
+        """A step that changed nothing: its outcome durable (`step.unchanged`), no checkpoint;
+        the run stays at `base`, which the reply names as its step."""
+        run_id = base.run_id
+        async with gate.lock:
+            if gate.phase is Phase.CLOSED:
+                raise FailedPrecondition(f"run {run_id} was closed while its step ran")
+            result.state, result.read_only = StepState.COMMITTED, True
+            result.step = base.step
+            result.channels = channels.visible(specs, base.channels)
+            result.versions = {k: v.version for k, v in base.channels.items()}
+            result.tasks = outcomes
+            try:
+                await durable(*(o.recorded for o in outcomes), self.audit.submit(
+                    "step.unchanged", actor=caller.actor(), run_id=run_id, details={
+                        "step": base.step, "tasks": [o.to_json() for o in outcomes]}))
+                result.wall_seconds = time.monotonic() - started
+                self.steps.finish_unchanged(attempt, base.step, result.to_json())
+                gate.failed_step = None  # the run went on: a failure before it is resolved
+            except BaseException:
+                result.state, result.read_only = StepState.FAILED, False
+                result.step = base.step + 1
+                raise
+        log.info("step.unchanged", run_id=run_id, step=base.step, uid=caller.uid,
                  wall=round(time.monotonic() - started, 4))
         await self.audit.sign_tree_head()
 

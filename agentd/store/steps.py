@@ -204,6 +204,13 @@ class StepStore:
             " decided_by = COALESCE(?, decided_by) WHERE attempt = ?",
             (state, json.dumps(reply), reason, time.time(), decided_by, attempt))
 
+    def finish_unchanged(self, attempt: int, step: int, reply: dict[str, Any]) -> None:
+        """A step that changed nothing is committed on the checkpoint it ran on (`step`):
+        no checkpoint of its own, the run's pointer unchanged."""
+        self._db.execute(
+            "UPDATE steps SET state = 'committed', step = ?, reply = ?, finished_at = ?"
+            " WHERE attempt = ?", (step, json.dumps(reply), time.time(), attempt))
+
     def decide(self, attempt: int, state: str, *, decided_by: str, reason: str = "") -> None:
         """Moves a pending attempt to `state` (running or discarded), only if it is still
         pending: the backstop for two decisions on one step (the run's gate decides first).

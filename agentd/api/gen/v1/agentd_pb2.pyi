@@ -823,12 +823,15 @@ class ExecRequest(_message.Message):
     STDIN_FIELD_NUMBER: _builtins.int
     CWD_FIELD_NUMBER: _builtins.int
     TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    EXPECT_STEP_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     stdin: _builtins.bytes
     cwd: _builtins.str
     """Absolute, under /workspace or /tmp; defaults to /workspace."""
     timeout_seconds: _builtins.float
     """Seconds; 0 means the policy's wall_time. More than the policy allows is refused."""
+    expect_step: _builtins.int
+    """As StepRequest.expect_step."""
     @_builtins.property
     def argv(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]:
         """argv[0] is an absolute path inside the worker, or a bare name found on the worker's PATH."""
@@ -846,12 +849,15 @@ class ExecRequest(_message.Message):
         stdin: _builtins.bytes = ...,
         cwd: _builtins.str = ...,
         timeout_seconds: _builtins.float = ...,
+        expect_step: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_expect_step", b"_expect_step", "expect_step", b"expect_step"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["argv", b"argv", "cwd", b"cwd", "env", b"env", "run_id", b"run_id", "stdin", b"stdin", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expect_step", b"_expect_step", "argv", b"argv", "cwd", b"cwd", "env", b"env", "expect_step", b"expect_step", "run_id", b"run_id", "stdin", b"stdin", "timeout_seconds", b"timeout_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__expect_step: _TypeAlias = _typing.Literal["expect_step"]  # noqa: Y015
+    _WhichOneofArgType__expect_step: _TypeAlias = _typing.Literal["_expect_step", b"_expect_step"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__expect_step) -> _WhichOneofReturnType__expect_step | None: ...
 
 Global___ExecRequest: _TypeAlias = ExecRequest  # noqa: Y015
 
@@ -896,6 +902,8 @@ class Outcome(_message.Message):
     COMMITTED_FIELD_NUMBER: _builtins.int
     STEP_FIELD_NUMBER: _builtins.int
     STEP_FAILURE_FIELD_NUMBER: _builtins.int
+    BASE_STEP_FIELD_NUMBER: _builtins.int
+    READ_ONLY_FIELD_NUMBER: _builtins.int
     task_id: _builtins.str
     exited: _builtins.bool
     """Set when the tool exited; exit_code is meaningful only then."""
@@ -918,6 +926,11 @@ class Outcome(_message.Message):
     """
     step: _builtins.int
     step_failure: _builtins.str
+    base_step: _builtins.int
+    """The checkpoint the call ran on, and whether it changed nothing (no new checkpoint: `step`
+    is then base_step, still the head).
+    """
+    read_only: _builtins.bool
     def __init__(
         self,
         *,
@@ -936,10 +949,12 @@ class Outcome(_message.Message):
         committed: _builtins.bool = ...,
         step: _builtins.int = ...,
         step_failure: _builtins.str = ...,
+        base_step: _builtins.int = ...,
+        read_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["committed", b"committed", "cpu_seconds", b"cpu_seconds", "exit_code", b"exit_code", "exited", b"exited", "peak_memory_bytes", b"peak_memory_bytes", "pids_limit_hit", b"pids_limit_hit", "signal", b"signal", "stderr_bytes", b"stderr_bytes", "stdout_bytes", b"stdout_bytes", "step", b"step", "step_failure", b"step_failure", "stop_reason", b"stop_reason", "summary", b"summary", "task_id", b"task_id", "wall_seconds", b"wall_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_step", b"base_step", "committed", b"committed", "cpu_seconds", b"cpu_seconds", "exit_code", b"exit_code", "exited", b"exited", "peak_memory_bytes", b"peak_memory_bytes", "pids_limit_hit", b"pids_limit_hit", "read_only", b"read_only", "signal", b"signal", "stderr_bytes", b"stderr_bytes", "stdout_bytes", b"stdout_bytes", "step", b"step", "step_failure", b"step_failure", "stop_reason", b"stop_reason", "summary", b"summary", "task_id", b"task_id", "wall_seconds", b"wall_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1039,10 +1054,18 @@ class StepRequest(_message.Message):
     RUN_ID_FIELD_NUMBER: _builtins.int
     TASKS_FIELD_NUMBER: _builtins.int
     REQUEST_APPROVAL_FIELD_NUMBER: _builtins.int
+    EXPECT_STEP_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     request_approval: _builtins.bool
     """Wait for an approver even if no task's argv[0] matches a trigger: a step whose tasks start
     a trigger's program indirectly (`sh -c 'rm x'`) can run it only once approved.
+    """
+    expect_step: _builtins.int
+    """The checkpoint the caller built this step on. Steps on one run queue behind a running
+    one (first come, first served; at most 16 waiting, else RESOURCE_EXHAUSTED); with
+    expect_step the step is refused (ABORTED) if the run's head is not that checkpoint when
+    it arrives or when its turn comes. Without it, it runs on whatever the head is then, and
+    the reply's base_step says which.
     """
     @_builtins.property
     def tasks(self) -> _containers.RepeatedCompositeFieldContainer[Global___TaskSpec]: ...
@@ -1052,12 +1075,15 @@ class StepRequest(_message.Message):
         run_id: _builtins.str = ...,
         tasks: _abc.Iterable[Global___TaskSpec] | None = ...,
         request_approval: _builtins.bool = ...,
+        expect_step: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_expect_step", b"_expect_step", "expect_step", b"expect_step"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["request_approval", b"request_approval", "run_id", b"run_id", "tasks", b"tasks"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_expect_step", b"_expect_step", "expect_step", b"expect_step", "request_approval", b"request_approval", "run_id", b"run_id", "tasks", b"tasks"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__expect_step: _TypeAlias = _typing.Literal["expect_step"]  # noqa: Y015
+    _WhichOneofArgType__expect_step: _TypeAlias = _typing.Literal["_expect_step", b"_expect_step"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__expect_step) -> _WhichOneofReturnType__expect_step | None: ...
 
 Global___StepRequest: _TypeAlias = StepRequest  # noqa: Y015
 
@@ -1186,15 +1212,25 @@ class StepReply(_message.Message):
     REQUESTED_BY_FIELD_NUMBER: _builtins.int
     DECIDED_BY_FIELD_NUMBER: _builtins.int
     CHANNELS_OMITTED_FIELD_NUMBER: _builtins.int
+    BASE_STEP_FIELD_NUMBER: _builtins.int
+    READ_ONLY_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     step: _builtins.int
-    """The step number this request was planned as (the run's last committed step + 1)."""
+    """The step number this request was planned as (the run's last committed step + 1); for a
+    read_only step, the checkpoint it ran on (still the head).
+    """
     state: Global___StepState.ValueType
     reason: _builtins.str
     """Why the step failed or is pending: the task and reason, or the conflict."""
     wall_seconds: _builtins.float
     requested_by: _builtins.str
     decided_by: _builtins.str
+    base_step: _builtins.int
+    """The checkpoint the step ran on."""
+    read_only: _builtins.bool
+    """Committed without a new checkpoint: every task succeeded and none changed a file or
+    wrote a channel, so the run stays at base_step (step numbers move only with state).
+    """
     @_builtins.property
     def conflicts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
     @_builtins.property
@@ -1228,10 +1264,12 @@ class StepReply(_message.Message):
         requested_by: _builtins.str = ...,
         decided_by: _builtins.str = ...,
         channels_omitted: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
+        base_step: _builtins.int = ...,
+        read_only: _builtins.bool = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["channels", b"channels", "channels_omitted", b"channels_omitted", "conflicts", b"conflicts", "created_at", b"created_at", "decided_by", b"decided_by", "reason", b"reason", "requested_by", b"requested_by", "run_id", b"run_id", "state", b"state", "step", b"step", "tasks", b"tasks", "versions", b"versions", "wall_seconds", b"wall_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_step", b"base_step", "channels", b"channels", "channels_omitted", b"channels_omitted", "conflicts", b"conflicts", "created_at", b"created_at", "decided_by", b"decided_by", "read_only", b"read_only", "reason", b"reason", "requested_by", b"requested_by", "run_id", b"run_id", "state", b"state", "step", b"step", "tasks", b"tasks", "versions", b"versions", "wall_seconds", b"wall_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
