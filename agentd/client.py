@@ -814,6 +814,15 @@ class AgentdClient:
         except grpc.RpcError as exc:
             raise self.error(exc) from None
 
+    def wait_step(self, run_id: str, step: int, timeout: float | None = None) -> StepReply:
+        """The step once it has ended: a step pending approval is waited for until an approver
+        decides and it has run (DEADLINE_EXCEEDED after `timeout` seconds, None: no limit)."""
+        try:
+            return StepReply.from_proto(self._stub.WaitStep(
+                pb.WaitStepRequest(run_id=run_id, step=step), timeout=timeout))
+        except grpc.RpcError as exc:
+            raise self.error(exc) from None
+
     def list_steps(self, run_id: str) -> list[StepReply]:
         """Every attempt at a step in the run, oldest first: its timeline."""
         request = pb.ListStepsRequest(run_id=run_id)

@@ -1104,6 +1104,44 @@ RM_STEP = (pb.TaskSpec(name="rm", argv=["/usr/bin/rm", "-f", "victim"]),
 
 
 class TestApprovals:
+    def test_a_client_waits_for_the_decision_and_the_run(self, approvals: DaemonHandle
+                                                         ) -> None:
+        """WaitStep on a step pending approval returns once an approver has decided and the
+        step has run (committed, or discarded when rejected); a deadline ends the wait; a
+        close ends it with FAILED_PRECONDITION."""
+        stub = approvals.stub()
+        run_id = _approvals_run(approvals)
+        assert step(stub, run_id, task("setup", "echo v > victim")).state == COMMITTED
+        assert step(stub, run_id, *RM_STEP).state == PENDING
+        with pytest.raises(grpc.RpcError) as late:
+            stub.WaitStep(pb.WaitStepRequest(run_id=run_id, step=2), timeout=0.5)
+        assert late.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+        waiting = stub.WaitStep.future(pb.WaitStepRequest(run_id=run_id, step=2), timeout=60)
+        time.sleep(0.3)
+        assert not waiting.done()
+        _approve(approvals, run_id, 2)
+        decided = waiting.result()
+        assert (decided.step, decided.state, decided.decided_by != "") == (2, COMMITTED, True)
+        assert files(view(stub, run_id, 2)) == {"sibling": "ran\n"}
+        # An ended step is answered at once; a rejected one is discarded.
+        assert stub.WaitStep(pb.WaitStepRequest(run_id=run_id, step=1), timeout=5).state \
+            == COMMITTED
+        assert step(stub, run_id, *RM_STEP).state == PENDING
+        waiting = stub.WaitStep.future(pb.WaitStepRequest(run_id=run_id, step=3), timeout=60)
+        time.sleep(0.3)
+        _approve(approvals, run_id, 3, approve=False)
+        assert waiting.result().state == DISCARDED
+        # Pending when the run closes: the waiter hears it will not run.
+        assert step(stub, run_id, *RM_STEP).state == PENDING
+        waiting = stub.WaitStep.future(pb.WaitStepRequest(run_id=run_id, step=3), timeout=60)
+        time.sleep(0.3)
+        stub.CloseRun(pb.CloseRunRequest(run_id=run_id))
+        with pytest.raises(grpc.RpcError) as closed:
+            waiting.result()
+        assert closed.value.code() == grpc.StatusCode.FAILED_PRECONDITION
+        assert rpc_error(lambda: stub.WaitStep(pb.WaitStepRequest(run_id=run_id, step=9),
+                                               timeout=5)).code() == grpc.StatusCode.NOT_FOUND
+
     def test_matching_step_waits_persisted_before_anything_runs(
             self, approvals: DaemonHandle) -> None:
         """A step matching an approval trigger is stored PENDING_APPROVAL with nothing run

@@ -117,6 +117,12 @@ class AgentdServicer(agentd_pb2_grpc.AgentdServicer):
                                           request.approve, request.reason, current_caller.get())
         return convert.step_result(result)
 
+    async def WaitStep(self, request: pb.WaitStepRequest, context: Any) -> pb.StepReply:
+        if request.step < 1:
+            raise InvalidArgument("step is required: the number of a step of the run (1 or more)")
+        record = await self.steps.wait(_run_id(request.run_id), request.step)
+        return convert.step_record(record)
+
     async def ListSteps(self, request: pb.ListStepsRequest, context: Any
                         ) -> pb.ListStepsResponse:
         run_id = _run_id(request.run_id)

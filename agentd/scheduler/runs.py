@@ -70,6 +70,8 @@ class RunManager:
         self._background: set[asyncio.Task[None]] = set()
         # Told (run id, "failure", what) when a run closes on an unresolved failed step.
         self.on_event: Callable[[str, str, str], None] = lambda run_id, kind, what: None
+        # Told (run id) once a run is closed (StepRunner.wait ends its waiters).
+        self.on_closed: Callable[[str], None] = lambda run_id: None
         metrics.WORKERS_LIMIT.set(max_workers)
 
     # -- runs ---------------------------------------------------------------------------
@@ -175,6 +177,7 @@ class RunManager:
             await self.refs.release(dropped)
             await self.audit.sign_tree_head()
             self.forget_workspace(run_id)
+            self.on_closed(run_id)
             if gate.failed_step is not None:
                 self.on_event(run_id, "failure", f"run closed after step {gate.failed_step} "
                               "failed, with no later commit or rollback")

@@ -63,6 +63,7 @@ from agentd.scheduler.tasks import StepContext, StepListener, TaskOutcome, TaskR
 from agentd.store.layers import LayerStore
 from agentd.store.quota import Quota, QuotaExceeded, StateDiskFull
 from agentd.store.refs import Hold
+from agentd.store.runs import RunState
 from agentd.store.steps import (
     CheckpointRecord,
     StepRecord,
@@ -147,6 +148,39 @@ class StepRunner:
         self.exports = Exporter()
         self.max_export_bytes = max_export_bytes
         self._background: set[asyncio.Task[None]] = set()
+        # Callers of `wait`: each one's event is set whenever an attempt may have ended.
+        self._waiters: set[asyncio.Event] = set()
+        runs.on_closed = self._wake
+
+    # -- waiting for a step -------------------------------------------------------------------
+
+    async def wait(self, run_id: str, number: int) -> StepRecord:
+        """The latest attempt at step `number` once it has ended (committed, failed or
+        discarded): a step pending approval is waited for until an approver decides and it
+        has run. Bounded by the caller's deadline (the RPC's cancellation ends the wait);
+        FAILED_PRECONDITION if the run closes with the attempt still undecided."""
+        self.runs.get_run(run_id)  # NOT_FOUND for an unknown run
+        woken = asyncio.Event()
+        self._waiters.add(woken)
+        try:
+            while True:
+                latest = self.steps.latest(run_id, number)
+                if latest is None:
+                    raise NotFound(f"run {run_id} has no step {number}; `agentctl timeline "
+                                   "RUN` lists its steps")
+                if latest.state not in (StepState.PENDING_APPROVAL, StepState.RUNNING):
+                    return latest
+                if self.runs.get_run(run_id).state is RunState.CLOSED:
+                    raise FailedPrecondition(f"run {run_id} was closed with step {number} "
+                                             f"{latest.state.replace('_', ' ')}; it will not run")
+                woken.clear()
+                await woken.wait()
+        finally:
+            self._waiters.discard(woken)
+
+    def _wake(self, run_id: str = "") -> None:
+        for woken in self._waiters:
+            woken.set()
 
     # -- planning ---------------------------------------------------------------------------
 
@@ -343,6 +377,7 @@ class StepRunner:
                                         details=details)
                 self.steps.decide(pending.attempt, StepState.DISCARDED, decided_by=str(caller),
                                   reason=reason or "rejected")
+                self._wake()
                 return StepResult(run_id, number, StepState.DISCARDED,
                                   reason=reason or "rejected",
                                   requested_by=pending.requested_by, decided_by=str(caller))
@@ -579,6 +614,7 @@ class StepRunner:
                              "conflicts": result.conflicts}))
             await durable(*submitted)
         finally:
+            self._wake()
             # Off the loop: an agent's tree may be huge or deep.
             await asyncio.to_thread(self._remove_uppers, run_id, outcomes)
             quarantined = self.layers.take_quarantined()
@@ -641,6 +677,7 @@ class StepRunner:
                                          details={"from_step": run.step, "to_step": number})
             dropped = self.steps.rollback(run_id, number)
             gate.failed_step = None
+            self._wake()  # a pending step it discarded
         log.info("run.rolled_back", run_id=run_id, from_step=run.step, to_step=number,
                  uid=caller.uid)
         await self.audit.sign_tree_head()

@@ -1357,6 +1357,28 @@ class ApproveRequest(_message.Message):
 Global___ApproveRequest: _TypeAlias = ApproveRequest  # noqa: Y015
 
 @_typing.final
+class WaitStepRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    step: _builtins.int
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        step: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_id", b"run_id", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___WaitStepRequest: _TypeAlias = WaitStepRequest  # noqa: Y015
+
+@_typing.final
 class ListStepsRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
 

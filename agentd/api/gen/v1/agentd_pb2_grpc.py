@@ -74,6 +74,11 @@ class AgentdStub:
                 request_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ApproveRequest.SerializeToString,
                 response_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StepReply.FromString,
                 _registered_method=True)
+        self.WaitStep = channel.unary_unary(
+                '/agentd.v1.Agentd/WaitStep',
+                request_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.WaitStepRequest.SerializeToString,
+                response_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StepReply.FromString,
+                _registered_method=True)
         self.ListSteps = channel.unary_unary(
                 '/agentd.v1.Agentd/ListSteps',
                 request_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ListStepsRequest.SerializeToString,
@@ -192,6 +197,16 @@ class AgentdServicer:
 
     def Approve(self, request, context):
         """Decides a step that waits for approval (approver role; never the step's requester).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WaitStep(self, request, context):
+        """Waits until the latest attempt at a step has ended (committed, failed or discarded) and
+        returns it: a step pending approval is waited for until an approver decides and it has
+        run. Bounded by the caller's deadline; FAILED_PRECONDITION if the run is closed with the
+        step undecided. Task output is not repeated here (the stored timeline's summaries).
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -326,6 +341,11 @@ def add_AgentdServicer_to_server(servicer, server):
             'Approve': grpc.unary_unary_rpc_method_handler(
                     servicer.Approve,
                     request_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ApproveRequest.FromString,
+                    response_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StepReply.SerializeToString,
+            ),
+            'WaitStep': grpc.unary_unary_rpc_method_handler(
+                    servicer.WaitStep,
+                    request_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.WaitStepRequest.FromString,
                     response_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StepReply.SerializeToString,
             ),
             'ListSteps': grpc.unary_unary_rpc_method_handler(
@@ -604,6 +624,33 @@ class Agentd:
             target,
             '/agentd.v1.Agentd/Approve',
             agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ApproveRequest.SerializeToString,
+            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StepReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WaitStep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.Agentd/WaitStep',
+            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.WaitStepRequest.SerializeToString,
             agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StepReply.FromString,
             options,
             channel_credentials,

@@ -58,6 +58,12 @@ class AgentdStub:
     """The same, streaming each task's output and outcome as it happens, then the StepReply."""
     Approve: _grpc.UnaryUnaryMultiCallable[_agentd_pb2.ApproveRequest, _agentd_pb2.StepReply]
     """Decides a step that waits for approval (approver role; never the step's requester)."""
+    WaitStep: _grpc.UnaryUnaryMultiCallable[_agentd_pb2.WaitStepRequest, _agentd_pb2.StepReply]
+    """Waits until the latest attempt at a step has ended (committed, failed or discarded) and
+    returns it: a step pending approval is waited for until an approver decides and it has
+    run. Bounded by the caller's deadline; FAILED_PRECONDITION if the run is closed with the
+    step undecided. Task output is not repeated here (the stored timeline's summaries).
+    """
     ListSteps: _grpc.UnaryUnaryMultiCallable[_agentd_pb2.ListStepsRequest, _agentd_pb2.ListStepsResponse]
     """The run's steps, oldest first: the timeline of what ran, what it changed, how long it took."""
     ListCheckpoints: _grpc.UnaryUnaryMultiCallable[_agentd_pb2.ListCheckpointsRequest, _agentd_pb2.ListCheckpointsResponse]
@@ -114,6 +120,12 @@ class AgentdAsyncStub(AgentdStub):
     """The same, streaming each task's output and outcome as it happens, then the StepReply."""
     Approve: _aio.UnaryUnaryMultiCallable[_agentd_pb2.ApproveRequest, _agentd_pb2.StepReply]  # type: ignore[assignment]
     """Decides a step that waits for approval (approver role; never the step's requester)."""
+    WaitStep: _aio.UnaryUnaryMultiCallable[_agentd_pb2.WaitStepRequest, _agentd_pb2.StepReply]  # type: ignore[assignment]
+    """Waits until the latest attempt at a step has ended (committed, failed or discarded) and
+    returns it: a step pending approval is waited for until an approver decides and it has
+    run. Bounded by the caller's deadline; FAILED_PRECONDITION if the run is closed with the
+    step undecided. Task output is not repeated here (the stored timeline's summaries).
+    """
     ListSteps: _aio.UnaryUnaryMultiCallable[_agentd_pb2.ListStepsRequest, _agentd_pb2.ListStepsResponse]  # type: ignore[assignment]
     """The run's steps, oldest first: the timeline of what ran, what it changed, how long it took."""
     ListCheckpoints: _aio.UnaryUnaryMultiCallable[_agentd_pb2.ListCheckpointsRequest, _agentd_pb2.ListCheckpointsResponse]  # type: ignore[assignment]
@@ -215,6 +227,18 @@ class AgentdServicer(metaclass=_abc_1.ABCMeta):
         context: _ServicerContext,
     ) -> _typing.Union[_agentd_pb2.StepReply, _abc.Awaitable[_agentd_pb2.StepReply]]:
         """Decides a step that waits for approval (approver role; never the step's requester)."""
+
+    @_abc_1.abstractmethod
+    def WaitStep(
+        self,
+        request: _agentd_pb2.WaitStepRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agentd_pb2.StepReply, _abc.Awaitable[_agentd_pb2.StepReply]]:
+        """Waits until the latest attempt at a step has ended (committed, failed or discarded) and
+        returns it: a step pending approval is waited for until an approver decides and it has
+        run. Bounded by the caller's deadline; FAILED_PRECONDITION if the run is closed with the
+        step undecided. Task output is not repeated here (the stored timeline's summaries).
+        """
 
     @_abc_1.abstractmethod
     def ListSteps(
