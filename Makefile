@@ -24,8 +24,8 @@ test: venv
 	$(BIN)/python -m pytest -p no:cacheprovider $(PYTEST_ARGS)
 
 lint: venv
-	$(BIN)/ruff check agentd tests
-	$(BIN)/mypy agentd
+	$(BIN)/ruff check agentd agentd_client tests
+	$(BIN)/mypy agentd agentd_client
 
 bench: venv
 	$(BIN)/python -m tests.bench.run $(BENCH_ARGS)
@@ -46,7 +46,7 @@ install: venv
 vm-test: venv
 	vm-tests/run.sh
 
-# Regenerates the committed stubs in agentd/api/gen from proto/ (grpcio-tools is pinned).
+# Regenerates the committed stubs in agentd_client/v1 from proto/ (grpcio-tools is pinned).
 proto: venv
 	$(BIN)/python scripts/gen_proto.py
 

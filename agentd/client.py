@@ -43,7 +43,13 @@ from agentd.api.gen.v1 import agentd_pb2 as pb
 from agentd.api.gen.v1 import agentd_pb2_grpc as pb_grpc
 from agentd.api.gen.v1 import audit_pb2 as audit_pb
 from agentd.api.gen.v1 import audit_pb2_grpc as audit_grpc
-from agentd.api.limits import MAX_MESSAGE_BYTES
+from agentd_client.connection import (
+    DEV_SOCKET,
+    MAX_MESSAGE_BYTES,
+    SYSTEM_SOCKET,
+    describe_failure,
+    resolve_socket,
+)
 
 __all__ = [
     "DEV_SOCKET",
@@ -73,28 +79,9 @@ __all__ = [
     "resolve_socket",
 ]
 
-#: Where `make run` (development mode) puts the socket, relative to the checkout.
-DEV_SOCKET = os.path.join("var", "run", "agentd.sock")
-#: Where the systemd service puts it.
-SYSTEM_SOCKET = "/run/agentd/agentd.sock"
-SOCKET_ENV = "AGENTD_SOCKET"
-
 #: Deadline of the unary calls, in seconds. Exec has none: the daemon enforces the tool's
 #: wall time itself, and a client deadline would race with it.
 DEFAULT_CALL_TIMEOUT = 60.0
-
-
-def resolve_socket(flag: str | None = None) -> str:
-    """Returns the socket path to use: `flag` > $AGENTD_SOCKET > ./var/run/agentd.sock if it
-    exists (development mode) > /run/agentd/agentd.sock."""
-    if flag:
-        return flag
-    from_env = os.environ.get(SOCKET_ENV, "")
-    if from_env:
-        return from_env
-    if os.path.exists(DEV_SOCKET):
-        return os.path.abspath(DEV_SOCKET)
-    return SYSTEM_SOCKET
 
 
 class ClientError(Exception):
@@ -120,25 +107,7 @@ def error_from_rpc(exc: grpc.RpcError, socket_path: str) -> ClientError:
     status = code_fn() if callable(code_fn) else None
     code = status.name if isinstance(status, grpc.StatusCode) else "UNKNOWN"
     details = str(details_fn() or "") if callable(details_fn) else ""
-    if code == "UNAVAILABLE" and _is_connect_failure(details, socket_path):
-        if "Permission denied" in details:
-            return ClientError(
-                code,
-                f"cannot reach agentd at {socket_path}: permission denied on the socket "
-                "(ask an operator for access to it, or use --socket)",
-            )
-        return ClientError(
-            code,
-            f"cannot reach agentd at {socket_path}: is it running? "
-            "(start it with `make run` or `systemctl start agentd`)",
-        )
-    return ClientError(code, details or code.lower().replace("_", " "))
-
-
-def _is_connect_failure(details: str, socket_path: str) -> bool:
-    # A daemon that is up but draining also says UNAVAILABLE, with its own message; only a
-    # failure to connect gets the "is it running?" hint.
-    return details.startswith("failed to connect") or not os.path.exists(socket_path)
+    return ClientError(code, describe_failure(code, details, socket_path))
 
 
 class RunState(enum.StrEnum):

@@ -1,9 +1,11 @@
-"""Generates the committed gRPC stubs in agentd/api/gen/v1 from proto/agentd/v1.
+"""Generates the committed gRPC stubs in agentd_client/v1 from proto/agentd/v1.
 
 The stubs are committed (not built at install time) so that installing agentd needs no
 protoc; `--check` regenerates into a temporary directory and fails if anything drifted.
-The .proto files are copied under agentd/api/gen/v1/ first so that the generated imports
-(`from agentd.api.gen.v1 import ...`) resolve inside the agentd package.
+The .proto files are copied under agentd_client/v1/ first so that the generated imports
+(`from agentd_client.v1 import ...`) resolve inside the client package, which the daemon
+imports them from too (agentd/api/gen/v1 re-exports them): one copy of the stubs, so one
+registration of each message in protobuf's descriptor pool.
 """
 
 from __future__ import annotations
@@ -18,12 +20,12 @@ from grpc_tools import protoc  # type: ignore[import-untyped]
 
 ROOT = Path(__file__).resolve().parent.parent
 SOURCE = ROOT / "proto" / "agentd" / "v1"
-TARGET = ROOT / "agentd" / "api" / "gen" / "v1"
+TARGET = ROOT / "agentd_client" / "v1"
 
 
 def generate(out_root: Path) -> Path:
     with tempfile.TemporaryDirectory() as tmp:
-        staged = Path(tmp) / "agentd" / "api" / "gen" / "v1"
+        staged = Path(tmp) / "agentd_client" / "v1"
         staged.mkdir(parents=True)
         protos = sorted(SOURCE.glob("*.proto"))
         for proto in protos:
@@ -38,8 +40,9 @@ def generate(out_root: Path) -> Path:
                 *(str(staged / p.name) for p in protos)]
         if protoc.main(args) != 0:
             raise SystemExit("protoc failed")
-    out = out_root / "agentd" / "api" / "gen" / "v1"
-    (out / "__init__.py").write_text("")
+    out = out_root / "agentd_client" / "v1"
+    (out / "__init__.py").write_text('"""Generated from proto/agentd/v1 by scripts/gen_proto.py; '
+                                     'do not edit."""\n')
     return out
 
 
@@ -52,14 +55,13 @@ def main() -> int:
             current = sorted(p.name for p in TARGET.glob("*") if p.is_file())
             _, mismatch, errors = filecmp.cmpfiles(fresh, TARGET, names, shallow=False)
             if names != current or mismatch or errors:
-                print("agentd/api/gen is out of date with proto/: run `make proto`",
+                print("agentd_client/v1 is out of date with proto/: run `make proto`",
                       file=sys.stderr)
                 return 1
             return 0
         if TARGET.exists():
             shutil.rmtree(TARGET)
         shutil.copytree(fresh, TARGET)
-        (TARGET.parent / "__init__.py").write_text("")
     return 0
 
 

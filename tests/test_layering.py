@@ -32,7 +32,10 @@ def allowed() -> dict[str, set[str]]:
 
 
 def unit_of(module: str) -> str:
-    """agentd.api.gen.v1.x -> api.gen; agentd.scheduler.steps -> scheduler; agentd.logs -> logs."""
+    """agentd.api.gen.v1.x -> api.gen; agentd.scheduler.steps -> scheduler; agentd.logs -> logs;
+    agentd_client.x -> agentd_client (the light client, a package of its own)."""
+    if module.split(".", maxsplit=1)[0] == "agentd_client":
+        return "agentd_client"
     parts = [p for p in module.split(".")[1:] if p != "__init__"]
     if not parts:
         return "agentd"
@@ -84,6 +87,16 @@ def test_no_import_goes_upward(path: Path) -> None:
         if unit not in rules.get(source, set()):
             bad.append(f"{path.relative_to(REPO)}:{line} imports {target} ({source} -> {unit})")
     assert bad == [], "imports against docs/architecture.md's layering:\n" + "\n".join(bad)
+
+
+def test_the_light_client_imports_nothing_of_the_daemon() -> None:
+    """agentd_client is installed without agentd (clients/python): it may not import it."""
+    bad = []
+    for path in sorted((REPO / "agentd_client").rglob("*.py")):
+        bad += [f"{path.relative_to(REPO)}:{line} imports {target}"
+                for line, target in imports_of(path)
+                if target == "agentd" or target.startswith("agentd.")]
+    assert bad == []
 
 
 def test_the_cli_reaches_the_daemon_only_through_the_client() -> None:

@@ -11,7 +11,7 @@ REPO = Path(__file__).resolve().parent.parent
 
 class TestGeneratedStubs:
     def test_stubs_match_the_protos(self) -> None:
-        """Regenerating agentd/api/gen from proto/ changes nothing (else: run `make proto`)."""
+        """Regenerating agentd_client/v1 from proto/ changes nothing (else: run `make proto`)."""
         done = subprocess.run([sys.executable, str(REPO / "scripts" / "gen_proto.py"), "--check"],
                               capture_output=True, text=True, check=False)
         assert done.returncode == 0, done.stderr

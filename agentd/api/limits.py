@@ -13,8 +13,9 @@ from __future__ import annotations
 
 from typing import Final
 
-MAX_MESSAGE_BYTES: Final = 4 << 20
-"""gRPC's default receive limit, set explicitly on both sides."""
+from agentd_client.connection import MAX_MESSAGE_BYTES
+
+__all__ = ["MAX_MESSAGE_BYTES", "REPLY_HEADROOM"]
 
 REPLY_HEADROOM: Final = 64 << 10
 """Kept free in a capped reply for framing and the fields added after the cap is computed."""

@@ -10,7 +10,7 @@ writable), INTERNAL (a bug; the message carries an incident id).
 A tool that fails is not an error: Exec succeeds and its final message says how the tool ended.
 """
 
-from agentd.api.gen.v1 import agentd_pb2 as _agentd_pb2
+from agentd_client.v1 import agentd_pb2 as _agentd_pb2
 from collections import abc as _abc
 from grpc import aio as _aio
 import abc as _abc_1

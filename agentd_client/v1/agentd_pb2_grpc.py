@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from agentd.api.gen.v1 import agentd_pb2 as agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2
+from agentd_client.v1 import agentd_pb2 as agentd__client_dot_v1_dot_agentd__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in agentd/api/gen/v1/agentd_pb2_grpc.py depends on'
+        + ' but the generated code in agentd_client/v1/agentd_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,108 +36,108 @@ class AgentdStub:
         """
         self.CreateRun = channel.unary_unary(
                 '/agentd.v1.Agentd/CreateRun',
-                request_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.CreateRunRequest.SerializeToString,
-                response_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.Run.FromString,
+                request_serializer=agentd__client_dot_v1_dot_agentd__pb2.CreateRunRequest.SerializeToString,
+                response_deserializer=agentd__client_dot_v1_dot_agentd__pb2.Run.FromString,
                 _registered_method=True)
         self.GetRun = channel.unary_unary(
                 '/agentd.v1.Agentd/GetRun',
-                request_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.GetRunRequest.SerializeToString,
-                response_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.Run.FromString,
+                request_serializer=agentd__client_dot_v1_dot_agentd__pb2.GetRunRequest.SerializeToString,
+                response_deserializer=agentd__client_dot_v1_dot_agentd__pb2.Run.FromString,
                 _registered_method=True)
         self.ListRuns = channel.unary_unary(
                 '/agentd.v1.Agentd/ListRuns',
-                request_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ListRunsRequest.SerializeToString,
-                response_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ListRunsResponse.FromString,
+                request_serializer=agentd__client_dot_v1_dot_agentd__pb2.ListRunsRequest.SerializeToString,
+                response_deserializer=agentd__client_dot_v1_dot_agentd__pb2.ListRunsResponse.FromString,
                 _registered_method=True)
         self.CloseRun = channel.unary_unary(
                 '/agentd.v1.Agentd/CloseRun',
-                request_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.CloseRunRequest.SerializeToString,
-                response_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.Run.FromString,
+                request_serializer=agentd__client_dot_v1_dot_agentd__pb2.CloseRunRequest.SerializeToString,
+                response_deserializer=agentd__client_dot_v1_dot_agentd__pb2.Run.FromString,
                 _registered_method=True)
         self.Exec = channel.unary_stream(
                 '/agentd.v1.Agentd/Exec',
-                request_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ExecRequest.SerializeToString,
-                response_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ExecEvent.FromString,
+                request_serializer=agentd__client_dot_v1_dot_agentd__pb2.ExecRequest.SerializeToString,
+                response_deserializer=agentd__client_dot_v1_dot_agentd__pb2.ExecEvent.FromString,
                 _registered_method=True)
         self.Step = channel.unary_unary(
                 '/agentd.v1.Agentd/Step',
-                request_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StepRequest.SerializeToString,
-                response_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StepReply.FromString,
+                request_serializer=agentd__client_dot_v1_dot_agentd__pb2.StepRequest.SerializeToString,
+                response_deserializer=agentd__client_dot_v1_dot_agentd__pb2.StepReply.FromString,
                 _registered_method=True)
         self.StreamStep = channel.unary_stream(
                 '/agentd.v1.Agentd/StreamStep',
-                request_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StepRequest.SerializeToString,
-                response_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StepEvent.FromString,
+                request_serializer=agentd__client_dot_v1_dot_agentd__pb2.StepRequest.SerializeToString,
+                response_deserializer=agentd__client_dot_v1_dot_agentd__pb2.StepEvent.FromString,
                 _registered_method=True)
         self.Approve = channel.unary_unary(
                 '/agentd.v1.Agentd/Approve',
-                request_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ApproveRequest.SerializeToString,
-                response_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StepReply.FromString,
+                request_serializer=agentd__client_dot_v1_dot_agentd__pb2.ApproveRequest.SerializeToString,
+                response_deserializer=agentd__client_dot_v1_dot_agentd__pb2.StepReply.FromString,
                 _registered_method=True)
         self.WaitStep = channel.unary_unary(
                 '/agentd.v1.Agentd/WaitStep',
-                request_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.WaitStepRequest.SerializeToString,
-                response_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StepReply.FromString,
+                request_serializer=agentd__client_dot_v1_dot_agentd__pb2.WaitStepRequest.SerializeToString,
+                response_deserializer=agentd__client_dot_v1_dot_agentd__pb2.StepReply.FromString,
                 _registered_method=True)
         self.ListSteps = channel.unary_unary(
                 '/agentd.v1.Agentd/ListSteps',
-                request_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ListStepsRequest.SerializeToString,
-                response_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ListStepsResponse.FromString,
+                request_serializer=agentd__client_dot_v1_dot_agentd__pb2.ListStepsRequest.SerializeToString,
+                response_deserializer=agentd__client_dot_v1_dot_agentd__pb2.ListStepsResponse.FromString,
                 _registered_method=True)
         self.ListCheckpoints = channel.unary_unary(
                 '/agentd.v1.Agentd/ListCheckpoints',
-                request_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ListCheckpointsRequest.SerializeToString,
-                response_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ListCheckpointsResponse.FromString,
+                request_serializer=agentd__client_dot_v1_dot_agentd__pb2.ListCheckpointsRequest.SerializeToString,
+                response_deserializer=agentd__client_dot_v1_dot_agentd__pb2.ListCheckpointsResponse.FromString,
                 _registered_method=True)
         self.Rollback = channel.unary_unary(
                 '/agentd.v1.Agentd/Rollback',
-                request_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.RollbackRequest.SerializeToString,
-                response_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.Run.FromString,
+                request_serializer=agentd__client_dot_v1_dot_agentd__pb2.RollbackRequest.SerializeToString,
+                response_deserializer=agentd__client_dot_v1_dot_agentd__pb2.Run.FromString,
                 _registered_method=True)
         self.Fork = channel.unary_unary(
                 '/agentd.v1.Agentd/Fork',
-                request_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ForkRequest.SerializeToString,
-                response_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.Run.FromString,
+                request_serializer=agentd__client_dot_v1_dot_agentd__pb2.ForkRequest.SerializeToString,
+                response_deserializer=agentd__client_dot_v1_dot_agentd__pb2.Run.FromString,
                 _registered_method=True)
         self.ExportCheckpoint = channel.unary_stream(
                 '/agentd.v1.Agentd/ExportCheckpoint',
-                request_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ExportCheckpointRequest.SerializeToString,
-                response_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ExportChunk.FromString,
+                request_serializer=agentd__client_dot_v1_dot_agentd__pb2.ExportCheckpointRequest.SerializeToString,
+                response_deserializer=agentd__client_dot_v1_dot_agentd__pb2.ExportChunk.FromString,
                 _registered_method=True)
         self.GetStatus = channel.unary_unary(
                 '/agentd.v1.Agentd/GetStatus',
-                request_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.GetStatusRequest.SerializeToString,
-                response_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.Status.FromString,
+                request_serializer=agentd__client_dot_v1_dot_agentd__pb2.GetStatusRequest.SerializeToString,
+                response_deserializer=agentd__client_dot_v1_dot_agentd__pb2.Status.FromString,
                 _registered_method=True)
         self.ReloadPolicies = channel.unary_unary(
                 '/agentd.v1.Agentd/ReloadPolicies',
-                request_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ReloadPoliciesRequest.SerializeToString,
-                response_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ReloadPoliciesReply.FromString,
+                request_serializer=agentd__client_dot_v1_dot_agentd__pb2.ReloadPoliciesRequest.SerializeToString,
+                response_deserializer=agentd__client_dot_v1_dot_agentd__pb2.ReloadPoliciesReply.FromString,
                 _registered_method=True)
         self.GetStage = channel.unary_unary(
                 '/agentd.v1.Agentd/GetStage',
-                request_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.GetStageRequest.SerializeToString,
-                response_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StageStatus.FromString,
+                request_serializer=agentd__client_dot_v1_dot_agentd__pb2.GetStageRequest.SerializeToString,
+                response_deserializer=agentd__client_dot_v1_dot_agentd__pb2.StageStatus.FromString,
                 _registered_method=True)
         self.StageHistory = channel.unary_unary(
                 '/agentd.v1.Agentd/StageHistory',
-                request_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.GetStageRequest.SerializeToString,
-                response_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StageHistoryReply.FromString,
+                request_serializer=agentd__client_dot_v1_dot_agentd__pb2.GetStageRequest.SerializeToString,
+                response_deserializer=agentd__client_dot_v1_dot_agentd__pb2.StageHistoryReply.FromString,
                 _registered_method=True)
         self.PromoteStage = channel.unary_unary(
                 '/agentd.v1.Agentd/PromoteStage',
-                request_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.PromoteStageRequest.SerializeToString,
-                response_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StageStatus.FromString,
+                request_serializer=agentd__client_dot_v1_dot_agentd__pb2.PromoteStageRequest.SerializeToString,
+                response_deserializer=agentd__client_dot_v1_dot_agentd__pb2.StageStatus.FromString,
                 _registered_method=True)
         self.ApproveStage = channel.unary_unary(
                 '/agentd.v1.Agentd/ApproveStage',
-                request_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ApproveStageRequest.SerializeToString,
-                response_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StageStatus.FromString,
+                request_serializer=agentd__client_dot_v1_dot_agentd__pb2.ApproveStageRequest.SerializeToString,
+                response_deserializer=agentd__client_dot_v1_dot_agentd__pb2.StageStatus.FromString,
                 _registered_method=True)
         self.AcceptPolicy = channel.unary_unary(
                 '/agentd.v1.Agentd/AcceptPolicy',
-                request_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.AcceptPolicyRequest.SerializeToString,
-                response_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StageStatus.FromString,
+                request_serializer=agentd__client_dot_v1_dot_agentd__pb2.AcceptPolicyRequest.SerializeToString,
+                response_deserializer=agentd__client_dot_v1_dot_agentd__pb2.StageStatus.FromString,
                 _registered_method=True)
 
 
@@ -305,108 +305,108 @@ def add_AgentdServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'CreateRun': grpc.unary_unary_rpc_method_handler(
                     servicer.CreateRun,
-                    request_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.CreateRunRequest.FromString,
-                    response_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.Run.SerializeToString,
+                    request_deserializer=agentd__client_dot_v1_dot_agentd__pb2.CreateRunRequest.FromString,
+                    response_serializer=agentd__client_dot_v1_dot_agentd__pb2.Run.SerializeToString,
             ),
             'GetRun': grpc.unary_unary_rpc_method_handler(
                     servicer.GetRun,
-                    request_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.GetRunRequest.FromString,
-                    response_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.Run.SerializeToString,
+                    request_deserializer=agentd__client_dot_v1_dot_agentd__pb2.GetRunRequest.FromString,
+                    response_serializer=agentd__client_dot_v1_dot_agentd__pb2.Run.SerializeToString,
             ),
             'ListRuns': grpc.unary_unary_rpc_method_handler(
                     servicer.ListRuns,
-                    request_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ListRunsRequest.FromString,
-                    response_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ListRunsResponse.SerializeToString,
+                    request_deserializer=agentd__client_dot_v1_dot_agentd__pb2.ListRunsRequest.FromString,
+                    response_serializer=agentd__client_dot_v1_dot_agentd__pb2.ListRunsResponse.SerializeToString,
             ),
             'CloseRun': grpc.unary_unary_rpc_method_handler(
                     servicer.CloseRun,
-                    request_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.CloseRunRequest.FromString,
-                    response_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.Run.SerializeToString,
+                    request_deserializer=agentd__client_dot_v1_dot_agentd__pb2.CloseRunRequest.FromString,
+                    response_serializer=agentd__client_dot_v1_dot_agentd__pb2.Run.SerializeToString,
             ),
             'Exec': grpc.unary_stream_rpc_method_handler(
                     servicer.Exec,
-                    request_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ExecRequest.FromString,
-                    response_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ExecEvent.SerializeToString,
+                    request_deserializer=agentd__client_dot_v1_dot_agentd__pb2.ExecRequest.FromString,
+                    response_serializer=agentd__client_dot_v1_dot_agentd__pb2.ExecEvent.SerializeToString,
             ),
             'Step': grpc.unary_unary_rpc_method_handler(
                     servicer.Step,
-                    request_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StepRequest.FromString,
-                    response_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StepReply.SerializeToString,
+                    request_deserializer=agentd__client_dot_v1_dot_agentd__pb2.StepRequest.FromString,
+                    response_serializer=agentd__client_dot_v1_dot_agentd__pb2.StepReply.SerializeToString,
             ),
             'StreamStep': grpc.unary_stream_rpc_method_handler(
                     servicer.StreamStep,
-                    request_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StepRequest.FromString,
-                    response_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StepEvent.SerializeToString,
+                    request_deserializer=agentd__client_dot_v1_dot_agentd__pb2.StepRequest.FromString,
+                    response_serializer=agentd__client_dot_v1_dot_agentd__pb2.StepEvent.SerializeToString,
             ),
             'Approve': grpc.unary_unary_rpc_method_handler(
                     servicer.Approve,
-                    request_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ApproveRequest.FromString,
-                    response_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StepReply.SerializeToString,
+                    request_deserializer=agentd__client_dot_v1_dot_agentd__pb2.ApproveRequest.FromString,
+                    response_serializer=agentd__client_dot_v1_dot_agentd__pb2.StepReply.SerializeToString,
             ),
             'WaitStep': grpc.unary_unary_rpc_method_handler(
                     servicer.WaitStep,
-                    request_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.WaitStepRequest.FromString,
-                    response_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StepReply.SerializeToString,
+                    request_deserializer=agentd__client_dot_v1_dot_agentd__pb2.WaitStepRequest.FromString,
+                    response_serializer=agentd__client_dot_v1_dot_agentd__pb2.StepReply.SerializeToString,
             ),
             'ListSteps': grpc.unary_unary_rpc_method_handler(
                     servicer.ListSteps,
-                    request_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ListStepsRequest.FromString,
-                    response_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ListStepsResponse.SerializeToString,
+                    request_deserializer=agentd__client_dot_v1_dot_agentd__pb2.ListStepsRequest.FromString,
+                    response_serializer=agentd__client_dot_v1_dot_agentd__pb2.ListStepsResponse.SerializeToString,
             ),
             'ListCheckpoints': grpc.unary_unary_rpc_method_handler(
                     servicer.ListCheckpoints,
-                    request_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ListCheckpointsRequest.FromString,
-                    response_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ListCheckpointsResponse.SerializeToString,
+                    request_deserializer=agentd__client_dot_v1_dot_agentd__pb2.ListCheckpointsRequest.FromString,
+                    response_serializer=agentd__client_dot_v1_dot_agentd__pb2.ListCheckpointsResponse.SerializeToString,
             ),
             'Rollback': grpc.unary_unary_rpc_method_handler(
                     servicer.Rollback,
-                    request_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.RollbackRequest.FromString,
-                    response_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.Run.SerializeToString,
+                    request_deserializer=agentd__client_dot_v1_dot_agentd__pb2.RollbackRequest.FromString,
+                    response_serializer=agentd__client_dot_v1_dot_agentd__pb2.Run.SerializeToString,
             ),
             'Fork': grpc.unary_unary_rpc_method_handler(
                     servicer.Fork,
-                    request_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ForkRequest.FromString,
-                    response_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.Run.SerializeToString,
+                    request_deserializer=agentd__client_dot_v1_dot_agentd__pb2.ForkRequest.FromString,
+                    response_serializer=agentd__client_dot_v1_dot_agentd__pb2.Run.SerializeToString,
             ),
             'ExportCheckpoint': grpc.unary_stream_rpc_method_handler(
                     servicer.ExportCheckpoint,
-                    request_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ExportCheckpointRequest.FromString,
-                    response_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ExportChunk.SerializeToString,
+                    request_deserializer=agentd__client_dot_v1_dot_agentd__pb2.ExportCheckpointRequest.FromString,
+                    response_serializer=agentd__client_dot_v1_dot_agentd__pb2.ExportChunk.SerializeToString,
             ),
             'GetStatus': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStatus,
-                    request_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.GetStatusRequest.FromString,
-                    response_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.Status.SerializeToString,
+                    request_deserializer=agentd__client_dot_v1_dot_agentd__pb2.GetStatusRequest.FromString,
+                    response_serializer=agentd__client_dot_v1_dot_agentd__pb2.Status.SerializeToString,
             ),
             'ReloadPolicies': grpc.unary_unary_rpc_method_handler(
                     servicer.ReloadPolicies,
-                    request_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ReloadPoliciesRequest.FromString,
-                    response_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ReloadPoliciesReply.SerializeToString,
+                    request_deserializer=agentd__client_dot_v1_dot_agentd__pb2.ReloadPoliciesRequest.FromString,
+                    response_serializer=agentd__client_dot_v1_dot_agentd__pb2.ReloadPoliciesReply.SerializeToString,
             ),
             'GetStage': grpc.unary_unary_rpc_method_handler(
                     servicer.GetStage,
-                    request_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.GetStageRequest.FromString,
-                    response_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StageStatus.SerializeToString,
+                    request_deserializer=agentd__client_dot_v1_dot_agentd__pb2.GetStageRequest.FromString,
+                    response_serializer=agentd__client_dot_v1_dot_agentd__pb2.StageStatus.SerializeToString,
             ),
             'StageHistory': grpc.unary_unary_rpc_method_handler(
                     servicer.StageHistory,
-                    request_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.GetStageRequest.FromString,
-                    response_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StageHistoryReply.SerializeToString,
+                    request_deserializer=agentd__client_dot_v1_dot_agentd__pb2.GetStageRequest.FromString,
+                    response_serializer=agentd__client_dot_v1_dot_agentd__pb2.StageHistoryReply.SerializeToString,
             ),
             'PromoteStage': grpc.unary_unary_rpc_method_handler(
                     servicer.PromoteStage,
-                    request_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.PromoteStageRequest.FromString,
-                    response_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StageStatus.SerializeToString,
+                    request_deserializer=agentd__client_dot_v1_dot_agentd__pb2.PromoteStageRequest.FromString,
+                    response_serializer=agentd__client_dot_v1_dot_agentd__pb2.StageStatus.SerializeToString,
             ),
             'ApproveStage': grpc.unary_unary_rpc_method_handler(
                     servicer.ApproveStage,
-                    request_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ApproveStageRequest.FromString,
-                    response_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StageStatus.SerializeToString,
+                    request_deserializer=agentd__client_dot_v1_dot_agentd__pb2.ApproveStageRequest.FromString,
+                    response_serializer=agentd__client_dot_v1_dot_agentd__pb2.StageStatus.SerializeToString,
             ),
             'AcceptPolicy': grpc.unary_unary_rpc_method_handler(
                     servicer.AcceptPolicy,
-                    request_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.AcceptPolicyRequest.FromString,
-                    response_serializer=agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StageStatus.SerializeToString,
+                    request_deserializer=agentd__client_dot_v1_dot_agentd__pb2.AcceptPolicyRequest.FromString,
+                    response_serializer=agentd__client_dot_v1_dot_agentd__pb2.StageStatus.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -434,8 +434,8 @@ class Agentd:
             request,
             target,
             '/agentd.v1.Agentd/CreateRun',
-            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.CreateRunRequest.SerializeToString,
-            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.Run.FromString,
+            agentd__client_dot_v1_dot_agentd__pb2.CreateRunRequest.SerializeToString,
+            agentd__client_dot_v1_dot_agentd__pb2.Run.FromString,
             options,
             channel_credentials,
             insecure,
@@ -461,8 +461,8 @@ class Agentd:
             request,
             target,
             '/agentd.v1.Agentd/GetRun',
-            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.GetRunRequest.SerializeToString,
-            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.Run.FromString,
+            agentd__client_dot_v1_dot_agentd__pb2.GetRunRequest.SerializeToString,
+            agentd__client_dot_v1_dot_agentd__pb2.Run.FromString,
             options,
             channel_credentials,
             insecure,
@@ -488,8 +488,8 @@ class Agentd:
             request,
             target,
             '/agentd.v1.Agentd/ListRuns',
-            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ListRunsRequest.SerializeToString,
-            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ListRunsResponse.FromString,
+            agentd__client_dot_v1_dot_agentd__pb2.ListRunsRequest.SerializeToString,
+            agentd__client_dot_v1_dot_agentd__pb2.ListRunsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -515,8 +515,8 @@ class Agentd:
             request,
             target,
             '/agentd.v1.Agentd/CloseRun',
-            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.CloseRunRequest.SerializeToString,
-            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.Run.FromString,
+            agentd__client_dot_v1_dot_agentd__pb2.CloseRunRequest.SerializeToString,
+            agentd__client_dot_v1_dot_agentd__pb2.Run.FromString,
             options,
             channel_credentials,
             insecure,
@@ -542,8 +542,8 @@ class Agentd:
             request,
             target,
             '/agentd.v1.Agentd/Exec',
-            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ExecRequest.SerializeToString,
-            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ExecEvent.FromString,
+            agentd__client_dot_v1_dot_agentd__pb2.ExecRequest.SerializeToString,
+            agentd__client_dot_v1_dot_agentd__pb2.ExecEvent.FromString,
             options,
             channel_credentials,
             insecure,
@@ -569,8 +569,8 @@ class Agentd:
             request,
             target,
             '/agentd.v1.Agentd/Step',
-            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StepRequest.SerializeToString,
-            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StepReply.FromString,
+            agentd__client_dot_v1_dot_agentd__pb2.StepRequest.SerializeToString,
+            agentd__client_dot_v1_dot_agentd__pb2.StepReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -596,8 +596,8 @@ class Agentd:
             request,
             target,
             '/agentd.v1.Agentd/StreamStep',
-            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StepRequest.SerializeToString,
-            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StepEvent.FromString,
+            agentd__client_dot_v1_dot_agentd__pb2.StepRequest.SerializeToString,
+            agentd__client_dot_v1_dot_agentd__pb2.StepEvent.FromString,
             options,
             channel_credentials,
             insecure,
@@ -623,8 +623,8 @@ class Agentd:
             request,
             target,
             '/agentd.v1.Agentd/Approve',
-            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ApproveRequest.SerializeToString,
-            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StepReply.FromString,
+            agentd__client_dot_v1_dot_agentd__pb2.ApproveRequest.SerializeToString,
+            agentd__client_dot_v1_dot_agentd__pb2.StepReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -650,8 +650,8 @@ class Agentd:
             request,
             target,
             '/agentd.v1.Agentd/WaitStep',
-            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.WaitStepRequest.SerializeToString,
-            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StepReply.FromString,
+            agentd__client_dot_v1_dot_agentd__pb2.WaitStepRequest.SerializeToString,
+            agentd__client_dot_v1_dot_agentd__pb2.StepReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -677,8 +677,8 @@ class Agentd:
             request,
             target,
             '/agentd.v1.Agentd/ListSteps',
-            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ListStepsRequest.SerializeToString,
-            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ListStepsResponse.FromString,
+            agentd__client_dot_v1_dot_agentd__pb2.ListStepsRequest.SerializeToString,
+            agentd__client_dot_v1_dot_agentd__pb2.ListStepsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -704,8 +704,8 @@ class Agentd:
             request,
             target,
             '/agentd.v1.Agentd/ListCheckpoints',
-            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ListCheckpointsRequest.SerializeToString,
-            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ListCheckpointsResponse.FromString,
+            agentd__client_dot_v1_dot_agentd__pb2.ListCheckpointsRequest.SerializeToString,
+            agentd__client_dot_v1_dot_agentd__pb2.ListCheckpointsResponse.FromString,
             options,
             channel_credentials,
             insecure,
@@ -731,8 +731,8 @@ class Agentd:
             request,
             target,
             '/agentd.v1.Agentd/Rollback',
-            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.RollbackRequest.SerializeToString,
-            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.Run.FromString,
+            agentd__client_dot_v1_dot_agentd__pb2.RollbackRequest.SerializeToString,
+            agentd__client_dot_v1_dot_agentd__pb2.Run.FromString,
             options,
             channel_credentials,
             insecure,
@@ -758,8 +758,8 @@ class Agentd:
             request,
             target,
             '/agentd.v1.Agentd/Fork',
-            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ForkRequest.SerializeToString,
-            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.Run.FromString,
+            agentd__client_dot_v1_dot_agentd__pb2.ForkRequest.SerializeToString,
+            agentd__client_dot_v1_dot_agentd__pb2.Run.FromString,
             options,
             channel_credentials,
             insecure,
@@ -785,8 +785,8 @@ class Agentd:
             request,
             target,
             '/agentd.v1.Agentd/ExportCheckpoint',
-            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ExportCheckpointRequest.SerializeToString,
-            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ExportChunk.FromString,
+            agentd__client_dot_v1_dot_agentd__pb2.ExportCheckpointRequest.SerializeToString,
+            agentd__client_dot_v1_dot_agentd__pb2.ExportChunk.FromString,
             options,
             channel_credentials,
             insecure,
@@ -812,8 +812,8 @@ class Agentd:
             request,
             target,
             '/agentd.v1.Agentd/GetStatus',
-            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.GetStatusRequest.SerializeToString,
-            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.Status.FromString,
+            agentd__client_dot_v1_dot_agentd__pb2.GetStatusRequest.SerializeToString,
+            agentd__client_dot_v1_dot_agentd__pb2.Status.FromString,
             options,
             channel_credentials,
             insecure,
@@ -839,8 +839,8 @@ class Agentd:
             request,
             target,
             '/agentd.v1.Agentd/ReloadPolicies',
-            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ReloadPoliciesRequest.SerializeToString,
-            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ReloadPoliciesReply.FromString,
+            agentd__client_dot_v1_dot_agentd__pb2.ReloadPoliciesRequest.SerializeToString,
+            agentd__client_dot_v1_dot_agentd__pb2.ReloadPoliciesReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -866,8 +866,8 @@ class Agentd:
             request,
             target,
             '/agentd.v1.Agentd/GetStage',
-            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.GetStageRequest.SerializeToString,
-            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StageStatus.FromString,
+            agentd__client_dot_v1_dot_agentd__pb2.GetStageRequest.SerializeToString,
+            agentd__client_dot_v1_dot_agentd__pb2.StageStatus.FromString,
             options,
             channel_credentials,
             insecure,
@@ -893,8 +893,8 @@ class Agentd:
             request,
             target,
             '/agentd.v1.Agentd/StageHistory',
-            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.GetStageRequest.SerializeToString,
-            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StageHistoryReply.FromString,
+            agentd__client_dot_v1_dot_agentd__pb2.GetStageRequest.SerializeToString,
+            agentd__client_dot_v1_dot_agentd__pb2.StageHistoryReply.FromString,
             options,
             channel_credentials,
             insecure,
@@ -920,8 +920,8 @@ class Agentd:
             request,
             target,
             '/agentd.v1.Agentd/PromoteStage',
-            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.PromoteStageRequest.SerializeToString,
-            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StageStatus.FromString,
+            agentd__client_dot_v1_dot_agentd__pb2.PromoteStageRequest.SerializeToString,
+            agentd__client_dot_v1_dot_agentd__pb2.StageStatus.FromString,
             options,
             channel_credentials,
             insecure,
@@ -947,8 +947,8 @@ class Agentd:
             request,
             target,
             '/agentd.v1.Agentd/ApproveStage',
-            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.ApproveStageRequest.SerializeToString,
-            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StageStatus.FromString,
+            agentd__client_dot_v1_dot_agentd__pb2.ApproveStageRequest.SerializeToString,
+            agentd__client_dot_v1_dot_agentd__pb2.StageStatus.FromString,
             options,
             channel_credentials,
             insecure,
@@ -974,8 +974,8 @@ class Agentd:
             request,
             target,
             '/agentd.v1.Agentd/AcceptPolicy',
-            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.AcceptPolicyRequest.SerializeToString,
-            agentd_dot_api_dot_gen_dot_v1_dot_agentd__pb2.StageStatus.FromString,
+            agentd__client_dot_v1_dot_agentd__pb2.AcceptPolicyRequest.SerializeToString,
+            agentd__client_dot_v1_dot_agentd__pb2.StageStatus.FromString,
             options,
             channel_credentials,
             insecure,

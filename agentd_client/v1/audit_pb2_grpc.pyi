@@ -12,7 +12,7 @@ Errors: INVALID_ARGUMENT for an index or size beyond the log; FAILED_PRECONDITIO
 files changed on disk under the daemon; UNAVAILABLE while the daemon is shutting down.
 """
 
-from agentd.api.gen.v1 import audit_pb2 as _audit_pb2
+from agentd_client.v1 import audit_pb2 as _audit_pb2
 from collections import abc as _abc
 from grpc import aio as _aio
 import abc as _abc_1

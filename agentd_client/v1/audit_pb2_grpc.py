@@ -3,7 +3,7 @@
 import grpc
 import warnings
 
-from agentd.api.gen.v1 import audit_pb2 as agentd_dot_api_dot_gen_dot_v1_dot_audit__pb2
+from agentd_client.v1 import audit_pb2 as agentd__client_dot_v1_dot_audit__pb2
 
 GRPC_GENERATED_VERSION = '1.85.1'
 GRPC_VERSION = grpc.__version__
@@ -18,7 +18,7 @@ except ImportError:
 if _version_not_supported:
     raise RuntimeError(
         f'The grpc package installed is at version {GRPC_VERSION},'
-        + ' but the generated code in agentd/api/gen/v1/audit_pb2_grpc.py depends on'
+        + ' but the generated code in agentd_client/v1/audit_pb2_grpc.py depends on'
         + f' grpcio>={GRPC_GENERATED_VERSION}.'
         + f' Please upgrade your grpc module to grpcio>={GRPC_GENERATED_VERSION}'
         + f' or downgrade your generated code using grpcio-tools<={GRPC_VERSION}.'
@@ -36,28 +36,28 @@ class AuditServiceStub:
         """
         self.GetTreeHead = channel.unary_unary(
                 '/agentd.v1.AuditService/GetTreeHead',
-                request_serializer=agentd_dot_api_dot_gen_dot_v1_dot_audit__pb2.GetTreeHeadRequest.SerializeToString,
-                response_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_audit__pb2.SignedTreeHead.FromString,
+                request_serializer=agentd__client_dot_v1_dot_audit__pb2.GetTreeHeadRequest.SerializeToString,
+                response_deserializer=agentd__client_dot_v1_dot_audit__pb2.SignedTreeHead.FromString,
                 _registered_method=True)
         self.GetInclusionProof = channel.unary_unary(
                 '/agentd.v1.AuditService/GetInclusionProof',
-                request_serializer=agentd_dot_api_dot_gen_dot_v1_dot_audit__pb2.GetInclusionProofRequest.SerializeToString,
-                response_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_audit__pb2.InclusionProof.FromString,
+                request_serializer=agentd__client_dot_v1_dot_audit__pb2.GetInclusionProofRequest.SerializeToString,
+                response_deserializer=agentd__client_dot_v1_dot_audit__pb2.InclusionProof.FromString,
                 _registered_method=True)
         self.GetConsistencyProof = channel.unary_unary(
                 '/agentd.v1.AuditService/GetConsistencyProof',
-                request_serializer=agentd_dot_api_dot_gen_dot_v1_dot_audit__pb2.GetConsistencyProofRequest.SerializeToString,
-                response_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_audit__pb2.ConsistencyProof.FromString,
+                request_serializer=agentd__client_dot_v1_dot_audit__pb2.GetConsistencyProofRequest.SerializeToString,
+                response_deserializer=agentd__client_dot_v1_dot_audit__pb2.ConsistencyProof.FromString,
                 _registered_method=True)
         self.Tail = channel.unary_stream(
                 '/agentd.v1.AuditService/Tail',
-                request_serializer=agentd_dot_api_dot_gen_dot_v1_dot_audit__pb2.TailRequest.SerializeToString,
-                response_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_audit__pb2.AuditRecord.FromString,
+                request_serializer=agentd__client_dot_v1_dot_audit__pb2.TailRequest.SerializeToString,
+                response_deserializer=agentd__client_dot_v1_dot_audit__pb2.AuditRecord.FromString,
                 _registered_method=True)
         self.Query = channel.unary_unary(
                 '/agentd.v1.AuditService/Query',
-                request_serializer=agentd_dot_api_dot_gen_dot_v1_dot_audit__pb2.QueryRequest.SerializeToString,
-                response_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_audit__pb2.QueryResponse.FromString,
+                request_serializer=agentd__client_dot_v1_dot_audit__pb2.QueryRequest.SerializeToString,
+                response_deserializer=agentd__client_dot_v1_dot_audit__pb2.QueryResponse.FromString,
                 _registered_method=True)
 
 
@@ -106,28 +106,28 @@ def add_AuditServiceServicer_to_server(servicer, server):
     rpc_method_handlers = {
             'GetTreeHead': grpc.unary_unary_rpc_method_handler(
                     servicer.GetTreeHead,
-                    request_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_audit__pb2.GetTreeHeadRequest.FromString,
-                    response_serializer=agentd_dot_api_dot_gen_dot_v1_dot_audit__pb2.SignedTreeHead.SerializeToString,
+                    request_deserializer=agentd__client_dot_v1_dot_audit__pb2.GetTreeHeadRequest.FromString,
+                    response_serializer=agentd__client_dot_v1_dot_audit__pb2.SignedTreeHead.SerializeToString,
             ),
             'GetInclusionProof': grpc.unary_unary_rpc_method_handler(
                     servicer.GetInclusionProof,
-                    request_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_audit__pb2.GetInclusionProofRequest.FromString,
-                    response_serializer=agentd_dot_api_dot_gen_dot_v1_dot_audit__pb2.InclusionProof.SerializeToString,
+                    request_deserializer=agentd__client_dot_v1_dot_audit__pb2.GetInclusionProofRequest.FromString,
+                    response_serializer=agentd__client_dot_v1_dot_audit__pb2.InclusionProof.SerializeToString,
             ),
             'GetConsistencyProof': grpc.unary_unary_rpc_method_handler(
                     servicer.GetConsistencyProof,
-                    request_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_audit__pb2.GetConsistencyProofRequest.FromString,
-                    response_serializer=agentd_dot_api_dot_gen_dot_v1_dot_audit__pb2.ConsistencyProof.SerializeToString,
+                    request_deserializer=agentd__client_dot_v1_dot_audit__pb2.GetConsistencyProofRequest.FromString,
+                    response_serializer=agentd__client_dot_v1_dot_audit__pb2.ConsistencyProof.SerializeToString,
             ),
             'Tail': grpc.unary_stream_rpc_method_handler(
                     servicer.Tail,
-                    request_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_audit__pb2.TailRequest.FromString,
-                    response_serializer=agentd_dot_api_dot_gen_dot_v1_dot_audit__pb2.AuditRecord.SerializeToString,
+                    request_deserializer=agentd__client_dot_v1_dot_audit__pb2.TailRequest.FromString,
+                    response_serializer=agentd__client_dot_v1_dot_audit__pb2.AuditRecord.SerializeToString,
             ),
             'Query': grpc.unary_unary_rpc_method_handler(
                     servicer.Query,
-                    request_deserializer=agentd_dot_api_dot_gen_dot_v1_dot_audit__pb2.QueryRequest.FromString,
-                    response_serializer=agentd_dot_api_dot_gen_dot_v1_dot_audit__pb2.QueryResponse.SerializeToString,
+                    request_deserializer=agentd__client_dot_v1_dot_audit__pb2.QueryRequest.FromString,
+                    response_serializer=agentd__client_dot_v1_dot_audit__pb2.QueryResponse.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -155,8 +155,8 @@ class AuditService:
             request,
             target,
             '/agentd.v1.AuditService/GetTreeHead',
-            agentd_dot_api_dot_gen_dot_v1_dot_audit__pb2.GetTreeHeadRequest.SerializeToString,
-            agentd_dot_api_dot_gen_dot_v1_dot_audit__pb2.SignedTreeHead.FromString,
+            agentd__client_dot_v1_dot_audit__pb2.GetTreeHeadRequest.SerializeToString,
+            agentd__client_dot_v1_dot_audit__pb2.SignedTreeHead.FromString,
             options,
             channel_credentials,
             insecure,
@@ -182,8 +182,8 @@ class AuditService:
             request,
             target,
             '/agentd.v1.AuditService/GetInclusionProof',
-            agentd_dot_api_dot_gen_dot_v1_dot_audit__pb2.GetInclusionProofRequest.SerializeToString,
-            agentd_dot_api_dot_gen_dot_v1_dot_audit__pb2.InclusionProof.FromString,
+            agentd__client_dot_v1_dot_audit__pb2.GetInclusionProofRequest.SerializeToString,
+            agentd__client_dot_v1_dot_audit__pb2.InclusionProof.FromString,
             options,
             channel_credentials,
             insecure,
@@ -209,8 +209,8 @@ class AuditService:
             request,
             target,
             '/agentd.v1.AuditService/GetConsistencyProof',
-            agentd_dot_api_dot_gen_dot_v1_dot_audit__pb2.GetConsistencyProofRequest.SerializeToString,
-            agentd_dot_api_dot_gen_dot_v1_dot_audit__pb2.ConsistencyProof.FromString,
+            agentd__client_dot_v1_dot_audit__pb2.GetConsistencyProofRequest.SerializeToString,
+            agentd__client_dot_v1_dot_audit__pb2.ConsistencyProof.FromString,
             options,
             channel_credentials,
             insecure,
@@ -236,8 +236,8 @@ class AuditService:
             request,
             target,
             '/agentd.v1.AuditService/Tail',
-            agentd_dot_api_dot_gen_dot_v1_dot_audit__pb2.TailRequest.SerializeToString,
-            agentd_dot_api_dot_gen_dot_v1_dot_audit__pb2.AuditRecord.FromString,
+            agentd__client_dot_v1_dot_audit__pb2.TailRequest.SerializeToString,
+            agentd__client_dot_v1_dot_audit__pb2.AuditRecord.FromString,
             options,
             channel_credentials,
             insecure,
@@ -263,8 +263,8 @@ class AuditService:
             request,
             target,
             '/agentd.v1.AuditService/Query',
-            agentd_dot_api_dot_gen_dot_v1_dot_audit__pb2.QueryRequest.SerializeToString,
-            agentd_dot_api_dot_gen_dot_v1_dot_audit__pb2.QueryResponse.FromString,
+            agentd__client_dot_v1_dot_audit__pb2.QueryRequest.SerializeToString,
+            agentd__client_dot_v1_dot_audit__pb2.QueryResponse.FromString,
             options,
             channel_credentials,
             insecure,
