@@ -42,12 +42,12 @@ class AsyncClient:
         await self.close()
 
     async def _call(self, call: Callable[..., Awaitable[R]], request: Any,
-                    deadline: float | None) -> R:
+                    deadline: float | None, *, idempotent: bool = False) -> R:
         for attempt in range(self.retries + 1):
             try:
                 return await call(request, timeout=deadline)
             except grpc.RpcError as exc:
-                if attempt < self.retries and retryable(exc):
+                if attempt < self.retries and retryable(exc, idempotent=idempotent):
                     await asyncio.sleep(t.BACKOFF_SECONDS[attempt])
                     continue
                 raise from_rpc(exc, self.socket) from None
@@ -66,12 +66,14 @@ class AsyncClient:
                          self.timeout)
 
     async def head(self, run_id: str) -> int:
-        run = await self._call(self._stub.GetRun, pb.GetRunRequest(run_id=run_id), self.timeout)
+        run = await self._call(self._stub.GetRun, pb.GetRunRequest(run_id=run_id), self.timeout,
+                         idempotent=True)
         return run.step
 
     async def checkpoints(self, run_id: str) -> list[int]:
         reply = await self._call(self._stub.ListCheckpoints,
-                                 pb.ListCheckpointsRequest(run_id=run_id), self.timeout)
+                                 pb.ListCheckpointsRequest(run_id=run_id), self.timeout,
+                           idempotent=True)
         return [c.step for c in reply.checkpoints]
 
     async def rollback(self, run_id: str, step: int) -> None:
@@ -106,7 +108,8 @@ class AsyncClient:
                         yield t.run_result(event.outcome, bytes(stdout), bytes(stderr))
                 return
             except grpc.RpcError as exc:
-                if not started and attempt < self.retries and retryable(exc):
+                again = not started and attempt < self.retries
+                if again and retryable(exc, idempotent=False):
                     await asyncio.sleep(t.BACKOFF_SECONDS[attempt])
                     continue
                 raise from_rpc(exc, self.socket) from None
@@ -132,4 +135,5 @@ class AsyncClient:
     async def wait_step(self, run_id: str, step: int, *, deadline: float | None = None
                         ) -> t.StepResult:
         return t.step_result(await self._call(
-            self._stub.WaitStep, pb.WaitStepRequest(run_id=run_id, step=step), deadline))
+            self._stub.WaitStep, pb.WaitStepRequest(run_id=run_id, step=step), deadline,
+            idempotent=True))

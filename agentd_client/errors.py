@@ -97,11 +97,17 @@ _BY_CODE: dict[grpc.StatusCode, type[AgentdError]] = {
     grpc.StatusCode.INTERNAL: Internal,
 }
 
-#: Codes after which nothing was done, so any call may be sent again (after a pause):
-#: UNAVAILABLE (unreachable, draining, or the launcher died before the tool started) and
-#: RESOURCE_EXHAUSTED (refused at once, never queued). Nothing else is retried: ABORTED needs
-#: a new decision, DEADLINE_EXCEEDED may have run.
+#: The codes a call may be sent again after (with a pause), when they say nothing was done.
+#: Nothing else is retried: ABORTED needs a new decision, DEADLINE_EXCEEDED may have run.
 RETRYABLE = frozenset({grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED})
+
+# UNAVAILABLE also means "the connection broke", possibly after the daemon committed a step
+# whose reply was lost: a call that changes state is sent again only when the failure shows
+# it never ran (no connection, or the daemon's own refusal at the door).
+_NEVER_RAN = ("failed to connect", "Connection refused", "No such file or directory",
+              "agentd is shutting down", "the call was not run")
+# Raised by grpc on the receiving side, after the sender did the work.
+_TOO_LARGE = ("Received message larger than max", "Sent message larger than max")
 
 _PENDING = re.compile(r"^step (\d+) needs approval")
 
@@ -122,6 +128,14 @@ def from_rpc(exc: grpc.RpcError, socket_path: str) -> AgentdError:
     return kind(message)
 
 
-def retryable(exc: grpc.RpcError) -> bool:
+def retryable(exc: grpc.RpcError, *, idempotent: bool) -> bool:
+    """Whether sending the call again cannot do twice what it did once."""
     code_fn = getattr(exc, "code", None)
-    return callable(code_fn) and code_fn() in RETRYABLE
+    details_fn = getattr(exc, "details", None)
+    code = code_fn() if callable(code_fn) else None
+    details = str(details_fn() or "") if callable(details_fn) else ""
+    if code is grpc.StatusCode.RESOURCE_EXHAUSTED:
+        return not details.startswith(_TOO_LARGE)  # the daemon refused it at once
+    if code is grpc.StatusCode.UNAVAILABLE:
+        return idempotent or any(sign in details for sign in _NEVER_RAN)
+    return False

@@ -49,12 +49,14 @@ class Client:
                  trace: TracebackType | None) -> None:
         self.close()
 
-    def _call(self, call: Callable[..., R], request: Any, deadline: float | None) -> R:
+    def _call(self, call: Callable[..., R], request: Any, deadline: float | None, *,
+              idempotent: bool = False) -> R:
+        """The call, sent again after a pause while `retryable` says so."""
         for attempt in range(self.retries + 1):
             try:
                 return call(request, timeout=deadline)
             except grpc.RpcError as exc:
-                if attempt < self.retries and retryable(exc):
+                if attempt < self.retries and retryable(exc, idempotent=idempotent):
                     time.sleep(t.BACKOFF_SECONDS[attempt])
                     continue
                 raise from_rpc(exc, self.socket) from None
@@ -75,11 +77,14 @@ class Client:
 
     def head(self, run_id: str) -> int:
         """The run's current checkpoint (its last committed step)."""
-        return self._call(self._stub.GetRun, pb.GetRunRequest(run_id=run_id), self.timeout).step
+        run = self._call(self._stub.GetRun, pb.GetRunRequest(run_id=run_id), self.timeout,
+                         idempotent=True)
+        return run.step
 
     def checkpoints(self, run_id: str) -> list[int]:
         reply = self._call(self._stub.ListCheckpoints,
-                           pb.ListCheckpointsRequest(run_id=run_id), self.timeout)
+                           pb.ListCheckpointsRequest(run_id=run_id), self.timeout,
+                           idempotent=True)
         return [c.step for c in reply.checkpoints]
 
     def rollback(self, run_id: str, step: int) -> None:
@@ -117,7 +122,8 @@ class Client:
                         yield t.run_result(event.outcome, bytes(stdout), bytes(stderr))
                 return
             except grpc.RpcError as exc:
-                if not started and attempt < self.retries and retryable(exc):
+                again = not started and attempt < self.retries
+                if again and retryable(exc, idempotent=False):
                     time.sleep(t.BACKOFF_SECONDS[attempt])
                     continue
                 raise from_rpc(exc, self.socket) from None
@@ -146,4 +152,5 @@ class Client:
         """The step once it has ended: one waiting for approval, once an approver decided
         and it ran (committed), or rejected it (discarded)."""
         return t.step_result(self._call(
-            self._stub.WaitStep, pb.WaitStepRequest(run_id=run_id, step=step), deadline))
+            self._stub.WaitStep, pb.WaitStepRequest(run_id=run_id, step=step), deadline,
+            idempotent=True))

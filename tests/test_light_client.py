@@ -191,41 +191,55 @@ class TestAsyncClient:
 
 
 class _Refusal(grpc.RpcError):
-    def __init__(self, code: grpc.StatusCode) -> None:
-        self._code = code
+    def __init__(self, code: grpc.StatusCode, details: str) -> None:
+        self._code, self._details = code, details
 
     def code(self) -> grpc.StatusCode:
         return self._code
 
     def details(self) -> str:
-        return f"refused: {self._code.name}"
+        return self._details
+
+
+UNAVAILABLE, EXHAUSTED = grpc.StatusCode.UNAVAILABLE, grpc.StatusCode.RESOURCE_EXHAUSTED
 
 
 class TestRetries:
-    """Only UNAVAILABLE and RESOURCE_EXHAUSTED, which say nothing was done, are retried."""
+    """A call is sent again only when the failure says nothing was done: a state-changing
+    call after UNAVAILABLE only if it never reached the daemon (a broken connection may have
+    lost the reply of a committed step), after RESOURCE_EXHAUSTED unless grpc refused a
+    reply that was already made; a read after either."""
 
-    @pytest.mark.parametrize(("code", "calls"), [
-        (grpc.StatusCode.UNAVAILABLE, 3), (grpc.StatusCode.RESOURCE_EXHAUSTED, 3),
-        (grpc.StatusCode.ABORTED, 1), (grpc.StatusCode.DEADLINE_EXCEEDED, 1),
-        (grpc.StatusCode.INTERNAL, 1)])
-    def test_which_codes_are_retried(self, monkeypatch: pytest.MonkeyPatch,
-                                     code: grpc.StatusCode, calls: int) -> None:
+    @pytest.mark.parametrize(("code", "details", "idempotent", "calls"), [
+        (UNAVAILABLE, "failed to connect to all addresses", False, 3),
+        (UNAVAILABLE, "agentd is shutting down; retry against the restarted daemon", False, 3),
+        (UNAVAILABLE, "the worker launcher died; the call was not run, retry it", False, 3),
+        (UNAVAILABLE, "Socket closed", False, 1),
+        (UNAVAILABLE, "Socket closed", True, 3),
+        (EXHAUSTED, "16 steps already wait on run r-1", False, 3),
+        (EXHAUSTED, "Received message larger than max (5000000 vs. 4194304)", False, 1),
+        (grpc.StatusCode.ABORTED, "the head moved", True, 1),
+        (grpc.StatusCode.DEADLINE_EXCEEDED, "Deadline Exceeded", True, 1),
+        (grpc.StatusCode.INTERNAL, "incident 1", True, 1)])
+    def test_which_failures_are_retried(self, monkeypatch: pytest.MonkeyPatch,
+                                        code: grpc.StatusCode, details: str, idempotent: bool,
+                                        calls: int) -> None:
         monkeypatch.setattr(client_types, "BACKOFF_SECONDS", (0.0, 0.0, 0.0))
         made: list[object] = []
 
         def call(request: object, timeout: float | None) -> str:
             made.append(request)
             if len(made) < 3:
-                raise _Refusal(code)
+                raise _Refusal(code, details)
             return "done"
 
         agentd = Client(os.devnull, retries=3)
         try:
             if calls == 3:
-                assert agentd._call(call, "req", 1.0) == "done"
+                assert agentd._call(call, "req", 1.0, idempotent=idempotent) == "done"
             else:
                 with pytest.raises(agentd_client.AgentdError) as failed:
-                    agentd._call(call, "req", 1.0)
+                    agentd._call(call, "req", 1.0, idempotent=idempotent)
                 assert failed.value.code == code.name
         finally:
             agentd.close()
