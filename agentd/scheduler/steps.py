@@ -50,6 +50,7 @@ from agentd.errors import (
     FailedPrecondition,
     NotFound,
     PermissionDenied,
+    ResourceExhausted,
 )
 from agentd.identity import SYSTEM, Caller
 from agentd.policy import EffectivePolicy
@@ -77,6 +78,10 @@ log = structlog.get_logger("agentd.steps")
 
 __all__ = ["StepListener", "StepResult", "StepRunner", "TaskOutcome", "TaskRequest",
            "recover_steps"]
+
+
+# Callers that may wait (WaitStep) on one run's steps at once.
+MAX_WAITERS_PER_RUN = 64
 
 
 @dataclass
@@ -148,8 +153,10 @@ class StepRunner:
         self.exports = Exporter()
         self.max_export_bytes = max_export_bytes
         self._background: set[asyncio.Task[None]] = set()
-        # Callers of `wait`: each one's event is set whenever an attempt may have ended.
-        self._waiters: set[asyncio.Event] = set()
+        # Callers of `wait`, per run: each one's event is set whenever an attempt of that
+        # run may have ended (bounded, so that idle waiters cannot make every step's end
+        # wake thousands of queries).
+        self._waiters: dict[str, set[asyncio.Event]] = {}
         runs.on_closed = self._wake
 
     # -- waiting for a step -------------------------------------------------------------------
@@ -160,8 +167,12 @@ class StepRunner:
         has run. Bounded by the caller's deadline (the RPC's cancellation ends the wait);
         FAILED_PRECONDITION if the run closes with the attempt still undecided."""
         self.runs.get_run(run_id)  # NOT_FOUND for an unknown run
+        waiting = self._waiters.setdefault(run_id, set())
+        if len(waiting) >= MAX_WAITERS_PER_RUN:
+            raise ResourceExhausted(f"{len(waiting)} callers already wait on run {run_id}'s "
+                                    f"steps (at most {MAX_WAITERS_PER_RUN}); wait on fewer")
         woken = asyncio.Event()
-        self._waiters.add(woken)
+        waiting.add(woken)
         try:
             while True:
                 latest = self.steps.latest(run_id, number)
@@ -176,10 +187,12 @@ class StepRunner:
                 woken.clear()
                 await woken.wait()
         finally:
-            self._waiters.discard(woken)
+            waiting.discard(woken)
+            if not waiting:
+                self._waiters.pop(run_id, None)
 
-    def _wake(self, run_id: str = "") -> None:
-        for woken in self._waiters:
+    def _wake(self, run_id: str) -> None:
+        for woken in self._waiters.get(run_id, ()):
             woken.set()
 
     # -- planning ---------------------------------------------------------------------------
@@ -377,7 +390,7 @@ class StepRunner:
                                         details=details)
                 self.steps.decide(pending.attempt, StepState.DISCARDED, decided_by=str(caller),
                                   reason=reason or "rejected")
-                self._wake()
+                self._wake(run_id)
                 return StepResult(run_id, number, StepState.DISCARDED,
                                   reason=reason or "rejected",
                                   requested_by=pending.requested_by, decided_by=str(caller))
@@ -614,7 +627,7 @@ class StepRunner:
                              "conflicts": result.conflicts}))
             await durable(*submitted)
         finally:
-            self._wake()
+            self._wake(run_id)
             # Off the loop: an agent's tree may be huge or deep.
             await asyncio.to_thread(self._remove_uppers, run_id, outcomes)
             quarantined = self.layers.take_quarantined()
@@ -677,7 +690,7 @@ class StepRunner:
                                          details={"from_step": run.step, "to_step": number})
             dropped = self.steps.rollback(run_id, number)
             gate.failed_step = None
-            self._wake()  # a pending step it discarded
+            self._wake(run_id)  # a pending step it discarded
         log.info("run.rolled_back", run_id=run_id, from_step=run.step, to_step=number,
                  uid=caller.uid)
         await self.audit.sign_tree_head()
