@@ -337,6 +337,10 @@ class TestReviewedPolicies:
                 handle.stub("approver").AcceptPolicy(pb.AcceptPolicyRequest(
                     agent="shell-helper", source=entry.unreviewed))
             assert own.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            with pytest.raises(grpc.RpcError) as admin:  # the admin socket is not a person's
+                handle.stub("admin").AcceptPolicy(pb.AcceptPolicyRequest(
+                    agent="shell-helper", source=entry.unreviewed))
+            assert admin.value.code() == grpc.StatusCode.PERMISSION_DENIED
             assert accept_as(1234, handle, "shell-helper", accepted).startswith(
                 "FAILED_PRECONDITION")
             assert accept_as(1234, handle, "shell-helper", entry.unreviewed[:12]).startswith(
@@ -396,6 +400,13 @@ class TestReviewedPolicies:
             assert status.unreviewed_source not in ("", before.policy_source)
             assert status.unreviewed_index > 0  # on record
             assert _md5sum(handle) == grpc.StatusCode.PERMISSION_DENIED
+            # Found by the daemon itself, so by root's edit: root may not accept it either.
+            with pytest.raises(grpc.RpcError) as root:
+                handle.stub("approver").AcceptPolicy(pb.AcceptPolicyRequest(
+                    agent="shell-helper", source=status.unreviewed_source))
+            assert root.value.code() == grpc.StatusCode.PERMISSION_DENIED
+            assert accept_as(1234, handle, "shell-helper",
+                             status.unreviewed_source).startswith("OK")
         finally:
             stop_daemon(handle)
 

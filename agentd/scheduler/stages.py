@@ -95,7 +95,8 @@ class Unreviewed:
     index: int
     """The `policy.unreviewed` record."""
     loaded_by: int | None
-    """The uid whose reload found it (None: the daemon, at start or on SIGHUP)."""
+    """The uid whose reload found it: root's (0) when the daemon found it at start or on
+    SIGHUP, which only root can send (None: not on record yet)."""
 
 
 @dataclass(frozen=True)
@@ -173,7 +174,7 @@ class StageBook:
         elif event == "policy.unreviewed":
             uid = actor.get("uid")
             self.unreviewed[agent] = Unreviewed(str(details.get("source")), int(rec["index"]),
-                                                uid if isinstance(uid, int) else None)
+                                                uid if isinstance(uid, int) else 0)
 
     def recorded(self, index: int, event: str, actor: Mapping[str, Any],
                  details: Mapping[str, Any]) -> None:
@@ -376,9 +377,13 @@ class StageKeeper:
                     f"the unreviewed version of {agent}'s policy is {waiting.source}, not "
                     f"{source!r}; review that one (agentctl stage status {agent}) and accept it "
                     "by its hash (at least 12 hex digits)")
-            if caller.uid is None:
-                raise PermissionDenied("an acceptance needs the caller's uid (SO_PEERCRED)")
-            if waiting.loaded_by is not None and caller.uid == waiting.loaded_by:
+            if caller.uid is None or caller.role != "approver":
+                raise PermissionDenied("a policy change is accepted by a person on the approver "
+                                       "socket", rule="stages: acceptance on the approver socket")
+            if waiting.loaded_by is None:
+                raise FailedPrecondition(f"{agent}'s policy change is being recorded; accept "
+                                         "it once `agentctl stage status` shows its record")
+            if caller.uid == waiting.loaded_by:
                 raise PermissionDenied("whoever loaded a policy change cannot accept it; "
                                        "another person must",
                                        rule="stages: acceptor uid != reloader uid")
