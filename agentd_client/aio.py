@@ -137,3 +137,20 @@ class AsyncClient:
         return t.step_result(await self._call(
             self._stub.WaitStep, pb.WaitStepRequest(run_id=run_id, step=step), deadline,
             idempotent=True))
+
+    # -- files -----------------------------------------------------------------------------
+
+    async def read_file(self, run_id: str, path: str, *, step: int | None = None,
+                        timeout: float | None = None) -> bytes:
+        """As Client.read_file."""
+        reply = await self._call(self._stub.ReadFile, t.read_file_request(run_id, path, step),
+                                 timeout or self.timeout, idempotent=True)
+        return reply.data
+
+    async def write_file(self, run_id: str, path: str, data: bytes, *, mode: int = 0o644,
+                         expect_step: int | None = None, timeout: float | None = None) -> int:
+        """As Client.write_file."""
+        reply = await self._call(self._stub.WriteFile,
+                                 t.write_file_request(run_id, path, data, mode, expect_step),
+                                 timeout or self.timeout)
+        return t.written_step(reply)

@@ -154,3 +154,23 @@ class Client:
         return t.step_result(self._call(
             self._stub.WaitStep, pb.WaitStepRequest(run_id=run_id, step=step), deadline,
             idempotent=True))
+
+    # -- files -----------------------------------------------------------------------------
+
+    def read_file(self, run_id: str, path: str, *, step: int | None = None,
+                  timeout: float | None = None) -> bytes:
+        """A workspace file at checkpoint `step` (default: the head), read without a step;
+        symlinks are not followed, and at most about 4 MiB comes back (larger: a step)."""
+        reply = self._call(self._stub.ReadFile, t.read_file_request(run_id, path, step),
+                           timeout or self.timeout, idempotent=True)
+        return reply.data
+
+    def write_file(self, run_id: str, path: str, data: bytes, *, mode: int = 0o644,
+                   expect_step: int | None = None, timeout: float | None = None) -> int:
+        """Writes one workspace file as the next checkpoint, without a worker (queued behind
+        a running step); returns that checkpoint. FailedPrecondition if it could not be
+        applied (the quota, a directory in the way), with nothing changed."""
+        reply = self._call(self._stub.WriteFile,
+                           t.write_file_request(run_id, path, data, mode, expect_step),
+                           timeout or self.timeout)
+        return t.written_step(reply)

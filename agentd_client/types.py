@@ -8,6 +8,7 @@ from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any, Literal
 
+from agentd_client.errors import FailedPrecondition
 from agentd_client.v1 import agentd_pb2 as pb
 
 #: Pauses before the 2nd, 3rd and 4th attempt of a call refused with a retryable status.
@@ -149,3 +150,26 @@ def step_request(run_id: str, tasks: Sequence[Task], *, expect_step: int | None,
     if expect_step is not None:
         request.expect_step = expect_step
     return request
+
+
+def read_file_request(run_id: str, path: str, step: int | None) -> pb.ReadFileRequest:
+    request = pb.ReadFileRequest(run_id=run_id, path=path)
+    if step is not None:
+        request.step = step
+    return request
+
+
+def write_file_request(run_id: str, path: str, data: bytes, mode: int,
+                       expect_step: int | None) -> pb.WriteFileRequest:
+    request = pb.WriteFileRequest(run_id=run_id, path=path, data=data, mode=mode)
+    if expect_step is not None:
+        request.expect_step = expect_step
+    return request
+
+
+def written_step(reply: pb.StepReply) -> int:
+    """The checkpoint a write made; FailedPrecondition if it was not applied."""
+    if _STATES.get(reply.state) != "committed":
+        raise FailedPrecondition(f"the write of run {reply.run_id} was not applied: "
+                                 f"{reply.reason}")
+    return reply.step

@@ -14,6 +14,7 @@ from typing import Any, Final
 from google.protobuf.descriptor import FieldDescriptor
 from google.protobuf.message import Message
 
+from agentd.api.limits import MAX_MESSAGE_BYTES, REPLY_HEADROOM
 from agentd.errors import InvalidArgument
 
 STRING_DEFAULT: Final = 4096
@@ -38,12 +39,15 @@ LIMITS: Final[dict[str, tuple[int | None, int | None]]] = {
     # stdin: the scheduler's own check (16 MiB) answers first, with what to do instead.
     "agentd.v1.ExecRequest.stdin": (32 << 20, None),
     "agentd.v1.TaskSpec.stdin": (32 << 20, None),
+    # One file per message: what a reply can carry back (agentd/scheduler/files.py).
+    "agentd.v1.WriteFileRequest.data": (MAX_MESSAGE_BYTES - REPLY_HEADROOM, None),
 }
 # Identifiers: run ids, agent and channel names, task names.
 for _name in ("GetRunRequest.run_id", "CloseRunRequest.run_id", "ExecRequest.run_id",
               "StepRequest.run_id", "ApproveRequest.run_id", "ListStepsRequest.run_id",
               "ListCheckpointsRequest.run_id", "RollbackRequest.run_id", "ForkRequest.run_id",
-              "ExportCheckpointRequest.run_id", "CreateRunRequest.agent",
+              "ExportCheckpointRequest.run_id", "ReadFileRequest.run_id",
+              "WriteFileRequest.run_id", "CreateRunRequest.agent",
               "ListRunsRequest.agent", "ChannelDecl.name", "ChannelDecl.reducer",
               "TaskSpec.name", "GetStageRequest.agent", "PromoteStageRequest.agent",
               "PromoteStageRequest.to", "ApproveStageRequest.agent"):

@@ -34,6 +34,7 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "/agentd.v1.Agentd/Step": frozenset({"client", "admin"}),
     "/agentd.v1.Agentd/StreamStep": frozenset({"client", "admin"}),
     "/agentd.v1.Agentd/Rollback": frozenset({"client", "admin"}),
+    "/agentd.v1.Agentd/WriteFile": frozenset({"client", "admin"}),
     "/agentd.v1.Agentd/Fork": frozenset({"client", "admin"}),
     "/agentd.v1.Agentd/ExportCheckpoint": frozenset({"client", "admin"}),
     "/agentd.v1.Agentd/Approve": frozenset({"approver", "admin"}),

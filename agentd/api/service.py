@@ -16,8 +16,10 @@ from agentd.api import convert
 from agentd.api.gen.v1 import agentd_pb2 as pb
 from agentd.api.gen.v1 import agentd_pb2_grpc
 from agentd.api.interceptor import current_caller
+from agentd.api.limits import MAX_MESSAGE_BYTES, REPLY_HEADROOM
 from agentd.errors import FailedPrecondition, InvalidArgument
 from agentd.identity import Caller
+from agentd.scheduler import files
 from agentd.scheduler.agents import Reloaded
 from agentd.scheduler.plan import TaskRequest
 from agentd.scheduler.runs import RunManager
@@ -122,6 +124,19 @@ class AgentdServicer(agentd_pb2_grpc.AgentdServicer):
             raise InvalidArgument("step is required: the number of a step of the run (1 or more)")
         record = await self.steps.wait(_run_id(request.run_id), request.step)
         return convert.step_record(record)
+
+    async def ReadFile(self, request: pb.ReadFileRequest, context: Any) -> pb.ReadFileReply:
+        data, mode, step = await files.read_file(
+            self.runs, self.steps.layers, _run_id(request.run_id), request.path,
+            request.step if request.HasField("step") else None,
+            MAX_MESSAGE_BYTES - REPLY_HEADROOM)
+        return pb.ReadFileReply(data=data, step=step, mode=mode)
+
+    async def WriteFile(self, request: pb.WriteFileRequest, context: Any) -> pb.StepReply:
+        result = await self.steps.write_file(
+            _run_id(request.run_id), request.path, request.data, request.mode,
+            current_caller.get(), _expected(request))
+        return convert.step_result(result)
 
     async def ListSteps(self, request: pb.ListStepsRequest, context: Any
                         ) -> pb.ListStepsResponse:
@@ -238,7 +253,7 @@ def _run_id(run_id: str) -> str:
     return run_id
 
 
-def _expected(request: pb.StepRequest | pb.ExecRequest) -> int | None:
+def _expected(request: pb.StepRequest | pb.ExecRequest | pb.WriteFileRequest) -> int | None:
     """The checkpoint the caller built on, if it named one (proto3 `optional`)."""
     return request.expect_step if request.HasField("expect_step") else None
 

@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import functools
+import hashlib
 import secrets
 import time
 from collections.abc import AsyncGenerator, Sequence
@@ -55,7 +56,7 @@ from agentd.errors import (
 from agentd.identity import SYSTEM, Caller
 from agentd.policy import EffectivePolicy
 from agentd.policy.decide import judge
-from agentd.scheduler import barrier, channels
+from agentd.scheduler import barrier, channels, files
 from agentd.scheduler.export import Exporter
 from agentd.scheduler.gate import Phase, RunGate
 from agentd.scheduler.plan import MAX_TASKS, Plan, PlannedTask, TaskRefused, TaskRequest, plan_step
@@ -671,6 +672,118 @@ class StepRunner:
                 log.exception("workspace.squash_failed", run_id=run_id)
                 return
         await self.runs.refs.release([*stack, merged])  # merged: if no checkpoint took it
+
+    # -- a file written without a worker ----------------------------------------------------
+
+    async def write_file(self, run_id: str, raw_path: str, data: bytes, mode: int,
+                         caller: Caller, expect_step: int | None = None) -> StepResult:
+        """One workspace file as the next checkpoint (agentd/scheduler/files.py): queued for
+        the run's writer slot like a step, under the policy's workspace mode and quota,
+        `workspace.written` durable before the checkpoint is in force."""
+        path = files.workspace_path(raw_path)
+        self.runs.check_accepting()
+        gate = self.runs.gate(run_id)
+        gate.check_open()
+        self._check_expected(run_id, expect_step)
+        async with gate.turn():
+            self.runs.check_accepting()  # a drain began while it waited
+            async with gate.lock:
+                gate.check_idle("retry")
+                run = self.runs.check_open(run_id)
+                self._no_pending(run_id)
+                self._check_expected(run_id, expect_step)
+                policy = self.runs.policy_of(run)
+                if policy.workspace != "read_write":
+                    refused = PermissionDenied(
+                        f"the workspace is {policy.workspace.replace('_', '-')} for "
+                        f"{run.agent} at {policy.stage}: no file may be written",
+                        rule=policy.rule("filesystem.workspace"))
+                    await self.audit.append("workspace.write_refused", actor=caller.actor(),
+                                            run_id=run_id, details={
+                                                "path": path, "bytes": len(data),
+                                                "reason": refused.message, "rule": refused.rule})
+                    raise refused
+                number = run.step + 1
+                gate.claim(f"write of {path}")
+            try:
+                return await self._write(gate, run_id, number, path, data, mode & 0o777 or 0o644,
+                                         policy, caller)
+            finally:
+                gate.release()
+
+    async def _write(self, gate: RunGate, run_id: str, number: int, path: str, data: bytes,
+                     mode: int, policy: EffectivePolicy, caller: Caller) -> StepResult:
+        started = time.monotonic()
+        digest = hashlib.sha256(data).hexdigest()
+        request = {"write": {"path": path, "bytes": len(data), "sha256": digest,
+                             "mode": f"{mode:o}"}, "requested_uid": caller.uid}
+        attempt = self.steps.begin(run_id, number, StepState.RUNNING, request, str(caller))
+        result = StepResult(run_id, number, StepState.FAILED, requested_by=str(caller),
+                            base_step=number - 1)
+        base = self.steps.checkpoint(run_id, number - 1)
+        hold = self.runs.refs.hold(base.layers)
+        task_id = "w-" + secrets.token_hex(8)
+        layer: str | None = None
+        try:
+            upper = await asyncio.to_thread(self.layers.new_upper, upper_name(run_id, task_id),
+                                            self.tasks.uid, self.tasks.gid)
+            try:
+                await asyncio.to_thread(functools.partial(
+                    self.layers.stage_file, upper.upper, base.layers, path, data, mode,
+                    self.tasks.uid, self.tasks.gid))
+                layer = await asyncio.to_thread(functools.partial(
+                    self.layers.commit, [upper.upper], lowers=base.layers,
+                    limit=Quota(policy.workspace_bytes, policy.inodes)))
+            except (QuotaExceeded, StateDiskFull) as exc:
+                result.reason = exc.message
+                return result
+            except AgentdError as exc:
+                result.reason = exc.message
+                raise
+            layers = base.layers + ([layer] if layer else [])
+            checkpoint = CheckpointRecord(run_id, number, layers, base.channels, time.time())
+            async with gate.lock:
+                if gate.phase is Phase.CLOSED:
+                    raise FailedPrecondition(f"run {run_id} was closed during the write")
+                await self.audit.append("workspace.written", actor=caller.actor(),
+                                        run_id=run_id, details={
+                                            "step": number, "path": path, "bytes": len(data),
+                                            "sha256": digest, "mode": f"{mode:o}",
+                                            "layer": layer})
+                result.state = StepState.COMMITTED
+                result.channels = channels.visible(self.runs.channel_specs(run_id),
+                                                   base.channels)
+                result.versions = {k: v.version for k, v in base.channels.items()}
+                result.wall_seconds = time.monotonic() - started
+                try:
+                    self.steps.commit(attempt, checkpoint, result.to_json())
+                except BaseException:
+                    result.state = StepState.FAILED
+                    raise
+                layer = None  # the checkpoint records it now
+                gate.failed_step = None
+            log.info("workspace.written", run_id=run_id, step=number, path=path,
+                     bytes=len(data), uid=caller.uid)
+            self.runs.note_workspace(run_id, layers)
+            if len(layers) >= self.squash_depth:
+                self._start_squash(run_id, layers)
+            await self.audit.sign_tree_head()
+            return result
+        finally:
+            if result.state != StepState.COMMITTED:
+                result.reason = result.reason or "the write did not complete"
+                self.steps.finish(attempt, StepState.FAILED, reply=result.to_json(),
+                                  reason=result.reason)
+                with contextlib.suppress(AgentdError):  # the log is down: nothing applied
+                    await self.audit.append("step.failed", actor=caller.actor(),
+                                            run_id=run_id, details={
+                                                "step": number, "reason": result.reason,
+                                                "write": path})
+            self._wake(run_id)
+            await asyncio.to_thread(self.layers.remove_upper, upper_name(run_id, task_id))
+            await hold.release()
+            if layer is not None:
+                await self.runs.refs.release([layer])
 
     # -- checkpoints -------------------------------------------------------------------------
 

@@ -554,6 +554,69 @@ class LayerStore:
         `fileobj`; ResourceExhausted past `max_bytes`."""
         write_tar(walk_merged(list(reversed(self._tops(layers)))), fileobj, max_bytes=max_bytes)
 
+    # -- single files, without a worker ---------------------------------------------------
+
+    def read_file(self, layers: Sequence[str], rel: str, max_bytes: int) -> tuple[bytes, int]:
+        """The regular file at `rel` in the merged view of `layers`, and its permission bits.
+        Nothing on the way is followed: a symlink, in the path or at its end, is refused (a
+        link an agent made could point anywhere on the host)."""
+        where = _lookup(self._tops(layers), rel)
+        if where is None:
+            raise NotFound(f"{rel} does not exist in the workspace at this checkpoint")
+        path, st = where
+        if stat.S_ISLNK(st.st_mode):
+            raise FailedPrecondition(f"{rel} is a symbolic link; read the file it points to "
+                                     "by its own path (links are never followed here)")
+        if not stat.S_ISREG(st.st_mode):
+            raise FailedPrecondition(f"{rel} is not a regular file")
+        fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC | os.O_NONBLOCK)
+        try:
+            if os.fstat(fd).st_size > max_bytes:
+                raise FailedPrecondition(
+                    f"{rel} holds {os.fstat(fd).st_size} bytes, more than a reply carries "
+                    f"({max_bytes}); export the checkpoint, or read it in a step")
+            chunks, size = [], 0
+            while size <= max_bytes and (chunk := os.read(fd, 1 << 20)):
+                chunks.append(chunk)
+                size += len(chunk)
+        finally:
+            os.close(fd)
+        return b"".join(chunks)[:max_bytes], stat.S_IMODE(st.st_mode)
+
+    def stage_file(self, upper: Path, lowers: Sequence[str], rel: str, data: bytes,
+                   mode: int, owner_uid: int, owner_gid: int) -> None:
+        """Writes `rel` into an empty `upper` as a task of the worker's ids would have, so
+        that `commit` takes it like any task's: parents the stack lacks are made (owned by
+        the worker), parents it has keep their owner and mode. A parent that is not a
+        directory in the merged view, or a directory at `rel`, is refused."""
+        tops = self._tops(lowers)
+        current = upper
+        for ancestor in _ancestors(rel):
+            current = upper / ancestor
+            found = _lookup(tops, ancestor)
+            if found is not None and not stat.S_ISDIR(found[1].st_mode):
+                raise FailedPrecondition(f"{ancestor} is not a directory in the workspace, so "
+                                         f"{rel} cannot be written")
+            current.mkdir()
+            if found is None:
+                os.chown(current, owner_uid, owner_gid)
+                os.chmod(current, 0o755)  # noqa: S103 - a directory as a worker's umask makes it
+            else:
+                _copy_attrs(found[0], current, found[1])
+        existing = _lookup(tops, rel)
+        if existing is not None and stat.S_ISDIR(existing[1].st_mode):
+            raise FailedPrecondition(f"{rel} is a directory in the workspace")
+        fd = os.open(upper / rel, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW
+                     | os.O_CLOEXEC, 0o600)
+        try:
+            view = memoryview(data)
+            while view:
+                view = view[os.write(fd, view):]
+            os.fchown(fd, owner_uid, owner_gid)
+            os.fchmod(fd, mode & 0o777)
+        finally:
+            os.close(fd)
+
     # -- removal --------------------------------------------------------------------------
 
     def delete(self, layer_id: str) -> None:

@@ -79,6 +79,16 @@ class AgentdStub:
                 request_serializer=agentd__client_dot_v1_dot_agentd__pb2.WaitStepRequest.SerializeToString,
                 response_deserializer=agentd__client_dot_v1_dot_agentd__pb2.StepReply.FromString,
                 _registered_method=True)
+        self.ReadFile = channel.unary_unary(
+                '/agentd.v1.Agentd/ReadFile',
+                request_serializer=agentd__client_dot_v1_dot_agentd__pb2.ReadFileRequest.SerializeToString,
+                response_deserializer=agentd__client_dot_v1_dot_agentd__pb2.ReadFileReply.FromString,
+                _registered_method=True)
+        self.WriteFile = channel.unary_unary(
+                '/agentd.v1.Agentd/WriteFile',
+                request_serializer=agentd__client_dot_v1_dot_agentd__pb2.WriteFileRequest.SerializeToString,
+                response_deserializer=agentd__client_dot_v1_dot_agentd__pb2.StepReply.FromString,
+                _registered_method=True)
         self.ListSteps = channel.unary_unary(
                 '/agentd.v1.Agentd/ListSteps',
                 request_serializer=agentd__client_dot_v1_dot_agentd__pb2.ListStepsRequest.SerializeToString,
@@ -207,6 +217,23 @@ class AgentdServicer:
         returns it: a step pending approval is waited for until an approver decides and it has
         run. Bounded by the caller's deadline; FAILED_PRECONDITION if the run is closed with the
         step undecided. Task output is not repeated here (the stored timeline's summaries).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def ReadFile(self, request, context):
+        """One workspace file at a checkpoint (default: the head), read without a step or a worker;
+        a regular file of at most MAX_MESSAGE_BYTES less the reply's headroom (larger: export).
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
+    def WriteFile(self, request, context):
+        """One workspace file written as the next checkpoint, without a worker: queued behind a
+        running step like a step, under the policy's workspace mode and quota, on record
+        (`workspace.written`) before it is in force; a rollback undoes it like any step.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')
@@ -346,6 +373,16 @@ def add_AgentdServicer_to_server(servicer, server):
             'WaitStep': grpc.unary_unary_rpc_method_handler(
                     servicer.WaitStep,
                     request_deserializer=agentd__client_dot_v1_dot_agentd__pb2.WaitStepRequest.FromString,
+                    response_serializer=agentd__client_dot_v1_dot_agentd__pb2.StepReply.SerializeToString,
+            ),
+            'ReadFile': grpc.unary_unary_rpc_method_handler(
+                    servicer.ReadFile,
+                    request_deserializer=agentd__client_dot_v1_dot_agentd__pb2.ReadFileRequest.FromString,
+                    response_serializer=agentd__client_dot_v1_dot_agentd__pb2.ReadFileReply.SerializeToString,
+            ),
+            'WriteFile': grpc.unary_unary_rpc_method_handler(
+                    servicer.WriteFile,
+                    request_deserializer=agentd__client_dot_v1_dot_agentd__pb2.WriteFileRequest.FromString,
                     response_serializer=agentd__client_dot_v1_dot_agentd__pb2.StepReply.SerializeToString,
             ),
             'ListSteps': grpc.unary_unary_rpc_method_handler(
@@ -651,6 +688,60 @@ class Agentd:
             target,
             '/agentd.v1.Agentd/WaitStep',
             agentd__client_dot_v1_dot_agentd__pb2.WaitStepRequest.SerializeToString,
+            agentd__client_dot_v1_dot_agentd__pb2.StepReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ReadFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.Agentd/ReadFile',
+            agentd__client_dot_v1_dot_agentd__pb2.ReadFileRequest.SerializeToString,
+            agentd__client_dot_v1_dot_agentd__pb2.ReadFileReply.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def WriteFile(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.Agentd/WriteFile',
+            agentd__client_dot_v1_dot_agentd__pb2.WriteFileRequest.SerializeToString,
             agentd__client_dot_v1_dot_agentd__pb2.StepReply.FromString,
             options,
             channel_credentials,

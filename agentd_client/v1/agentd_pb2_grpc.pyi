@@ -64,6 +64,15 @@ class AgentdStub:
     run. Bounded by the caller's deadline; FAILED_PRECONDITION if the run is closed with the
     step undecided. Task output is not repeated here (the stored timeline's summaries).
     """
+    ReadFile: _grpc.UnaryUnaryMultiCallable[_agentd_pb2.ReadFileRequest, _agentd_pb2.ReadFileReply]
+    """One workspace file at a checkpoint (default: the head), read without a step or a worker;
+    a regular file of at most MAX_MESSAGE_BYTES less the reply's headroom (larger: export).
+    """
+    WriteFile: _grpc.UnaryUnaryMultiCallable[_agentd_pb2.WriteFileRequest, _agentd_pb2.StepReply]
+    """One workspace file written as the next checkpoint, without a worker: queued behind a
+    running step like a step, under the policy's workspace mode and quota, on record
+    (`workspace.written`) before it is in force; a rollback undoes it like any step.
+    """
     ListSteps: _grpc.UnaryUnaryMultiCallable[_agentd_pb2.ListStepsRequest, _agentd_pb2.ListStepsResponse]
     """The run's steps, oldest first: the timeline of what ran, what it changed, how long it took."""
     ListCheckpoints: _grpc.UnaryUnaryMultiCallable[_agentd_pb2.ListCheckpointsRequest, _agentd_pb2.ListCheckpointsResponse]
@@ -125,6 +134,15 @@ class AgentdAsyncStub(AgentdStub):
     returns it: a step pending approval is waited for until an approver decides and it has
     run. Bounded by the caller's deadline; FAILED_PRECONDITION if the run is closed with the
     step undecided. Task output is not repeated here (the stored timeline's summaries).
+    """
+    ReadFile: _aio.UnaryUnaryMultiCallable[_agentd_pb2.ReadFileRequest, _agentd_pb2.ReadFileReply]  # type: ignore[assignment]
+    """One workspace file at a checkpoint (default: the head), read without a step or a worker;
+    a regular file of at most MAX_MESSAGE_BYTES less the reply's headroom (larger: export).
+    """
+    WriteFile: _aio.UnaryUnaryMultiCallable[_agentd_pb2.WriteFileRequest, _agentd_pb2.StepReply]  # type: ignore[assignment]
+    """One workspace file written as the next checkpoint, without a worker: queued behind a
+    running step like a step, under the policy's workspace mode and quota, on record
+    (`workspace.written`) before it is in force; a rollback undoes it like any step.
     """
     ListSteps: _aio.UnaryUnaryMultiCallable[_agentd_pb2.ListStepsRequest, _agentd_pb2.ListStepsResponse]  # type: ignore[assignment]
     """The run's steps, oldest first: the timeline of what ran, what it changed, how long it took."""
@@ -238,6 +256,27 @@ class AgentdServicer(metaclass=_abc_1.ABCMeta):
         returns it: a step pending approval is waited for until an approver decides and it has
         run. Bounded by the caller's deadline; FAILED_PRECONDITION if the run is closed with the
         step undecided. Task output is not repeated here (the stored timeline's summaries).
+        """
+
+    @_abc_1.abstractmethod
+    def ReadFile(
+        self,
+        request: _agentd_pb2.ReadFileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agentd_pb2.ReadFileReply, _abc.Awaitable[_agentd_pb2.ReadFileReply]]:
+        """One workspace file at a checkpoint (default: the head), read without a step or a worker;
+        a regular file of at most MAX_MESSAGE_BYTES less the reply's headroom (larger: export).
+        """
+
+    @_abc_1.abstractmethod
+    def WriteFile(
+        self,
+        request: _agentd_pb2.WriteFileRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agentd_pb2.StepReply, _abc.Awaitable[_agentd_pb2.StepReply]]:
+        """One workspace file written as the next checkpoint, without a worker: queued behind a
+        running step like a step, under the policy's workspace mode and quota, on record
+        (`workspace.written`) before it is in force; a rollback undoes it like any step.
         """
 
     @_abc_1.abstractmethod
