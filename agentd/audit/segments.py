@@ -36,7 +36,7 @@ from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
-from agentd import metrics
+from agentd import durable, metrics
 from agentd.audit import record
 from agentd.audit.merkle import leaf_hash
 from agentd.errors import FailedPrecondition
@@ -57,11 +57,7 @@ def list_segments(directory: Path) -> list[int]:
 
 def fsync_dir(directory: Path) -> None:
     """Makes a create, rename or unlink in `directory` durable."""
-    fd = os.open(directory, os.O_RDONLY | os.O_DIRECTORY)
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    durable.fsync_path(directory, directory=True)
 
 
 class AppendOnlyFile:

@@ -74,6 +74,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import BinaryIO, Literal
 
+from agentd import durable
 from agentd.conflicts import Conflict
 from agentd.errors import FailedPrecondition, InvalidArgument, NotFound
 from agentd.sandbox.overlay import MAX_LOWERS, OPAQUE_XATTR, PRIVATE_XATTR_PREFIXES
@@ -162,12 +163,7 @@ def _user_xattrs(path: Path) -> dict[str, bytes]:
 
 
 def _fsync(path: Path, *, directory: bool) -> None:
-    fd = os.open(path, os.O_RDONLY | os.O_NOFOLLOW | os.O_CLOEXEC
-                 | (os.O_DIRECTORY if directory else 0))
-    try:
-        os.fsync(fd)
-    finally:
-        os.close(fd)
+    durable.fsync_path(path, directory=directory)
 
 
 def _copy_attrs(src: Path, dst: Path, st: os.stat_result | None = None) -> None:

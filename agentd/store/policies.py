@@ -11,10 +11,10 @@ bytes no longer hash to its name is refused, never loaded.
 from __future__ import annotations
 
 import hashlib
-import os
 import re
 from pathlib import Path
 
+from agentd import durable
 from agentd.errors import FailedPrecondition
 
 _HASH = re.compile(r"sha256:[0-9a-f]{64}")
@@ -42,20 +42,8 @@ class PolicyCopies:
         target = self.path(digest)
         if target.exists():
             return digest
-        self.directory.mkdir(mode=0o700, parents=True, exist_ok=True)
-        tmp = target.with_suffix(f".tmp{os.getpid()}")
-        fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC | os.O_NOFOLLOW, 0o600)
-        try:
-            os.write(fd, raw)
-            os.fsync(fd)
-        finally:
-            os.close(fd)
-        os.replace(tmp, target)
-        dir_fd = os.open(self.directory, os.O_RDONLY | os.O_DIRECTORY)
-        try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
+        durable.make_dir(self.directory, 0o700)
+        durable.write_atomic(target, raw, 0o600)
         return digest
 
     def read(self, digest: str) -> bytes:
