@@ -251,6 +251,28 @@ class TestSigterm:
         assert not (uppers / f"{run.run_id}.{task_id}").exists()
         assert mounts_under(bed.base) == []
 
+    def test_a_step_queued_behind_a_drained_one_never_runs(self, bed: Bed) -> None:
+        """A step waiting its turn when SIGTERM comes is refused (UNAVAILABLE) once the turn
+        is its own: the drain killed the running step, and nothing queued starts after it."""
+        handle = bed.start()
+        stub = handle.stub()
+        run = stub.CreateRun(pb.CreateRunRequest(agent="integration"))
+        call, _ = start_long_exec(handle, run.run_id, ["/bin/sh", "-c",
+                                                       "echo started; sleep 300", bed.marker],
+                                  bed.marker)
+        queued = stub.Step.future(pb.StepRequest(run_id=run.run_id, tasks=[pb.TaskSpec(
+            name="late", argv=["/bin/sh", "-c", "echo late > late"])]), timeout=60)
+        assert wait_for(lambda: log_events(handle, "step.queued"), 10)
+        handle.process.send_signal(signal.SIGTERM)
+        list(call)
+        with pytest.raises(grpc.RpcError) as refused:
+            queued.result()
+        assert refused.value.code() == grpc.StatusCode.UNAVAILABLE
+        assert handle.process.wait(timeout=15) == 0
+        records = audit_records(bed.base)
+        assert [r["details"]["step"] for r in records if r["event"] == "step.started"
+                and r["run_id"] == run.run_id] == [1]
+
     @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGINT])
     def test_idle_daemon_stops_cleanly(self, bed: Bed, sig: signal.Signals) -> None:
         """An idle daemon stops on SIGTERM or SIGINT within a second or two, exit status 0."""

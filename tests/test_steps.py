@@ -1142,6 +1142,30 @@ class TestApprovals:
         assert rpc_error(lambda: stub.WaitStep(pb.WaitStepRequest(run_id=run_id, step=9),
                                                timeout=5)).code() == grpc.StatusCode.NOT_FOUND
 
+    def test_an_approved_step_that_changes_nothing_is_found_by_its_number(
+            self, approvals: DaemonHandle) -> None:
+        """The caller was told "step 2 waits"; once approved it changed nothing, so the run
+        stays at 1, yet WaitStep(2) finds it (committed, read-only, on head 1), and a rollback
+        to the head it ran on keeps it, one below that discards it."""
+        stub = approvals.stub()
+        run_id = _approvals_run(approvals)
+        assert step(stub, run_id, task("setup", "echo v > victim")).state == COMMITTED
+        no_op = pb.TaskSpec(name="rm", argv=["/usr/bin/rm", "-f", "absent"])
+        assert step(stub, run_id, no_op).state == PENDING
+        waiting = stub.WaitStep.future(pb.WaitStepRequest(run_id=run_id, step=2), timeout=60)
+        _approve(approvals, run_id, 2)
+        ended = waiting.result()
+        assert (ended.state, ended.read_only, ended.step, ended.base_step) == (
+            COMMITTED, True, 1, 1)
+        assert stub.GetRun(pb.GetRunRequest(run_id=run_id)).step == 1
+        stub.Rollback(pb.RollbackRequest(run_id=run_id, step=1))
+        assert stub.WaitStep(pb.WaitStepRequest(run_id=run_id, step=2), timeout=5).state \
+            == COMMITTED
+        stub.Rollback(pb.RollbackRequest(run_id=run_id, step=0))
+        assert stub.WaitStep(pb.WaitStepRequest(run_id=run_id, step=2), timeout=5).state \
+            == DISCARDED
+        stub.CloseRun(pb.CloseRunRequest(run_id=run_id))
+
     def test_matching_step_waits_persisted_before_anything_runs(
             self, approvals: DaemonHandle) -> None:
         """A step matching an approval trigger is stored PENDING_APPROVAL with nothing run

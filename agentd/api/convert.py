@@ -135,8 +135,12 @@ def cap_channels(encoded: dict[str, str], budget: int
 def step_record(record: StepRecord) -> pb.StepReply:
     """A stored attempt, for the timeline (task outcomes as summaries, not live objects)."""
     reply = record.reply
+    read_only = bool(reply.get("read_only", False))
+    base_step = max(int(reply.get("base_step", record.step - 1)), 0)
     return pb.StepReply(
-        run_id=record.run_id, step=record.step, state=STEP_STATES[record.state],
+        # A read-only attempt is numbered as the next step; the run stayed at its base.
+        run_id=record.run_id, step=base_step if read_only else record.step,
+        state=STEP_STATES[record.state],
         reason=record.reason, conflicts=reply.get("conflicts", []),
         tasks=[pb.TaskReport(name=t["name"], failure=t.get("failure", ""),
                              changed_paths=t.get("changed", []), writes=t.get("writes", 0),
@@ -149,8 +153,7 @@ def step_record(record: StepRecord) -> pb.StepReply:
         versions=reply.get("versions", {}), wall_seconds=reply.get("wall", 0.0),
         created_at=_timestamp(record.created_at), requested_by=record.requested_by,
         decided_by=record.decided_by,
-        base_step=max(int(reply.get("base_step", record.step - 1)), 0),
-        read_only=bool(reply.get("read_only", False)))
+        base_step=base_step, read_only=read_only)
 
 
 def checkpoint(record: CheckpointRecord) -> pb.Checkpoint:

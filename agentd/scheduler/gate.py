@@ -69,6 +69,9 @@ class RunGate:
     """A step that failed and that no later commit or rollback has resolved: closing the run
     with it is an *unresolved failure*, which may demote the agent (scheduler/stages.py).
     In memory only: after a restart, a crash's interrupted steps are in `daemon.started`."""
+    stopped: bool = False
+    """The daemon stopped the holder's workers (a close, a demotion, a drain): its step
+    fails, but not as the agent's failure. Cleared when the step releases the run."""
 
     def __post_init__(self) -> None:
         self.idle.set()
@@ -117,6 +120,7 @@ class RunGate:
     def release(self) -> None:
         """Gives the run back after a step, whatever happened to it (safe to call twice)."""
         self.holder = ""
+        self.stopped = False
         self.idle.set()
 
 

@@ -267,9 +267,15 @@ class RunManager:
         self._worker_left.set()
 
     async def stop_workers(self, run_id: str | None, reason: str) -> int:
-        """Kills the workers of one run (or all, for None) and waits until they are gone."""
+        """Kills the workers of one run (or all, for None) and waits until they are gone.
+        The steps they served fail, but the agent did not fail them: each run's gate is told
+        (`stopped`), so such a step is no unresolved failure (a demotion, a close, a drain)."""
         victims = [w for rid, tasks in self._workers.items() if run_id in (None, rid)
                    for w in tasks.values()]
+        for rid in {rid for rid in self._workers if run_id in (None, rid)}:
+            gate = self.gates(rid)
+            if gate.holder:
+                gate.stopped = True
         for worker in victims:
             worker.stop(reason)
         deadline = time.monotonic() + 10

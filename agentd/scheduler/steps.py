@@ -250,6 +250,9 @@ class StepRunner:
         except AgentdError as exc:
             await self._record_refusal(run_id, requests, caller, exc)
             raise
+        if gate.writer.locked():
+            log.debug("step.queued", run_id=run_id, behind=gate.holder, waiting=gate.queued,
+                      uid=caller.uid)
         async with gate.turn():
             return await self._step(gate, run_id, requests, caller, listener,
                                     request_approval=request_approval,
@@ -259,6 +262,7 @@ class StepRunner:
                     caller: Caller, listener: StepListener | None, *, request_approval: bool,
                     task_events: bool, expect_step: int | None) -> StepResult:
         try:
+            self.runs.check_accepting()  # a drain may have begun while it waited its turn
             gate.check_idle("retry")
             self._no_pending(run_id)
             self._check_expected(run_id, expect_step)
@@ -381,6 +385,7 @@ class StepRunner:
                       self_approved: bool, policy: EffectivePolicy | None,
                       plan: Plan | None) -> StepResult:
         async with gate.lock:
+            self.runs.check_accepting()  # a drain began while it waited: left undecided
             pending = self._pending(run_id, number)  # the other decision may have won
             details = {"step": number, "approved": approve, "reason": reason,
                        "self_approved": self_approved}
@@ -597,8 +602,9 @@ class StepRunner:
                     "step.unchanged", actor=caller.actor(), run_id=run_id, details={
                         "step": base.step, "tasks": [o.to_json() for o in outcomes]}))
                 result.wall_seconds = time.monotonic() - started
-                self.steps.finish_unchanged(attempt, base.step, result.to_json())
-                gate.failed_step = None  # the run went on: a failure before it is resolved
+                # Not a resolution of an earlier failure: only a change (a commit that moves
+                # the head) or a rollback resolves one, or `true` would undo any failure.
+                self.steps.finish_unchanged(attempt, result.to_json())
             except BaseException:
                 result.state, result.read_only = StepState.FAILED, False
                 result.step = base.step + 1
@@ -619,7 +625,9 @@ class StepRunner:
             if result.state != StepState.COMMITTED:
                 self.steps.finish(attempt, StepState.FAILED, reply=result.to_json(),
                                   reason=result.reason)
-                self.runs.gate(run_id).failed_step = result.step
+                gate = self.runs.gate(run_id)
+                if not gate.stopped:  # the agent's own failure, not the daemon's stop
+                    gate.failed_step = result.step
                 log.info("step.failed", run_id=run_id, step=result.step, uid=caller.uid,
                          reason=result.reason)
                 submitted.append(self.audit.submit(

@@ -204,12 +204,13 @@ class StepStore:
             " decided_by = COALESCE(?, decided_by) WHERE attempt = ?",
             (state, json.dumps(reply), reason, time.time(), decided_by, attempt))
 
-    def finish_unchanged(self, attempt: int, step: int, reply: dict[str, Any]) -> None:
-        """A step that changed nothing is committed on the checkpoint it ran on (`step`):
-        no checkpoint of its own, the run's pointer unchanged."""
+    def finish_unchanged(self, attempt: int, reply: dict[str, Any]) -> None:
+        """A step that changed nothing is committed without a checkpoint of its own, the
+        run's pointer unchanged. The attempt keeps its number (so a caller told "step N+1"
+        finds it by that number); its reply says it is read-only and which head it ran on."""
         self._db.execute(
-            "UPDATE steps SET state = 'committed', step = ?, reply = ?, finished_at = ?"
-            " WHERE attempt = ?", (step, json.dumps(reply), time.time(), attempt))
+            "UPDATE steps SET state = 'committed', reply = ?, finished_at = ?"
+            " WHERE attempt = ?", (json.dumps(reply), time.time(), attempt))
 
     def decide(self, attempt: int, state: str, *, decided_by: str, reason: str = "") -> None:
         """Moves a pending attempt to `state` (running or discarded), only if it is still
@@ -288,10 +289,13 @@ class StepStore:
                              (run_id, step))
             values.delete(self._db, run_id, after=step)
             self._db.execute("UPDATE runs SET step = ? WHERE run_id = ?", (step, run_id))
+            # A read-only attempt numbered step + 1 ran on `step` itself: it stays.
             self._db.execute(
                 "UPDATE steps SET state = 'discarded', reason = ?"
-                " WHERE run_id = ? AND step > ? AND state IN ('pending_approval', 'committed')",
-                (f"rolled back to step {step}", run_id, step))
+                " WHERE run_id = ? AND step > ? AND state IN ('pending_approval', 'committed')"
+                " AND NOT (step = ? + 1 AND state = 'committed'"
+                "          AND json_extract(reply, '$.read_only') = 1)",
+                (f"rolled back to step {step}", run_id, step, step))
         dropped: set[str] = set()
         for (text,) in later:
             dropped.update(json.loads(text))
