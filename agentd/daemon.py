@@ -96,7 +96,6 @@ class Daemon:
                                 squash_depth=d.squash_depth,
                                 max_export_bytes=d.max_export_bytes)
         self.started_at = time.monotonic()
-        self._reloading = asyncio.Lock()
         registrations = [agentd_registration(AgentdServicer(self.runs, self.steps,
                                                             self.status,
                                                             self.reload_policies, stages)),
@@ -142,11 +141,12 @@ class Daemon:
     async def reload_policies(self, caller: Caller) -> list[Reloaded]:
         """Every policy file and the stage ceilings read again and swapped in at once, on
         record first; a file that does not load replaces nothing (FailedPrecondition, and a
-        `policy.reload_refused` record)."""
-        async with self._reloading:
+        `policy.reload_refused` record). Under the stages' lock: a promotion, demotion or
+        acceptance lands wholly before the reload reads the registry, or wholly after it."""
+        async with self.stages.lock:
             registry = self.runs.registry
             try:
-                agents, changes = await asyncio.to_thread(registry.prepare_reload)
+                prepared, changes = await asyncio.to_thread(registry.prepare_reload)
             except (AgentdError, OSError) as exc:
                 reason = exc.message if isinstance(exc, AgentdError) else str(exc)
                 log.warning("policy.reload_refused", uid=caller.uid, reason=reason)
@@ -159,8 +159,7 @@ class Daemon:
                                      "old_hash": c.old_hash, "new_hash": c.new_hash,
                                      "clamped": list(c.clamped),
                                      "unreviewed": c.unreviewed} for c in changes}})
-            registry.swap(agents)
-            self.stages.refresh_gates()
+            registry.swap(prepared)
             # A pinned (promoted) agent whose file changed keeps its accepted version.
             await self.stages.note_unreviewed(caller)
             for change in changes:

@@ -11,8 +11,7 @@ run prints in their place (a line of README is turned into a pattern by these ru
     r-0123456789ab          a run id. The first real id printed where README shows an id is
                             bound to it: later commands have README's id replaced by the real
                             one, and later output must show that same real id.
-    sha256:0123456789ab     a policy version (its hash, shortened), bound the same way; later
-                            commands have README's hex digits replaced by the real ones
+    sha256:<64 hex digits>  a policy version (its whole hash), bound the same way
     record 12, records 3, 4 audit record indexes (any number of them)
     2026-11-25 13:51:53Z    a timestamp (any date and time in that shape; also with .123
                             milliseconds)
@@ -46,7 +45,7 @@ pytestmark = pytest.mark.privileged
 README = REPO / "README.md"
 CHECKOUT = "/path/to/agentd"
 RUN_ID = r"r-[0-9a-f]{12}"
-SOURCE = r"sha256:[0-9a-f]{12}"
+SOURCE = r"sha256:[0-9a-f]{64}"
 # The bindable ids: (group name, how README writes one, how it looks after re.escape).
 IDS = [("id", RUN_ID, r"r\\-[0-9a-f]{12}"), ("src", SOURCE, SOURCE)]
 # (pattern in README's text, regex it stands for); applied after re.escape of the line.
@@ -151,8 +150,6 @@ def match_output(expected: list[str], actual: list[str], ids: dict[str, str],
             real = found.groupdict().get(group)
             if new and real:
                 ids[new[0]] = real
-                if group == "src":  # commands name a version by its hex digits
-                    ids[new[0].removeprefix("sha256:")] = real.removeprefix("sha256:")
         return go(e + 1, a + 1)
 
     if go(0, 0):

@@ -5,6 +5,7 @@ ignored and reported."""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import shutil
 import subprocess
@@ -343,7 +344,14 @@ class TestReviewedPolicies:
             assert admin.value.code() == grpc.StatusCode.PERMISSION_DENIED
             assert accept_as(1234, handle, "shell-helper", accepted).startswith(
                 "FAILED_PRECONDITION")
-            assert accept_as(1234, handle, "shell-helper", entry.unreviewed[:12]).startswith(
+            # A prefix, however long, is no version: an author could have made two files
+            # that share it, one for the review and one to swap in.
+            for prefix in (entry.unreviewed[:19], entry.unreviewed[7:19],
+                           entry.unreviewed[:-1]):
+                assert accept_as(1234, handle, "shell-helper", prefix).startswith(
+                    "INVALID_ARGUMENT")
+            other = "sha256:" + ("0" * 64 if entry.unreviewed[7] != "0" else "1" * 64)
+            assert accept_as(1234, handle, "shell-helper", other).startswith(
                 "FAILED_PRECONDITION")
             # A broken file is refused as ever, and the unreviewed version stays as it was.
             good = policy.read_text()
@@ -363,8 +371,9 @@ class TestReviewedPolicies:
             assert _md5sum(handle) == grpc.StatusCode.PERMISSION_DENIED
             assert len([r for r in read_records(base / "state" / "audit")
                         if r["event"] == "policy.unreviewed"]) == 1  # once per version
-            prefix = entry.unreviewed.removeprefix("sha256:")[:12]
-            assert accept_as(1234, handle, "shell-helper", prefix) == (
+            # The whole hash, with or without its "sha256:" prefix.
+            assert accept_as(1234, handle, "shell-helper",
+                             entry.unreviewed.removeprefix("sha256:")) == (
                 f"OK {entry.unreviewed} -")
             assert _md5sum(handle) == grpc.StatusCode.OK
             [acceptance] = [r for r in read_records(base / "state" / "audit")
@@ -383,7 +392,9 @@ class TestReviewedPolicies:
 
     def test_a_file_edited_before_the_promotion_is_not_promoted_with_it(
             self, base: Path) -> None:
-        """The approvers judged the version in force; an edit not yet loaded waits."""
+        """The approvers judged the version in force; an edit not yet loaded is not read by
+        the promotion (only a reload reads files, on record), and the reload after it finds
+        the edit unreviewed."""
         handle = _start(base)
         try:
             _meet_the_sandbox_gate(handle)
@@ -396,17 +407,23 @@ class TestReviewedPolicies:
             approve_as(1234, handle, "shell-helper")
             assert approve_as(1235, handle, "shell-helper") == "OK sandbox 0"
             status = handle.stub().GetStage(pb.GetStageRequest(agent="shell-helper"))
+            assert (status.policy_source, status.unreviewed_source) == (
+                before.policy_source, "")
+            assert _md5sum(handle) == grpc.StatusCode.PERMISSION_DENIED
+            handle.stub("admin").ReloadPolicies(pb.ReloadPoliciesRequest(), timeout=60)
+            status = handle.stub().GetStage(pb.GetStageRequest(agent="shell-helper"))
             assert status.policy_source == before.policy_source
             assert status.unreviewed_source not in ("", before.policy_source)
             assert status.unreviewed_index > 0  # on record
             assert _md5sum(handle) == grpc.StatusCode.PERMISSION_DENIED
-            # Found by the daemon itself, so by root's edit: root may not accept it either.
+            # Loaded by root's reload: root may not accept it.
             with pytest.raises(grpc.RpcError) as root:
                 handle.stub("approver").AcceptPolicy(pb.AcceptPolicyRequest(
                     agent="shell-helper", source=status.unreviewed_source))
             assert root.value.code() == grpc.StatusCode.PERMISSION_DENIED
             assert accept_as(1234, handle, "shell-helper",
                              status.unreviewed_source).startswith("OK")
+            assert _md5sum(handle) == grpc.StatusCode.OK
         finally:
             stop_daemon(handle)
 
@@ -443,15 +460,25 @@ class TestFailureDemotion:
             assert not sh(stub, resolved, "exit 3").outcome.committed
             stub.Rollback(pb.RollbackRequest(run_id=resolved, step=0))
             stub.CloseRun(pb.CloseRunRequest(run_id=resolved))
-            # A failure resolved by a later commit: none either.
+            # A failure resolved by a later commit that changes state: none either.
             retried = stub.CreateRun(pb.CreateRunRequest(agent="shell-helper")).run_id
             assert not sh(stub, retried, "exit 3").outcome.committed
-            assert sh(stub, retried, "true").outcome.committed
+            assert sh(stub, retried, "echo fixed > result").outcome.committed
             stub.CloseRun(pb.CloseRunRequest(run_id=retried))
+            # A step the daemon stopped (the run closed under it) is not the agent's failure.
+            cancelled = stub.CreateRun(pb.CreateRunRequest(agent="shell-helper")).run_id
+            replies = stub.Exec(pb.ExecRequest(run_id=cancelled,
+                                               argv=["/bin/sh", "-c", "echo started; sleep 20"]),
+                                timeout=60)
+            assert next(iter(replies)).output.data == b"started\n"
+            stub.CloseRun(pb.CloseRunRequest(run_id=cancelled))
+            with contextlib.suppress(grpc.RpcError):
+                list(replies)
             assert stub.GetStage(pb.GetStageRequest(agent="shell-helper")).stage == "sandbox"
-            # Left unresolved: the close demotes.
+            # A step that changes nothing resolves nothing: `true` is no way around it.
             failed = stub.CreateRun(pb.CreateRunRequest(agent="shell-helper")).run_id
             assert not sh(stub, failed, "exit 3").outcome.committed
+            assert sh(stub, failed, "true").outcome.read_only
             stub.CloseRun(pb.CloseRunRequest(run_id=failed))
             deadline = time.monotonic() + 10
             while time.monotonic() < deadline and stub.GetStage(pb.GetStageRequest(

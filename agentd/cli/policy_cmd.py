@@ -113,8 +113,9 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
         "not whoever reloaded it); `agentctl stage status AGENT` shows its hash and diff "
         "record")
     accept.add_argument("agent", metavar="AGENT")
-    accept.add_argument("source", metavar="HASH", help="the unreviewed version's source hash "
-                        "(sha256:..., or at least its first 12 hex digits)")
+    accept.add_argument("source", metavar="HASH", help="the unreviewed version's whole "
+                        "source hash (sha256: and 64 hex digits, as `stage status` prints it); "
+                        "a prefix could name another file made to share it")
     accept.add_argument("--reason", default="", metavar="TEXT")
     accept.set_defaults(func=cmd_accept)
 
@@ -400,7 +401,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
                 else "unchanged")
         print(f"{change.agent} ({change.stage}, {change.policy_file}): {what}")
         if change.unreviewed:
-            print(f"  unreviewed: the file's version {change.unreviewed[:19]} waits for an "
+            print(f"  unreviewed: the file's version {change.unreviewed} waits for an "
                   f"approver (agentctl policy accept {change.agent} HASH); the accepted "
                   "version stays in force")
         for note in change.clamped:
@@ -411,7 +412,7 @@ def cmd_reload(args: argparse.Namespace) -> int:
 def cmd_accept(args: argparse.Namespace) -> int:
     """`policy accept`: an approver pins the agent's unreviewed version (through the daemon)."""
     status = args.client().accept_policy(args.agent, args.source, args.reason)
-    print(f"{status.agent}: policy {status.policy_source[:19]} accepted, in force for new "
+    print(f"{status.agent}: policy {status.policy_source} accepted, in force for new "
           "steps")
     return 0
 

@@ -66,11 +66,11 @@ def _print_status(status: Any) -> None:
     if status.owner:
         print(f"  owner: {status.owner}")
     if status.policy_source:
-        print(f"  policy in force: {status.policy_source[:19]}")
+        print(f"  policy in force: {status.policy_source}")
     if status.unreviewed_source:
-        print(f"  UNREVIEWED policy change: {status.unreviewed_source[:19]} (record "
+        print(f"  UNREVIEWED policy change: {status.unreviewed_source} (record "
               f"{status.unreviewed_index}, with its diff); not in force until an approver "
-              f"runs: agentctl policy accept {status.agent} {status.unreviewed_source[7:19]}")
+              f"runs: agentctl policy accept {status.agent} {status.unreviewed_source}")
     if status.next_stage_refuses or status.next_stage_allows:
         def at(indexes: tuple[int, ...]) -> str:
             return (" (records " + ", ".join(map(str, indexes[:8]))

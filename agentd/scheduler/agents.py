@@ -18,12 +18,13 @@ from __future__ import annotations
 
 from collections.abc import Mapping
 from dataclasses import dataclass, field
+from pathlib import Path
 
-from agentd.config import Config
+from agentd.config import AgentSection, Config
 from agentd.errors import NotFound
 from agentd.policy import EffectivePolicy, effective_policy, load_policy, load_stage_ceilings
 from agentd.policy.loader import read_source
-from agentd.policy.model import STAGES
+from agentd.policy.model import STAGES, StageCeilings
 from agentd.store.policies import PolicyCopies, source_hash
 
 
@@ -70,53 +71,79 @@ class Reloaded:
 
 
 class AgentRegistry:
-    """Agent name → effective policy at the agent's stage."""
+    """Agent name → effective policy at the agent's stage, and the stage ceilings in force.
+
+    Only a start or a reload reads the policy files and stages.yaml. A stage change or an
+    acceptance re-clamps that one agent from the bytes already in memory (`restage`), so
+    another agent's broken file, or a stages.yaml edited but not yet reloaded, can neither
+    stop a demotion nor come into force without its reload record. Callers serialise every
+    change (reload, promotion, demotion, acceptance) on one lock (StageKeeper.lock), so a
+    reload prepared from the registry cannot undo a stage change made meanwhile.
+    """
 
     def __init__(self, agents: dict[str, Agent], config: Config | None = None,
-                 copies: PolicyCopies | None = None) -> None:
+                 copies: PolicyCopies | None = None,
+                 ceilings: StageCeilings | None = None) -> None:
         self._agents = agents
         self._config = config
         self.copies = copies
+        self.ceilings = ceilings
         self.pins: dict[str, str] = {}
 
     @classmethod
     def load(cls, config: Config) -> AgentRegistry:
         copies = PolicyCopies(config.daemon.state_dir / "policies")
-        return cls(_build(config, {}, copies), config, copies)
+        ceilings = load_stage_ceilings(config.daemon.policy_dir / config.daemon.stages_file)
+        return cls(_build(config, {}, copies, ceilings), config, copies, ceilings)
 
-    def prepare_reload(self) -> tuple[dict[str, Agent], list[Reloaded]]:
+    def prepare_reload(self) -> tuple[Prepared, list[Reloaded]]:
         """Every agent's policy loaded and clamped again from the files; raises (PolicyError,
         OSError) on the first that does not load, and nothing changes. Blocking file reads:
         call it off the event loop, then `swap`."""
         if self._config is None:
             raise RuntimeError("a registry made without a config cannot reload")
-        agents = _build(self._config, self.pins, self.copies)
-        return agents, [Reloaded(name, agent.stage, agent.policy_file,
-                                 self._agents[name].policy.content_hash,
-                                 agent.policy.content_hash, agent.policy.notes,
-                                 agent.file_source if agent.unreviewed else "")
-                        for name, agent in sorted(agents.items())]
+        daemon = self._config.daemon
+        ceilings = load_stage_ceilings(daemon.policy_dir / daemon.stages_file)
+        agents = _build(self._config, self.pins, self.copies, ceilings)
+        return Prepared(agents, ceilings), [
+            Reloaded(name, agent.stage, agent.policy_file,
+                     self._agents[name].policy.content_hash, agent.policy.content_hash,
+                     agent.policy.notes, agent.file_source if agent.unreviewed else "")
+            for name, agent in sorted(agents.items())]
 
-    def prepare_stage(self, agent: str, stage: str) -> dict[str, Agent]:
-        """Every agent as now, `agent` at `stage` (its policy clamped there); `swap` it in."""
-        return self.prepare_stages({agent: stage})
+    def swap(self, prepared: Prepared) -> None:
+        """A reload's policies and ceilings, in force for every step planned from now on."""
+        self._agents = prepared.agents
+        self.ceilings = prepared.ceilings
 
-    def prepare_stages(self, stages: dict[str, str],
-                       pins: Mapping[str, str] | None = None) -> dict[str, Agent]:
-        """Blocking file reads (small files), like `prepare_reload`; `pins` as `self.pins`
-        with those changes (swap them in with `swap(agents, pins)`)."""
-        if self._config is None:
+    def restage(self, name: str, *, stage: str | None = None, pin: str | None = None) -> Agent:
+        """`name` at `stage` (default: its own), running version `pin` (default: the one in
+        force), clamped under the ceilings in force from bytes in memory (or, for an older
+        pinned version, its verified copy): no policy file and no stages.yaml is read."""
+        current = self.get(name)
+        if self._config is None or self.ceilings is None:
             raise RuntimeError("a registry made without a config cannot change stages")
-        return _build(with_stages(self._config, stages), {**self.pins, **(pins or {})},
-                      self.copies)
+        section = self._config.agents[name].model_copy(
+            update={"stage": stage or current.stage})
+        if pin is None or pin == current.source:
+            text, source = current.source_text, current.source
+        elif pin == current.file_source:
+            text, source = current.file_text, current.file_source
+        elif self.copies is not None:
+            text, source = self.copies.read(pin), pin
+        else:
+            raise RuntimeError("a registry without policy copies cannot pin a version")
+        return _agent(name, section, Path(current.policy_file), text, source,
+                      current.file_text, current.file_source, self.ceilings)
 
-    def swap(self, agents: dict[str, Agent], pins: Mapping[str, str] | None = None) -> None:
-        """The prepared policies, in force for every step planned from now on; the stages
-        they are at, and the pins they were built with, stay for later reloads."""
-        self._agents = agents
-        self.pins.update(pins or {})
+    def replace(self, agent: Agent, pin: str | None = None) -> None:
+        """One agent, as `restage` made it, in force from now on (its stage and pin kept for
+        later reloads)."""
+        self._agents = {**self._agents, agent.name: agent}
+        if pin is not None:
+            self.pins[agent.name] = pin
         if self._config is not None:
-            self._config = with_stages(self._config, {n: a.stage for n, a in agents.items()})
+            self._config = with_stages(self._config, {agent.name: agent.stage})
 
     def get(self, name: str) -> Agent:
         try:
@@ -130,6 +157,14 @@ class AgentRegistry:
         return sorted(self._agents)
 
 
+@dataclass(frozen=True)
+class Prepared:
+    """A reload's outcome before it is in force: every agent, and the ceilings it used."""
+
+    agents: dict[str, Agent]
+    ceilings: StageCeilings
+
+
 def with_stages(config: Config, stages: dict[str, str]) -> Config:
     """`config` with some agents at other stages (the stage log decides them, not the file)."""
     agents = {name: section.model_copy(update={"stage": stages[name]}) if name in stages
@@ -137,32 +172,37 @@ def with_stages(config: Config, stages: dict[str, str]) -> Config:
     return config.model_copy(update={"agents": agents})
 
 
-def _build(config: Config, pins: Mapping[str, str],
-           copies: PolicyCopies | None) -> dict[str, Agent]:
+def _build(config: Config, pins: Mapping[str, str], copies: PolicyCopies | None,
+           ceilings: StageCeilings) -> dict[str, Agent]:
     """Every agent's policy at its stage: the file's version, or for a pinned agent the
     accepted copy (the file still loaded and validated, and kept, for its review)."""
-    policy_dir = config.daemon.policy_dir
-    ceilings = load_stage_ceilings(policy_dir / config.daemon.stages_file)
     agents = {}
     for name, section in config.agents.items():
-        path = policy_dir / section.policy
+        path = config.daemon.policy_dir / section.policy
         file_text = read_source(path)
         file_source = source_hash(file_text)
-        file_policy = load_policy(path, file_text)
-        text, source, policy = file_text, file_source, file_policy
+        text, source = file_text, file_source
         pin = pins.get(name)
         if pin is not None and pin != file_source and copies is not None:
             text, source = copies.read(pin), pin
-            policy = load_policy(path, text)
             copies.keep(file_text)  # the bytes an approver will accept, not the file's later
-        effective = effective_policy(policy, section.stage, ceilings)
-        shadow = None
-        if section.audit_next_stage and section.stage != STAGES[-1]:
-            following = STAGES[STAGES.index(section.stage) + 1]
-            if policy.resolve(following) is not None:
-                shadow = effective_policy(policy, following, ceilings)
-        agents[name] = Agent(
-            name, section.stage, str(path), effective, shadow, source, text, file_source,
-            file_text, effective_policy(file_policy, section.stage, ceilings)
-            if source != file_source else None)
+        agents[name] = _agent(name, section, path, text, source, file_text, file_source,
+                              ceilings)
     return agents
+
+
+def _agent(name: str, section: AgentSection, path: Path, text: bytes, source: str,
+           file_text: bytes, file_source: str, ceilings: StageCeilings) -> Agent:
+    """One agent from its version in force (`text`) and its file's (`file_text`)."""
+    policy = load_policy(path, text)
+    effective = effective_policy(policy, section.stage, ceilings)
+    shadow = None
+    if section.audit_next_stage and section.stage != STAGES[-1]:
+        following = STAGES[STAGES.index(section.stage) + 1]
+        if policy.resolve(following) is not None:
+            shadow = effective_policy(policy, following, ceilings)
+    file_policy = None
+    if source != file_source:
+        file_policy = effective_policy(load_policy(path, file_text), section.stage, ceilings)
+    return Agent(name, section.stage, str(path), effective, shadow, source, text, file_source,
+                 file_text, file_policy)

@@ -29,6 +29,7 @@ from __future__ import annotations
 import asyncio
 import dataclasses
 import pwd
+import re
 import time
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass, field
@@ -41,8 +42,7 @@ from agentd.audit import AuditLog, record
 from agentd.audit.evidence import Evidence, collect, read_records
 from agentd.config import Config
 from agentd.errors import AgentdError, FailedPrecondition, InvalidArgument, PermissionDenied
-from agentd.identity import SYSTEM, Caller
-from agentd.policy import load_stage_ceilings
+from agentd.identity import Caller
 from agentd.policy.diff import diff
 from agentd.policy.model import STAGES, Gate, Gates
 from agentd.scheduler.agents import AgentRegistry
@@ -52,7 +52,9 @@ log = structlog.get_logger("agentd.stages")
 CHANGES = ("stage.set", "stage.promoted", "stage.demoted")
 # The records a start-up reads to rebuild stages, pins, reviews and pending promotions.
 KEPT = (*CHANGES, "stage.promotion_requested", "stage.promotion_approved",
-        "stage.promotion_refused", "policy.accepted", "policy.unreviewed")
+        "stage.promotion_refused", "policy.accepted", "policy.pinned", "policy.unreviewed")
+# How an approver names a policy version: the whole hash, never a prefix.
+FULL_HASH = re.compile(r"(sha256:)?[0-9a-f]{64}")
 
 
 @dataclass(frozen=True)
@@ -168,7 +170,7 @@ class StageBook:
                 self.pending[agent].approvers[uid] = _user(uid)
         elif event == "stage.promotion_refused":
             self.pending.pop(agent, None)
-        elif event == "policy.accepted":
+        elif event in ("policy.accepted", "policy.pinned"):
             self.pins[agent] = str(details.get("source"))
             self.unreviewed.pop(agent, None)
         elif event == "policy.unreviewed":
@@ -237,17 +239,16 @@ class StageKeeper:
     """The daemon's stages: status, history, promotion requests and approvals."""
 
     def __init__(self, book: StageBook, registry: AgentRegistry, audit: AuditLog,
-                 ceilings_file: Path, config_stages: Mapping[str, str],
-                 system: Mapping[str, Any]) -> None:
+                 config_stages: Mapping[str, str], system: Mapping[str, Any]) -> None:
         self.book = book
         self._system = dict(system)
-        self.ceilings_file = ceilings_file
-        self.gates: Gates = load_stage_ceilings(ceilings_file).gates
         self.registry = registry
         self.audit = audit
         self.config_stages = dict(config_stages)
         self.pending = book.pending
-        self._lock = asyncio.Lock()
+        self.lock = asyncio.Lock()
+        """Every change of what an agent runs (promotion, demotion, acceptance, and the
+        daemon's reload) holds it, so that none undoes another prepared meanwhile."""
         self._demoting: set[str] = set()
         self._tasks: set[asyncio.Task[None]] = set()
         # Set by `attach`: whose run it is, the agent's open runs, and how to stop a run's
@@ -255,6 +256,12 @@ class StageKeeper:
         self._agent_of: Callable[[str], str] | None = None
         self._open_runs: Callable[[str], list[str]] | None = None
         self._stop_run: Callable[[str, str], Awaitable[int]] | None = None
+
+    @property
+    def gates(self) -> Gates:
+        """The gates of the stages.yaml in force (as last loaded at start or reload)."""
+        ceilings = self.registry.ceilings
+        return ceilings.gates if ceilings is not None else Gates()
 
     def attach(self, agent_of: Callable[[str], str], open_runs: Callable[[str], list[str]],
                stop_run: Callable[[str, str], Awaitable[int]]) -> None:
@@ -280,16 +287,18 @@ class StageKeeper:
 
     async def _demote(self, agent: str, stage: str, kind: str, what: str) -> None:
         try:
-            async with self._lock:
+            async with self.lock:
                 if self.stage(agent) != stage:
                     return
                 to = STAGES[STAGES.index(stage) - 1]
-                agents = self.registry.prepare_stage(agent, to)
+                # From the bytes in memory: no file (another agent's, or an edited
+                # stages.yaml) can make a demotion fail or bring in what no reload recorded.
+                lower = self.registry.restage(agent, stage=to)
                 details = {"agent": agent, "from": stage, "to": to,
                            "reason": f"{kind}: {what}"[:1000]}
                 index = await self.audit.append("stage.demoted", actor=self._system,
                                                 details=details)
-                self.registry.swap(agents)
+                self.registry.replace(lower)
                 self.book.recorded(index, "stage.demoted", self._system, details)
                 self.pending.pop(agent, None)
                 log.warning("stage.demoted", agent=agent, stage=to, reason=details["reason"])
@@ -299,15 +308,13 @@ class StageKeeper:
                     await self._stop_run(run_id, "cancelled")
         except AgentdError as exc:  # the log refused the record: nothing changed
             log.exception("stage.demotion_failed", agent=agent, error=exc.message)
+        except Exception:  # a bug: logged loudly, and the agent keeps its (higher) stage
+            log.exception("stage.demotion_failed", agent=agent)
         finally:
             self._demoting.discard(agent)
 
     def stage(self, agent: str) -> str:
         return self.registry.get(agent).stage
-
-    def refresh_gates(self) -> None:
-        """The gates as stages.yaml says now (after a policy reload validated it)."""
-        self.gates = load_stage_ceilings(self.ceilings_file).gates
 
     def history(self, agent: str) -> list[StageChange]:
         self.registry.get(agent)  # NotFound for an unknown agent
@@ -362,21 +369,25 @@ class StageKeeper:
 
     async def accept(self, agent: str, source: str, reason: str,
                      caller: Caller) -> StageStatus:
-        """An approver accepts the unreviewed version named by `source` (its hash, or a prefix
-        of at least 12 hex digits): it is pinned and in force for steps planned from now on."""
-        async with self._lock:
+        """An approver accepts the unreviewed version named by `source`, its whole hash (a
+        prefix would let an author prepare a harmless and a harmful file that share it): it
+        is pinned and in force for steps planned from now on."""
+        async with self.lock:
             current = self.registry.get(agent)
             waiting = self._unreviewed(agent)
             if waiting is None:
                 raise FailedPrecondition(f"{agent}'s policy has no unreviewed change (in force: "
                                          f"{current.source or 'the file as loaded'})")
-            wanted = source.removeprefix("sha256:")
-            if len(wanted) < 12 or not waiting.source.removeprefix("sha256:").startswith(
-                    wanted):
+            wanted = source.strip().lower()
+            if not FULL_HASH.fullmatch(wanted):
+                raise InvalidArgument(
+                    f"{source!r} is not a policy version: give the whole hash, sha256: and 64 "
+                    f"hex digits, as `agentctl stage status {agent}` prints it")
+            if "sha256:" + wanted.removeprefix("sha256:") != waiting.source:
                 raise FailedPrecondition(
                     f"the unreviewed version of {agent}'s policy is {waiting.source}, not "
-                    f"{source!r}; review that one (agentctl stage status {agent}) and accept it "
-                    "by its hash (at least 12 hex digits)")
+                    f"{source}; review that one (agentctl stage status {agent}) and accept it "
+                    "by its hash")
             if caller.uid is None or caller.role != "approver":
                 raise PermissionDenied("a policy change is accepted by a person on the approver "
                                        "socket", rule="stages: acceptance on the approver socket")
@@ -387,9 +398,7 @@ class StageKeeper:
                 raise PermissionDenied("whoever loaded a policy change cannot accept it; "
                                        "another person must",
                                        rule="stages: acceptor uid != reloader uid")
-            pins = {agent: waiting.source}
-            agents = await asyncio.to_thread(self.registry.prepare_stages, {}, pins)
-            after = agents[agent]
+            after = await asyncio.to_thread(self.registry.restage, agent, pin=waiting.source)
             details = {"agent": agent, "stage": current.stage,
                        "policy_file": current.policy_file, "source": waiting.source,
                        "previous": current.source,
@@ -398,7 +407,7 @@ class StageKeeper:
                        "reason": reason[:1000]}
             index = await self.audit.append("policy.accepted", actor=caller.actor(),
                                             details=details)
-            self.registry.swap(agents, pins)
+            self.registry.replace(after, waiting.source)
             self.book.recorded(index, "policy.accepted", caller.actor(), details)
             log.warning("policy.accepted", agent=agent, source=waiting.source, uid=caller.uid)
         return await self.status(agent)
@@ -412,7 +421,7 @@ class StageKeeper:
     async def request(self, agent: str, to: str, owner: str, reason: str,
                       caller: Caller) -> StageStatus:
         """A promotion request: refused with every unmet criterion, else pending approval."""
-        async with self._lock:
+        async with self.lock:
             status = await self.status(agent)
             if to != status.next_stage:
                 raise InvalidArgument(f"{agent} is at {status.stage}; the only promotion is to "
@@ -434,8 +443,9 @@ class StageKeeper:
 
     async def approve(self, agent: str, approve: bool, reason: str,
                       caller: Caller) -> StageStatus:
-        """One approver's decision; the last approval promotes, a refusal drops the request."""
-        async with self._lock:
+        """One approver's decision; the last approval promotes, a refusal drops the request.
+        An approval counts once its record is written (a failed append lets them retry)."""
+        async with self.lock:
             pending = self.pending.get(agent)
             if pending is None:
                 raise FailedPrecondition(f"no promotion of {agent} is pending; request one "
@@ -453,24 +463,23 @@ class StageKeeper:
                 raise FailedPrecondition(f"uid {caller.uid} has already approved; another "
                                          "person must")
             if not approve:
-                del self.pending[agent]
                 await self.audit.append("stage.promotion_refused", actor=caller.actor(),
                                         details={"agent": agent, "to": pending.to,
                                                  "reason": reason[:1000]})
+                del self.pending[agent]
                 return await self.status(agent)
-            pending.approvers[caller.uid] = name
+            approvers = {**pending.approvers, caller.uid: name}
             gate: Gate = getattr(self.gates, pending.to)
-            if len(pending.approvers) < gate.approvals:
+            if len(approvers) < gate.approvals:
                 await self.audit.append("stage.promotion_approved", actor=caller.actor(),
                                         details={"agent": agent, "to": pending.to,
-                                                 "approvals": len(pending.approvers),
+                                                 "approvals": len(approvers),
                                                  "needed": gate.approvals})
+                pending.approvers[caller.uid] = name
                 return await self.status(agent)
-            await self._promote(pending, caller)
-            # A file edited since it was last loaded was not what the approvers judged: it
-            # waits for review like any later change (on record by the daemon, so any
-            # approver, these included, may accept it).
-            await self.note_unreviewed(SYSTEM)
+            # What the approvers judged is the version in force; a file edited since it was
+            # loaded is read by the next reload, and waits for review then.
+            await self._promote(dataclasses.replace(pending, approvers=approvers), caller)
             return await self.status(agent)
 
     async def _promote(self, pending: Pending, caller: Caller) -> None:
@@ -488,11 +497,15 @@ class StageKeeper:
         # From here on the agent runs a reviewed version: the one in force now (a file
         # edited since it was loaded is unreviewed, not promoted with it).
         copies = self.registry.copies
-        pin = (await asyncio.to_thread(copies.keep, before.source_text)
-               if copies is not None else before.source)
-        agents = await asyncio.to_thread(self.registry.prepare_stages, {agent: pending.to},
-                                         {agent: pin})
-        after = agents[agent]
+        try:
+            pin = (await asyncio.to_thread(copies.keep, before.source_text)
+                   if copies is not None else before.source)
+        except OSError as exc:
+            raise FailedPrecondition(
+                f"the reviewed policy version could not be kept ({exc.strerror}): nothing was "
+                "promoted; free space in (or repair) the state directory and approve again"
+            ) from None
+        after = await asyncio.to_thread(self.registry.restage, agent, stage=pending.to, pin=pin)
         changes = diff(before.policy, after.policy)
         details = {
             "agent": agent, "from": before.stage, "to": pending.to, "owner": pending.owner,
@@ -506,7 +519,7 @@ class StageKeeper:
             "diff": [c.line().strip() for c in changes]}
         index = await self.audit.append("stage.promoted", actor=caller.actor(),
                                         details=details)
-        self.registry.swap(agents, {agent: pin})
+        self.registry.replace(after, pin)
         self.book.recorded(index, "stage.promoted", caller.actor(), details)
         self.pending.pop(agent, None)
         log.warning("stage.promoted", agent=agent, to=pending.to, owner=pending.owner,
@@ -543,7 +556,6 @@ def open_stages(config: Config, registry: AgentRegistry, audit: AuditLog, audit_
     running its pinned version; a file that differs from it is recorded as unreviewed."""
     config_stages = {name: section.stage for name, section in config.agents.items()}
     book = StageBook.from_records(_stage_records(audit_dir, audit.size))
-    stages: dict[str, str] = {}
     for name in registry.names():
         configured = config_stages[name]
         current = book.stage(name)
@@ -557,16 +569,35 @@ def open_stages(config: Config, registry: AgentRegistry, audit: AuditLog, audit_
             log.warning("stage.config_mismatch", agent=name, config_stage=configured,
                         stage=current, reason="stages change only through gates; the config's "
                         "stage is ignored (agentctl stage status)")
-        stages[name] = current
-    pins = {name: pin for name, pin in book.pins.items() if name in stages}
-    if pins or any(registry.get(name).stage != stage for name, stage in stages.items()):
-        registry.swap(registry.prepare_stages(stages, pins), pins)
+        if name not in book.pins and any(c.event == "stage.promoted"
+                                         for c in book.history.get(name, ())):
+            _pin_found_version(registry, audit, book, name, system)
+        pin = book.pins.get(name)
+        if pin is not None or registry.get(name).stage != current:
+            registry.replace(registry.restage(name, stage=current, pin=pin), pin)
     for _, details in newly_unreviewed(registry, book):
         index = audit.append_sync("policy.unreviewed", actor=system, details=details)
         book.recorded(index, "policy.unreviewed", system, details)
-    return StageKeeper(book, registry, audit,
-                       config.daemon.policy_dir / config.daemon.stages_file,
-                       config_stages, system)
+    return StageKeeper(book, registry, audit, config_stages, system)
+
+
+def _pin_found_version(registry: AgentRegistry, audit: AuditLog, book: StageBook, name: str,
+                       system: Mapping[str, Any]) -> None:
+    """An agent promoted by a daemon older than pinned versions: its promotion named none,
+    and the bytes it was promoted with are gone. The file as found now is pinned, on record
+    (`policy.pinned`), so that every later change waits for review like any other."""
+    current = registry.get(name)
+    if registry.copies is None:
+        return
+    source = registry.copies.keep(current.file_text)
+    details = {"agent": name, "stage": book.stage(name), "source": source,
+               "policy_file": current.policy_file,
+               "policy_hash": current.policy.content_hash,
+               "reason": "promoted before policy versions were pinned: the file as found at "
+                         "this start is pinned; later changes wait for an approver"}
+    index = audit.append_sync("policy.pinned", actor=system, details=details)
+    book.recorded(index, "policy.pinned", system, details)
+    log.warning("policy.pinned", agent=name, source=source, file=current.policy_file)
 
 
 def _stage_records(directory: Path, size: int) -> Iterable[dict[str, Any]]:
