@@ -905,6 +905,54 @@ class AgentdClient:
             if not done:
                 _cancel(call)
 
+    def run_graph(self, graph: bytes, source: str, *, run_id: str = "",
+                  inputs: Mapping[str, str] | None = None, approval_timeout: float = 0.0,
+                  timeout: float | None = None) -> Iterator[GraphEvent]:
+        """Runs a graph file on a run (a new one of the graph's agent if `run_id` is empty),
+        yielding its events until the FINISHED one; closing the iterator early cancels the
+        call, which stops the graph between its steps."""
+        request = pb.RunGraphRequest(run_id=run_id, graph=graph, source=source,
+                                     inputs=dict(inputs or {}),
+                                     approval_timeout_seconds=approval_timeout)
+        return self._graph_events(self._stub.RunGraph(request, timeout=timeout))
+
+    def _graph_events(self, call: grpc.CallIterator[pb.GraphEvent]) -> Iterator[GraphEvent]:
+        done = False
+        try:
+            for event in call:
+                yield GraphEvent.from_proto(event)
+            done = True
+        except grpc.RpcError as exc:
+            done = True
+            raise self.error(exc) from None
+        finally:
+            if not done:
+                _cancel(call)
+
+
+@dataclass
+class GraphEvent:
+    """One event of RunGraph: kind is started, input, superstep, pending_approval, step or
+    finished (then `stopped` and `reason` say how it ended)."""
+
+    kind: str
+    run_id: str
+    step: int
+    nodes: list[str]
+    state: str
+    read_only: bool
+    reason: str
+    stopped: bool
+    supersteps: int
+
+    @classmethod
+    def from_proto(cls, msg: pb.GraphEvent) -> GraphEvent:
+        kind = pb.GraphEventKind.Name(msg.kind).removeprefix("GRAPH_EVENT_KIND_").lower()
+        state = (pb.StepState.Name(msg.state).removeprefix("STEP_STATE_").lower()
+                 if msg.state else "")
+        return cls(kind, msg.run_id, msg.step, list(msg.nodes), state, msg.read_only,
+                   msg.reason, msg.stopped, msg.supersteps)
+
 
 def _cancel(call: object) -> None:
     cancel = getattr(call, "cancel", None)

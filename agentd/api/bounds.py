@@ -41,13 +41,17 @@ LIMITS: Final[dict[str, tuple[int | None, int | None]]] = {
     "agentd.v1.TaskSpec.stdin": (32 << 20, None),
     # One file per message: what a reply can carry back (agentd/scheduler/files.py).
     "agentd.v1.WriteFileRequest.data": (MAX_MESSAGE_BYTES - REPLY_HEADROOM, None),
+    # A graph file and its inputs: the graph loop's own checks (1 MiB each) say what to do.
+    "agentd.v1.RunGraphRequest.graph": (2 << 20, None),
+    "agentd.v1.RunGraphRequest.source": (1000, None),
+    "agentd.v1.RunGraphRequest.inputs": (2 << 20, 256),
 }
 # Identifiers: run ids, agent and channel names, task names.
 for _name in ("GetRunRequest.run_id", "CloseRunRequest.run_id", "ExecRequest.run_id",
               "StepRequest.run_id", "ApproveRequest.run_id", "ListStepsRequest.run_id",
               "ListCheckpointsRequest.run_id", "RollbackRequest.run_id", "ForkRequest.run_id",
               "ExportCheckpointRequest.run_id", "ReadFileRequest.run_id",
-              "WriteFileRequest.run_id", "CreateRunRequest.agent",
+              "WriteFileRequest.run_id", "RunGraphRequest.run_id", "CreateRunRequest.agent",
               "ListRunsRequest.agent", "ChannelDecl.name", "ChannelDecl.reducer",
               "TaskSpec.name", "GetStageRequest.agent", "PromoteStageRequest.agent",
               "PromoteStageRequest.to", "ApproveStageRequest.agent"):

@@ -42,6 +42,7 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "/agentd.v1.Agentd/PromoteStage": frozenset({"admin"}),
     "/agentd.v1.Agentd/ApproveStage": frozenset({"approver", "admin"}),
     "/agentd.v1.Agentd/AcceptPolicy": frozenset({"approver", "admin"}),
+    "/agentd.v1.Agentd/RunGraph": frozenset({"client", "admin"}),
 }
 
 

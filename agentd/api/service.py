@@ -21,6 +21,7 @@ from agentd.errors import FailedPrecondition, InvalidArgument
 from agentd.identity import Caller
 from agentd.scheduler import files
 from agentd.scheduler.agents import Reloaded
+from agentd.scheduler.graph import GraphEvent, GraphRunner
 from agentd.scheduler.plan import TaskRequest
 from agentd.scheduler.runs import RunManager
 from agentd.scheduler.stages import StageKeeper
@@ -207,6 +208,15 @@ class AgentdServicer(agentd_pb2_grpc.AgentdServicer):
                             old_hash=c.old_hash, new_hash=c.new_hash, changed=c.changed,
                             clamped=c.clamped, unreviewed=c.unreviewed) for c in changes])
 
+    async def RunGraph(self, request: pb.RunGraphRequest, context: Any
+                       ) -> AsyncIterator[pb.GraphEvent]:
+        events = GraphRunner(self.steps).run(
+            request.source, request.graph, request.run_id, dict(request.inputs),
+            current_caller.get(), request.approval_timeout_seconds)
+        async with contextlib.aclosing(events):  # a client gone stops the loop between steps
+            async for event in events:
+                yield _graph_event(event)
+
 async def _stream_step(start: Callable[[StepListener], Awaitable[StepResult]]
                        ) -> AsyncIterator[Any]:
     """Runs a step, yielding its events as they happen and then its StepResult; a caller that
@@ -262,3 +272,12 @@ def _agent(name: str) -> str:
     if not name:
         raise InvalidArgument("agent is required: the name of a registered agent")
     return name
+
+
+def _graph_event(event: GraphEvent) -> pb.GraphEvent:
+    return pb.GraphEvent(
+        kind=pb.GraphEventKind.Value(f"GRAPH_EVENT_KIND_{event.kind.upper()}"),
+        run_id=event.run_id, step=event.step, nodes=list(event.nodes),
+        state=convert.STEP_STATES[event.state] if event.state else pb.STEP_STATE_UNSPECIFIED,
+        read_only=event.read_only, reason=event.reason, stopped=event.stopped,
+        supersteps=event.supersteps)

@@ -8,6 +8,7 @@
     agentctl [--socket ADMIN-SOCKET] policy reload | stage promote AGENT ...
     agentctl [--socket APPROVER-SOCKET] policy accept AGENT HASH | stage approve AGENT
     agentctl stage status|history AGENT | stage evidence AGENT [--audit DIR]
+    agentctl graph lint|show FILE | graph run FILE [--run RUN] [--input NAME=VALUE ...]
     agentctl status
     agentctl [--socket PATH] audit ...            (when agentd.cli.audit_cmd is installed)
 
@@ -36,7 +37,15 @@ from typing import Any, NoReturn
 
 import grpc
 
-from agentd.cli import exec_cmd, policy_cmd, runs_cmd, stage_cmd, status_cmd, steps_cmd
+from agentd.cli import (
+    exec_cmd,
+    graph_cmd,
+    policy_cmd,
+    runs_cmd,
+    stage_cmd,
+    status_cmd,
+    steps_cmd,
+)
 from agentd.cli.output import UsageError
 from agentd.client import AgentdClient, ClientError, error_from_rpc, resolve_socket
 
@@ -97,6 +106,7 @@ def build_parser() -> Parser:
     policy_cmd.register(subparsers)
     status_cmd.register(subparsers)
     stage_cmd.register(subparsers)
+    graph_cmd.register(subparsers)
     _register_optional(subparsers, "agentd.cli.audit_cmd", "audit", "the audit log")
     return parser
 

@@ -114,6 +114,43 @@ STEP_STATE_FAILED: StepState.ValueType  # 4
 STEP_STATE_DISCARDED: StepState.ValueType  # 5
 Global___StepState: _TypeAlias = StepState  # noqa: Y015
 
+class _GraphEventKind:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _GraphEventKindEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_GraphEventKind.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    GRAPH_EVENT_KIND_UNSPECIFIED: _GraphEventKind.ValueType  # 0
+    GRAPH_EVENT_KIND_STARTED: _GraphEventKind.ValueType  # 1
+    """The run the graph runs on (step: its head)."""
+    GRAPH_EVENT_KIND_INPUT: _GraphEventKind.ValueType  # 2
+    """The inputs were committed as checkpoint `step`."""
+    GRAPH_EVENT_KIND_SUPERSTEP: _GraphEventKind.ValueType  # 3
+    """Superstep `step` is planned: `nodes` run in it as one step."""
+    GRAPH_EVENT_KIND_PENDING_APPROVAL: _GraphEventKind.ValueType  # 4
+    """Its step waits for an approver (`reason`); the graph goes on once it has run."""
+    GRAPH_EVENT_KIND_STEP: _GraphEventKind.ValueType  # 5
+    """Its step ended (`state`, `read_only`, `reason`)."""
+    GRAPH_EVENT_KIND_FINISHED: _GraphEventKind.ValueType  # 6
+    """The last event: ended (nothing triggers) or `stopped` with the `reason`."""
+
+class GraphEventKind(_GraphEventKind, metaclass=_GraphEventKindEnumTypeWrapper): ...
+
+GRAPH_EVENT_KIND_UNSPECIFIED: GraphEventKind.ValueType  # 0
+GRAPH_EVENT_KIND_STARTED: GraphEventKind.ValueType  # 1
+"""The run the graph runs on (step: its head)."""
+GRAPH_EVENT_KIND_INPUT: GraphEventKind.ValueType  # 2
+"""The inputs were committed as checkpoint `step`."""
+GRAPH_EVENT_KIND_SUPERSTEP: GraphEventKind.ValueType  # 3
+"""Superstep `step` is planned: `nodes` run in it as one step."""
+GRAPH_EVENT_KIND_PENDING_APPROVAL: GraphEventKind.ValueType  # 4
+"""Its step waits for an approver (`reason`); the graph goes on once it has run."""
+GRAPH_EVENT_KIND_STEP: GraphEventKind.ValueType  # 5
+"""Its step ended (`state`, `read_only`, `reason`)."""
+GRAPH_EVENT_KIND_FINISHED: GraphEventKind.ValueType  # 6
+"""The last event: ended (nothing triggers) or `stopped` with the `reason`."""
+Global___GraphEventKind: _TypeAlias = GraphEventKind  # noqa: Y015
+
 @_typing.final
 class GetStageRequest(_message.Message):
     DESCRIPTOR: _descriptor.Descriptor
@@ -1686,3 +1723,106 @@ class WriteFileRequest(_message.Message):
     def WhichOneof(self, oneof_group: _WhichOneofArgType__expect_step) -> _WhichOneofReturnType__expect_step | None: ...
 
 Global___WriteFileRequest: _TypeAlias = WriteFileRequest  # noqa: Y015
+
+@_typing.final
+class RunGraphRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    @_typing.final
+    class InputsEntry(_message.Message):
+        DESCRIPTOR: _descriptor.Descriptor
+
+        KEY_FIELD_NUMBER: _builtins.int
+        VALUE_FIELD_NUMBER: _builtins.int
+        key: _builtins.str
+        value: _builtins.str
+        def __init__(
+            self,
+            *,
+            key: _builtins.str = ...,
+            value: _builtins.str = ...,
+        ) -> None: ...
+        _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+        def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+        _ClearFieldArgType: _TypeAlias = _typing.Literal["key", b"key", "value", b"value"]  # noqa: Y015
+        def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+        def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    GRAPH_FIELD_NUMBER: _builtins.int
+    SOURCE_FIELD_NUMBER: _builtins.int
+    INPUTS_FIELD_NUMBER: _builtins.int
+    APPROVAL_TIMEOUT_SECONDS_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    """Empty: a new run of the graph's agent, with the graph's channels."""
+    graph: _builtins.bytes
+    """The graph file's text (YAML)."""
+    source: _builtins.str
+    """The file's name, for messages ("graphs/fan-in.yaml:12: ...")."""
+    approval_timeout_seconds: _builtins.float
+    """How long to wait for an approver when a superstep needs one; 0 means an hour."""
+    @_builtins.property
+    def inputs(self) -> _containers.ScalarMap[_builtins.str, _builtins.str]:
+        """Input channel -> value (a string); written as one checkpoint before the first superstep."""
+
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        graph: _builtins.bytes = ...,
+        source: _builtins.str = ...,
+        inputs: _abc.Mapping[_builtins.str, _builtins.str] | None = ...,
+        approval_timeout_seconds: _builtins.float = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["approval_timeout_seconds", b"approval_timeout_seconds", "graph", b"graph", "inputs", b"inputs", "run_id", b"run_id", "source", b"source"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___RunGraphRequest: _TypeAlias = RunGraphRequest  # noqa: Y015
+
+@_typing.final
+class GraphEvent(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    KIND_FIELD_NUMBER: _builtins.int
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    NODES_FIELD_NUMBER: _builtins.int
+    STATE_FIELD_NUMBER: _builtins.int
+    READ_ONLY_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    STOPPED_FIELD_NUMBER: _builtins.int
+    SUPERSTEPS_FIELD_NUMBER: _builtins.int
+    kind: Global___GraphEventKind.ValueType
+    run_id: _builtins.str
+    step: _builtins.int
+    state: Global___StepState.ValueType
+    read_only: _builtins.bool
+    reason: _builtins.str
+    stopped: _builtins.bool
+    supersteps: _builtins.int
+    """FINISHED: the supersteps this call ran."""
+    @_builtins.property
+    def nodes(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
+    def __init__(
+        self,
+        *,
+        kind: Global___GraphEventKind.ValueType = ...,
+        run_id: _builtins.str = ...,
+        step: _builtins.int = ...,
+        nodes: _abc.Iterable[_builtins.str] | None = ...,
+        state: Global___StepState.ValueType = ...,
+        read_only: _builtins.bool = ...,
+        reason: _builtins.str = ...,
+        stopped: _builtins.bool = ...,
+        supersteps: _builtins.int = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["kind", b"kind", "nodes", b"nodes", "read_only", b"read_only", "reason", b"reason", "run_id", b"run_id", "state", b"state", "step", b"step", "stopped", b"stopped", "supersteps", b"supersteps"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___GraphEvent: _TypeAlias = GraphEvent  # noqa: Y015

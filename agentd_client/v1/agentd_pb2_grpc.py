@@ -149,6 +149,11 @@ class AgentdStub:
                 request_serializer=agentd__client_dot_v1_dot_agentd__pb2.AcceptPolicyRequest.SerializeToString,
                 response_deserializer=agentd__client_dot_v1_dot_agentd__pb2.StageStatus.FromString,
                 _registered_method=True)
+        self.RunGraph = channel.unary_stream(
+                '/agentd.v1.Agentd/RunGraph',
+                request_serializer=agentd__client_dot_v1_dot_agentd__pb2.RunGraphRequest.SerializeToString,
+                response_deserializer=agentd__client_dot_v1_dot_agentd__pb2.GraphEvent.FromString,
+                _registered_method=True)
 
 
 class AgentdServicer:
@@ -327,6 +332,16 @@ class AgentdServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def RunGraph(self, request, context):
+        """Runs a graph file (docs/graphs.md) on a run as a Pregel loop: the inputs as one
+        checkpoint, then each superstep's triggered nodes as one step, until nothing triggers.
+        Validated by the daemon (INVALID_ARGUMENT with file, line and field). A stop (recursion
+        limit, failed or refused step, rejected approval) is the last event, not an error.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentdServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -444,6 +459,11 @@ def add_AgentdServicer_to_server(servicer, server):
                     servicer.AcceptPolicy,
                     request_deserializer=agentd__client_dot_v1_dot_agentd__pb2.AcceptPolicyRequest.FromString,
                     response_serializer=agentd__client_dot_v1_dot_agentd__pb2.StageStatus.SerializeToString,
+            ),
+            'RunGraph': grpc.unary_stream_rpc_method_handler(
+                    servicer.RunGraph,
+                    request_deserializer=agentd__client_dot_v1_dot_agentd__pb2.RunGraphRequest.FromString,
+                    response_serializer=agentd__client_dot_v1_dot_agentd__pb2.GraphEvent.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1067,6 +1087,33 @@ class Agentd:
             '/agentd.v1.Agentd/AcceptPolicy',
             agentd__client_dot_v1_dot_agentd__pb2.AcceptPolicyRequest.SerializeToString,
             agentd__client_dot_v1_dot_agentd__pb2.StageStatus.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def RunGraph(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_stream(
+            request,
+            target,
+            '/agentd.v1.Agentd/RunGraph',
+            agentd__client_dot_v1_dot_agentd__pb2.RunGraphRequest.SerializeToString,
+            agentd__client_dot_v1_dot_agentd__pb2.GraphEvent.FromString,
             options,
             channel_credentials,
             insecure,

@@ -105,6 +105,12 @@ class AgentdStub:
     """An approver accepts a promoted agent's unreviewed policy version, named by its source
     hash (GetStage shows it): in force for steps planned from then on. Not whoever loaded it.
     """
+    RunGraph: _grpc.UnaryStreamMultiCallable[_agentd_pb2.RunGraphRequest, _agentd_pb2.GraphEvent]
+    """Runs a graph file (docs/graphs.md) on a run as a Pregel loop: the inputs as one
+    checkpoint, then each superstep's triggered nodes as one step, until nothing triggers.
+    Validated by the daemon (INVALID_ARGUMENT with file, line and field). A stop (recursion
+    limit, failed or refused step, rejected approval) is the last event, not an error.
+    """
 
 @_typing.type_check_only
 class AgentdAsyncStub(AgentdStub):
@@ -175,6 +181,12 @@ class AgentdAsyncStub(AgentdStub):
     AcceptPolicy: _aio.UnaryUnaryMultiCallable[_agentd_pb2.AcceptPolicyRequest, _agentd_pb2.StageStatus]  # type: ignore[assignment]
     """An approver accepts a promoted agent's unreviewed policy version, named by its source
     hash (GetStage shows it): in force for steps planned from then on. Not whoever loaded it.
+    """
+    RunGraph: _aio.UnaryStreamMultiCallable[_agentd_pb2.RunGraphRequest, _agentd_pb2.GraphEvent]  # type: ignore[assignment]
+    """Runs a graph file (docs/graphs.md) on a run as a Pregel loop: the inputs as one
+    checkpoint, then each superstep's triggered nodes as one step, until nothing triggers.
+    Validated by the daemon (INVALID_ARGUMENT with file, line and field). A stop (recursion
+    limit, failed or refused step, rejected approval) is the last event, not an error.
     """
 
 class AgentdServicer(metaclass=_abc_1.ABCMeta):
@@ -381,6 +393,18 @@ class AgentdServicer(metaclass=_abc_1.ABCMeta):
     ) -> _typing.Union[_agentd_pb2.StageStatus, _abc.Awaitable[_agentd_pb2.StageStatus]]:
         """An approver accepts a promoted agent's unreviewed policy version, named by its source
         hash (GetStage shows it): in force for steps planned from then on. Not whoever loaded it.
+        """
+
+    @_abc_1.abstractmethod
+    def RunGraph(
+        self,
+        request: _agentd_pb2.RunGraphRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_abc.Iterator[_agentd_pb2.GraphEvent], _abc.AsyncIterator[_agentd_pb2.GraphEvent]]:
+        """Runs a graph file (docs/graphs.md) on a run as a Pregel loop: the inputs as one
+        checkpoint, then each superstep's triggered nodes as one step, until nothing triggers.
+        Validated by the daemon (INVALID_ARGUMENT with file, line and field). A stop (recursion
+        limit, failed or refused step, rejected approval) is the last event, not an error.
         """
 
 def add_AgentdServicer_to_server(servicer: AgentdServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
