@@ -273,3 +273,37 @@ def test_names_with_quotes_cannot_break_mermaid() -> None:
     """Labels escape quotes."""
     assert "#quot;" in timeline_mermaid([TimelineRow(1, ('a"b',), "committed")])
 
+
+
+class TestCli:
+    @pytest.mark.parametrize(("args", "status"), [
+        (["fan_in_barrier.yaml"], 0),
+        (["fan_in.yaml"], 1),
+        (["refused.yaml", "--policy-dir", str(REPO / "policies")], 1),
+        (["allowed.yaml", "--policy-dir", str(REPO / "policies")], 0),
+    ])
+    def test_lint_exit_status(self, args: list[str], status: int,
+                              capsys: pytest.CaptureFixture[str]) -> None:
+        """0 clean, 1 findings, as `policy lint`; each finding printed with its fix."""
+        from agentd.cli.main import main
+
+        assert main(["graph", "lint", str(CASES / args[0]), *args[1:]]) == status
+        out = capsys.readouterr().out
+        assert ("fix: " in out) == bool(status)
+
+    def test_lint_of_an_invalid_file_exits_2_with_the_line(
+            self, tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+        """An invalid file is exit 2, each problem with file and line, no traceback."""
+        from agentd.cli.main import main
+
+        path = tmp_path / "g.yaml"
+        path.write_text(HEAD + "  n:\n    argv: [/bin/true]\n    trigers: [start]\n")
+        assert main(["graph", "lint", str(path)]) == 2
+        assert f"{path}:12: nodes.n.trigers:" in capsys.readouterr().err
+
+    def test_show_prints_mermaid(self, capsys: pytest.CaptureFixture[str]) -> None:
+        """A fenced mermaid block, without the daemon."""
+        from agentd.cli.main import main
+
+        assert main(["graph", "show", str(CASES / "fan_in.yaml")]) == 0
+        assert capsys.readouterr().out.startswith("```mermaid\nflowchart TD\n")
