@@ -55,9 +55,17 @@ class TestDistribution:
             metadata = archive.read(next(n for n in names if n.endswith("METADATA"))).decode()
         assert {n.split("/")[0] for n in names} == {"agentd_client",
                                                      "agentd_client-0.1.0.dist-info"}
-        requires = sorted(line.split(":", 1)[1].strip().split(">")[0].split("<")[0]
-                          for line in metadata.splitlines() if line.startswith("Requires-Dist"))
-        assert requires == ["grpcio", "protobuf"]
+        requires = [line.split(":", 1)[1].strip() for line in metadata.splitlines()
+                    if line.startswith("Requires-Dist")]
+
+        def names(found: list[str]) -> list[str]:
+            return sorted(r.split(">")[0].split("<")[0].split(";")[0] for r in found)
+
+        # Only the `langgraph` extra (agentd_client.langgraph) may need more.
+        assert names([r for r in requires if "extra ==" not in r]) == ["grpcio", "protobuf"]
+        assert names([r for r in requires if "extra ==" in r]) == ["langchain-core",
+                                                                   "langgraph"]
+        assert all(r.endswith('extra == "langgraph"') for r in requires if "extra ==" in r)
 
     def test_it_works_with_nothing_of_the_daemon_importable(
             self, wheel: Path, daemon: DaemonHandle, tmp_path: Path) -> None:
