@@ -300,6 +300,41 @@ class TestReviewedPolicies:
         finally:
             stop_daemon(handle)
 
+    def test_a_version_found_at_start_and_accepted_survives_the_next_edit(
+            self, base: Path) -> None:
+        """An edit found at start (not by a reload) is kept as a copy before its record, so
+        once accepted it is what a later start runs, whatever the file says by then."""
+        handle = _start(base)
+        try:
+            _meet_the_sandbox_gate(handle)
+            handle.stub("admin").PromoteStage(pb.PromoteStageRequest(
+                agent="shell-helper", to="sandbox", owner="alice", reason="ready"))
+            approve_as(1234, handle, "shell-helper")
+            assert approve_as(1235, handle, "shell-helper") == "OK sandbox 0"
+        finally:
+            stop_daemon(handle)
+        policy = base / "policies" / "shell-helper.yaml"
+        original = policy.read_text()
+        policy.write_text(original.replace(
+            "        - /usr/bin/wc\n", "        - /usr/bin/wc\n        - /usr/bin/md5sum\n"))
+        handle = _start(base, restart=True)
+        try:
+            found = handle.stub().GetStage(pb.GetStageRequest(agent="shell-helper"))
+            assert found.unreviewed_source not in ("", found.policy_source)
+            assert accept_as(1234, handle, "shell-helper", found.unreviewed_source) == (
+                f"OK {found.unreviewed_source} -")
+        finally:
+            stop_daemon(handle)
+        policy.write_text(original)  # edited again: the accepted version is not the file's
+        handle = _start(base, restart=True)
+        try:
+            status = handle.stub().GetStage(pb.GetStageRequest(agent="shell-helper"))
+            assert status.policy_source == found.unreviewed_source
+            assert status.unreviewed_source not in ("", found.unreviewed_source)
+            assert _md5sum(handle) == grpc.StatusCode.OK
+        finally:
+            stop_daemon(handle)
+
     def test_a_changed_policy_waits_for_an_approver(self, base: Path) -> None:
         """After a promotion, an edited policy file is unreviewed: validated, recorded with
         its diff, shown, never in force (across a restart too) until another person accepts

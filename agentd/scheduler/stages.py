@@ -399,6 +399,8 @@ class StageKeeper:
                                        "another person must",
                                        rule="stages: acceptor uid != reloader uid")
             after = await asyncio.to_thread(self.registry.restage, agent, pin=waiting.source)
+            if self.registry.copies is not None:  # durable before the record that names it
+                await asyncio.to_thread(self.registry.copies.keep, after.source_text)
             details = {"agent": agent, "stage": current.stage,
                        "policy_file": current.policy_file, "source": waiting.source,
                        "previous": current.source,
@@ -575,6 +577,9 @@ def open_stages(config: Config, registry: AgentRegistry, audit: AuditLog, audit_
         pin = book.pins.get(name)
         if pin is not None or registry.get(name).stage != current:
             registry.replace(registry.restage(name, stage=current, pin=pin), pin)
+        if registry.get(name).unreviewed and registry.copies is not None:
+            # The bytes an approver will accept, kept before the record that names them.
+            registry.copies.keep(registry.get(name).file_text)
     for _, details in newly_unreviewed(registry, book):
         index = audit.append_sync("policy.unreviewed", actor=system, details=details)
         book.recorded(index, "policy.unreviewed", system, details)
