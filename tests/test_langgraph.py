@@ -285,8 +285,7 @@ class TestApprovals:
             replies = tool_messages(final)
             assert [(m.tool_call_id, m.status) for m in replies] == [
                 ("rm", "success"), ("w1", "success"), ("r1", "success")]
-            assert str(replies[0].content).startswith(
-                "ran after an approver's decision: exited 0")
+            assert replies[0].content == "exit code 0"  # WaitStep carries the outcome
             assert [m.content for m in replies[1:]] == ["wrote 7 bytes to note.txt", "v"]
             assert agentd.checkpoints(run_id) == [0, 1, 2]  # one step, never re-submitted
             assert agentd.read_file(run_id, "note.txt") == b"removed"

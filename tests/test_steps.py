@@ -1151,12 +1151,17 @@ class TestApprovals:
         run_id = _approvals_run(approvals)
         assert step(stub, run_id, task("setup", "echo v > victim")).state == COMMITTED
         no_op = pb.TaskSpec(name="rm", argv=["/usr/bin/rm", "-f", "absent"])
-        assert step(stub, run_id, no_op).state == PENDING
+        assert step(stub, run_id, no_op, task("say", "echo hello; echo oops >&2")).state \
+            == PENDING
         waiting = stub.WaitStep.future(pb.WaitStepRequest(run_id=run_id, step=2), timeout=60)
         _approve(approvals, run_id, 2)
         ended = waiting.result()
         assert (ended.state, ended.read_only, ended.step, ended.base_step) == (
             COMMITTED, True, 1, 1)
+        # The requester hears how each task ended, and the start of what it printed.
+        assert [(t.name, t.outcome.exited, t.outcome.exit_code, t.stdout, t.stderr)
+                for t in ended.tasks] == [("rm", True, 0, b"", b""),
+                                          ("say", True, 0, b"hello\n", b"oops\n")]
         assert stub.GetRun(pb.GetRunRequest(run_id=run_id)).step == 1
         stub.Rollback(pb.RollbackRequest(run_id=run_id, step=1))
         assert stub.WaitStep(pb.WaitStepRequest(run_id=run_id, step=2), timeout=5).state \

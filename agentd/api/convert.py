@@ -2,9 +2,11 @@
 
 from __future__ import annotations
 
+import base64
 import dataclasses
 import json
 from collections.abc import Iterable
+from typing import Any
 
 from google.protobuf.timestamp_pb2 import Timestamp
 
@@ -142,18 +144,28 @@ def step_record(record: StepRecord) -> pb.StepReply:
         run_id=record.run_id, step=base_step if read_only else record.step,
         state=STEP_STATES[record.state],
         reason=record.reason, conflicts=reply.get("conflicts", []),
-        tasks=[pb.TaskReport(name=t["name"], failure=t.get("failure", ""),
-                             changed_paths=t.get("changed", []), writes=t.get("writes", 0),
-                             exec_denied=t.get("exec_denied", []),
-                             outcome=pb.Outcome(summary=(t.get("outcome") or {}).get(
-                                 "summary", ""), wall_seconds=(t.get("outcome") or {}).get(
-                                 "wall", 0.0)))
-               for t in reply.get("tasks", [])] or [
+        tasks=[_stored_task(t) for t in reply.get("tasks", [])] or [
                    pb.TaskReport(name=t["name"]) for t in record.request.get("tasks", [])],
         versions=reply.get("versions", {}), wall_seconds=reply.get("wall", 0.0),
         created_at=_timestamp(record.created_at), requested_by=record.requested_by,
         decided_by=record.decided_by,
         base_step=base_step, read_only=read_only)
+
+
+def _stored_task(task: dict[str, Any]) -> pb.TaskReport:
+    """A task as its attempt stored it: how it ended, and for an approved step the first
+    bytes of its output (agentd/scheduler/steps.py KEPT_OUTPUT_BYTES)."""
+    ended = task.get("outcome") or {}
+    return pb.TaskReport(
+        name=task["name"], failure=task.get("failure", ""),
+        changed_paths=task.get("changed", []), writes=task.get("writes", 0),
+        exec_denied=task.get("exec_denied", []),
+        stdout=base64.b64decode(task.get("stdout", "")),
+        stderr=base64.b64decode(task.get("stderr", "")),
+        outcome=pb.Outcome(summary=ended.get("summary", ""), wall_seconds=ended.get("wall", 0.0),
+                           exited=bool(ended.get("exited", False)),
+                           exit_code=int(ended.get("exit_code") or 0),
+                           signal=int(ended.get("signal") or 0)))
 
 
 def checkpoint(record: CheckpointRecord) -> pb.Checkpoint:

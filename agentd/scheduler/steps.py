@@ -32,6 +32,7 @@ does.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import functools
 import hashlib
@@ -83,6 +84,9 @@ __all__ = ["StepListener", "StepResult", "StepRunner", "TaskOutcome", "TaskReque
 
 # Callers that may wait (WaitStep) on one run's steps at once.
 MAX_WAITERS_PER_RUN = 64
+# Of an approved step, each task's first bytes of each stream are kept with its attempt: the
+# requester was not the one who heard the reply, and WaitStep gives them this much of it.
+KEPT_OUTPUT_BYTES = 4096
 
 
 @dataclass
@@ -107,8 +111,13 @@ class StepResult:
     """Committed without a checkpoint: it changed nothing; `step` is the head it ran on."""
 
     def to_json(self) -> dict[str, Any]:
+        tasks = [t.to_json() for t in self.tasks]
+        if self.decided_by:  # approved: the requester reads the outcome later (WaitStep)
+            for entry, task in zip(tasks, self.tasks, strict=True):
+                entry["stdout"] = base64.b64encode(task.stdout[:KEPT_OUTPUT_BYTES]).decode()
+                entry["stderr"] = base64.b64encode(task.stderr[:KEPT_OUTPUT_BYTES]).decode()
         return {"state": str(self.state), "reason": self.reason, "conflicts": self.conflicts,
-                "tasks": [t.to_json() for t in self.tasks], "wall": self.wall_seconds,
+                "tasks": tasks, "wall": self.wall_seconds,
                 "versions": self.versions, "base_step": self.base_step,
                 "read_only": self.read_only}
 

@@ -32,6 +32,8 @@ from agentd_client.types import StepResult, Task, TaskResult
 Kind = Literal["command", "python", "read", "write"]
 #: What of a tool's stdout and of its stderr a model sees, in characters (head and tail).
 MAX_OUTPUT = 8000
+# What WaitStep gives of each stream of a step run after an approval (the daemon keeps no more).
+KEPT_OUTPUT_BYTES = 4096
 # Writes a file from stdin, making its directory first; the path is $1, never shell text.
 _WRITE = 'case "$1" in */*) mkdir -p -- "${1%/*}";; esac && cat > "$1"'
 
@@ -130,7 +132,7 @@ def outcome(step: StepResult, calls: Sequence[Call], *, waited: bool = False
     a failed or rejected step is reported on every call, since none of them was applied.
 
     `waited`: the step came from `wait_step` (it waited for an approver), whose reply has
-    each task's summary but neither its exit code nor its output."""
+    each task's exit code and the first 4 KiB of its output."""
     if step.state == "discarded":
         return [(f"not run: an approver rejected agentd step {step.step} ({step.reason}); "
                  "nothing of this turn's tool calls ran or changed", False)] * len(calls)
@@ -145,10 +147,13 @@ def outcome(step: StepResult, calls: Sequence[Call], *, waited: bool = False
 
 
 def _after_approval(call: Call, result: TaskResult) -> str:
-    if call.kind == "write" and result.summary == "exited 0":
-        return f"wrote {len(call.task.stdin)} bytes to {call.path}"
-    return (f"ran after an approver's decision: {result.summary} (agentd keeps no output of "
-            "a step that waited for approval; run a command again to see its output)")
+    """As `describe`; agentd keeps only the first 4 KiB of each stream of a step that waited
+    for an approver (WaitStep), which the model is told when it was cut there."""
+    told = describe(call, result)
+    if max(len(result.stdout), len(result.stderr)) >= KEPT_OUTPUT_BYTES:
+        told += (f"\n(output cut at {KEPT_OUTPUT_BYTES} bytes: agentd keeps no more of a step "
+                 "that waited for approval; run the command again to see all of it)")
+    return told
 
 
 def ended_at(step: StepResult) -> Position:

@@ -221,7 +221,8 @@ class AgentdServicer:
         """Waits until the latest attempt at a step has ended (committed, failed or discarded) and
         returns it: a step pending approval is waited for until an approver decides and it has
         run. Bounded by the caller's deadline; FAILED_PRECONDITION if the run is closed with the
-        step undecided. Task output is not repeated here (the stored timeline's summaries).
+        step undecided. Each task's outcome is as stored: how it ended (exit code, signal,
+        summary) and, for a step run after an approval, the first 4 KiB of each stream.
         """
         context.set_code(grpc.StatusCode.UNIMPLEMENTED)
         context.set_details('Method not implemented!')

@@ -62,7 +62,8 @@ class AgentdStub:
     """Waits until the latest attempt at a step has ended (committed, failed or discarded) and
     returns it: a step pending approval is waited for until an approver decides and it has
     run. Bounded by the caller's deadline; FAILED_PRECONDITION if the run is closed with the
-    step undecided. Task output is not repeated here (the stored timeline's summaries).
+    step undecided. Each task's outcome is as stored: how it ended (exit code, signal,
+    summary) and, for a step run after an approval, the first 4 KiB of each stream.
     """
     ReadFile: _grpc.UnaryUnaryMultiCallable[_agentd_pb2.ReadFileRequest, _agentd_pb2.ReadFileReply]
     """One workspace file at a checkpoint (default: the head), read without a step or a worker;
@@ -139,7 +140,8 @@ class AgentdAsyncStub(AgentdStub):
     """Waits until the latest attempt at a step has ended (committed, failed or discarded) and
     returns it: a step pending approval is waited for until an approver decides and it has
     run. Bounded by the caller's deadline; FAILED_PRECONDITION if the run is closed with the
-    step undecided. Task output is not repeated here (the stored timeline's summaries).
+    step undecided. Each task's outcome is as stored: how it ended (exit code, signal,
+    summary) and, for a step run after an approval, the first 4 KiB of each stream.
     """
     ReadFile: _aio.UnaryUnaryMultiCallable[_agentd_pb2.ReadFileRequest, _agentd_pb2.ReadFileReply]  # type: ignore[assignment]
     """One workspace file at a checkpoint (default: the head), read without a step or a worker;
@@ -267,7 +269,8 @@ class AgentdServicer(metaclass=_abc_1.ABCMeta):
         """Waits until the latest attempt at a step has ended (committed, failed or discarded) and
         returns it: a step pending approval is waited for until an approver decides and it has
         run. Bounded by the caller's deadline; FAILED_PRECONDITION if the run is closed with the
-        step undecided. Task output is not repeated here (the stored timeline's summaries).
+        step undecided. Each task's outcome is as stored: how it ended (exit code, signal,
+        summary) and, for a step run after an approval, the first 4 KiB of each stream.
         """
 
     @_abc_1.abstractmethod
