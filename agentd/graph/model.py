@@ -36,7 +36,7 @@ from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
 from agentd.graph.template import CODE_OPTIONS, Piece, parse
 from agentd.policy.issues import Issue, PolicyFileError
-from agentd.policy.loader import _parse, _validate  # the policy files' loader, reused as is
+from agentd.policy.loader import load_document
 from agentd.policy.model import Document
 from agentd.policy.sizes import parse_duration
 from agentd.store.values import NAME_PATTERN
@@ -121,7 +121,7 @@ def load_graph(path: str | Path, raw: bytes | None = None) -> Graph:
     """A graph file read and validated; PolicyFileError listing every problem (file, line,
     field) otherwise. With `raw`, those bytes are the file (the daemon gets the text, not the
     path); problems still name `path`."""
-    graph = _validate(Graph, _parse(path, raw))
+    graph = load_document(path, Graph, raw)
     issues = _cross_check(graph)
     if issues:
         raise PolicyFileError(issues)

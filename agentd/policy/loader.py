@@ -86,6 +86,12 @@ def check_policy_file(path: str | Path) -> Policy | StageCeilings:
     return _validate(model, parsed)
 
 
+def load_document(path: str | Path, model: type[D], raw: bytes | None = None) -> D:
+    """Any reviewed YAML document (a graph file too) read and validated as `model`, with the
+    same errors as a policy's: file, line and field. With `raw`, those bytes are the file."""
+    return _validate(model, _parse(path, raw))
+
+
 def _load(path: str | Path, model: type[D]) -> D:
     return _validate(model, _parse(path))
 
