@@ -19,20 +19,18 @@ caller's deadline) and goes on once an approver's decision has run it. A rejecti
 graph. Rollback and fork need nothing here: the progress is the checkpoints (see pregel.py),
 so `graph run --run R` after `rollback R k`, or on a fork of k, plans the superstep after k.
 
-The input checkpoint is written without a worker, under the run's gate, the way
-`StepRunner.write_file` writes a file: queued for the writer slot, refused while a step waits
-for approval, `graph.input` durable before the checkpoint exists. (It belongs beside
-`write_file` in steps.py; it lives here until that module is free to change.)
+The input checkpoint is written without a worker (`StepRunner.write_channels`, beside
+`write_file`): queued for the writer slot, refused while a step waits for approval,
+`graph.input` durable before the checkpoint exists.
 """
 
 from __future__ import annotations
 
 import asyncio
 import hashlib
-import time
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
-from typing import Any, Final
+from typing import Final
 
 import structlog
 
@@ -40,11 +38,11 @@ from agentd.errors import AgentdError, FailedPrecondition, InvalidArgument
 from agentd.graph import Graph, load_graph, plan, render
 from agentd.graph.pregel import check_writes
 from agentd.identity import Caller
-from agentd.scheduler import barrier, channels
-from agentd.scheduler.gate import RunGate
+from agentd.scheduler import channels
 from agentd.scheduler.plan import TaskRequest
 from agentd.scheduler.steps import StepRunner
-from agentd.store.steps import CheckpointRecord, StepRecord, StepState
+from agentd.store.runs import RunRecord
+from agentd.store.steps import StepRecord, StepState
 
 log = structlog.get_logger("agentd.graph")
 
@@ -257,72 +255,19 @@ class GraphRunner:
 
     async def _write_inputs(self, graph: Graph, run_id: str, values: dict[str, str],
                             caller: Caller) -> int:
-        """The inputs as the next checkpoint, without a worker (see the module docstring)."""
-        runs, store = self.runs, self.steps.steps
-        runs.check_accepting()
-        gate = runs.gate(run_id)
-        gate.check_open()
-        async with gate.turn():
-            runs.check_accepting()
-            async with gate.lock:
-                gate.check_idle("retry")
-                run = runs.check_open(run_id)
-                pending_step = store.first_pending(run_id)
-                if pending_step is not None:
-                    raise FailedPrecondition(
-                        f"step {pending_step.step} of run {run_id} waits for approval; decide "
-                        "it, then continue with `graph run --run` without --input")
-                waiting = self.pending(graph, run_id, run.step)
-                if waiting:
-                    raise FailedPrecondition(
-                        f"run {run_id} has nodes {', '.join(waiting)} triggered at step "
-                        f"{run.step}; continue it without --input first (new inputs would "
-                        "replace that superstep)")
-                number = run.step + 1
-                base = store.checkpoint(run_id, run.step)
-                specs = runs.channel_specs(run_id)
-                writes: list[tuple[str, Any]] = sorted(values.items())
-                try:
-                    state, changed = barrier.apply_writes(specs, base.channels, [
-                        barrier.TaskResult(0, INPUT_TASK, True, None, writes)], number)
-                except barrier.StepFailed as failed:
-                    raise InvalidArgument(f"the inputs cannot be written: {failed}") from None
-                policy = runs.policy_of(run)
-                size = channels.encoded_size(state)
-                if size > policy.channel_state_bytes:
-                    raise InvalidArgument(
-                        f"with the inputs the channel state would be {size} bytes, more than "
-                        f"limits.channel_state ({policy.channel_state_bytes}); send less")
-                return await self._commit_inputs(graph, gate, run_id, number, base, state,
-                                                 changed, caller)
+        """The inputs as the next checkpoint, without a worker (StepRunner.write_channels),
+        refused while nodes are still triggered (new inputs would replace that superstep)."""
+        def check(run: RunRecord) -> None:
+            waiting = self.pending(graph, run_id, run.step)
+            if waiting:
+                raise FailedPrecondition(
+                    f"run {run_id} has nodes {', '.join(waiting)} triggered at step "
+                    f"{run.step}; continue it without --input first (new inputs would "
+                    "replace that superstep)")
 
-    async def _commit_inputs(self, graph: Graph, gate: RunGate, run_id: str, number: int,
-                             base: CheckpointRecord, state: dict[str, channels.ChannelValue],
-                             changed: set[str], caller: Caller) -> int:
-        """Under the gate's lock: the attempt, `graph.input` durable, then the checkpoint."""
-        store = self.steps.steps
-        request = {"graph_input": {"graph": graph.name, "channels": sorted(changed)},
-                   "requested_uid": caller.uid}
-        attempt = store.begin(run_id, number, StepState.RUNNING, request, str(caller))
-        reply = {"state": str(StepState.COMMITTED), "reason": "", "conflicts": [],
-                 "tasks": [{"name": INPUT_TASK, "failure": "", "changed": [],
-                            "writes": len(changed), "exec_denied": [], "outcome": None}],
-                 "wall": 0.0, "versions": {k: v.version for k, v in state.items()},
-                 "base_step": number - 1, "read_only": False}
-        try:
-            await self.audit.append("graph.input", actor=caller.actor(), run_id=run_id,
-                                    details={"step": number, "graph": graph.name,
-                                             "channels": sorted(changed)})
-            store.commit(attempt, CheckpointRecord(run_id, number, base.layers, state,
-                                                   time.time()), reply)
-        except BaseException:
-            store.finish(attempt, StepState.FAILED, reply={}, reason="the inputs were not "
-                         "written")
-            raise
-        gate.failed_step = None
-        log.info("graph.input", run_id=run_id, step=number, channels=sorted(changed))
-        await self.audit.sign_tree_head()
-        return number
+        return await self.steps.write_channels(
+            run_id, sorted(values.items()), caller, task=INPUT_TASK, event="graph.input",
+            details={"graph": graph.name}, check=check)
 
 
 def _ran_read_only(latest: StepRecord | None, head: int, nodes: Sequence[str]) -> bool:

@@ -38,7 +38,7 @@ import functools
 import hashlib
 import secrets
 import time
-from collections.abc import AsyncGenerator, Sequence
+from collections.abc import AsyncGenerator, AsyncIterator, Callable, Mapping, Sequence
 from dataclasses import dataclass, field
 from typing import Any
 
@@ -50,6 +50,7 @@ from agentd.errors import (
     Aborted,
     AgentdError,
     FailedPrecondition,
+    InvalidArgument,
     NotFound,
     PermissionDenied,
     ResourceExhausted,
@@ -66,7 +67,7 @@ from agentd.scheduler.tasks import StepContext, StepListener, TaskOutcome, TaskR
 from agentd.store.layers import LayerStore
 from agentd.store.quota import Quota, QuotaExceeded, StateDiskFull
 from agentd.store.refs import Hold
-from agentd.store.runs import RunState
+from agentd.store.runs import RunRecord, RunState
 from agentd.store.steps import (
     CheckpointRecord,
     StepRecord,
@@ -690,14 +691,14 @@ class StepRunner:
                 return
         await self.runs.refs.release([*stack, merged])  # merged: if no checkpoint took it
 
-    # -- a file written without a worker ----------------------------------------------------
+    # -- changes the daemon makes itself, without a worker ----------------------------------
 
-    async def write_file(self, run_id: str, raw_path: str, data: bytes, mode: int,
-                         caller: Caller, expect_step: int | None = None) -> StepResult:
-        """One workspace file as the next checkpoint (agentd/scheduler/files.py): queued for
-        the run's writer slot like a step, under the policy's workspace mode and quota,
-        `workspace.written` durable before the checkpoint is in force."""
-        path = files.workspace_path(raw_path)
+    @contextlib.asynccontextmanager
+    async def _direct_turn(self, run_id: str, what: str, expect_step: int | None
+                           ) -> AsyncIterator[tuple[RunGate, RunRecord]]:
+        """The run claimed for a change made without a worker (a file write, a graph's
+        inputs): queued for the writer slot like a step, with a step's checks (draining, open,
+        no step pending approval, the head expected), released (and waiters woken) after."""
         self.runs.check_accepting()
         gate = self.runs.gate(run_id)
         gate.check_open()
@@ -709,24 +710,83 @@ class StepRunner:
                 run = self.runs.check_open(run_id)
                 self._no_pending(run_id)
                 self._check_expected(run_id, expect_step)
-                policy = self.runs.policy_of(run)
-                if policy.workspace != "read_write":
-                    refused = PermissionDenied(
-                        f"the workspace is {policy.workspace.replace('_', '-')} for "
-                        f"{run.agent} at {policy.stage}: no file may be written",
-                        rule=policy.rule("filesystem.workspace"))
-                    await self.audit.append("workspace.write_refused", actor=caller.actor(),
-                                            run_id=run_id, details={
-                                                "path": path, "bytes": len(data),
-                                                "reason": refused.message, "rule": refused.rule})
-                    raise refused
-                number = run.step + 1
-                gate.claim(f"write of {path}")
+                gate.claim(what)
             try:
-                return await self._write(gate, run_id, number, path, data, mode & 0o777 or 0o644,
-                                         policy, caller)
+                yield gate, run
             finally:
                 gate.release()
+                self._wake(run_id)
+
+    async def write_channels(self, run_id: str, writes: Sequence[tuple[str, Any]],
+                             caller: Caller, *, task: str, event: str,
+                             details: Mapping[str, Any],
+                             check: Callable[[RunRecord], None] | None = None) -> int:
+        """Channel values written as the next checkpoint, as one task named `task` would
+        write them (the reducers and the policy's channel state limit apply); `event` is
+        durable before the checkpoint exists. `check` may refuse, with the run claimed."""
+        async with self._direct_turn(run_id, f"{task} of run {run_id}", None) as (gate, run):
+            if check is not None:
+                check(run)
+            number = run.step + 1
+            base = self.steps.checkpoint(run_id, run.step)
+            try:
+                state, changed = barrier.apply_writes(
+                    self.runs.channel_specs(run_id), base.channels,
+                    [barrier.TaskResult(0, task, True, None, list(writes))], number)
+            except barrier.StepFailed as failed:
+                raise InvalidArgument(f"the values cannot be written: {failed}") from None
+            limit = self.runs.policy_of(run).channel_state_bytes
+            if channels.encoded_size(state) > limit:
+                raise InvalidArgument(
+                    f"with these values the channel state would be "
+                    f"{channels.encoded_size(state)} bytes, more than limits.channel_state "
+                    f"({limit}); write less, and keep large values in workspace files")
+            request = {task: {"channels": sorted(changed)}, "requested_uid": caller.uid}
+            reply = {"state": str(StepState.COMMITTED), "reason": "", "conflicts": [],
+                     "tasks": [{"name": task, "failure": "", "changed": [],
+                                "writes": len(changed), "exec_denied": [], "outcome": None}],
+                     "wall": 0.0, "versions": {k: v.version for k, v in state.items()},
+                     "base_step": number - 1, "read_only": False}
+            async with gate.lock:
+                if gate.phase is Phase.CLOSED:
+                    raise FailedPrecondition(f"run {run_id} was closed meanwhile")
+                attempt = self.steps.begin(run_id, number, StepState.RUNNING, request,
+                                           str(caller))
+                try:
+                    await self.audit.append(event, actor=caller.actor(), run_id=run_id,
+                                            details={**details, "step": number,
+                                                     "channels": sorted(changed)})
+                    self.steps.commit(attempt, CheckpointRecord(
+                        run_id, number, base.layers, state, time.time()), reply)
+                except BaseException:
+                    self.steps.finish(attempt, StepState.FAILED, reply={},
+                                      reason="the values were not written")
+                    raise
+                gate.failed_step = None
+        log.info(event, run_id=run_id, step=number, channels=sorted(changed), uid=caller.uid)
+        await self.audit.sign_tree_head()
+        return number
+
+    async def write_file(self, run_id: str, raw_path: str, data: bytes, mode: int,
+                         caller: Caller, expect_step: int | None = None) -> StepResult:
+        """One workspace file as the next checkpoint (agentd/scheduler/files.py): queued for
+        the run's writer slot like a step, under the policy's workspace mode and quota,
+        `workspace.written` durable before the checkpoint is in force."""
+        path = files.workspace_path(raw_path)
+        async with self._direct_turn(run_id, f"write of {path}", expect_step) as (gate, run):
+            policy = self.runs.policy_of(run)
+            if policy.workspace != "read_write":
+                refused = PermissionDenied(
+                    f"the workspace is {policy.workspace.replace('_', '-')} for "
+                    f"{run.agent} at {policy.stage}: no file may be written",
+                    rule=policy.rule("filesystem.workspace"))
+                await self.audit.append("workspace.write_refused", actor=caller.actor(),
+                                        run_id=run_id, details={
+                                            "path": path, "bytes": len(data),
+                                            "reason": refused.message, "rule": refused.rule})
+                raise refused
+            return await self._write(gate, run_id, run.step + 1, path, data,
+                                     mode & 0o777 or 0o644, policy, caller)
 
     async def _write(self, gate: RunGate, run_id: str, number: int, path: str, data: bytes,
                      mode: int, policy: EffectivePolicy, caller: Caller) -> StepResult:
@@ -796,7 +856,6 @@ class StepRunner:
                                             run_id=run_id, details={
                                                 "step": number, "reason": result.reason,
                                                 "write": path})
-            self._wake(run_id)
             await asyncio.to_thread(self.layers.remove_upper, upper_name(run_id, task_id))
             await hold.release()
             if layer is not None:
