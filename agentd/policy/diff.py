@@ -52,6 +52,11 @@ _LIMITS: tuple[tuple[str, str, Callable[[float], str]], ...] = (
     ("limits.inodes", "inodes", lambda n: f"{int(n)} files"),
     ("limits.channel_state", "channel_state_bytes", lambda n: format_size(int(n))),
 )
+_EGRESS_LIMITS: tuple[tuple[str, str, Callable[[float], str]], ...] = (
+    ("network.limits.bytes", "egress_bytes", lambda n: format_size(int(n))),
+    ("network.limits.connections_per_second", "egress_connections_per_second",
+     lambda n: f"{n:g} connections per second"),
+)
 _WORKSPACE_ORDER = {"none": 0, "read_only": 1, "read_write": 2}
 
 
@@ -81,6 +86,16 @@ def diff(old: EffectivePolicy, new: EffectivePolicy) -> list[Change]:
     if old.network != new.network:
         changes.append(Change("network", f"network {old.network} -> {new.network}",
                               new.network != "none"))
+    before, after = set(old.egress), set(new.egress)
+    changes += [Change("network.egress", f"may connect to {e}", True)
+                for e in sorted(after - before)]
+    changes += [Change("network.egress", f"no longer may connect to {e}", False)
+                for e in sorted(before - after)]
+    if old.network == new.network == "egress":
+        for field, attribute, show in _EGRESS_LIMITS:
+            a, b = getattr(old, attribute), getattr(new, attribute)
+            if a != b:
+                changes.append(Change(field, f"{show(a)} -> {show(b)}", b > a))
     if old.user_namespace != new.user_namespace:
         changes.append(Change("user_namespace", "may create a user namespace"
                               if new.user_namespace else "no longer gets a user namespace",

@@ -63,6 +63,7 @@ def attribute_of(field: str) -> str:
 
 # Fields that are about where things came from, not what the worker may do.
 _NOT_HASHED: Final = frozenset({"source", "content_hash", "notes", "rules", "exec_dropped"})
+_EGRESS_FIELDS: Final = frozenset({"egress", "egress_bytes", "egress_connections_per_second"})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -86,6 +87,12 @@ class EffectivePolicy:
     read_only: tuple[str, ...] = ()
     workspace: Workspace = "read_write"
     network: Network = "none"
+    """none (loopback only), or egress: TCP to `egress`, through the daemon's proxy."""
+    egress: tuple[str, ...] = ()
+    """Canonical egress entries (agentd/policy/egress.py), after the stage ceiling."""
+    egress_bytes: int = 64 << 20
+    """Bytes both ways over all of a task's connections."""
+    egress_connections_per_second: float = 10.0
     user_namespace: bool = False
     env_set: Mapping[str, str] = field(default_factory=dict)
     env_allow: tuple[str, ...] = ()
@@ -115,6 +122,11 @@ class EffectivePolicy:
         object.__setattr__(self, "env_set", dict(self.env_set))
         object.__setattr__(self, "cpu", float(self.cpu))
         object.__setattr__(self, "wall_seconds", float(self.wall_seconds))
+        object.__setattr__(self, "egress_connections_per_second",
+                           float(self.egress_connections_per_second))
+        if self.network == "none" and self.egress:
+            raise ValueError("egress entries with network none; an egress policy says"
+                             " network='egress'")
         object.__setattr__(self, "content_hash", content_hash_of(self.hashed_fields()))
 
     def __hash__(self) -> int:
@@ -132,11 +144,14 @@ class EffectivePolicy:
         return self.rules.get(field) or f"{self.source} stages.{self.stage}.{field}"
 
     def hashed_fields(self) -> dict[str, Any]:
-        """The fields the content hash covers, as JSON values."""
+        """The fields the content hash covers, as JSON values. Without egress, the egress
+        fields are left out, so that a policy's hash is the one it had before they existed
+        (pinned versions and the audit log's policy_hash stay comparable)."""
+        skip = _NOT_HASHED | (_EGRESS_FIELDS if self.network == "none" else frozenset())
         return {
             f.name: _jsonable(getattr(self, f.name))
             for f in fields(self)
-            if f.name not in _NOT_HASHED
+            if f.name not in skip
         }
 
     def to_json(self) -> dict[str, Any]:
@@ -148,7 +163,7 @@ class EffectivePolicy:
         """The inverse of `to_json`; refuses data whose `content_hash` does not match."""
         values = {k: v for k, v in data.items() if k != "content_hash"}
         for name in ("exec_allow", "exec_libraries", "read_only", "env_allow", "env_log", "notes",
-                     "approval_required_for"):
+                     "approval_required_for", "egress"):
             if name in values:
                 values[name] = tuple(values[name])
         effective = cls(**values)

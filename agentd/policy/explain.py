@@ -11,6 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from agentd.policy.effective import EffectivePolicy
+from agentd.policy.egress import parse_rules
 from agentd.policy.sizes import format_duration, format_size
 
 # Basenames of programs that run arbitrary code they are handed (shells and language
@@ -82,8 +83,19 @@ def explain(policy: EffectivePolicy, *, reach: Mapping[str, Sequence[str]] | Non
     out.append("  writes nothing else: the root is read-only, the host's files are not there")
 
     out += ["", "Network:"]
-    out.append("  none: a network namespace with loopback only" if p.network == "none"
-               else f"  {p.network}")
+    if p.network == "none":
+        out.append("  none: a network namespace with loopback only")
+    else:
+        out.append("  TCP only to these, each connection through the daemon's egress proxy"
+                   " and on record:")
+        out += [f"    {rule.in_words()}" for rule in parse_rules(p.egress)]
+        out.append("  names resolve only through the daemon's resolver, and only those above;"
+                   " an answer pointing to a private, loopback or link-local address is refused"
+                   " unless an address entry names it")
+        out.append(f"  at most {format_size(p.egress_bytes)} sent and received per task, and"
+                   f" {p.egress_connections_per_second:g} new connections per second")
+        out.append("  everything else is refused: other addresses and ports, UDP, ICMP, IPv6,"
+                   " DNS to any other server")
     out.append(f"    decided by {p.rule('network')}")
     out.append("  user namespace: " + ("yes (it may create one)" if p.user_namespace
                                        else "no") + f"  ({p.rule('user_namespace')})")

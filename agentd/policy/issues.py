@@ -59,11 +59,23 @@ def dotted(loc: Iterable[int | str]) -> str:
     for part in loc:
         if part == "[key]":  # pydantic's marker for "the key of this mapping entry"
             continue
+        if isinstance(part, str) and _union_branch(part):
+            continue  # `network: none | {egress: ...}`: the branch is not a field of the file
         if isinstance(part, int):
             text += f"[{part}]"
         else:
             text += f".{part}" if text else str(part)
     return text
+
+
+# The model branches of unions in policy files (pydantic puts the branch in the location).
+_UNION_BRANCHES = frozenset({"NetworkRules", "NetworkCeiling"})
+
+
+def _union_branch(part: str) -> bool:
+    """Whether a location part names a branch of a union (`NetworkRules`, `literal['none']`)
+    rather than a field or a key of the file."""
+    return part in _UNION_BRANCHES or part.startswith("literal[")
 
 
 def line_of(field: str, lines: Mapping[str, int]) -> int | None:
@@ -90,6 +102,9 @@ def from_validation(
                 field = f"{base}.{sub}" if base else sub
                 issues.append(Issue(file, line_of(field, lines), field, message))
             continue
+        if (any(isinstance(p, str) and p.startswith("literal[") for p in detail["loc"])
+                and isinstance(detail.get("input"), Mapping)):
+            continue  # a mapping was written: the error of the mapping's branch says why
         field = dotted(detail["loc"])
         issues.append(
             Issue(file, line_of(field, lines), field or None, explain(detail, root))
@@ -184,6 +199,8 @@ def _model_at(root: type[BaseModel], loc: Sequence[int | str]) -> type[BaseModel
     for part in loc:
         if not isinstance(part, str):
             return None
+        if _union_branch(part):
+            continue
         fields = {info.alias or key: info for key, info in model.model_fields.items()}
         if part not in fields:
             return None

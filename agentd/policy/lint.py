@@ -15,6 +15,9 @@ at the line that wrote each risky grant. Findings, by rule:
                             interpreter can do what the program does without running it
     user-namespace          a user namespace without an approval trigger: more kernel surface
     missing-limit           a limit the file never writes: the default applies silently
+    egress-wildcard         a *.domain egress entry: every name under it, today's and
+                            tomorrow's, including ones someone else can create
+    egress-wide-cidr        an egress network wider than /24: hundreds of hosts
     unused-grant            (with the usage of an audit log) an exec.allow entry no task of
                             the agent ran at that stage in the log's window: drop it
 
@@ -38,6 +41,7 @@ from dataclasses import dataclass
 
 from agentd.policy.approvals import approval_triggers
 from agentd.policy.effective import RULE_FIELDS, EffectivePolicy, attribute_of
+from agentd.policy.egress import WIDE_PREFIX, parse_rule
 from agentd.policy.explain import is_interpreter
 from agentd.policy.model import STAGES, Policy, StageCeilings
 from agentd.policy.paths import matching_exec_entry
@@ -161,6 +165,17 @@ def _stage_findings(policy: Policy, eff: EffectivePolicy, origin: Mapping[str, s
                     at("approval.required_for", trigger),
                     f"{trigger}: an allowed interpreter ({others[0]}) can do what {target} "
                     "does without running it; the approval guards the program, not the effect")
+    for entry in eff.egress:
+        rule = parse_rule(entry)
+        network = rule.network
+        if rule.kind == "wildcard":
+            add("egress-wildcard", "network.egress", at("network.egress", entry),
+                f"{entry} allows every name under {rule.target[2:]}, including names created"
+                " later; list the hosts the agent needs")
+        elif network is not None and network.prefixlen < WIDE_PREFIX:
+            add("egress-wide-cidr", "network.egress", at("network.egress", entry),
+                f"{entry} allows {network.num_addresses} addresses; narrow it to the hosts"
+                " the agent needs")
     if eff.user_namespace and "user_namespace" not in eff.approval_required_for:
         add("user-namespace", "user_namespace", at("user_namespace"),
             "a user namespace exposes more of the kernel to the agent; require approval "

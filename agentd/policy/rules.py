@@ -19,11 +19,13 @@ from typing import Annotated, Any, Final, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
 
+from agentd.policy.egress import canonical_ceiling_entry, canonical_entry
 from agentd.policy.paths import ExecEntry, HostPath
 from agentd.policy.sizes import Cores, Duration, Size
 
 Workspace = Literal["read_write", "read_only", "none"]
-Network = Literal["none"]
+Network = Literal["none", "egress"]
+"""An effective policy's network: none (loopback only) or egress (its `egress` entries)."""
 
 # Most restrictive first: clamping takes the lower of the policy's and the ceiling's.
 WORKSPACE_ORDER: Final[tuple[Workspace, ...]] = ("none", "read_only", "read_write")
@@ -159,13 +161,60 @@ class Limits(Rules):
     result would be larger fails at the barrier and applies nothing."""
 
 
-def _network_none(value: Any) -> Any:
-    """Say plainly that egress is not there yet, instead of a bare 'must be none'."""
-    if value == "none":
+EgressEntry = Annotated[str, BeforeValidator(canonical_entry),
+                       WithJsonSchema({"type": "string", "examples": [
+                           "api.example.org:443", "*.example.org:443", "192.0.2.10:80",
+                           "198.51.100.0/24:443"]})]
+CeilingEgressEntry = Annotated[str, BeforeValidator(canonical_ceiling_entry),
+                              WithJsonSchema({"type": "string", "examples": [
+                                  "*.example.org:*", "198.51.100.0/24:443"]})]
+
+
+class NetworkLimits(Rules):
+    """Per task: what its connections through the egress proxy may use."""
+
+    bytes: Size = Field(default="64MiB", validate_default=True)
+    """Bytes sent and received over all its connections together; past it the proxy closes
+    them and refuses new ones."""
+
+    connections_per_second: float = Field(default=10.0, gt=0, le=10_000)
+    """New connections per second (a token bucket of one second's worth); over it a
+    connection is refused."""
+
+
+class NetworkRules(Rules):
+    """Network egress of a stage: TCP to the destinations listed, through the daemon's
+    resolver and egress proxy; everything else refused (agentd/policy/egress.py)."""
+
+    egress: tuple[EgressEntry, ...] = Field(min_length=1)
+    """Destinations: HOST:PORT, CIDR:PORT, DOMAIN:PORT or *.DOMAIN:PORT (TCP; at least one)."""
+
+    limits: NetworkLimits = Field(default_factory=NetworkLimits)
+    """Bytes and connection rate per task."""
+
+    _unique = field_validator("egress")(_no_duplicates)
+
+
+class NetworkCeiling(Rules):
+    """The most network egress any agent may have at a stage."""
+
+    egress: tuple[CeilingEgressEntry, ...] = Field(min_length=1)
+    """Destinations a policy may list: an entry of a policy is kept only if one of these covers
+    it (a wildcard covers names under it, a network the addresses inside; `*` any port)."""
+
+    limits: NetworkLimits = Field(default_factory=NetworkLimits)
+    """The highest per-task egress limits at this stage."""
+
+    _unique = field_validator("egress")(_no_duplicates)
+
+
+def _network_value(value: Any) -> Any:
+    """`none`, or a mapping with `egress:`; say what to write for anything else."""
+    if value == "none" or isinstance(value, (dict, NetworkRules, NetworkCeiling)):
         return value
     raise ValueError(
-        f"network {value!r} is not supported: agentd/v1 has no network egress yet, only"
-        " 'none' (loopback only); write network: none"
+        f"network {value!r} is not valid; write network: none (loopback only, the default) or"
+        " network: {egress: [api.example.org:443]}"
     )
 
 
@@ -258,13 +307,13 @@ class CeilingRules(Rules):
     filesystem: FilesystemRules = Field(default_factory=FilesystemRules)
     """The host paths an agent may see, and the most workspace access, at this stage."""
 
-    network: Network = "none"
-    """Only 'none' (loopback only) exists in agentd/v1."""
+    network: Literal["none"] | NetworkCeiling = "none"
+    """none (loopback only), or the egress destinations and limits a policy may have."""
 
     limits: Limits = Field(default_factory=Limits)
     """The highest limits an agent may have at this stage."""
 
-    _network = field_validator("network", mode="before")(_network_none)
+    _network = field_validator("network", mode="before")(_network_value)
 
 
 class StageRules(Rules):
@@ -276,8 +325,9 @@ class StageRules(Rules):
     filesystem: FilesystemRules = Field(default_factory=FilesystemRules)
     """Host paths (read-only) and the workspace mode."""
 
-    network: Network = "none"
-    """Only 'none' (loopback only) exists in agentd/v1."""
+    network: Literal["none"] | NetworkRules = "none"
+    """none (loopback only, the default), or {egress: [...], limits: {...}}: TCP to the
+    destinations listed, through the daemon's resolver and proxy, each connection recorded."""
 
     user_namespace: bool = Field(default=False, strict=True)
     """Run the worker in a user namespace (its root is not the host's root)."""
@@ -290,4 +340,4 @@ class StageRules(Rules):
     approval: ApprovalRules = Field(default_factory=ApprovalRules)
     """Steps that wait for an approver before they run."""
 
-    _network = field_validator("network", mode="before")(_network_none)
+    _network = field_validator("network", mode="before")(_network_value)

@@ -7,7 +7,8 @@ any agent may have there. The effective policy is the intersection, computed fie
     exec.libraries        directories not at or below a ceiling directory are dropped
     filesystem.read_only  paths not at or below a ceiling path are dropped
     filesystem.workspace  the more restrictive: none < read_only < read_write
-    network               the more restrictive (only "none" exists in v1)
+    network               none where either side says none; else the policy's egress entries
+                          that a ceiling entry covers (others dropped), limits the lower
     limits.*              the lower of the two
     user_namespace        true only where the ceiling allows it
     env.set, env.allow    names matching the ceiling's env.deny (LD_*, PYTHONSTARTUP, BASH_ENV,
@@ -30,9 +31,19 @@ from typing import Final
 
 from agentd.errors import InvalidArgument, PermissionDenied
 from agentd.policy.effective import EffectivePolicy
+from agentd.policy.egress import covers, parse_rule
 from agentd.policy.model import STAGES, Document, Policy, ResolvedStage, StageCeilings
 from agentd.policy.paths import exec_entry_covers, is_at_or_below
-from agentd.policy.rules import WORKSPACE_ORDER, CeilingRules, Limits, StageRules, env_denied
+from agentd.policy.rules import (
+    WORKSPACE_ORDER,
+    CeilingRules,
+    Limits,
+    Network,
+    NetworkLimits,
+    NetworkRules,
+    StageRules,
+    env_denied,
+)
 from agentd.policy.sizes import format_duration, format_size
 
 # limits field -> (EffectivePolicy attribute, how to show a value in a note)
@@ -136,6 +147,8 @@ class _Clamp:
                 wanted = most
             limits[attribute] = wanted
 
+        network, egress, egress_bytes, egress_rate = self._network(wants, ceiling)
+
         user_namespace = wants.user_namespace
         if user_namespace and not ceiling.user_namespace:
             self._lowered("user_namespace", "true", "false")
@@ -167,7 +180,10 @@ class _Clamp:
             exec_libraries=tuple(exec_libraries),
             read_only=tuple(read_only),
             workspace=workspace,
-            network="none",  # the only value either side can hold in v1
+            network=network,
+            egress=egress,
+            egress_bytes=egress_bytes,
+            egress_connections_per_second=egress_rate,
             user_namespace=user_namespace,
             env_set=env_set,
             env_allow=env_allow,
@@ -189,6 +205,37 @@ class _Clamp:
             rules=dict(self.rules),
             exec_dropped=exec_dropped,
         )
+
+    def _network(self, wants: StageRules, ceiling: CeilingRules
+                 ) -> tuple[Network, tuple[str, ...], int, float]:
+        """(network, egress entries, bytes, connections per second) after the ceiling: an
+        entry no ceiling entry covers is dropped, limits are lowered; nothing left is none."""
+        defaults = NetworkLimits()
+        if not isinstance(wants.network, NetworkRules):
+            return "none", (), int(defaults.bytes), float(defaults.connections_per_second)
+        if ceiling.network == "none":
+            self._lowered("network", "egress", "none")
+            return "none", (), int(defaults.bytes), float(defaults.connections_per_second)
+        tops = [parse_rule(e, any_port=True) for e in ceiling.network.egress]
+        kept = []
+        for entry in wants.network.egress:
+            if any(covers(top, parse_rule(entry)) for top in tops):
+                kept.append(entry)
+            else:
+                self.rules["network"] = self._ceiling_rule("network")
+                self._dropped("network.egress", entry)
+        if not kept:
+            return "none", (), int(defaults.bytes), float(defaults.connections_per_second)
+        size, rate = int(wants.network.limits.bytes), wants.network.limits.connections_per_second
+        most = ceiling.network.limits
+        if most.bytes < size:
+            self._lowered("network.limits.bytes", format_size(size), format_size(most.bytes))
+            size = int(most.bytes)
+        if most.connections_per_second < rate:
+            self._lowered("network.limits.connections_per_second", f"{rate:g}",
+                          f"{most.connections_per_second:g}")
+            rate = most.connections_per_second
+        return "egress", tuple(kept), size, float(rate)
 
     def _policy_rule(self, field: str) -> str:
         """Where the policy writes `field` for this stage (maybe inherited, maybe default)."""

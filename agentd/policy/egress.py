@@ -1,0 +1,222 @@
+"""Network egress rules: what an `egress:` entry means, and the pure decisions about it.
+
+An entry is `TARGET:PORT` with an optional `/PROTOCOL` (tcp when left out):
+
+    api.example.org:443       a domain: the addresses the daemon's resolver gets for exactly
+                              this name, while their DNS TTL lasts
+    *.example.org:443         a wildcard: any name strictly below example.org (not
+                              example.org itself); only where written
+    192.0.2.10:80             an IPv4 address
+    198.51.100.0/24:443       an IPv4 network
+
+Why this shape, rather than a mapping per rule (`{host: ..., port: ..., protocol: ...}`): a
+reviewer reads one line per destination, as in a firewall's allowlist, and a list of strings
+diffs and lints line by line. Why no port ranges or "any port" in a policy: every port granted
+is a service reached; a ceiling may say `*` (any port) because it bounds, it does not grant.
+
+What is refused at validation, with the reason, because the mechanism could not enforce it
+(agentd/sandbox/egress.py): `/udp` (the proxy path carries TCP only; DNS goes to the daemon's
+resolver whatever the policy says) and IPv6 targets (workers get no IPv6 address). A policy
+that says one thing and a kernel that enforces another is what deny-by-default forbids.
+
+The decisions here (`name_rule`, `address_rule`, `covers`, `special_address`) are shared by
+the stage clamp, the resolver and the proxy, so the daemon and `agentctl policy explain`
+cannot disagree about what an entry allows.
+"""
+
+from __future__ import annotations
+
+import ipaddress
+import re
+from collections.abc import Iterable
+from dataclasses import dataclass
+from typing import Any, Final, Literal
+
+RuleKind = Literal["ip", "cidr", "domain", "wildcard"]
+
+_LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
+_ENTRY = re.compile(r"^(?P<target>[^/\s]+(?:/\d{1,2})?):(?P<port>\*|\d{1,5})"
+                    r"(?:/(?P<protocol>[a-z]+))?$")
+# A CIDR wider than this is linted (agentd/policy/lint.py): thousands of hosts.
+WIDE_PREFIX: Final = 24
+
+# Addresses no public name should resolve to: an answer pointing there is DNS rebinding (a
+# name that makes the worker reach the host, the daemon, or the local network), refused
+# unless an ip or cidr entry names the address itself.
+SPECIAL_NETWORKS: Final[tuple[ipaddress.IPv4Network, ...]] = tuple(
+    ipaddress.IPv4Network(n) for n in (
+        "0.0.0.0/8", "10.0.0.0/8", "100.64.0.0/10", "127.0.0.0/8", "169.254.0.0/16",
+        "172.16.0.0/12", "192.0.0.0/24", "192.168.0.0/16", "224.0.0.0/4", "240.0.0.0/4"))
+
+
+@dataclass(frozen=True)
+class EgressRule:
+    """One parsed entry; `text` is its canonical spelling (what policies and records show)."""
+
+    kind: RuleKind
+    target: str
+    """"192.0.2.10", "198.51.100.0/24", "api.example.org" or "*.example.org"."""
+    port: int | None
+    """None: any port (ceilings only)."""
+    protocol: str = "tcp"
+
+    @property
+    def text(self) -> str:
+        port = "*" if self.port is None else str(self.port)
+        suffix = "" if self.protocol == "tcp" else f"/{self.protocol}"
+        return f"{self.target}:{port}{suffix}"
+
+    @property
+    def network(self) -> ipaddress.IPv4Network | None:
+        """The addresses an ip or cidr entry names; None for names."""
+        if self.kind in ("ip", "cidr"):
+            return ipaddress.IPv4Network(self.target)
+        return None
+
+    def in_words(self) -> str:
+        """The entry as a reviewer reads it."""
+        port = "any port" if self.port is None else f"port {self.port}"
+        what = {"ip": f"the address {self.target}",
+                "cidr": f"any of the {self._size()} addresses in {self.target}",
+                "domain": f"{self.target} (the addresses the daemon's resolver gets for it,"
+                          " while their DNS TTL lasts)",
+                "wildcard": f"any name under {self.target.removeprefix('*.')} (not the name"
+                            " itself), as resolved by the daemon"}[self.kind]
+        return f"{what}, {self.protocol.upper()} {port}"
+
+    def _size(self) -> int:
+        network = self.network
+        return 0 if network is None else network.num_addresses
+
+
+def parse_rule(value: Any, *, any_port: bool = False) -> EgressRule:
+    """An entry as written; ValueError with what to write instead. `any_port`: `*` is
+    accepted as the port (stage ceilings)."""
+    if not isinstance(value, str):
+        raise ValueError(f"{value!r} is not an egress entry; write HOST:PORT, e.g."  # noqa: TRY004
+                         " api.example.org:443")
+    text = value.strip().lower()
+    if text.startswith("["):
+        raise ValueError(f"{value!r}: IPv6 egress is not supported (workers have no IPv6"
+                         " address); name an IPv4 address, network or a domain")
+    match = _ENTRY.fullmatch(text)
+    if match is None:
+        raise ValueError(f"{value!r} is not an egress entry; write HOST:PORT, CIDR:PORT or"
+                         " DOMAIN:PORT, e.g. api.example.org:443, 192.0.2.10:80,"
+                         " 198.51.100.0/24:443, *.example.org:443")
+    protocol = match.group("protocol") or "tcp"
+    if protocol == "udp":
+        raise ValueError(f"{value!r}: UDP egress is not supported yet (only TCP passes the"
+                         " egress proxy; DNS always goes to the daemon's resolver); remove it")
+    if protocol != "tcp":
+        raise ValueError(f"{value!r}: unknown protocol {protocol!r}; write /tcp (the default)")
+    port_text = match.group("port")
+    port: int | None
+    if port_text == "*":
+        if not any_port:
+            raise ValueError(f"{value!r}: a policy names each port it needs (any port, '*',"
+                             " is for stage ceilings only)")
+        port = None
+    else:
+        port = int(port_text)
+        if not 0 < port < 65536:
+            raise ValueError(f"{value!r}: port {port} is not between 1 and 65535")
+    target = match.group("target").rstrip(".")
+    kind: RuleKind
+    if ":" in target:
+        raise ValueError(f"{value!r}: IPv6 egress is not supported (workers have no IPv6"
+                         " address); name an IPv4 address, network or a domain")
+    if "/" in target:
+        try:
+            network = ipaddress.IPv4Network(target, strict=True)
+        except ValueError as exc:
+            raise ValueError(f"{value!r}: {target} is not an IPv4 network ({exc}); write"
+                             " e.g. 198.51.100.0/24") from None
+        kind, target = ("ip", str(network.network_address)) if network.prefixlen == 32 \
+            else ("cidr", str(network))
+    elif re.fullmatch(r"[0-9.]+", target):
+        try:
+            target = str(ipaddress.IPv4Address(target))
+        except ValueError:
+            raise ValueError(f"{value!r}: {target} is not an IPv4 address") from None
+        kind = "ip"
+    else:
+        wildcard = target.startswith("*.")
+        name = target.removeprefix("*.")
+        labels = name.split(".")
+        if ("*" in name or len(name) > 253 or len(labels) < 2
+                or not all(_LABEL.fullmatch(label) for label in labels)):
+            raise ValueError(f"{value!r}: {target} is not a domain name (letters, digits and"
+                             " '-' in dot-separated labels, at least two labels; a wildcard"
+                             " only as the whole first label, *.example.org)")
+        kind = "wildcard" if wildcard else "domain"
+    return EgressRule(kind, target, port, protocol)
+
+
+def canonical_entry(value: Any) -> str:
+    """Pydantic validator of a policy's entry: its canonical text."""
+    return parse_rule(value).text
+
+
+def canonical_ceiling_entry(value: Any) -> str:
+    """Pydantic validator of a ceiling's entry (`*` ports allowed)."""
+    return parse_rule(value, any_port=True).text
+
+
+def parse_rules(entries: Iterable[str]) -> tuple[EgressRule, ...]:
+    """Already validated entries (an EffectivePolicy's), parsed."""
+    return tuple(parse_rule(e, any_port=True) for e in entries)
+
+
+def name_matches(rule: EgressRule, name: str) -> bool:
+    """Whether a DNS name falls under a domain or wildcard entry (case and a final dot
+    ignored)."""
+    name = name.lower().rstrip(".")
+    if rule.kind == "domain":
+        return name == rule.target
+    if rule.kind == "wildcard":
+        return name.endswith(rule.target[1:]) and name != rule.target[2:]
+    return False
+
+
+def name_rule(rules: Iterable[EgressRule], name: str) -> EgressRule | None:
+    """The first domain or wildcard entry that allows resolving `name`, if any."""
+    return next((r for r in rules if name_matches(r, name)), None)
+
+
+def address_rule(rules: Iterable[EgressRule], address: str, port: int) -> EgressRule | None:
+    """The first ip or cidr entry that allows TCP to `address`:`port`, if any."""
+    try:
+        ip = ipaddress.IPv4Address(address)
+    except ValueError:
+        return None
+    for rule in rules:
+        network = rule.network
+        if network is not None and ip in network and rule.port in (None, port):
+            return rule
+    return None
+
+
+def special_address(address: str) -> bool:
+    """Whether `address` is loopback, private, link-local, shared or multicast space (see
+    SPECIAL_NETWORKS): a resolved name pointing there is refused as rebinding."""
+    ip = ipaddress.IPv4Address(address)
+    return any(ip in network for network in SPECIAL_NETWORKS)
+
+
+def covers(top: EgressRule, entry: EgressRule) -> bool:
+    """Whether ceiling entry `top` allows everything policy entry `entry` allows: same
+    protocol, its port (or any), and its target within: a domain or wildcard under a
+    wildcard, an address or network inside a network. A network never covers a name: what a
+    name resolves to is not known when the policy is clamped."""
+    if top.protocol != entry.protocol or top.port not in (None, entry.port):
+        return False
+    if top.kind == "domain":
+        return entry.kind == "domain" and entry.target == top.target
+    if top.kind == "wildcard":
+        if entry.kind == "domain":
+            return name_matches(top, entry.target)
+        return entry.kind == "wildcard" and (entry.target == top.target
+                                             or name_matches(top, entry.target[2:]))
+    outer, inner = top.network, entry.network
+    return outer is not None and inner is not None and inner.subnet_of(outer)
