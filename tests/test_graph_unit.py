@@ -100,10 +100,29 @@ class TestTemplates:
         found = problems(tmp_path, text)
         assert any("nodes.n.argv[2]" in p and "$1" in p for p in found), found
 
-    def test_a_channel_after_a_code_option_is_refused(self, tmp_path: Path) -> None:
-        """`sh -c {start}` would run the value as the script."""
-        text = HEAD + "  n:\n    argv: [/bin/sh, -c, '{start}']\n    triggers: [start]\n"
-        assert any("run as code" in p for p in problems(tmp_path, text))
+    @pytest.mark.parametrize("argv", [
+        "[/bin/sh, -c, '{start}']", "[/bin/sh, -uc, 'true', sh, '{start}']",
+        "[/bin/sh, -cu, '{start}']", "[/usr/bin/python3, -uc, '{start}']",
+        "[/usr/bin/perl, -ne, '{start}']", "[/usr/bin/sed, '{start}', f]",
+        "[/usr/bin/awk, '{start}']", "[/usr/bin/awk, --, '{start}']",
+        "[/bin/tar, -cf, o.tar, '{start}']", "[/usr/bin/env, --, '{start}']",
+        "[/usr/bin/xargs, --, '{start}']", "[/bin/sh, -c, 'true', '{start}']",
+        "[/bin/sh, '{start}']", "[/bin/sh, -c, '{out}', sh, '{start}']"])
+    def test_a_channel_where_it_could_be_code_or_an_option_is_refused(
+            self, tmp_path: Path, argv: str) -> None:
+        """Option clusters, script-first programs, runners of commands and anything before
+        `--`: refused at load time (the review found each of these accepted by a list of
+        dangerous options)."""
+        text = HEAD + f"  n:\n    argv: {argv}\n    triggers: [start]\n"
+        assert problems(tmp_path, text), argv
+
+    @pytest.mark.parametrize("argv", [
+        "[/bin/sh, -c, 'ls -- \"$1\"', sh, '{start}']",
+        "[/bin/bash, -c, 'echo \"$1\" \"$2\"', x, '{start}', '{out}']",
+        "[/bin/ls, -l, --, '{start}']", "[/usr/bin/curl, -s, --, '{start}']"])
+    def test_a_positional_parameter_or_an_operand_after_the_options_is_data(
+            self, tmp_path: Path, argv: str) -> None:
+        load_text(tmp_path, HEAD + f"  n:\n    argv: {argv}\n    triggers: [start]\n")
 
     def test_the_program_cannot_come_from_a_channel(self, tmp_path: Path) -> None:
         """argv[0] is what the policy reviews; it is written in the file."""

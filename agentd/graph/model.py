@@ -29,12 +29,13 @@ ends); the daemon holds a node to them after each superstep.
 from __future__ import annotations
 
 import re
-from pathlib import Path
+from collections.abc import Sequence
+from pathlib import Path, PurePosixPath
 from typing import Annotated, Final, Literal
 
 from pydantic import BaseModel, BeforeValidator, ConfigDict, Field
 
-from agentd.graph.template import CODE_OPTIONS, Piece, parse
+from agentd.graph.template import RUNNERS, SHELLS, Piece, parse
 from agentd.policy.issues import Issue, PolicyFileError
 from agentd.policy.loader import load_document
 from agentd.policy.model import Document
@@ -198,23 +199,48 @@ def _check_barrier(graph: Graph, name: str, channel: Channel) -> list[Issue]:
 
 
 def _check_templates(graph: Graph, name: str, node: Node) -> list[Issue]:
-    """Channel values enter a call only as whole arguments or variables, never as code."""
+    """Channel values enter a call only as whole arguments in a position that is data, or as
+    variables, never as code (agentd/graph/template.py)."""
     issues: list[Issue] = []
-    items: list[tuple[str, str, str | None]] = [
-        (f"nodes.{name}.argv[{i}]", arg, node.argv[i - 1] if i else None)
-        for i, arg in enumerate(node.argv)]
+    items: list[tuple[str, str, int | None]] = [
+        (f"nodes.{name}.argv[{i}]", arg, i) for i, arg in enumerate(node.argv)]
     items += [(f"nodes.{name}.env.{key}", value, None) for key, value in node.env.items()]
-    for field, text, before in items:
-        problem = _template_problem(graph, field, text, before)
+    for field, text, index in items:
+        problem = _template_problem(graph, field, text)
+        if not problem and index is not None and parse(text).channel is not None:
+            problem = _position_problem(node.argv, index)
         if problem:
             issues.append(Issue(graph.source, graph.field_line(field), field, problem))
     return issues
 
 
+def _position_problem(argv: Sequence[str], index: int) -> str:
+    """Why a placeholder at argv[index] could be read as code or an option ("" if it cannot):
+    only a shell's positional parameter, or an operand after `--` of a program that runs no
+    code, is data whatever the value holds."""
+    if index == 0:
+        return "the program cannot come from a channel; name it here, where it is reviewed"
+    program = PurePosixPath(argv[0]).name
+    literal = [parse(a).channel is None for a in argv[:index]]
+    if (program in SHELLS and len(argv) > 3 and argv[1] == "-c" and index >= 4
+            and all(literal[1:4])):
+        return ""
+    fix = ("pass it as a shell's positional parameter, [/bin/sh, -c, 'tool -- \"$1\"', sh, "
+           "'{value}'], or in env")
+    if program in RUNNERS:
+        return (f"{program} runs its operands as code or as a command: a channel value there "
+                f"could become a program; {fix}")
+    if "--" not in [a for a, is_literal in zip(argv[:index], literal, strict=True)
+                    if is_literal]:
+        return (f"a channel value before `--` could be read as an option (--exec=..., "
+                f"--checkpoint-action=...); put a literal `--` before it, or {fix}")
+    return ""
+
+
 _EMBEDDED = re.compile(r"\{([A-Za-z_][A-Za-z0-9_.-]*)\}")
 
 
-def _template_problem(graph: Graph, field: str, text: str, before: str | None) -> str:
+def _template_problem(graph: Graph, field: str, text: str) -> str:
     piece: Piece = parse(text)
     if piece.channel is None:
         if piece.literal != text:  # {{name}}: the literal text, asked for
@@ -229,9 +255,4 @@ def _template_problem(graph: Graph, field: str, text: str, before: str | None) -
     if piece.channel not in graph.channels:
         return (f"{{{piece.channel}}} names no declared channel; write {{{{{piece.channel}}}}} "
                 "for the literal text")
-    if field.endswith("argv[0]"):
-        return "the program cannot come from a channel; name it here, where it is reviewed"
-    if before in CODE_OPTIONS:
-        return (f"a channel value right after {before} would be run as code; pass it as a "
-                "positional argument after the script ($1) or in env")
     return ""

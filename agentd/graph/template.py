@@ -18,9 +18,17 @@ Alternatives weighed:
   the right tool for structured values; substitution is the short form for a value a command
   takes as an argument.
 
-Two more rules close the remaining ways a value becomes code: argv[0] is never a placeholder,
-and neither is the item right after a code option (`-c`, `-e`, `--eval`, ...). `{{name}}` is the
-literal text `{name}`.
+Where a placeholder may stand in argv is a short allow-list, not a list of dangerous options
+(a deny-list misses `sh -uc`, `perl -ne`, `sed SCRIPT`, `tar --checkpoint-action=...`):
+
+- a shell's positional parameter: `[/bin/sh, -c, SCRIPT, NAME, '{x}', ...]` with `-c` alone and
+  SCRIPT and NAME literal; POSIX shells parse no option after NAME, so the value is `$1`;
+- an operand after a literal `--` (the end of options) of a program that is not itself a runner
+  of code or programs (`RUNNERS`: shells, interpreters, `sed`, `awk`, `env`, `xargs`, ...,
+  whose operands are a script or a command).
+
+An env value may be a placeholder too: a variable is data until a script the reviewer can read
+evaluates it. argv[0] never is. `{{name}}` is the literal text `{name}`.
 """
 
 from __future__ import annotations
@@ -33,11 +41,18 @@ from typing import Any, Final
 
 from agentd.errors import FailedPrecondition
 
-# Options after which the next argument is a program's code (sh -c, python -c, perl -e,
-# node --eval, python -m for a module to run, ...).
-CODE_OPTIONS: Final = frozenset({
-    "-c", "-e", "-E", "-m", "-r", "--command", "--eval", "--exec", "--run",
-    "-ec", "-ce", "-lc", "-cl", "-xc", "-cx", "-exc", "-xec", "-euc", "-uec", "-ceu"})
+# POSIX shells: `-c SCRIPT NAME ARG...` makes every ARG a positional parameter.
+SHELLS: Final = frozenset({"sh", "bash", "dash", "ash", "ksh", "mksh", "zsh"})
+# Programs whose operands (even after `--`) are code or a command to run: a channel value is
+# never one of their arguments, except a shell's positional parameters (above).
+RUNNERS: Final = SHELLS | frozenset({
+    "busybox", "fish", "csh", "tcsh", "python", "python2", "python3", "pypy", "pypy3", "perl",
+    "ruby", "node", "nodejs", "deno", "bun", "php", "lua", "luajit", "tclsh", "wish", "Rscript", "R",
+    "awk", "gawk", "mawk", "nawk", "sed", "jq", "yq", "gdb", "env", "xargs", "find", "parallel",
+    "timeout", "nice", "ionice", "nohup", "setsid", "stdbuf", "chroot", "unshare", "nsenter",
+    "sudo", "su", "doas", "runuser", "setpriv", "watch", "time", "strace", "ltrace", "exec",
+    "eval", "command", "make", "git", "ssh", "script", "expect", "flock", "chrt", "taskset",
+    "systemd-run", "dbus-run-session", "vim", "vi", "nvim", "emacs", "ed", "ex"})
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_.-]*)\}")
 _ESCAPED = re.compile(r"\{\{([A-Za-z_][A-Za-z0-9_.-]*)\}\}")
