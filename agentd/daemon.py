@@ -40,13 +40,15 @@ from agentd.api.server import (
 from agentd.api.service import AgentdServicer
 from agentd.audit import AuditLog
 from agentd.config import Config, load_config
+from agentd.egress import EgressConfig, EgressService
+from agentd.egress.service import upstream_from_resolv_conf
 from agentd.errors import AgentdError, FailedPrecondition, PermissionDenied
 from agentd.identity import SYSTEM, Caller
 from agentd.sandbox import libc
 from agentd.sandbox.cgroups import CgroupDriver, probe
 from agentd.sandbox.launcher_client import LauncherClient
 from agentd.sandbox.pool import WarmPool
-from agentd.scheduler.agents import AgentRegistry, Reloaded
+from agentd.scheduler.agents import AgentRegistry, Reloaded, check_files
 from agentd.scheduler.runs import RunManager
 from agentd.scheduler.stages import StageKeeper, open_stages
 from agentd.scheduler.steps import StepRunner, recover_steps
@@ -84,8 +86,13 @@ class Daemon:
                                audit=audit, worker_uid=d.worker_uid, worker_gid=d.worker_gid,
                                max_workers=d.max_concurrent_workers)
         self.pool = WarmPool(launcher, cgroups, size=d.warm_pool)
+        self.egress = EgressService(EgressConfig(
+            upstream=(d.egress_upstream, 53) if d.egress_upstream
+            else upstream_from_resolv_conf(),
+            uplink=d.egress_uplink_netns or None)) if d.egress else None
         self.tasks = TaskRunner(self.runs, audit, layers, launcher, cgroups, self.pool,
-                                worker_uid=d.worker_uid, worker_gid=d.worker_gid)
+                                worker_uid=d.worker_uid, worker_gid=d.worker_gid,
+                                egress=self.egress)
         stages.attach(lambda run_id: self.runs.get_run(run_id).agent,
                       lambda agent: [r.run_id for r in self.runs.list_runs(agent)],
                       self.runs.stop_workers)
@@ -119,6 +126,8 @@ class Daemon:
             max_workers=min(32, (os.cpu_count() or 1) + 4), thread_name_prefix=IO_THREAD,
             initializer=_name_io_thread))
         self.launcher.attach(loop)
+        if self.egress is not None:
+            await self.egress.start()  # before serving: no egress step runs without it
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
@@ -235,6 +244,8 @@ class Daemon:
         await self.servers.not_serving()
         killed = await self.runs.stop_workers(None, "shutdown")
         await self.pool.close()  # prebuilt workers, killed with their cgroups
+        if self.egress is not None:
+            await self.egress.stop()
         await self.servers.stop(grace=self.config.daemon.drain_seconds)
         await self.activation.close()
         await self.audit.append("daemon.stopped", actor=SYSTEM.actor(),
@@ -284,7 +295,8 @@ def private_mounts() -> None:
 
 def start(config: Config) -> Daemon:
     """Steps 1 to 4 of the start-up order; raises AgentdError with a clear message."""
-    registry = AgentRegistry.load(config)
+    # Validated first, before anything is changed; clamped once the log says each stage.
+    check_files(config)
     private_mounts()
     _prepare_dirs(config)
     launcher = LauncherClient(str(config.daemon.runtime_dir / "worker-root"),
@@ -296,7 +308,7 @@ def start(config: Config) -> Daemon:
     stale = cgroups.cleanup_stale()
     audit = AuditLog.open(d.state_dir / "audit", head_interval=d.tree_head_interval)
     # Each agent's stage is the log's, not the config's (after its first start).
-    stages = open_stages(config, registry, audit, d.state_dir / "audit", SYSTEM.actor())
+    registry, stages = open_stages(config, audit, d.state_dir / "audit", SYSTEM.actor())
     store = RunStore(d.state_dir / "state.db")
     step_store = StepStore(store.connection)
     layers = LayerStore(d.state_dir / "workspaces", reserve_bytes=d.state_reserve)

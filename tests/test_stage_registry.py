@@ -14,7 +14,7 @@ from agentd.config import Config, load_config
 from agentd.identity import SYSTEM
 from agentd.scheduler.agents import AgentRegistry
 from agentd.scheduler.stages import open_stages
-from agentd.store.policies import source_hash
+from agentd.store.policies import PolicyCopies, source_hash
 from tests.conftest import write_daemon_dir
 
 
@@ -64,8 +64,7 @@ def test_an_agent_promoted_before_pinning_is_pinned_at_start(
     audit.append_sync("stage.promoted", actor={"uid": 1234},
                       details={"agent": "shell-helper", "from": "prototype", "to": "sandbox",
                                "owner": "alice", "reason": "before pinning"})
-    registry = AgentRegistry.load(config)
-    keeper = open_stages(config, registry, audit, tmp_path / "audit", SYSTEM.actor())
+    registry, keeper = open_stages(config, audit, tmp_path / "audit", SYSTEM.actor())
     policy_file = config.daemon.policy_dir / "shell-helper.yaml"
     found = source_hash(policy_file.read_bytes())
     [pinned] = [r for r in read_records(tmp_path / "audit") if r["event"] == "policy.pinned"]
@@ -80,8 +79,40 @@ def test_an_agent_promoted_before_pinning_is_pinned_at_start(
     assert entry.unreviewed == source_hash(policy_file.read_bytes())
     assert not entry.changed
     # Pinned once: a second start finds the pin on record and writes none.
-    again = AgentRegistry.load(config)
-    open_stages(config, again, audit, tmp_path / "audit", SYSTEM.actor())
+    again, _ = open_stages(config, audit, tmp_path / "audit", SYSTEM.actor())
     assert len([r for r in read_records(tmp_path / "audit")
                 if r["event"] == "policy.pinned"]) == 1
     assert again.pins["shell-helper"] == found
+
+
+def test_an_unreviewed_file_that_cannot_run_never_blocks_a_demotion_or_a_start(
+        config: Config, audit: AuditLog, tmp_path: Path) -> None:
+    """A pinned agent's file edited so that it has no section at or below the agent's stage:
+    valid, so a reload takes it as unreviewed (saying it cannot run there); a demotion still
+    re-clamps the pinned version, and a start still loads it."""
+    policy_file = config.daemon.policy_dir / "shell-helper.yaml"
+    pinned = source_hash(policy_file.read_bytes())
+    PolicyCopies(config.daemon.state_dir / "policies").keep(policy_file.read_bytes())
+    audit.append_sync("stage.set", actor=SYSTEM.actor(),
+                      details={"agent": "shell-helper", "stage": "prototype"})
+    audit.append_sync("stage.promoted", actor={"uid": 1234}, details={
+        "agent": "shell-helper", "from": "prototype", "to": "sandbox", "owner": "alice",
+        "reason": "ready", "policy_source": pinned})
+    registry, _ = open_stages(config, audit, tmp_path / "audit", SYSTEM.actor())
+    assert (registry.get("shell-helper").stage, registry.pins["shell-helper"]) == (
+        "sandbox", pinned)
+    text = policy_file.read_text()
+    assert "\n  prototype:\n" in text
+    policy_file.write_text(text.replace("\n  prototype:\n", "\n  pilot:\n"))
+    prepared, changes = registry.prepare_reload()
+    registry.swap(prepared)
+    [entry] = [c for c in changes if c.agent == "shell-helper"]
+    assert entry.unreviewed == source_hash(policy_file.read_bytes())
+    assert "no section at or below" in registry.get("shell-helper").file_problem
+    lower = registry.restage("shell-helper", stage="prototype")  # the demotion's re-clamp
+    assert (lower.stage, lower.source) == ("prototype", pinned)
+    again, _ = open_stages(config, audit, tmp_path / "audit", SYSTEM.actor())  # a restart
+    assert (again.get("shell-helper").stage, again.get("shell-helper").source) == (
+        "sandbox", pinned)
+    [noted] = [r for r in read_records(tmp_path / "audit") if r["event"] == "policy.unreviewed"]
+    assert "no section at or below" in noted["details"]["cannot_run"]  # type: ignore[index]

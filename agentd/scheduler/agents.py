@@ -21,7 +21,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from agentd.config import AgentSection, Config
-from agentd.errors import NotFound
+from agentd.errors import AgentdError, NotFound
 from agentd.policy import EffectivePolicy, effective_policy, load_policy, load_stage_ceilings
 from agentd.policy.loader import read_source
 from agentd.policy.model import STAGES, StageCeilings
@@ -46,6 +46,9 @@ class Agent:
     file_text: bytes = field(default=b"", repr=False)
     file_policy: EffectivePolicy | None = None
     """The file's version at the agent's stage, while it is unreviewed (else None)."""
+    file_problem: str = ""
+    """Why the unreviewed file's version cannot run at the agent's stage ("" if it can): it
+    is shown and recorded, and it never blocks the version in force (a demotion, a start)."""
 
     @property
     def unreviewed(self) -> bool:
@@ -91,10 +94,16 @@ class AgentRegistry:
         self.pins: dict[str, str] = {}
 
     @classmethod
-    def load(cls, config: Config) -> AgentRegistry:
+    def load(cls, config: Config, stages: Mapping[str, str] | None = None,
+             pins: Mapping[str, str] | None = None) -> AgentRegistry:
+        """Every agent at `stages` (default: the config's), a pinned one running its pinned
+        version (`pins`, as the audit log says; see agentd/scheduler/stages.py)."""
         copies = PolicyCopies(config.daemon.state_dir / "policies")
         ceilings = load_stage_ceilings(config.daemon.policy_dir / config.daemon.stages_file)
-        return cls(_build(config, {}, copies, ceilings), config, copies, ceilings)
+        config = with_stages(config, dict(stages or {}))
+        registry = cls(_build(config, pins or {}, copies, ceilings), config, copies, ceilings)
+        registry.pins.update(pins or {})
+        return registry
 
     def prepare_reload(self) -> tuple[Prepared, list[Reloaded]]:
         """Every agent's policy loaded and clamped again from the files; raises (PolicyError,
@@ -184,6 +193,7 @@ def _build(config: Config, pins: Mapping[str, str], copies: PolicyCopies | None,
         text, source = file_text, file_source
         pin = pins.get(name)
         if pin is not None and pin != file_source and copies is not None:
+            load_policy(path, file_text)  # a broken file fails a load, pinned agent or not
             text, source = copies.read(pin), pin
             copies.keep(file_text)  # the bytes an approver will accept, not the file's later
         agents[name] = _agent(name, section, path, text, source, file_text, file_source,
@@ -201,8 +211,20 @@ def _agent(name: str, section: AgentSection, path: Path, text: bytes, source: st
         following = STAGES[STAGES.index(section.stage) + 1]
         if policy.resolve(following) is not None:
             shadow = effective_policy(policy, following, ceilings)
-    file_policy = None
+    file_policy, problem = None, ""
     if source != file_source:
-        file_policy = effective_policy(load_policy(path, file_text), section.stage, ceilings)
+        try:  # validated when loaded; only its clamp at this stage can fail
+            file_policy = effective_policy(load_policy(path, file_text), section.stage, ceilings)
+        except AgentdError as exc:
+            problem = exc.message
     return Agent(name, section.stage, str(path), effective, shadow, source, text, file_source,
-                 file_text, file_policy)
+                 file_text, file_policy, problem)
+
+
+def check_files(config: Config) -> None:
+    """Every policy file and stages.yaml read and validated (PolicyError naming file, line
+    and field): what a start checks before anything else, when the stages each agent runs at
+    are not known yet (the audit log says them)."""
+    load_stage_ceilings(config.daemon.policy_dir / config.daemon.stages_file)
+    for section in config.agents.values():
+        load_policy(config.daemon.policy_dir / section.policy)

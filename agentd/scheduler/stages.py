@@ -44,8 +44,10 @@ from agentd.config import Config
 from agentd.errors import AgentdError, FailedPrecondition, InvalidArgument, PermissionDenied
 from agentd.identity import Caller
 from agentd.policy.diff import diff
+from agentd.policy.loader import read_source
 from agentd.policy.model import STAGES, Gate, Gates
 from agentd.scheduler.agents import AgentRegistry
+from agentd.store.policies import PolicyCopies
 
 log = structlog.get_logger("agentd.stages")
 
@@ -536,13 +538,15 @@ def newly_unreviewed(registry: AgentRegistry, book: StageBook
     for name in registry.names():
         current = registry.get(name)
         known = book.unreviewed.get(name)
-        if (not current.unreviewed or current.file_policy is None
-                or (known is not None and known.source == current.file_source)):
+        if not current.unreviewed or (known is not None
+                                      and known.source == current.file_source):
             continue
+        changes = ([c.line().strip() for c in diff(current.policy, current.file_policy)]
+                   if current.file_policy is not None else [])
         due.append((name, {
             "agent": name, "stage": current.stage, "policy_file": current.policy_file,
-            "source": current.file_source, "accepted": current.source,
-            "diff": [c.line().strip() for c in diff(current.policy, current.file_policy)],
+            "source": current.file_source, "accepted": current.source, "diff": changes,
+            "cannot_run": current.file_problem,
             "reason": "a promoted agent's policy changes only when an approver accepts it "
                       "(agentctl policy accept); until then the accepted version runs"}))
         log.warning("policy.unreviewed", agent=name, source=current.file_source,
@@ -550,15 +554,18 @@ def newly_unreviewed(registry: AgentRegistry, book: StageBook
     return due
 
 
-def open_stages(config: Config, registry: AgentRegistry, audit: AuditLog, audit_dir: Path,
-                system: Mapping[str, Any]) -> StageKeeper:
+def open_stages(config: Config, audit: AuditLog, audit_dir: Path,
+                system: Mapping[str, Any]) -> tuple[AgentRegistry, StageKeeper]:
     """At start-up: the stage history, pending promotions and pinned policy versions from the
-    log; an agent without a history starts at its config stage (`stage.set`); every agent is
-    put at the stage its history says (a config that says otherwise is reported, not obeyed),
-    running its pinned version; a file that differs from it is recorded as unreviewed."""
+    log; an agent without a history starts at its config stage (`stage.set`); then every
+    agent is loaded at the stage its history says (a config that says otherwise is reported,
+    not obeyed), running its pinned version, so that an unreviewed file can never decide a
+    start; a file that differs from the pin is recorded as unreviewed."""
     config_stages = {name: section.stage for name, section in config.agents.items()}
     book = StageBook.from_records(_stage_records(audit_dir, audit.size))
-    for name in registry.names():
+    copies = PolicyCopies(config.daemon.state_dir / "policies")
+    stages: dict[str, str] = {}
+    for name in sorted(config.agents):
         configured = config_stages[name]
         current = book.stage(name)
         if current is None:
@@ -573,36 +580,31 @@ def open_stages(config: Config, registry: AgentRegistry, audit: AuditLog, audit_
                         "stage is ignored (agentctl stage status)")
         if name not in book.pins and any(c.event == "stage.promoted"
                                          for c in book.history.get(name, ())):
-            _pin_found_version(registry, audit, book, name, system)
-        pin = book.pins.get(name)
-        if pin is not None or registry.get(name).stage != current:
-            registry.replace(registry.restage(name, stage=current, pin=pin), pin)
-        if registry.get(name).unreviewed and registry.copies is not None:
-            # The bytes an approver will accept, kept before the record that names them.
-            registry.copies.keep(registry.get(name).file_text)
+            _pin_found_version(config, copies, audit, book, name, system)
+        stages[name] = current
+    registry = AgentRegistry.load(config, stages,
+                                  {n: p for n, p in book.pins.items() if n in stages})
     for _, details in newly_unreviewed(registry, book):
         index = audit.append_sync("policy.unreviewed", actor=system, details=details)
         book.recorded(index, "policy.unreviewed", system, details)
-    return StageKeeper(book, registry, audit, config_stages, system)
+    return registry, StageKeeper(book, registry, audit, config_stages, system)
 
 
-def _pin_found_version(registry: AgentRegistry, audit: AuditLog, book: StageBook, name: str,
-                       system: Mapping[str, Any]) -> None:
+def _pin_found_version(config: Config, copies: PolicyCopies, audit: AuditLog, book: StageBook,
+                       name: str, system: Mapping[str, Any]) -> None:
     """An agent promoted by a daemon older than pinned versions: its promotion named none,
-    and the bytes it was promoted with are gone. The file as found now is pinned, on record
-    (`policy.pinned`), so that every later change waits for review like any other."""
-    current = registry.get(name)
-    if registry.copies is None:
-        return
-    source = registry.copies.keep(current.file_text)
+    and the bytes it was promoted with are gone. The file as found at this start is pinned,
+    on record (`policy.pinned`), with no approver (it ran unpinned until now, so nothing
+    becomes looser), and every later change waits for review like any other."""
+    path = config.daemon.policy_dir / config.agents[name].policy
+    source = copies.keep(read_source(path))
     details = {"agent": name, "stage": book.stage(name), "source": source,
-               "policy_file": current.policy_file,
-               "policy_hash": current.policy.content_hash,
+               "policy_file": str(path),
                "reason": "promoted before policy versions were pinned: the file as found at "
                          "this start is pinned; later changes wait for an approver"}
     index = audit.append_sync("policy.pinned", actor=system, details=details)
     book.recorded(index, "policy.pinned", system, details)
-    log.warning("policy.pinned", agent=name, source=source, file=current.policy_file)
+    log.warning("policy.pinned", agent=name, source=source, file=str(path))
 
 
 def _stage_records(directory: Path, size: int) -> Iterable[dict[str, Any]]:
