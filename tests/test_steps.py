@@ -1162,6 +1162,9 @@ class TestApprovals:
         assert [(t.name, t.outcome.exited, t.outcome.exit_code, t.stdout, t.stderr)
                 for t in ended.tasks] == [("rm", True, 0, b"", b""),
                                           ("say", True, 0, b"hello\n", b"oops\n")]
+        # The timeline carries no output: a run's attempts are unbounded, a reply is not.
+        listed = stub.ListSteps(pb.ListStepsRequest(run_id=run_id)).steps[-1]
+        assert [(t.outcome.exit_code, t.stdout) for t in listed.tasks] == [(0, b""), (0, b"")]
         assert stub.GetRun(pb.GetRunRequest(run_id=run_id)).step == 1
         stub.Rollback(pb.RollbackRequest(run_id=run_id, step=1))
         assert stub.WaitStep(pb.WaitStepRequest(run_id=run_id, step=2), timeout=5).state \

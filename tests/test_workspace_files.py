@@ -133,7 +133,8 @@ class TestWrite:
         assert Path("/etc/shadow").read_bytes() != b"not a link any more\n"
 
     @pytest.mark.parametrize("path", ["", "../outside", "/etc/passwd", "a/../../b",
-                                      "/workspace", "x\x00y", "a/" * 3000 + "b"])
+                                      "/workspace", "x\x00y", "a/" * 3000 + "b",
+                                      ("n" * 200 + "/") * 17 + "f", "d/" * 100 + "f"])
     def test_paths_outside_the_workspace_are_invalid(self, client: Client, run: str,
                                                      path: str) -> None:
         with pytest.raises(client_errors.InvalidArgument):

@@ -134,8 +134,10 @@ def cap_channels(encoded: dict[str, str], budget: int
     return kept, omitted
 
 
-def step_record(record: StepRecord) -> pb.StepReply:
-    """A stored attempt, for the timeline (task outcomes as summaries, not live objects)."""
+def step_record(record: StepRecord, *, with_output: bool = False) -> pb.StepReply:
+    """A stored attempt, for the timeline (task outcomes as summaries, not live objects); with
+    `with_output` (WaitStep, one attempt), the output an approved step kept. A timeline never
+    carries output: a run's attempts are unbounded, a reply is not."""
     reply = record.reply
     read_only = bool(reply.get("read_only", False))
     base_step = max(int(reply.get("base_step", record.step - 1)), 0)
@@ -144,7 +146,7 @@ def step_record(record: StepRecord) -> pb.StepReply:
         run_id=record.run_id, step=base_step if read_only else record.step,
         state=STEP_STATES[record.state],
         reason=record.reason, conflicts=reply.get("conflicts", []),
-        tasks=[_stored_task(t) for t in reply.get("tasks", [])] or [
+        tasks=[_stored_task(t, with_output) for t in reply.get("tasks", [])] or [
                    pb.TaskReport(name=t["name"]) for t in record.request.get("tasks", [])],
         versions=reply.get("versions", {}), wall_seconds=reply.get("wall", 0.0),
         created_at=_timestamp(record.created_at), requested_by=record.requested_by,
@@ -152,7 +154,7 @@ def step_record(record: StepRecord) -> pb.StepReply:
         base_step=base_step, read_only=read_only)
 
 
-def _stored_task(task: dict[str, Any]) -> pb.TaskReport:
+def _stored_task(task: dict[str, Any], with_output: bool) -> pb.TaskReport:
     """A task as its attempt stored it: how it ended, and for an approved step the first
     bytes of its output (agentd/scheduler/steps.py KEPT_OUTPUT_BYTES)."""
     ended = task.get("outcome") or {}
@@ -160,8 +162,8 @@ def _stored_task(task: dict[str, Any]) -> pb.TaskReport:
         name=task["name"], failure=task.get("failure", ""),
         changed_paths=task.get("changed", []), writes=task.get("writes", 0),
         exec_denied=task.get("exec_denied", []),
-        stdout=base64.b64decode(task.get("stdout", "")),
-        stderr=base64.b64decode(task.get("stderr", "")),
+        stdout=base64.b64decode(task.get("stdout", "")) if with_output else b"",
+        stderr=base64.b64decode(task.get("stderr", "")) if with_output else b"",
         outcome=pb.Outcome(summary=ended.get("summary", ""), wall_seconds=ended.get("wall", 0.0),
                            exited=bool(ended.get("exited", False)),
                            exit_code=int(ended.get("exit_code") or 0),

@@ -124,7 +124,7 @@ class AgentdServicer(agentd_pb2_grpc.AgentdServicer):
         if request.step < 1:
             raise InvalidArgument("step is required: the number of a step of the run (1 or more)")
         record = await self.steps.wait(_run_id(request.run_id), request.step)
-        return convert.step_record(record)
+        return convert.step_record(record, with_output=True)
 
     async def ReadFile(self, request: pb.ReadFileRequest, context: Any) -> pb.ReadFileReply:
         data, mode, step = await files.read_file(

@@ -20,6 +20,11 @@ import posixpath
 from agentd.errors import InvalidArgument
 from agentd.scheduler.runs import RunManager
 from agentd.store.layers import LayerStore
+from agentd.store.trees import MAX_PATH_BYTES
+
+# Each level is one lookup through every layer of the stack (and one directory made): a
+# deep path must not hold the run's writer slot for seconds.
+MAX_DEPTH = 64
 
 WORKSPACE = "/workspace"
 
@@ -40,9 +45,14 @@ def workspace_path(raw: str) -> str:
         raise InvalidArgument(f"{raw!r} names the workspace itself, not a file in it")
     if ".." in parts:
         raise InvalidArgument(f"{raw!r} leaves the workspace ('..' is not allowed)")
-    if any(len(p.encode()) > 255 for p in parts) or len(path.encode()) > 4095:
-        raise InvalidArgument(f"{raw[:80]!r}... is longer than a path may be")
-    return posixpath.join(*parts)
+    joined = posixpath.join(*parts)
+    if any(len(p.encode()) > 255 for p in parts) or len(joined.encode()) > MAX_PATH_BYTES:
+        raise InvalidArgument(f"{raw[:80]!r}... is longer than a workspace path may be "
+                              f"({MAX_PATH_BYTES} bytes, 255 per name)")
+    if len(parts) > MAX_DEPTH:
+        raise InvalidArgument(f"{raw[:80]!r}... is nested {len(parts)} deep; a file written "
+                              f"without a worker is at most {MAX_DEPTH} directories deep")
+    return joined
 
 
 async def read_file(runs: RunManager, layers: LayerStore, run_id: str, raw_path: str,

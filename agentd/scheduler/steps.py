@@ -34,6 +34,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import errno
 import functools
 import hashlib
 import secrets
@@ -817,6 +818,11 @@ class StepRunner:
             except AgentdError as exc:
                 result.reason = exc.message
                 raise
+            except OSError as exc:  # the state disk's answer: nothing applied, said plainly
+                result.reason = (f"{path} could not be written: {exc.strerror or exc}")
+                if exc.errno in (errno.ENOSPC, errno.EDQUOT):
+                    raise ResourceExhausted(result.reason) from None
+                raise FailedPrecondition(result.reason) from None
             layers = base.layers + ([layer] if layer else [])
             checkpoint = CheckpointRecord(run_id, number, layers, base.channels, time.time())
             async with gate.lock:
