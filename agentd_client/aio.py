@@ -132,10 +132,11 @@ class AsyncClient:
                                  request_approval=request_approval)
         return t.step_result(await self._call(self._stub.Step, request, deadline))
 
-    async def wait_step(self, run_id: str, step: int, *, deadline: float | None = None
+    async def wait_step(self, run_id: str, step: int, *, attempt: int | None = None,
+                        deadline: float | None = None
                         ) -> t.StepResult:
         return t.step_result(await self._call(
-            self._stub.WaitStep, pb.WaitStepRequest(run_id=run_id, step=step), deadline,
+            self._stub.WaitStep, t.wait_step_request(run_id, step, attempt), deadline,
             idempotent=True))
 
     # -- files -----------------------------------------------------------------------------

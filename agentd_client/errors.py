@@ -57,12 +57,13 @@ class FailedPrecondition(AgentdError):
 
 
 class ApprovalRequired(FailedPrecondition):
-    """The call became step `step`, which waits for an approver: `wait_step` returns it once
-    someone decided and it ran."""
+    """The call became step `step` (stored as `attempt`), which waits for an approver:
+    `wait_step(run, step, attempt=attempt)` returns it once someone decided and it ran."""
 
-    def __init__(self, message: str, step: int) -> None:
+    def __init__(self, message: str, step: int, attempt: int | None = None) -> None:
         super().__init__(message)
         self.step = step
+        self.attempt = attempt
 
 
 class Aborted(AgentdError):
@@ -110,6 +111,7 @@ _NEVER_RAN = ("failed to connect", "Connection refused", "No such file or direct
 _TOO_LARGE = ("Received message larger than max", "Sent message larger than max")
 
 _PENDING = re.compile(r"^step (\d+) needs approval")
+_ATTEMPT = re.compile(r"WaitStep on attempt (\d+)")
 
 
 def from_rpc(exc: grpc.RpcError, socket_path: str) -> AgentdError:
@@ -122,7 +124,9 @@ def from_rpc(exc: grpc.RpcError, socket_path: str) -> AgentdError:
     message = describe_failure(name, details, socket_path)
     pending = _PENDING.match(details)
     if status is grpc.StatusCode.FAILED_PRECONDITION and pending:
-        return ApprovalRequired(message, int(pending.group(1)))
+        attempt = _ATTEMPT.search(details)
+        return ApprovalRequired(message, int(pending.group(1)),
+                                int(attempt.group(1)) if attempt else None)
     kind = _BY_CODE.get(status, AgentdError) if isinstance(status, grpc.StatusCode) \
         else AgentdError
     return kind(message)

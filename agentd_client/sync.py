@@ -147,12 +147,14 @@ class Client:
                                  request_approval=request_approval)
         return t.step_result(self._call(self._stub.Step, request, deadline))
 
-    def wait_step(self, run_id: str, step: int, *, deadline: float | None = None
+    def wait_step(self, run_id: str, step: int, *, attempt: int | None = None,
+                  deadline: float | None = None
                   ) -> t.StepResult:
         """The step once it has ended: one waiting for approval, once an approver decided
-        and it ran (committed), or rejected it (discarded)."""
+        and it ran (committed), or rejected it (discarded). With `attempt` (from the reply or
+        the ApprovalRequired), exactly that attempt, not a later one at the same number."""
         return t.step_result(self._call(
-            self._stub.WaitStep, pb.WaitStepRequest(run_id=run_id, step=step), deadline,
+            self._stub.WaitStep, t.wait_step_request(run_id, step, attempt), deadline,
             idempotent=True))
 
     # -- files -----------------------------------------------------------------------------

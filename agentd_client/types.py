@@ -99,6 +99,8 @@ class StepResult:
     reason: str
     tasks: tuple[TaskResult, ...]
     channels: Mapping[str, Any]
+    attempt: int = 0
+    """The stored attempt: `wait_step(run, step, attempt=...)` waits for exactly this one."""
 
     @property
     def committed(self) -> bool:
@@ -126,7 +128,7 @@ def step_result(reply: pb.StepReply) -> StepResult:
         reply.read_only, reply.reason,
         tuple(TaskResult(t.name, exit_code(t.outcome), t.outcome.summary, t.stdout, t.stderr,
                          t.failure, tuple(t.changed_paths)) for t in reply.tasks),
-        {name: value(text) for name, text in sorted(reply.channels.items())})
+        {name: value(text) for name, text in sorted(reply.channels.items())}, reply.attempt)
 
 
 def output(chunk: pb.OutputChunk, task: str = "") -> Output:
@@ -173,3 +175,10 @@ def written_step(reply: pb.StepReply) -> int:
         raise FailedPrecondition(f"the write of run {reply.run_id} was not applied: "
                                  f"{reply.reason}")
     return reply.step
+
+
+def wait_step_request(run_id: str, step: int, attempt: int | None) -> pb.WaitStepRequest:
+    request = pb.WaitStepRequest(run_id=run_id, step=step)
+    if attempt:
+        request.attempt = attempt
+    return request

@@ -107,7 +107,8 @@ class TestTemplates:
         "[/usr/bin/awk, '{start}']", "[/usr/bin/awk, --, '{start}']",
         "[/bin/tar, -cf, o.tar, '{start}']", "[/usr/bin/env, --, '{start}']",
         "[/usr/bin/xargs, --, '{start}']", "[/bin/sh, -c, 'true', '{start}']",
-        "[/bin/sh, '{start}']", "[/bin/sh, -c, '{out}', sh, '{start}']"])
+        "[/bin/sh, '{start}']", "[/bin/sh, -c, '{out}', sh, '{start}']",
+        "[/usr/bin/python3.11, --, '{start}']", "[/usr/bin/sqlite3, --, '{start}']"])
     def test_a_channel_where_it_could_be_code_or_an_option_is_refused(
             self, tmp_path: Path, argv: str) -> None:
         """Option clusters, script-first programs, runners of commands and anything before

@@ -165,13 +165,20 @@ class TestSyncClient:
             with pytest.raises(agentd_client.ApprovalRequired) as pending:
                 agentd.run(run, ["/usr/bin/rm", "-f", "victim"])
             assert pending.value.step == 2
+            assert pending.value.attempt
             _approve(approvals, run, 2)
-            decided = agentd.wait_step(run, 2, deadline=30)
-            assert (decided.state, decided.step) == ("committed", 2)
+            decided = agentd.wait_step(run, 2, attempt=pending.value.attempt, deadline=30)
+            assert (decided.state, decided.step, decided.attempt) == (
+                "committed", 2, pending.value.attempt)
             step = agentd.step(run, [Task(list(RM_STEP[0].argv), name="rm")])
             assert (step.state, step.step) == ("pending_approval", 3)
             _approve(approvals, run, 3, approve=False)
-            assert agentd.wait_step(run, 3, deadline=30).state == "discarded"
+            # Step 3 again, someone else's: the rejected attempt is still found by its id.
+            other = agentd.run(run, ["/bin/sh", "-c", "echo other > other"])
+            assert (other.committed, other.step) == (True, 3)
+            assert agentd.wait_step(run, 3, attempt=step.attempt, deadline=30).state == \
+                "discarded"
+            assert agentd.wait_step(run, 3, deadline=30).state == "committed"
 
 
 class TestAsyncClient:

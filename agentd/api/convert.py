@@ -107,7 +107,7 @@ def step_result(result: StepResult) -> pb.StepReply:
         versions=result.versions, wall_seconds=result.wall_seconds,
         created_at=_timestamp(result.created_at), requested_by=result.requested_by,
         decided_by=result.decided_by, base_step=max(result.base_step, 0),
-        read_only=result.read_only)
+        read_only=result.read_only, attempt=result.attempt)
     kept, omitted = cap_channels(
         {k: json.dumps(v, sort_keys=True) for k, v in result.channels.items()},
         MAX_MESSAGE_BYTES - REPLY_HEADROOM - reply.ByteSize())
@@ -151,7 +151,7 @@ def step_record(record: StepRecord, *, with_output: bool = False) -> pb.StepRepl
         versions=reply.get("versions", {}), wall_seconds=reply.get("wall", 0.0),
         created_at=_timestamp(record.created_at), requested_by=record.requested_by,
         decided_by=record.decided_by,
-        base_step=base_step, read_only=read_only)
+        base_step=base_step, read_only=read_only, attempt=record.attempt)
 
 
 def _stored_task(task: dict[str, Any], with_output: bool) -> pb.TaskReport:

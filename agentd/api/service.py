@@ -74,7 +74,8 @@ class AgentdServicer(agentd_pb2_grpc.AgentdServicer):
         async def finish(result: StepResult) -> pb.ExecEvent:
             if result.state == "pending_approval":
                 raise FailedPrecondition(f"step {result.step} {result.reason}; it runs once "
-                                         "approved (`agentctl approve`)")
+                                         "approved (`agentctl approve`); WaitStep on attempt "
+                                         f"{result.attempt} returns it then")
             report = result.tasks[0] if result.tasks else None
             if report is None or report.result is None:
                 raise FailedPrecondition(result.reason or "the tool did not run")
@@ -123,7 +124,8 @@ class AgentdServicer(agentd_pb2_grpc.AgentdServicer):
     async def WaitStep(self, request: pb.WaitStepRequest, context: Any) -> pb.StepReply:
         if request.step < 1:
             raise InvalidArgument("step is required: the number of a step of the run (1 or more)")
-        record = await self.steps.wait(_run_id(request.run_id), request.step)
+        record = await self.steps.wait(_run_id(request.run_id), request.step,
+                                       request.attempt if request.HasField("attempt") else None)
         return convert.step_record(record, with_output=True)
 
     async def ReadFile(self, request: pb.ReadFileRequest, context: Any) -> pb.ReadFileReply:

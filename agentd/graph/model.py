@@ -221,13 +221,15 @@ def _position_problem(argv: Sequence[str], index: int) -> str:
     if index == 0:
         return "the program cannot come from a channel; name it here, where it is reviewed"
     program = PurePosixPath(argv[0]).name
+    # python3.11 is python; perl5.36 is perl: a version suffix names the same runner.
+    runner = program in RUNNERS or re.sub(r"[\d.]+$", "", program) in RUNNERS
     literal = [parse(a).channel is None for a in argv[:index]]
     if (program in SHELLS and len(argv) > 3 and argv[1] == "-c" and index >= 4
             and all(literal[1:4])):
         return ""
     fix = ("pass it as a shell's positional parameter, [/bin/sh, -c, 'tool -- \"$1\"', sh, "
            "'{value}'], or in env")
-    if program in RUNNERS:
+    if runner:
         return (f"{program} runs its operands as code or as a command: a channel value there "
                 f"could become a program; {fix}")
     if "--" not in [a for a, is_literal in zip(argv[:index], literal, strict=True)

@@ -47,11 +47,13 @@ SHELLS: Final = frozenset({"sh", "bash", "dash", "ash", "ksh", "mksh", "zsh"})
 # never one of their arguments, except a shell's positional parameters (above).
 RUNNERS: Final = SHELLS | frozenset({
     "busybox", "fish", "csh", "tcsh", "python", "python2", "python3", "pypy", "pypy3", "perl",
-    "ruby", "node", "nodejs", "deno", "bun", "php", "lua", "luajit", "tclsh", "wish", "Rscript", "R",
+    "ruby", "node", "nodejs", "deno", "bun", "php", "lua", "luajit", "tclsh", "wish", "Rscript",
+    "R",
     "awk", "gawk", "mawk", "nawk", "sed", "jq", "yq", "gdb", "env", "xargs", "find", "parallel",
     "timeout", "nice", "ionice", "nohup", "setsid", "stdbuf", "chroot", "unshare", "nsenter",
     "sudo", "su", "doas", "runuser", "setpriv", "watch", "time", "strace", "ltrace", "exec",
     "eval", "command", "make", "git", "ssh", "script", "expect", "flock", "chrt", "taskset",
+    "pip", "npm", "npx", "cargo", "go", "java", "dotnet", "sqlite3", "psql", "mysql",
     "systemd-run", "dbus-run-session", "vim", "vi", "nvim", "emacs", "ed", "ex"})
 
 _PLACEHOLDER = re.compile(r"\{([A-Za-z_][A-Za-z0-9_.-]*)\}")

@@ -79,6 +79,7 @@ class _Superstep:
     read_only: bool = False
     written: dict[str, list[str]] | None = field(default=None)
     failed_nodes: tuple[str, ...] = ()
+    attempt: int = 0
 
 
 class GraphRunner:
@@ -135,7 +136,7 @@ class GraphRunner:
                 if ended.state == StepState.PENDING_APPROVAL:
                     yield GraphEvent("pending_approval", run_id, step=ended.step, nodes=nodes,
                                      state=ended.state, reason=ended.reason)
-                    ended = await self._approved(run_id, ended.step, timeout)
+                    ended = await self._approved(run_id, ended.step, ended.attempt, timeout)
             except AgentdError as exc:  # refused, aborted, timed out: the graph stops here
                 yield await self._end(graph, run_id, caller, taken,
                                       f"superstep {head + 1} ({', '.join(nodes)}): "
@@ -198,14 +199,16 @@ class GraphRunner:
         failed = tuple(o.name for o in result.tasks
                        if o.result is not None and (not o.result.exited or o.result.exit_code))
         return _Superstep(result.step, str(result.state), result.reason, result.read_only,
-                          written if result.state == StepState.COMMITTED else None, failed)
+                          written if result.state == StepState.COMMITTED else None, failed,
+                          result.attempt)
 
-    async def _approved(self, run_id: str, number: int, timeout: float) -> _Superstep:
+    async def _approved(self, run_id: str, number: int, attempt: int, timeout: float
+                        ) -> _Superstep:
         """Waits for the decision and the step it runs. What each node wrote is not kept with
         an attempt, so declared writes are checked only for steps the graph ran itself."""
         try:
             async with asyncio.timeout(timeout):
-                record = await self.steps.wait(run_id, number)
+                record = await self.steps.wait(run_id, number, attempt or None)
         except TimeoutError:
             raise FailedPrecondition(
                 f"step {number} still waits for approval after {timeout:g} s; it stays pending: "

@@ -111,6 +111,8 @@ class StepResult:
     """The checkpoint the step ran on (-1: it never reached one)."""
     read_only: bool = False
     """Committed without a checkpoint: it changed nothing; `step` is the head it ran on."""
+    attempt: int = 0
+    """The stored attempt (0: none was stored, the step was refused before)."""
 
     def to_json(self) -> dict[str, Any]:
         tasks = [t.to_json() for t in self.tasks]
@@ -173,11 +175,12 @@ class StepRunner:
 
     # -- waiting for a step -------------------------------------------------------------------
 
-    async def wait(self, run_id: str, number: int) -> StepRecord:
-        """The latest attempt at step `number` once it has ended (committed, failed or
-        discarded): a step pending approval is waited for until an approver decides and it
-        has run. Bounded by the caller's deadline (the RPC's cancellation ends the wait);
-        FAILED_PRECONDITION if the run closes with the attempt still undecided."""
+    async def wait(self, run_id: str, number: int, attempt: int | None = None) -> StepRecord:
+        """The latest attempt at step `number` (or exactly `attempt`, which a reply named)
+        once it has ended (committed, failed or discarded): a step pending approval is waited
+        for until an approver decides and it has run. Bounded by the caller's deadline (the
+        RPC's cancellation ends the wait); FAILED_PRECONDITION if the run closes with the
+        attempt still undecided."""
         self.runs.get_run(run_id)  # NOT_FOUND for an unknown run
         waiting = self._waiters.setdefault(run_id, set())
         if len(waiting) >= MAX_WAITERS_PER_RUN:
@@ -187,7 +190,8 @@ class StepRunner:
         waiting.add(woken)
         try:
             while True:
-                latest = self.steps.latest(run_id, number)
+                latest = (self.steps.latest(run_id, number) if attempt is None
+                          else self._attempt_of(run_id, number, attempt))
                 if latest is None:
                     raise NotFound(f"run {run_id} has no step {number}; `agentctl timeline "
                                    "RUN` lists its steps")
@@ -202,6 +206,13 @@ class StepRunner:
             waiting.discard(woken)
             if not waiting:
                 self._waiters.pop(run_id, None)
+
+    def _attempt_of(self, run_id: str, number: int, attempt: int) -> StepRecord | None:
+        try:
+            record = self.steps.attempt(attempt)
+        except NotFound:
+            return None
+        return record if (record.run_id, record.step) == (run_id, number) else None
 
     def _wake(self, run_id: str) -> None:
         for woken in self._waiters.get(run_id, ()):
@@ -329,7 +340,8 @@ class StepRunner:
                                  policy: EffectivePolicy, request: dict[str, Any],
                                  caller: Caller) -> StepResult:
         """Records the step as waiting for a person's decision (under the run's gate)."""
-        self.steps.begin(run_id, number, StepState.PENDING_APPROVAL, request, str(caller))
+        attempt = self.steps.begin(run_id, number, StepState.PENDING_APPROVAL, request,
+                                   str(caller))
         reason = (f"needs approval ({', '.join(plan.triggers)}; rule: "
                   f"{policy.rule('approval.required_for')})")
         await self.audit.append("step.pending_approval", actor=caller.actor(), run_id=run_id,
@@ -338,7 +350,7 @@ class StepRunner:
         log.info("step.pending_approval", run_id=run_id, step=number, uid=caller.uid,
                  triggers=list(plan.triggers))
         return StepResult(run_id, number, StepState.PENDING_APPROVAL, reason=reason,
-                          requested_by=str(caller), base_step=number - 1)
+                          requested_by=str(caller), base_step=number - 1, attempt=attempt)
 
     def _no_pending(self, run_id: str) -> None:
         pending = self.steps.first_pending(run_id)
@@ -443,7 +455,7 @@ class StepRunner:
         gate = self.runs.gate(run_id)  # the claimed gate, even if a close drops it meanwhile
         started = time.monotonic()
         result = StepResult(run_id, number, StepState.FAILED, requested_by=requested_by,
-                            decided_by=decided_by, base_step=number - 1)
+                            decided_by=decided_by, base_step=number - 1, attempt=attempt)
         outcomes: list[TaskOutcome] = []
         hold: Hold | None = None
         layer: str | None = None
@@ -797,7 +809,7 @@ class StepRunner:
                              "mode": f"{mode:o}"}, "requested_uid": caller.uid}
         attempt = self.steps.begin(run_id, number, StepState.RUNNING, request, str(caller))
         result = StepResult(run_id, number, StepState.FAILED, requested_by=str(caller),
-                            base_step=number - 1)
+                            base_step=number - 1, attempt=attempt)
         base = self.steps.checkpoint(run_id, number - 1)
         hold = self.runs.refs.hold(base.layers)
         task_id = "w-" + secrets.token_hex(8)

@@ -52,6 +52,18 @@ from agentd_client.types import StepResult, Task, TaskResult
 
 # Set by LangGraph in a task's config; without it there is no graph to interrupt or replay.
 _IN_GRAPH = "__pregel_call"
+_SCRATCHPAD = "__pregel_scratchpad"
+# How long a replayed interrupt's wait looks before going on to the next interrupt: the
+# decision it waited for then is known by now, or a later interrupt waits for it.
+_REPLAYED_WAIT = 0.5
+
+
+def _stored_resumes(config: RunnableConfig) -> int:
+    """How many resume values LangGraph holds for this node's interrupts (0: unknown). An
+    interrupt before the last of them returns at once on a replay: its wait is not the live
+    one, and must not hold the resume for a whole approval_timeout."""
+    pad = config.get("configurable", {}).get(_SCRATCHPAD)
+    return len(getattr(pad, "resume", None) or ())
 
 
 def _do(work: Callable[[], dict[str, Any]]) -> dict[str, Any]:
@@ -122,15 +134,20 @@ class AgentdToolNode(RunnableLambda[Any, Any]):
         step = _loaded(_submit(work).result() if _IN_GRAPH in config.get("configurable", {})
                        else work())
         waited = step.state == "pending_approval"
+        stored, asked = _stored_resumes(config), 0
         while step.state == "pending_approval":
             interrupt(_payload(step, calls))
+            asked += 1
             try:
-                step = self.client.wait_step(step.run_id, step.step,
-                                             deadline=self.approval_timeout)
+                step = self.client.wait_step(step.run_id, step.step, attempt=step.attempt,
+                                             deadline=self._deadline(asked, stored))
             except DeadlineExceeded:
                 continue
         self._moved(config, ended_at(step))
         return step, waited
+
+    def _deadline(self, asked: int, stored: int) -> float:
+        return _REPLAYED_WAIT if asked < stored else self.approval_timeout
 
     # -- async -------------------------------------------------------------------------------
 
@@ -168,10 +185,12 @@ class AgentdToolNode(RunnableLambda[Any, Any]):
         step = _loaded(await _asubmit(work) if _IN_GRAPH in config.get("configurable", {})
                        else await work())
         waited = step.state == "pending_approval"
+        stored, asked = _stored_resumes(config), 0
         while step.state == "pending_approval":
             interrupt(_payload(step, calls))
+            asked += 1
             try:
-                step = await self._wait(step.run_id, step.step)
+                step = await self._wait(step, self._deadline(asked, stored))
             except DeadlineExceeded:
                 continue
         self._moved(config, ended_at(step))
@@ -189,11 +208,12 @@ class AgentdToolNode(RunnableLambda[Any, Any]):
         return await asyncio.to_thread(self.client.read_file, step.run_id, path,
                                        step=step.base_step)
 
-    async def _wait(self, run_id: str, step: int) -> StepResult:
+    async def _wait(self, step: StepResult, deadline: float) -> StepResult:
         if self.aclient is not None:
-            return await self.aclient.wait_step(run_id, step, deadline=self.approval_timeout)
-        return await asyncio.to_thread(self.client.wait_step, run_id, step,
-                                       deadline=self.approval_timeout)
+            return await self.aclient.wait_step(step.run_id, step.step, attempt=step.attempt,
+                                                deadline=deadline)
+        return await asyncio.to_thread(self.client.wait_step, step.run_id, step.step,
+                                       attempt=step.attempt, deadline=deadline)
 
     # -- shared ------------------------------------------------------------------------------
 
@@ -279,7 +299,7 @@ def _named(calls: list[Call]) -> list[Task]:
 
 def _pending(at: Position, pending: ApprovalRequired) -> StepResult:
     return StepResult(at.run_id, pending.step, pending.step - 1, "pending_approval", False,
-                      pending.message, (), {})
+                      pending.message, (), {}, pending.attempt or 0)
 
 
 def _stored(step: StepResult) -> dict[str, Any]:

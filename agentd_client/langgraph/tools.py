@@ -197,7 +197,8 @@ class _Runner:
                     {"run_id": at.run_id, "step": step_number})
         step = self.client.step(at.run_id, [call.task], expect_step=expect)
         if step.state == "pending_approval":
-            step = self.client.wait_step(at.run_id, step.step, deadline=self.approval_timeout)
+            step = self.client.wait_step(at.run_id, step.step, attempt=step.attempt,
+                                         deadline=self.approval_timeout)
         return self._report(call, step, config)
 
     async def arun(self, call: Call, config: RunnableConfig) -> tuple[str, dict[str, Any]]:
@@ -216,7 +217,7 @@ class _Runner:
                     {"run_id": at.run_id, "step": step_number})
         step = await self.aclient.step(at.run_id, [call.task], expect_step=expect)
         if step.state == "pending_approval":
-            step = await self.aclient.wait_step(at.run_id, step.step,
+            step = await self.aclient.wait_step(at.run_id, step.step, attempt=step.attempt,
                                                 deadline=self.approval_timeout)
         return self._report(call, step, config)
 

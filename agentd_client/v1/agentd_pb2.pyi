@@ -1251,6 +1251,7 @@ class StepReply(_message.Message):
     CHANNELS_OMITTED_FIELD_NUMBER: _builtins.int
     BASE_STEP_FIELD_NUMBER: _builtins.int
     READ_ONLY_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     step: _builtins.int
     """The step number this request was planned as (the run's last committed step + 1); for a
@@ -1267,6 +1268,10 @@ class StepReply(_message.Message):
     read_only: _builtins.bool
     """Committed without a new checkpoint: every task succeeded and none changed a file or
     wrote a channel, so the run stays at base_step (step numbers move only with state).
+    """
+    attempt: _builtins.int
+    """This attempt's id: one step number may have several attempts (a rejected or read-only
+    one, then the next), and WaitStep on the id waits for exactly this one.
     """
     @_builtins.property
     def conflicts(self) -> _containers.RepeatedScalarFieldContainer[_builtins.str]: ...
@@ -1303,10 +1308,11 @@ class StepReply(_message.Message):
         channels_omitted: _abc.Mapping[_builtins.str, _builtins.int] | None = ...,
         base_step: _builtins.int = ...,
         read_only: _builtins.bool = ...,
+        attempt: _builtins.int = ...,
     ) -> None: ...
     _HasFieldArgType: _TypeAlias = _typing.Literal["created_at", b"created_at"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["base_step", b"base_step", "channels", b"channels", "channels_omitted", b"channels_omitted", "conflicts", b"conflicts", "created_at", b"created_at", "decided_by", b"decided_by", "read_only", b"read_only", "reason", b"reason", "requested_by", b"requested_by", "run_id", b"run_id", "state", b"state", "step", b"step", "tasks", b"tasks", "versions", b"versions", "wall_seconds", b"wall_seconds"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["attempt", b"attempt", "base_step", b"base_step", "channels", b"channels", "channels_omitted", b"channels_omitted", "conflicts", b"conflicts", "created_at", b"created_at", "decided_by", b"decided_by", "read_only", b"read_only", "reason", b"reason", "requested_by", b"requested_by", "run_id", b"run_id", "state", b"state", "step", b"step", "tasks", b"tasks", "versions", b"versions", "wall_seconds", b"wall_seconds"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
@@ -1399,19 +1405,27 @@ class WaitStepRequest(_message.Message):
 
     RUN_ID_FIELD_NUMBER: _builtins.int
     STEP_FIELD_NUMBER: _builtins.int
+    ATTEMPT_FIELD_NUMBER: _builtins.int
     run_id: _builtins.str
     step: _builtins.int
+    attempt: _builtins.int
+    """The attempt a reply or an ApprovalRequired named: waits for that one, not for whichever
+    attempt at `step` is the latest.
+    """
     def __init__(
         self,
         *,
         run_id: _builtins.str = ...,
         step: _builtins.int = ...,
+        attempt: _builtins.int | None = ...,
     ) -> None: ...
-    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    _HasFieldArgType: _TypeAlias = _typing.Literal["_attempt", b"_attempt", "attempt", b"attempt"]  # noqa: Y015
     def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
-    _ClearFieldArgType: _TypeAlias = _typing.Literal["run_id", b"run_id", "step", b"step"]  # noqa: Y015
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["_attempt", b"_attempt", "attempt", b"attempt", "run_id", b"run_id", "step", b"step"]  # noqa: Y015
     def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
-    def WhichOneof(self, oneof_group: _Never) -> None: ...
+    _WhichOneofReturnType__attempt: _TypeAlias = _typing.Literal["attempt"]  # noqa: Y015
+    _WhichOneofArgType__attempt: _TypeAlias = _typing.Literal["_attempt", b"_attempt"]  # noqa: Y015
+    def WhichOneof(self, oneof_group: _WhichOneofArgType__attempt) -> _WhichOneofReturnType__attempt | None: ...
 
 Global___WaitStepRequest: _TypeAlias = WaitStepRequest  # noqa: Y015
 
