@@ -12,6 +12,7 @@ import json
 import random
 import shutil
 import threading
+import time
 from collections.abc import Iterator
 
 import grpc
@@ -19,6 +20,7 @@ import pytest
 
 from agentd.api.gen.v1 import agentd_pb2 as pb
 from agentd.api.gen.v1 import agentd_pb2_grpc
+from agentd.audit.evidence import read_records
 from tests.conftest import CONFIG, REPO, DaemonHandle, daemon_base, start_daemon, stop_daemon
 
 pytestmark = pytest.mark.privileged
@@ -140,6 +142,33 @@ nodes:
 
 
 class TestApprovals:
+    def test_a_caller_that_goes_away_leaves_the_stop_on_record(self, daemon: DaemonHandle,
+                                                                stub: Stub) -> None:
+        """The client cancels while the graph waits for an approver: the graph's end is
+        recorded (graph.stopped) all the same, and the pending step stays for a later run."""
+        call = stub.RunGraph(pb.RunGraphRequest(graph=APPROVAL_GRAPH.encode(), source="a.yaml",
+                                                inputs={"start": "1"}), timeout=TIMEOUT)
+        run_id = ""
+        for event in call:
+            run_id = event.run_id
+            if event.kind == PENDING:
+                break
+        call.cancel()
+        assert run_id
+
+        def stopped() -> list[dict[str, object]]:
+            return [r for r in read_records(daemon.base / "state" / "audit",
+                                            containing=b"graph.stopped")
+                    if r["event"] == "graph.stopped" and r["run_id"] == run_id]
+
+        deadline = time.monotonic() + 30
+        while not stopped() and time.monotonic() < deadline:
+            time.sleep(0.05)
+        [record] = stopped()
+        assert "the caller went away" in record["details"]["reason"]  # type: ignore[index]
+        steps = stub.ListSteps(pb.ListStepsRequest(run_id=run_id), timeout=TIMEOUT).steps
+        assert steps[-1].state == pb.STEP_STATE_PENDING_APPROVAL
+
     def test_a_superstep_pending_approval_pauses_the_graph(self, daemon: DaemonHandle,
                                                            stub: Stub) -> None:
         """The graph waits at the pending step; once approved (and run) it goes on."""

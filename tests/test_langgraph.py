@@ -235,6 +235,34 @@ class TestOneStepPerTurn:
         client.close_run(run_id)
 
 
+def test_a_local_tool_does_not_run_when_the_turns_step_failed(client: Client) -> None:
+    """A turn mixing an agentd call with a tool of this process: the step fails, so the
+    local tool is not run either (a turn is applied whole or not at all)."""
+    from langchain_core.tools import tool
+
+    from agentd_client.langgraph import AgentdToolNode
+
+    notified: list[str] = []
+
+    @tool
+    def notify(text: str) -> str:
+        """Tells someone."""
+        notified.append(text)
+        return "sent"
+
+    tools = [*agentd_tools(client), notify]
+    model = turns([call("run_command", "bad", command="exit 1"),
+                   call("notify", "n1", text="done")])
+    app = _react_with(model, AgentdToolNode(tools, client), tools, client)
+    config: Any = {"configurable": {"thread_id": "mixed"}}
+    replies = tool_messages(asyncio.run(app.ainvoke({"messages": [HumanMessage("go")]},
+                                                    config)))
+    assert notified == []
+    assert [(m.tool_call_id, m.status) for m in replies] == [("bad", "error"), ("n1", "error")]
+    assert "the turn's agentd step did not commit" in str(replies[1].content)
+    client.close_run((app.get_state(config).metadata or {})["agentd_run_id"])
+
+
 def _react_with(model: ScriptedChatModel, node: Any, tools: list[Any], client: Client) -> Any:
     from langgraph.graph import START, MessagesState, StateGraph
     from langgraph.prebuilt import tools_condition

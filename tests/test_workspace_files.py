@@ -185,12 +185,17 @@ class TestWrite:
             client.write_file(run, "huge", b"x" * (5 << 20))
         assert client.head(run) == 0
 
-    def test_the_client_role_may_write_and_the_approver_may_not(
-            self, files_daemon: DaemonHandle, run: str) -> None:
+    def test_the_client_role_may_read_and_write_and_the_approver_may_not(
+            self, files_daemon: DaemonHandle, client: Client, run: str) -> None:
+        """A run's files are its client's, as an export of them is."""
+        client.write_file(run, "x", b"x")
         with pytest.raises(grpc.RpcError) as denied:
             files_daemon.stub("approver").WriteFile(pb.WriteFileRequest(
-                run_id=run, path="x", data=b"x"))
+                run_id=run, path="y", data=b"y"))
         assert denied.value.code() == grpc.StatusCode.PERMISSION_DENIED
+        with pytest.raises(grpc.RpcError) as unread:
+            files_daemon.stub("approver").ReadFile(pb.ReadFileRequest(run_id=run, path="x"))
+        assert unread.value.code() == grpc.StatusCode.PERMISSION_DENIED
 
 
 class TestRead:

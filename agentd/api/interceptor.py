@@ -35,6 +35,8 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "/agentd.v1.Agentd/StreamStep": frozenset({"client", "admin"}),
     "/agentd.v1.Agentd/Rollback": frozenset({"client", "admin"}),
     "/agentd.v1.Agentd/WriteFile": frozenset({"client", "admin"}),
+    # A run's files are the client's, like an export of them; the approver sees the request.
+    "/agentd.v1.Agentd/ReadFile": frozenset({"client", "admin"}),
     "/agentd.v1.Agentd/Fork": frozenset({"client", "admin"}),
     "/agentd.v1.Agentd/ExportCheckpoint": frozenset({"client", "admin"}),
     "/agentd.v1.Agentd/Approve": frozenset({"approver", "admin"}),

@@ -21,7 +21,8 @@ fork of it, plans exactly the superstep that followed k the first time. Alternat
 
 What the choice means for a step that is not a superstep of the graph (an Exec or a WriteFile
 on the same run between two `graph run`s): it counts as one. Its channel writes trigger nodes,
-as a node's would; a file write, which changes no channel, triggers nothing.
+as a node's would; a file write, which changes no channel, triggers nothing, and it also
+un-triggers nodes that were triggered before it (the plan compares the last two checkpoints).
 
 The plan never depends on task timing or completion order: its inputs are versions, which the
 barrier computes in task order (agentd/scheduler/barrier.py).

@@ -27,6 +27,7 @@ The input checkpoint is written without a worker (`StepRunner.write_channels`, b
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 from collections.abc import AsyncGenerator, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -82,6 +83,14 @@ class _Superstep:
     attempt: int = 0
 
 
+@dataclass
+class _Progress:
+    """How far one call got: supersteps taken, and whether its end is on record."""
+
+    taken: int = 0
+    ended: bool = False
+
+
 class GraphRunner:
     """Runs graph files on the StepRunner's runs (stateless: one per call is fine)."""
 
@@ -115,19 +124,39 @@ class GraphRunner:
             number = await self._write_inputs(graph, run_id, dict(inputs), caller)
             yield GraphEvent("input", run_id, step=number, nodes=(INPUT_TASK,),
                              state=str(StepState.COMMITTED))
-        taken = 0
+        progress = _Progress()
+        try:
+            async for event in self._supersteps(graph, run_id, caller, timeout, progress):
+                yield event
+        finally:
+            if not progress.ended:  # the caller went away, or a bug: on record all the same
+                with contextlib.suppress(AgentdError):
+                    await asyncio.shield(self._end(
+                        graph, run_id, caller, progress.taken,
+                        "the caller went away (or the loop failed); the run stays at its "
+                        "last checkpoint: `graph run --run` continues from there"))
+
+    async def _supersteps(self, graph: Graph, run_id: str, caller: Caller, timeout: float,
+                          progress: _Progress) -> AsyncGenerator[GraphEvent, None]:
+        """Plan, run, commit, until nothing triggers or the graph stops (always on record:
+        the last event is `_end`'s)."""
         while True:
-            head = self.runs.check_open(run_id).step
-            nodes = self.pending(graph, run_id, head)
+            taken = progress.taken
+            try:
+                head = self.runs.check_open(run_id).step
+                nodes = self.pending(graph, run_id, head)
+            except AgentdError as exc:  # closed or rolled back under it
+                yield await self._end(graph, run_id, caller, taken, exc.message, progress)
+                return
             if not nodes:
-                yield await self._end(graph, run_id, caller, taken, "")
+                yield await self._end(graph, run_id, caller, taken, "", progress)
                 return
             if taken >= graph.recursion_limit:
                 yield await self._end(graph, run_id, caller, taken, (
                     f"recursion limit: {graph.recursion_limit} supersteps taken and nodes "
                     f"{', '.join(nodes)} are still triggered at step {head}; raise "
                     "recursion_limit if the graph needs more, or give its cycle an exit "
-                    "(`agentctl graph lint`); `graph run --run` continues from here"))
+                    "(`agentctl graph lint`); `graph run --run` continues from here"), progress)
                 return
             yield GraphEvent("superstep", run_id, step=head + 1, nodes=nodes)
             try:
@@ -140,22 +169,22 @@ class GraphRunner:
             except AgentdError as exc:  # refused, aborted, timed out: the graph stops here
                 yield await self._end(graph, run_id, caller, taken,
                                       f"superstep {head + 1} ({', '.join(nodes)}): "
-                                      f"{exc.message}")
+                                      f"{exc.message}", progress)
                 return
             yield GraphEvent("step", run_id, step=ended.step, nodes=nodes, state=ended.state,
                              read_only=ended.read_only, reason=ended.reason)
             if ended.state != StepState.COMMITTED:
                 yield await self._end(graph, run_id, caller, taken,
                                       f"superstep {head + 1} ({', '.join(nodes)}) "
-                                      f"{ended.state}: {ended.reason}")
+                                      f"{ended.state}: {ended.reason}", progress)
                 return
-            taken += 1
+            progress.taken = taken = taken + 1
             if ended.written is not None:
                 written = {n: w for n, w in ended.written.items() if n not in ended.failed_nodes}
                 broken = check_writes(graph, written)
                 if broken:
                     yield await self._end(graph, run_id, caller, taken, "; ".join(
-                        str(b) for b in broken) + " (the superstep is committed)")
+                        str(b) for b in broken) + " (the superstep is committed)", progress)
                     return
 
     # -- planning ---------------------------------------------------------------------------
@@ -218,11 +247,13 @@ class GraphRunner:
         return _Superstep(step, record.state, record.reason, read_only)
 
     async def _end(self, graph: Graph, run_id: str, caller: Caller, taken: int,
-                   stopped: str) -> GraphEvent:
+                   stopped: str, progress: _Progress | None = None) -> GraphEvent:
         """The last event, on record: `graph.finished`, or `graph.stopped` with the reason."""
         event = "graph.stopped" if stopped else "graph.finished"
         await self.audit.append(event, actor=caller.actor(), run_id=run_id, details={
             "graph": graph.name, "supersteps": taken, "reason": stopped[:1000]})
+        if progress is not None:
+            progress.ended = True
         log.info(event, run_id=run_id, graph=graph.name, supersteps=taken, reason=stopped)
         return GraphEvent("finished", run_id, step=self.runs.get_run(run_id).step,
                           reason=stopped or "nothing triggers: the graph has ended",

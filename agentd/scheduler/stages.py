@@ -402,7 +402,13 @@ class StageKeeper:
                                        rule="stages: acceptor uid != reloader uid")
             after = await asyncio.to_thread(self.registry.restage, agent, pin=waiting.source)
             if self.registry.copies is not None:  # durable before the record that names it
-                await asyncio.to_thread(self.registry.copies.keep, after.source_text)
+                try:
+                    await asyncio.to_thread(self.registry.copies.keep, after.source_text)
+                except OSError as exc:
+                    raise FailedPrecondition(
+                        f"the accepted version could not be kept ({exc.strerror}): nothing "
+                        "was accepted; free space in (or repair) the state directory and "
+                        "accept again") from None
             details = {"agent": agent, "stage": current.stage,
                        "policy_file": current.policy_file, "source": waiting.source,
                        "previous": current.source,

@@ -103,6 +103,7 @@ class AgentdToolNode(RunnableLambda[Any, Any]):
         calls = self._tool_calls(state)
         planned, refused = self._plan(calls)
         replies = dict(refused)
+        failed = False  # the turn's agentd step did not commit: the other tools do not run
         if planned and not refused:
             ours = [c for c in calls if _id(c) in planned]
             step, waited = self._step(config, [planned[_id(c)] for c in ours])
@@ -115,11 +116,12 @@ class AgentdToolNode(RunnableLambda[Any, Any]):
                          True) if planned[_id(c)].kind == "read" else said
                         for c, said in zip(ours, told, strict=True)]
             replies.update(self._messages(ours, told, step))
+            failed = not step.committed
         for call in calls:
-            if _id(call) not in replies and not refused:
+            if _id(call) not in replies and not refused and not failed:
                 replies[_id(call)] = self.tools[call["name"]].invoke(_invocation(call), config)
-        return self._output(state, [replies[_id(c)] if _id(c) in replies else _not_run(c)
-                                    for c in calls])
+        return self._output(state, [replies[_id(c)] if _id(c) in replies
+                                    else _not_run(c, failed) for c in calls])
 
     def _step(self, config: RunnableConfig, calls: list[Call]) -> tuple[StepResult, bool]:
         """The turn's step once it has ended, and whether it waited for an approver."""
@@ -155,6 +157,7 @@ class AgentdToolNode(RunnableLambda[Any, Any]):
         calls = self._tool_calls(state)
         planned, refused = self._plan(calls)
         replies = dict(refused)
+        failed = False  # the turn's agentd step did not commit: the other tools do not run
         if planned and not refused:
             ours = [c for c in calls if _id(c) in planned]
             step, waited = await self._astep(config, [planned[_id(c)] for c in ours])
@@ -164,12 +167,13 @@ class AgentdToolNode(RunnableLambda[Any, Any]):
                     errors="replace")), True) if planned[_id(c)].kind == "read" else said
                     for c, said in zip(ours, told, strict=True)]
             replies.update(self._messages(ours, told, step))
-        others = [c for c in calls if _id(c) not in replies and not refused]
+            failed = not step.committed
+        others = [c for c in calls if _id(c) not in replies and not refused and not failed]
         done = await asyncio.gather(*(self.tools[c["name"]].ainvoke(_invocation(c), config)
                                       for c in others))
         replies.update({_id(c): m for c, m in zip(others, done, strict=True)})
-        return self._output(state, [replies[_id(c)] if _id(c) in replies else _not_run(c)
-                                    for c in calls])
+        return self._output(state, [replies[_id(c)] if _id(c) in replies
+                                    else _not_run(c, failed) for c in calls])
 
     async def _astep(self, config: RunnableConfig, calls: list[Call]
                      ) -> tuple[StepResult, bool]:
@@ -326,7 +330,8 @@ def _error(call: ToolCall, text: str) -> ToolMessage:
                        status="error")
 
 
-def _not_run(call: ToolCall) -> ToolMessage:
-    return _error(call, "not run: another tool call of this turn was refused before the "
-                        "step, and a turn is applied whole or not at all")
+def _not_run(call: ToolCall, step_failed: bool = False) -> ToolMessage:
+    why = ("the turn's agentd step did not commit" if step_failed
+           else "another tool call of this turn was refused before the step")
+    return _error(call, f"not run: {why}, and a turn is applied whole or not at all")
 
