@@ -46,6 +46,7 @@ from agentd.sandbox import (
     libc,
     mounts,
     namespaces,
+    netns,
     network,
     privileges,
     seccomp,
@@ -159,13 +160,17 @@ def _report_and_exit(action: type[_Action], exc: BaseException, spec: WorkerSpec
 
 
 def contain(spec: WorkerSpec, *, new_root: str, seccomp_program: bytes, go_fd: int,
-            err_fd: int, fds: tuple[int, ...], join: tuple[str, ...] = ()) -> NoReturn:
+            err_fd: int, fds: tuple[int, ...], join: tuple[str, ...] = (),
+            netns_fd: int = -1) -> NoReturn:
     """Confines the calling (freshly cloned) process and execs the tool; never returns.
-    `join`: its cgroup's cgroup.procs files, written first (else the launcher moves it)."""
+    `join`: its cgroup's cgroup.procs files, written first (else the launcher moves it).
+    `netns_fd`: the egress slot to join (agentd/sandbox/egress.py) instead of a new one."""
     action = _Action
     try:
         with _action(action, "pdeathsig"):
             libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
+        with _action(action, "egress namespace"):
+            _join_egress(spec, netns_fd)
         if join:
             with _action(action, "join cgroup"):
                 _join(join)
@@ -240,6 +245,15 @@ def prebuilt(shape: WorkerSpec, *, new_root: str, seccomp_program: bytes, go_fd:
         _report_and_exit(action, exc, spec, err_fd)
 
 
+def _join_egress(spec: WorkerSpec, netns_fd: int) -> None:
+    """Joins the egress slot's namespace; a spec with egress and no slot is refused rather
+    than run in an empty namespace it was not built for."""
+    if netns_fd >= 0:
+        netns.enter(netns_fd)
+    elif spec.nameserver:
+        raise OSError(errno_mod.EINVAL, "an egress worker came without its namespace")
+
+
 def _join(paths: tuple[str, ...]) -> None:
     """Moves this process into its cgroup: "0" in each hierarchy's cgroup.procs."""
     for path in paths:
@@ -293,7 +307,7 @@ def _confine_and_exec(spec: WorkerSpec, action: type[_Action], err_fd: int,
             write = ["/tmp"] + (["/workspace"] if has_workspace and spec.workspace_writable
                                 else [])
             landlock.enter(read=["/"], write=write, execute=executables,
-                           devices=LANDLOCK_DEVICES)
+                           devices=LANDLOCK_DEVICES, connect=spec.egress_ports)
     if spec.seccomp:
         with _action(action, "exec watch"):
             # Denied execs on record (agentd/sandbox/execwatch.py): the listener goes out

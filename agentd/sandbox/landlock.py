@@ -5,7 +5,9 @@ three syscalls and three small structs.
 
 The ruleset handles every access right the running kernel knows, so anything without a rule is
 denied: filesystem rights by ABI (REFER from 2, TRUNCATE from 3, IOCTL_DEV from 5), TCP bind and
-connect from ABI 4 (no rule ever grants them: the worker has no network), and from ABI 6 the
+connect from ABI 4 (no rule grants bind; connect only to the ports of a policy's egress entries,
+a second wall behind the egress namespace's nftables, by port since Landlock knows no
+addresses), and from ABI 6 the
 scopes that keep a worker from signalling processes or reaching abstract unix sockets outside its
 own domain. ABI 7 adds only audit-logging flags, which stay at the kernel's defaults.
 
@@ -85,6 +87,14 @@ class _RulesetAttr(ctypes.Structure):
                 ("scoped", ctypes.c_uint64)]
 
 
+class _NetPortAttr(ctypes.Structure):
+    _pack_ = 1
+    _fields_ = [("allowed_access", ctypes.c_uint64), ("port", ctypes.c_uint64)]
+
+
+_RULE_NET_PORT = 2
+
+
 class _PathBeneathAttr(ctypes.Structure):
     _pack_ = 1
     _fields_ = [("allowed_access", ctypes.c_uint64), ("parent_fd", ctypes.c_int32)]
@@ -112,9 +122,9 @@ def _handled_fs(abi: int) -> int:
 
 
 def enter(*, read: Sequence[str], write: Sequence[str], execute: Sequence[str],
-          devices: Sequence[str] = DEFAULT_DEVICES) -> bool:
+          devices: Sequence[str] = DEFAULT_DEVICES, connect: Sequence[int] = ()) -> bool:
     """Restricts the calling thread (and what it executes) to the given paths, as seen inside
-    the worker, and denies all TCP bind/connect.
+    the worker, denies TCP bind, and TCP connect to any port but `connect`'s.
 
     `read`: read files and list directories beneath. `write`: also create, write, truncate,
     rename into and remove, never execute. `execute`: files, or directories to execute beneath
@@ -138,6 +148,9 @@ def enter(*, read: Sequence[str], write: Sequence[str], execute: Sequence[str],
                               (_DEVICE, devices)):
             for path in paths:
                 _add_path_rule(ruleset, path, rights & handled_fs)
+        for port in connect if abi >= 4 else ():
+            rule = _NetPortAttr(_NET_CONNECT_TCP, port)
+            _syscall("landlock_add_rule", ruleset, _RULE_NET_PORT, ctypes.addressof(rule), 0)
         _syscall("landlock_restrict_self", ruleset, 0)
     finally:
         os.close(ruleset)

@@ -182,7 +182,9 @@ class Launcher:
     def _spawn(self, message: dict[str, Any], fds: list[int]) -> None:
         request_id = int(message["id"])
         spec = WorkerSpec.from_json(message["spec"])
-        # cgroup v2: the cgroup's directory, to clone the worker straight into (last fd).
+        # The egress slot's network namespace (last fd), then cgroup v2's directory, to clone
+        # the worker straight into.
+        netns_fd = fds.pop() if message.get("netns_fd") else -1
         cgroup_fd = fds.pop() if message.get("cgroup_fd") else -1
         join = list(message.get("join", []))
         go_r, go_w = os.pipe2(os.O_CLOEXEC)
@@ -192,7 +194,8 @@ class Launcher:
         try:
             pid = self._clone(namespaces.clone_flags(spec), cgroup_fd)
         except OSError as exc:
-            for fd in (go_r, go_w, err_r, err_w, *fds, *([cgroup_fd] if cgroup_fd >= 0 else [])):
+            for fd in (go_r, go_w, err_r, err_w, *fds,
+                       *(fd for fd in (cgroup_fd, netns_fd) if fd >= 0)):
                 os.close(fd)
             self._report_failure(request_id, "clone", exc)
             return
@@ -208,8 +211,8 @@ class Launcher:
         own_join = () if spec.user_namespace else tuple(join)
         if pid == 0:  # the worker
             contain(spec, new_root=self.new_root, seccomp_program=self.seccomp_program,
-                    go_fd=go_r, err_fd=err_w, fds=tuple(fds), join=own_join)
-        for fd in (go_r, err_w, *fds):
+                    go_fd=go_r, err_fd=err_w, fds=tuple(fds), join=own_join, netns_fd=netns_fd)
+        for fd in (go_r, err_w, *fds, *([netns_fd] if netns_fd >= 0 else [])):
             os.close(fd)
         child = _Child(request_id, pid, err_r, os.pidfd_open(pid), into_cgroup=into_cgroup)
         self._release(child, spec, [] if own_join else join, go_w)

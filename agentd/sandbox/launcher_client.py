@@ -152,12 +152,13 @@ class LauncherClient:
         return self._sock
 
     async def spawn(self, spec: WorkerSpec, join_paths: list[str], fds: tuple[int, ...], *,
-                    pooled: int = 0, workspace_fd: int = -1, cgroup_fd: int = -1) -> Spawned:
+                    pooled: int = 0, workspace_fd: int = -1, cgroup_fd: int = -1,
+                    netns_fd: int = -1) -> Spawned:
         """Asks for a worker with stdin, stdout, stderr and extras `fds`; the caller keeps (and
         closes) its copies. `pooled`: the prebuilt worker's slot, handed the spec, the fds and
         the detached workspace mount `workspace_fd` (the launcher serves the call cold if that
         worker is gone). `cgroup_fd`: a cgroup v2 directory to clone the worker straight into
-        (`join_paths` are the fallback)."""
+        (`join_paths` are the fallback). `netns_fd`: the egress slot the worker joins."""
         sock = self._ensure_running()
         request_id = next(self._ids)
         spawned = Spawned(task_id=spec.task_id)
@@ -172,6 +173,9 @@ class LauncherClient:
         elif cgroup_fd >= 0:
             message["cgroup_fd"] = True
             sent.append(cgroup_fd)
+        if netns_fd >= 0 and not pooled:  # last: the launcher pops it first
+            message["netns_fd"] = True
+            sent.append(netns_fd)
         try:
             send_message(sock, message, sent)
         except OSError as exc:

@@ -128,6 +128,9 @@ def _write_etc(root: str, spec: WorkerSpec) -> None:
         "hostname": spec.hostname + "\n",
         "hosts": f"127.0.0.1 localhost {spec.hostname}\n::1 localhost\n",
     }
+    if spec.nameserver:  # egress: names resolve only through the daemon's resolver
+        files["resolv.conf"] = f"nameserver {spec.nameserver}\noptions attempts:1\n"
+        files["nsswitch.conf"] = "hosts: files dns\n"
     for name, text in files.items():
         if not os.path.lexists(f"{etc}/{name}"):
             with open(f"{etc}/{name}", "w") as f:

@@ -17,8 +17,10 @@ _ALWAYS = (libc.CLONE_NEWPID | libc.CLONE_NEWNS | libc.CLONE_NEWIPC | libc.CLONE
 
 
 def clone_flags(spec: WorkerSpec) -> int:
-    """The namespace flags of the clone() that creates the worker (parent side)."""
-    return _ALWAYS | (libc.CLONE_NEWUSER if spec.user_namespace else 0)
+    """The namespace flags of the clone() that creates the worker (parent side). A worker
+    with egress gets no new network namespace: it joins its slot's (contain.py)."""
+    flags = _ALWAYS & ~libc.CLONE_NEWNET if spec.nameserver else _ALWAYS
+    return flags | (libc.CLONE_NEWUSER if spec.user_namespace else 0)
 
 
 def from_parent(pid: int, spec: WorkerSpec) -> None:

@@ -100,7 +100,9 @@ class WarmPool:
         return self.size * len(self._shapes)
 
     def serves(self, spec: WorkerSpec) -> bool:
-        return self.size > 0 and not spec.user_namespace and overlay.DETACHED
+        # An egress worker joins a slot made for its call: never prebuilt.
+        return (self.size > 0 and not spec.user_namespace and not spec.nameserver
+                and overlay.DETACHED)
 
     def take(self, spec: WorkerSpec) -> Prebuilt | None:
         """A ready worker of `spec`'s shape, or None (then the call is built cold, and the

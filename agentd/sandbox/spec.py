@@ -59,6 +59,10 @@ class WorkerSpec:
     exec_binds: tuple[str, ...] = ()
     exec_withheld: tuple[str, ...] = ()
     limits: Limits = field(default_factory=Limits)
+    # Network egress: the worker joins a slot namespace the daemon made (agentd/sandbox/
+    # egress.py; its fd travels with the spawn) and resolves names through this address.
+    nameserver: str = ""
+    egress_ports: tuple[int, ...] = ()  # TCP ports Landlock lets it connect to
     seccomp: bool = True
     landlock: bool = True
 
@@ -73,7 +77,7 @@ class WorkerSpec:
     def from_json(cls, data: dict[str, Any]) -> WorkerSpec:
         limits = Limits(**data.pop("limits"))
         for name in ("argv", "read_only", "exec_allow", "exec_binds", "exec_withheld",
-                     "workspace_layers"):
+                     "workspace_layers", "egress_ports"):
             data[name] = tuple(data[name])
         return cls(limits=limits, **data)
 

@@ -87,10 +87,13 @@ class Worker:
     """Runs one WorkerSpec to completion; `stop(reason)` may be called from anywhere."""
 
     def __init__(self, spec: WorkerSpec, *, launcher: LauncherClient, cgroups: CgroupDriver,
-                 extra_fds: tuple[int, ...] = (), pool: WarmPool | None = None) -> None:
+                 extra_fds: tuple[int, ...] = (), pool: WarmPool | None = None,
+                 netns_fd: int = -1) -> None:
         """`extra_fds` become fds 3, 4, ... in the tool; the caller keeps and closes them.
-        With a `pool`, a prebuilt worker of the spec's shape is taken if one is ready."""
+        With a `pool`, a prebuilt worker of the spec's shape is taken if one is ready.
+        `netns_fd`: the egress slot's namespace (the caller keeps it)."""
         self.spec = spec
+        self._netns_fd = netns_fd
         self._pool = pool
         self._prebuilt: Prebuilt | None = None
         self._looked = False  # the pool was asked (take_prebuilt)
@@ -227,7 +230,7 @@ class Worker:
             spawned = await self._launcher.spawn(
                 self.spec, self._cgroup.join_paths(), (in_r, out_w, err_w, *self._extra_fds),
                 pooled=self._prebuilt.slot if self._prebuilt else 0, workspace_fd=workspace_fd,
-                cgroup_fd=cgroup_fd)
+                cgroup_fd=cgroup_fd, netns_fd=self._netns_fd)
         finally:
             for fd in (in_r, out_w, err_w, workspace_fd, cgroup_fd):
                 if fd >= 0:

@@ -1,0 +1,292 @@
+"""The kernel side of network egress: the egress namespace, worker slots and the nftables wall.
+
+    uplink netns (the daemon's own,           egress netns (the daemon's; no link to
+    or one the config names)                  anything but the workers' veths)
+    ┌──────────────────────────┐              ┌────────────────────────────────────┐
+    │ proxy's outbound sockets │◀── daemon ──▶│ resolver 100.127.255.254:53 (lo)   │
+    │ resolver's upstream      │   (process)  │ proxy :PROXY_PORT  (nft redirect)  │
+    └──────────────────────────┘              │ nft: prerouting filter + redirect  │
+                                              │ ae-N ──veth── eth0 (worker slot N) │
+                                              └────────────────────────────────────┘
+
+A worker with egress is cloned into a *slot*: a network namespace made in advance with one veth
+to the egress namespace (`eth0`, 100.127.x.y/30, default route to its peer). The egress
+namespace has no route anywhere: it forwards nothing (ip_forward 0, forward policy drop), so
+the only ways out of it are the daemon's own sockets: the resolver (UDP 53 on RESOLVER) and the
+proxy, which nft hands every allowed TCP connection to (`redirect`) and which connects out from
+the uplink namespace. nft's prerouting filter lets through only: replies of established
+flows, DNS to the resolver, and new TCP whose (worker address, destination, port) is in the set
+`allowed` (literal addresses and networks with no timeout, resolved addresses with the DNS
+TTL as timeout). Everything else is counted and dropped, TCP with a reset so tools fail fast:
+other addresses and ports, DNS to other servers, UDP, ICMP, IPv6 (also disabled by sysctl in
+both namespaces). These kernel refusals are not yet recorded one by one: NFLOG (`log group`)
+delivered nothing to a netlink socket in the egress namespace on the development kernel, and
+that was not resolved in the time box (see "Network egress" in docs/architecture.md).
+
+Fail closed: the egress namespace is held only by the daemon (an fd, its threads, its
+sockets): when the daemon dies, even by SIGKILL, the kernel destroys the namespace and with it
+every veth pair, so a worker that outlived it (it does not: PDEATHSIG) would have loopback
+only. And even while it lives, no packet is forwarded by the kernel; a path out exists only as
+a daemon socket that re-checks the destination.
+
+Slots are used once, made ahead by `SlotPool` off the call path: a veth pair costs ~4 ms and
+its addresses and route ~2 ms (pyroute2 netlink, measured), so the call only pays the setns in
+the worker. Used once rather than reused: nothing of one task (TIME_WAIT sockets, neighbour
+entries, set elements) can be seen by the next, and a slot's address is not reused until the
+whole /16 has turned over.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import ipaddress
+import os
+import threading
+from collections import deque
+from dataclasses import dataclass, field
+from typing import Final
+
+from agentd.sandbox import netns
+from agentd.sandbox.nft import Nft
+
+SUBNET: Final = ipaddress.IPv4Network("100.127.0.0/16")
+RESOLVER: Final = "100.127.255.254"
+PROXY_PORT: Final = 15001
+TABLE: Final = "agentd_egress"
+# Slots' /30s: 100.127.0.0 .. 100.127.255.248 (the last /30 holds the resolver).
+_SLOTS: Final = (SUBNET.num_addresses // 4) - 1
+MAX_TTL: Final = 3600  # a DNS answer's addresses stay allowed at most this long
+
+RULESET: Final = f"""
+table inet {TABLE} {{
+    set allowed {{
+        type ipv4_addr . ipv4_addr . inet_service
+        flags interval, timeout
+    }}
+    chain refuse {{
+        counter
+        meta l4proto tcp reject with tcp reset
+        drop
+    }}
+    chain from_workers {{
+        type filter hook prerouting priority -110; policy accept;
+        iifname != "ae-*" accept
+        meta nfproto ipv6 jump refuse
+        ct state established,related accept
+        ip daddr {RESOLVER} udp dport 53 accept
+        tcp flags & (syn | ack) == syn ip saddr . ip daddr . tcp dport @allowed accept
+        jump refuse
+    }}
+    chain to_proxy {{
+        type nat hook prerouting priority dstnat; policy accept;
+        iifname "ae-*" meta l4proto tcp redirect to :{PROXY_PORT}
+    }}
+    chain input {{
+        type filter hook input priority filter; policy drop;
+        iif "lo" accept
+        ct state established,related accept
+        ip daddr {RESOLVER} udp dport 53 accept
+        tcp dport {PROXY_PORT} ct status dnat accept
+    }}
+    chain forward {{
+        type filter hook forward priority filter; policy drop;
+    }}
+}}
+"""
+
+
+def _sysctl(name: str, value: str) -> None:
+    """Writes a net sysctl of the calling thread's namespace (/proc/thread-self/net is the
+    thread's; /proc/sys/net follows the opener's namespace)."""
+    with open(f"/proc/sys/net/{name}", "w") as f:
+        f.write(value)
+
+
+def _lo_up(address: str | None = None) -> None:
+    from pyroute2 import IPRoute  # imported where used: the daemon loads it only for egress
+
+    with IPRoute() as ipr:
+        index = ipr.link_lookup(ifname="lo")[0]
+        ipr.link("set", index=index, state="up")
+        if address is not None:
+            ipr.addr("add", index=index, address=address, prefixlen=32)
+
+
+@dataclass
+class Slot:
+    """A worker's network namespace with its veth to the egress namespace, used once."""
+
+    index: int
+    fd: int
+    """The slot namespace (the launcher's child setns()es into it)."""
+    address: str
+    """The worker's address (eth0); the proxy and resolver map it back to the task."""
+    gateway: str
+    link: str
+    """The veth's name in the egress namespace."""
+    elements: list[str] = field(default_factory=list)
+    """Set elements added for it, deleted when it is released."""
+
+    def close(self) -> None:
+        if self.fd >= 0:
+            os.close(self.fd)
+            self.fd = -1
+
+
+def slot_addresses(index: int) -> tuple[str, str]:
+    """(worker, gateway) of slot `index`: the /30 at index*4."""
+    base = int(SUBNET.network_address) + 4 * index
+    return str(ipaddress.IPv4Address(base + 2)), str(ipaddress.IPv4Address(base + 1))
+
+
+class EgressNetwork:
+    """The egress namespace (made at `start`), its nft table, and the slots' links."""
+
+    def __init__(self) -> None:
+        self.ns: netns.Namespace | None = None
+        self._nft: Nft | None = None
+        self._next = 0
+        self._lock = threading.Lock()
+
+    def start(self) -> netns.Namespace:
+        """Makes the egress namespace: loopback with the resolver's address, no forwarding,
+        no IPv6, the ruleset. Returns its thread (sockets for it are made there)."""
+        self.ns = netns.Namespace(netns.create(), "egress")
+
+        def setup() -> None:
+            _lo_up(RESOLVER)
+            _sysctl("ipv4/ip_forward", "0")
+            _sysctl("ipv6/conf/all/disable_ipv6", "1")
+            _sysctl("ipv6/conf/default/disable_ipv6", "1")
+            self._nft = Nft()
+            self._nft.run(RULESET)
+
+        self.ns.call(setup)
+        return self.ns
+
+    def make_slot(self) -> Slot:
+        """A new slot: namespace, veth pair, addresses, default route (blocking, ~7 ms)."""
+        from pyroute2 import IPRoute
+
+        assert self.ns is not None, "start() first"
+        with self._lock:
+            index = self._next
+            self._next = (self._next + 1) % _SLOTS
+        worker, gateway = slot_addresses(index)
+        link = f"ae-{index}"
+        fd = netns.create()
+        try:
+            def outside() -> None:
+                with IPRoute() as ipr:
+                    if ipr.link_lookup(ifname=link):  # a slot of the last turn still there
+                        ipr.link("del", ifname=link)
+                    ipr.link("add", ifname=link, kind="veth",
+                             peer={"ifname": "eth0", "net_ns_fd": fd})
+                    i = ipr.link_lookup(ifname=link)[0]
+                    ipr.addr("add", index=i, address=gateway, prefixlen=30)
+                    ipr.link("set", index=i, state="up")
+
+            def inside() -> None:
+                _sysctl("ipv6/conf/all/disable_ipv6", "1")
+                _sysctl("ipv6/conf/default/disable_ipv6", "1")
+                with IPRoute() as ipr:
+                    ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
+                    i = ipr.link_lookup(ifname="eth0")[0]
+                    ipr.addr("add", index=i, address=worker, prefixlen=30)
+                    ipr.link("set", index=i, state="up")
+                    ipr.route("add", dst="0.0.0.0/0", gateway=gateway)
+
+            self.ns.call(outside)
+            inner = netns.Namespace(os.dup(fd), f"slot{index}")
+            try:
+                inner.call(inside)
+            finally:
+                inner.close()
+        except BaseException:
+            os.close(fd)
+            raise
+        return Slot(index, fd, worker, gateway, link)
+
+    def allow(self, slot: Slot, target: str, port: int, ttl: int | None) -> None:
+        """Lets `slot`'s worker open TCP to `target` (an address or network) on `port`, for
+        `ttl` seconds (None: until the slot is released)."""
+        element = f"{slot.address} . {target} . {port}"
+        timeout = "" if ttl is None else f" timeout {max(1, min(ttl, MAX_TTL))}s"
+        self._run(f"add element inet {TABLE} allowed {{ {element}{timeout} }}")
+        if element not in slot.elements:
+            slot.elements.append(element)
+
+    def release(self, slot: Slot) -> None:
+        """Deletes the slot's set elements and link, and closes its namespace."""
+        for element in slot.elements:
+            with contextlib.suppress(OSError):  # an element whose timeout passed is gone
+                self._run(f"delete element inet {TABLE} allowed {{ {element} }}")
+        slot.elements.clear()
+        slot.close()
+
+    def list_allowed(self) -> str:
+        """The set as nft prints it (tests, debugging)."""
+        return self._run(f"list set inet {TABLE} allowed")
+
+    def _run(self, command: str) -> str:
+        assert self.ns is not None
+        assert self._nft is not None
+        nft = self._nft
+        return self.ns.call(lambda: nft.run(command))
+
+    def close(self) -> None:
+        """Drops the daemon's hold on the egress namespace (its sockets must be closed too)."""
+        if self.ns is not None:
+            nft, self._nft = self._nft, None
+            if nft is not None:
+                self.ns.call(nft.close)
+            self.ns.close()
+            self.ns = None
+
+
+class SlotPool:
+    """Slots made ahead, off the call path, by a thread of their own."""
+
+    def __init__(self, network: EgressNetwork, depth: int = 2) -> None:
+        self.network = network
+        self.depth = depth
+        self._ready: deque[Slot] = deque()
+        self._cond = threading.Condition()
+        self._closed = False
+        self._thread = threading.Thread(target=self._fill, name="agentd-egress-slots",
+                                        daemon=True)
+        self._thread.start()
+
+    def take(self) -> Slot:
+        """A ready slot, or one made now if none is (blocking)."""
+        with self._cond:
+            slot = self._ready.popleft() if self._ready else None
+            self._cond.notify_all()
+        return slot if slot is not None else self.network.make_slot()
+
+    def _fill(self) -> None:
+        while True:
+            with self._cond:
+                while not self._closed and len(self._ready) >= self.depth:
+                    self._cond.wait()
+                if self._closed:
+                    return
+            try:
+                slot = self.network.make_slot()
+            except OSError:
+                with self._cond:
+                    self._cond.wait(1.0)  # retried; take() makes its own meanwhile
+                continue
+            with self._cond:
+                if self._closed:
+                    slot.close()
+                    return
+                self._ready.append(slot)
+
+    def close(self) -> None:
+        with self._cond:
+            self._closed = True
+            self._cond.notify_all()
+        self._thread.join()
+        while self._ready:
+            self._ready.popleft().close()
