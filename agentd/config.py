@@ -76,6 +76,25 @@ class DaemonSection(_Strict):
     # keeps root's), and on this loopback "host:port" too if set (e.g. "127.0.0.1:9464").
     metrics_group: str = ""
     metrics_listen: str = ""
+    # Network egress (docs/architecture.md, "Network egress"): off, a policy's egress is
+    # refused; on, the daemon makes its egress namespace, resolver and proxy at start.
+    # egress_upstream: the DNS server allowed names go to ("" : the first nameserver of
+    # /etc/resolv.conf); egress_uplink_netns: a namespace file to connect out from ("": the
+    # daemon's own), e.g. /run/netns/uplink.
+    egress: bool = False
+    egress_upstream: str = ""
+    egress_uplink_netns: str = ""
+
+    @field_validator("egress_upstream")
+    @classmethod
+    def _ipv4_address(cls, value: str) -> str:
+        if value:
+            try:
+                ipaddress.IPv4Address(value)
+            except ValueError:
+                raise ValueError(f"{value!r} is not an IPv4 address; write e.g."
+                                 " \"192.0.2.53\"") from None
+        return value
 
     @field_validator("metrics_listen")
     @classmethod

@@ -40,6 +40,8 @@ from agentd.api.server import (
 from agentd.api.service import AgentdServicer
 from agentd.audit import AuditLog
 from agentd.config import Config, load_config
+from agentd.egress import EgressConfig, EgressService
+from agentd.egress.service import upstream_from_resolv_conf
 from agentd.errors import AgentdError, FailedPrecondition, PermissionDenied
 from agentd.identity import SYSTEM, Caller
 from agentd.sandbox import libc
@@ -84,8 +86,13 @@ class Daemon:
                                audit=audit, worker_uid=d.worker_uid, worker_gid=d.worker_gid,
                                max_workers=d.max_concurrent_workers)
         self.pool = WarmPool(launcher, cgroups, size=d.warm_pool)
+        self.egress = EgressService(EgressConfig(
+            upstream=(d.egress_upstream, 53) if d.egress_upstream
+            else upstream_from_resolv_conf(),
+            uplink=d.egress_uplink_netns or None)) if d.egress else None
         self.tasks = TaskRunner(self.runs, audit, layers, launcher, cgroups, self.pool,
-                                worker_uid=d.worker_uid, worker_gid=d.worker_gid)
+                                worker_uid=d.worker_uid, worker_gid=d.worker_gid,
+                                egress=self.egress)
         stages.attach(lambda run_id: self.runs.get_run(run_id).agent,
                       lambda agent: [r.run_id for r in self.runs.list_runs(agent)],
                       self.runs.stop_workers)
@@ -119,6 +126,8 @@ class Daemon:
             max_workers=min(32, (os.cpu_count() or 1) + 4), thread_name_prefix=IO_THREAD,
             initializer=_name_io_thread))
         self.launcher.attach(loop)
+        if self.egress is not None:
+            await self.egress.start()  # before serving: no egress step runs without it
         for sig in (signal.SIGTERM, signal.SIGINT):
             loop.add_signal_handler(sig, self._stopping.set)
         loop.add_signal_handler(signal.SIGHUP, self._reload_on_signal)
@@ -235,6 +244,8 @@ class Daemon:
         await self.servers.not_serving()
         killed = await self.runs.stop_workers(None, "shutdown")
         await self.pool.close()  # prebuilt workers, killed with their cgroups
+        if self.egress is not None:
+            await self.egress.stop()
         await self.servers.stop(grace=self.config.daemon.drain_seconds)
         await self.activation.close()
         await self.audit.append("daemon.stopped", actor=SYSTEM.actor(),

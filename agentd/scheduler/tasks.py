@@ -21,12 +21,15 @@ import structlog
 
 from agentd.audit import AuditLog, durable
 from agentd.audit.evidence import LIMIT_STOPS
+from agentd.egress import EgressService, TaskEgress
 from agentd.errors import AgentdError
 from agentd.identity import Caller
 from agentd.policy import DEFAULT_PATH, EffectivePolicy, withheld_programs
+from agentd.policy.egress import parse_rules
 from agentd.policy.execset import exec_mounts
 from agentd.policy.paths import is_at_or_below
 from agentd.sandbox.cgroups import CgroupDriver
+from agentd.sandbox.egress import RESOLVER
 from agentd.sandbox.execwatch import ExecAttempt
 from agentd.sandbox.launcher_client import LauncherClient
 from agentd.sandbox.pool import WarmPool
@@ -101,8 +104,10 @@ class TaskRunner:
 
     def __init__(self, runs: RunManager, audit: AuditLog, layers: LayerStore,
                  launcher: LauncherClient, cgroups: CgroupDriver, pool: WarmPool | None = None,
-                 *, worker_uid: int, worker_gid: int) -> None:
+                 *, worker_uid: int, worker_gid: int,
+                 egress: EgressService | None = None) -> None:
         self.runs = runs
+        self.egress = egress
         self.pool = pool
         self.audit = audit
         self.layers = layers
@@ -139,7 +144,7 @@ class TaskRunner:
     # -- the worker -------------------------------------------------------------------------
 
     def build_spec(self, ctx: StepContext, task: PlannedTask, task_id: str,
-                   upper: Upper | None) -> WorkerSpec:
+                   upper: Upper | None, *, egress: bool = False) -> WorkerSpec:
         """The whole worker of one planned task: the policy's grants and limits, the run's
         layer stack under the task's own upper, and the channel fds.
 
@@ -171,12 +176,20 @@ class TaskRunner:
             workspace_work=str(upper.work) if workspace and upper else None,
             workspace_quota=bool(workspace and upper and os.path.ismount(upper.upper.parent)),
             exec_allow=exec_allow, exec_binds=mounts.executable,
-            exec_withheld=mounts.withheld, limits=limits)
+            exec_withheld=mounts.withheld, limits=limits,
+            nameserver=RESOLVER if egress else "",
+            egress_ports=tuple(sorted({r.port for r in parse_rules(policy.egress)
+                                       if r.port is not None})) if egress else ())
 
     async def run(self, ctx: StepContext, task: PlannedTask, outcome: TaskOutcome) -> None:
         """One task in its own worker on the committed layers; fills `outcome`, never raises
         for the tool (a tool's failure is an outcome)."""
         policy, request = ctx.policy, task.request
+        if policy.network == "egress" and self.egress is None:
+            outcome.failure = ("the policy grants network egress but egress is not enabled on"
+                               " this host; set egress = true in the daemon config (agentd.toml)"
+                               " or remove network.egress from the policy")
+            return
         limit = Quota(policy.workspace_bytes, policy.inodes)
         used = await asyncio.to_thread(self.layers.usage, ctx.layers)
         outcome.upper = await asyncio.to_thread(functools.partial(
@@ -184,11 +197,14 @@ class TaskRunner:
             remaining=Quota(limit.bytes - used.bytes, limit.inodes - used.inodes)))
         # Reading ELF headers takes tens of ms once per policy: off the event loop (cached).
         await asyncio.to_thread(exec_mounts, policy, withheld_programs(policy, ctx.approved))
-        spec = self.build_spec(ctx, task, outcome.task_id, outcome.upper)
+        egress = await self._open_egress(ctx, outcome.task_id)
+        spec = self.build_spec(ctx, task, outcome.task_id, outcome.upper,
+                               egress=egress is not None)
         collector = WritesCollector(limit=policy.writes_bytes)
         snapshot_fd = channels_snapshot_fd(ctx.snapshot)
         worker = Worker(spec, launcher=self.launcher, cgroups=self.cgroups,
-                        extra_fds=(collector.write_fd, snapshot_fd), pool=self.pool)
+                        extra_fds=(collector.write_fd, snapshot_fd), pool=self.pool,
+                        netns_fd=egress.slot.fd if egress is not None else -1)
         kept = {"stdout": CappedOutput(), "stderr": CappedOutput()}
 
         async def on_output(kind: str, data: bytes) -> None:
@@ -201,8 +217,10 @@ class TaskRunner:
         try:
             collector.start()
             outcome.result, outcome.recorded = await self._run_worker(ctx, task, worker,
-                                                                      on_output)
+                                                                      on_output, egress)
         finally:
+            if egress is not None and self.egress is not None:
+                await self.egress.close(egress)
             os.close(snapshot_fd)
             collector.close_write_end()
             outcome.stdout, outcome.stderr = kept["stdout"].value(), kept["stderr"].value()
@@ -225,8 +243,23 @@ class TaskRunner:
             await durable(outcome.recorded)  # on record before anyone hears of it
             await ctx.listener("task_done", outcome)
 
+    async def _open_egress(self, ctx: StepContext, task_id: str) -> TaskEgress | None:
+        """The task's egress slot, when its policy has egress; its connections, DNS answers and
+        refusals go on record as they happen (submitted, so they precede exec.exited)."""
+        if ctx.policy.network != "egress" or self.egress is None:
+            return None
+        actor, run_id = dict(ctx.caller.actor()), ctx.run_id
+
+        def record(event: str, details: dict[str, Any]) -> None:
+            submitted = self.audit.submit(event, actor=actor, run_id=run_id, task_id=task_id,
+                                          details=details)
+            submitted.add_done_callback(lambda f: f.cancelled() or f.exception())
+
+        return await self.egress.open(run_id, task_id, ctx.policy, record)
+
     async def _run_worker(self, ctx: StepContext, task: PlannedTask, worker: Worker,
-                          on_output: Callable[[str, bytes], Awaitable[None]]
+                          on_output: Callable[[str, bytes], Awaitable[None]],
+                          egress: TaskEgress | None = None
                           ) -> tuple[WorkerResult, asyncio.Future[int]]:
         """Records the spawn, runs the worker, records the exit: the record comes first.
 
@@ -258,9 +291,13 @@ class TaskRunner:
             worker.release_unused()  # the record could not be written: it never ran
             self.runs.unregister(run_id, task_id)
             self._watched.pop(task_id, None)
-        # After the worker's exec.denied records (submitted as they happened).
+        details = _outcome_details(result)
+        if egress is not None and self.egress is not None:
+            await self.egress.close(egress)  # its open connections end on record first
+            details["egress"] = egress.summary()
+        # After the worker's exec.denied and network records (submitted as they happened).
         exited = self.audit.submit("exec.exited", actor=caller.actor(), run_id=run_id,
-                                   task_id=task_id, details=_outcome_details(result))
+                                   task_id=task_id, details=details)
         log.info("exec.exited", run_id=run_id, task_id=task_id, summary=result.summary,
                  wall=round(result.wall_seconds, 4), uid=caller.uid)
         if result.stop_reason in LIMIT_STOPS or result.usage.oom_killed:

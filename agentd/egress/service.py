@@ -1,0 +1,385 @@
+"""The daemon's egress service: the resolver, the transparent proxy and the refusal log.
+
+Everything runs on the daemon's event loop, on sockets made once in the egress namespace
+(agentd/sandbox/egress.py) and, for the way out, in the uplink namespace:
+
+- **Resolver** (UDP, RESOLVER:53): a worker's query for a name no domain or wildcard entry
+  allows is answered REFUSED and recorded (`dns.refused`). An allowed A query is forwarded to
+  the configured upstream; the answer's addresses are checked (an address in loopback,
+  private, link-local or shared space is DNS rebinding: dropped from the answer and recorded
+  unless an address entry names it), put in the nft set for the task's ports with the answer's
+  TTL as timeout, remembered with the same expiry for the proxy, and only then is the answer
+  sent (`dns.answer`). Other query types get an empty answer (workers have no IPv6).
+- **Proxy** (TCP, PROXY_PORT, every allowed connection redirected to it by nft): reads the
+  original destination (SO_ORIGINAL_DST), checks it again against the task (an entry, or a
+  resolver answer whose TTL has not ended), its connection rate and its byte budget, connects
+  from the uplink namespace and copies both ways. Each attempt is one record when it ends:
+  `net.connection` (destination, name, rule, bytes each way, seconds) or `net.refused`.
+- Not yet on record: what nft itself drops (another address or port, UDP, ICMP, DNS to
+  another server, IPv6): refused by the kernel, counted in the table, but not one record per
+  attempt (see agentd/sandbox/egress.py).
+
+A worker is known by its slot's address: the source address of everything it sends.
+
+Choice between an IP path and a proxy path: forwarding allowed packets by IP (nft accept and
+masquerade to an uplink) costs nothing per byte, but a connection would outlive the daemon
+(the kernel keeps forwarding), its bytes and end would not be on record, and a byte or rate
+limit would need more rules per task. Every connection through a proxy costs a copy per byte
+and a thread-free asyncio task, and makes "nothing leaves without the daemon" a property of
+the topology. The proxy here is transparent (TCP, by address); the HTTPS proxy that checks the
+CONNECT host and the SNI for names on shared CDN addresses and injects secrets is not built
+yet.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import os
+import socket
+import struct
+import time
+from dataclasses import dataclass
+from typing import Any, cast
+
+import structlog
+from dnslib import QTYPE, RCODE, RR, DNSRecord
+
+from agentd.egress.task import Recorder, TaskEgress
+from agentd.policy import EffectivePolicy
+from agentd.policy.egress import address_rule, name_matches, parse_rules, special_address
+from agentd.sandbox import netns
+from agentd.sandbox.egress import (
+    MAX_TTL,
+    PROXY_PORT,
+    RESOLVER,
+    EgressNetwork,
+    SlotPool,
+)
+
+log = structlog.get_logger("agentd.egress")
+
+SO_ORIGINAL_DST = 80
+UPSTREAM_TIMEOUT = 3.0
+CONNECT_TIMEOUT = 10.0
+_CHUNK = 64 * 1024
+
+
+@dataclass(frozen=True)
+class EgressConfig:
+    """Where the way out is: the upstream DNS server and the uplink namespace."""
+
+    upstream: tuple[str, int]
+    """The DNS server allowed names are forwarded to (reached from the uplink namespace)."""
+    uplink: str | None = None
+    """A network namespace file (/run/netns/NAME) to connect out from; None: the daemon's."""
+    slots: int = 2
+    """Worker slots kept ready."""
+
+
+def upstream_from_resolv_conf(path: str = "/etc/resolv.conf") -> tuple[str, int]:
+    """The host's first IPv4 nameserver (the default upstream)."""
+    try:
+        with open(path) as f:
+            for line in f:
+                parts = line.split()
+                if len(parts) >= 2 and parts[0] == "nameserver" and "." in parts[1]:
+                    return parts[1], 53
+    except OSError:
+        pass
+    return "127.0.0.53", 53
+
+
+class EgressService:
+    """Started once by the daemon when egress is configured; `open` a task, `close` it."""
+
+    def __init__(self, config: EgressConfig) -> None:
+        self.config = config
+        self.network = EgressNetwork()
+        self._by_address: dict[str, TaskEgress] = {}
+        self._uplink: netns.Namespace | None = None
+        self._slots: SlotPool | None = None
+        self._sockets: list[socket.socket] = []
+        self._server: asyncio.AbstractServer | None = None
+        self._transport: asyncio.DatagramTransport | None = None
+        self._loop: asyncio.AbstractEventLoop | None = None
+
+    async def start(self) -> None:
+        """Makes the egress namespace and its sockets; raises OSError if the kernel cannot."""
+        loop = self._loop = asyncio.get_running_loop()
+        ns = await asyncio.to_thread(self.network.start)
+        uplink_fd = netns.open_path(self.config.uplink) if self.config.uplink else None
+        self._uplink = netns.Namespace(uplink_fd, "uplink")
+
+        def sockets() -> tuple[socket.socket, socket.socket]:
+            udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
+            udp.bind((RESOLVER, 53))
+            tcp = socket.create_server(("0.0.0.0", PROXY_PORT), backlog=256)
+            return udp, tcp
+
+        udp, tcp = await asyncio.to_thread(ns.call, sockets)
+        self._sockets += [udp, tcp]
+        udp.setblocking(False)
+        tcp.setblocking(False)
+        self._transport, _ = await loop.create_datagram_endpoint(
+            lambda: _Resolver(self), sock=udp)
+        self._server = await asyncio.start_server(self._on_connection, sock=tcp)
+        self._slots = SlotPool(self.network, self.config.slots)
+
+    async def open(self, run_id: str, task_id: str, policy: EffectivePolicy,
+                   recorder: Recorder) -> TaskEgress:
+        """A slot for one task, with its literal addresses and networks allowed."""
+        assert self._slots is not None, "start() first"
+        slot = await asyncio.to_thread(self._slots.take)
+        rules = parse_rules(policy.egress)
+        task = TaskEgress(run_id, task_id, rules, policy.egress_bytes,
+                          policy.egress_connections_per_second, slot, recorder)
+        try:
+            for rule in rules:
+                if rule.network is not None and rule.port is not None:
+                    await asyncio.to_thread(self.network.allow, slot, rule.target, rule.port,
+                                            None)
+        except BaseException:
+            await asyncio.to_thread(self.network.release, slot)
+            raise
+        self._by_address[slot.address] = task
+        return task
+
+    async def close(self, task: TaskEgress) -> None:
+        """After the task's worker is gone: its open connections are ended (and recorded),
+        its set elements and slot released."""
+        if task.slot.fd < 0:
+            return  # closed already
+        for connection in list(task.open):
+            connection.cancel()
+        if task.open:
+            await asyncio.gather(*task.open, return_exceptions=True)
+        self._by_address.pop(task.slot.address, None)
+        await asyncio.to_thread(self.network.release, task.slot)
+
+    async def stop(self) -> None:
+        """Closes every socket and the namespaces' threads: the egress namespace is gone."""
+        if self._server is not None:
+            self._server.close()
+        if self._transport is not None:
+            self._transport.close()
+        for sock in self._sockets:
+            sock.close()
+        if self._slots is not None:
+            await asyncio.to_thread(self._slots.close)
+        if self._uplink is not None:
+            self._uplink.close()
+        await asyncio.to_thread(self.network.close)
+
+    # -- proxy --------------------------------------------------------------------------------
+
+    async def _on_connection(self, reader: asyncio.StreamReader,
+                             writer: asyncio.StreamWriter) -> None:
+        sock: socket.socket = writer.get_extra_info("socket")
+        peer = writer.get_extra_info("peername")
+        task = self._by_address.get(peer[0]) if peer else None
+        if task is None:
+            _reset(writer)
+            return
+        current = asyncio.current_task()
+        assert current is not None
+        task.open.add(current)
+        try:
+            await self._proxy(task, sock, reader, writer)
+        finally:
+            task.open.discard(current)
+
+    async def _proxy(self, task: TaskEgress, sock: socket.socket, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter) -> None:
+        raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+        port, packed = struct.unpack("!2xH4s8x", raw)
+        address = socket.inet_ntoa(packed)
+        details: dict[str, Any] = {"destination": address, "port": port, "by": "proxy"}
+        allowed = task.destination(address, port)
+        reason = ("destination not allowed now (no entry, or its DNS answer expired)"
+                  if allowed is None else
+                  "limits.bytes reached" if task.bytes_used >= task.bytes_limit else
+                  "limits.connections_per_second reached" if not task.take_token() else "")
+        if reason:
+            task.refused += 1
+            task.record("net.refused", {**details, "protocol": "tcp", "reason": reason})
+            _reset(writer)
+            return
+        assert allowed is not None
+        details.update(name=allowed[0], rule=allowed[1])
+        task.connections += 1
+        started = time.monotonic()
+        counts = [0, 0]  # out (worker -> destination), in
+        result = "closed"
+        upstream: asyncio.StreamWriter | None = None
+        try:
+            upstream_reader, upstream = await self._connect(address, port)
+            pumps = [asyncio.ensure_future(self._pump(reader, upstream, task, counts, 0)),
+                     asyncio.ensure_future(self._pump(upstream_reader, writer, task, counts, 1))]
+            try:
+                await asyncio.gather(*pumps)
+            finally:
+                for pump in pumps:
+                    pump.cancel()
+            if task.bytes_used >= task.bytes_limit:
+                result = "limits.bytes reached"
+        except asyncio.CancelledError:
+            result = "ended with the task"
+        except OSError as exc:
+            result = f"error: {exc.strerror or exc}"
+        finally:
+            for side in (writer, upstream):
+                if side is not None:
+                    side.close()
+            task.record("net.connection", {**details, "bytes_out": counts[0],
+                                           "bytes_in": counts[1], "result": result,
+                                           "seconds": round(time.monotonic() - started, 6)})
+
+    async def _connect(self, address: str, port: int
+                       ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
+        """A TCP connection from the uplink namespace (the socket is made by its thread)."""
+        assert self._uplink is not None
+        sock = await asyncio.wrap_future(self._uplink.submit(
+            lambda: socket.socket(socket.AF_INET, socket.SOCK_STREAM | socket.SOCK_CLOEXEC)))
+        try:
+            sock.setblocking(False)
+            await asyncio.wait_for(asyncio.get_running_loop().sock_connect(
+                sock, (address, port)), CONNECT_TIMEOUT)
+            return await asyncio.open_connection(sock=sock)
+        except BaseException:
+            sock.close()
+            raise
+
+    @staticmethod
+    async def _pump(source: asyncio.StreamReader, sink: asyncio.StreamWriter,
+                    task: TaskEgress, counts: list[int], side: int) -> None:
+        """Copies one direction, counting against the task's budget; EOF is passed on."""
+        while task.bytes_used < task.bytes_limit:
+            data = await source.read(min(_CHUNK, task.bytes_limit - task.bytes_used))
+            if not data:
+                with contextlib.suppress(OSError):
+                    if sink.can_write_eof():
+                        sink.write_eof()
+                return
+            counts[side] += len(data)
+            task.bytes_used += len(data)
+            sink.write(data)
+            await sink.drain()
+        raise ConnectionAbortedError("limits.bytes reached")
+
+    # -- resolver -----------------------------------------------------------------------------
+
+    async def resolve(self, task: TaskEgress, query: DNSRecord) -> DNSRecord:
+        """The answer a task gets for `query` (see the module docstring)."""
+        name = str(query.q.qname).rstrip(".").lower()
+        qtype = QTYPE.get(query.q.qtype, str(query.q.qtype))
+        ports = sorted({r.port for r in task.rules if r.port is not None
+                        and name_matches(r, name)})
+        reply = query.reply()
+        if not ports:
+            reply.header.rcode = RCODE.REFUSED
+            task.record("dns.refused", {"name": name[:255], "type": qtype,
+                                        "reason": "no egress entry allows this name"})
+            return reply
+        if qtype != "A":
+            return reply  # no records: workers have IPv4 only
+        upstream = await self._ask_upstream(query)
+        rule = next(r.text for r in task.rules if name_matches(r, name))
+        kept: list[str] = []
+        refused: list[str] = []
+        ttl = MAX_TTL
+        for rr in upstream.rr:
+            if rr.rtype != QTYPE.A:
+                reply.add_answer(rr)
+                continue
+            address = str(rr.rdata)
+            if special_address(address) and address_rule(task.rules, address, ports[0]) is None:
+                refused.append(address)
+                continue
+            ttl = min(ttl, max(1, int(rr.ttl)))
+            kept.append(address)
+        expiry = time.monotonic() + ttl
+        for address in kept:
+            for port in ports:
+                await asyncio.to_thread(self.network.allow, task.slot, address, port, ttl)
+                task.resolved[(address, port)] = (name, rule, expiry)
+            reply.add_answer(RR(query.q.qname, QTYPE.A, rdata=_a(address), ttl=ttl))
+        if refused:
+            task.record("dns.rebinding_refused", {
+                "name": name, "addresses": refused[:16],
+                "reason": "a private, loopback or link-local address no address entry names"})
+        task.record("dns.answer", {"name": name, "addresses": kept[:16], "ttl": ttl,
+                                   "ports": ports, "rule": rule,
+                                   "rcode": RCODE.get(upstream.header.rcode, "?")})
+        reply.header.rcode = upstream.header.rcode
+        return reply
+
+    async def _ask_upstream(self, query: DNSRecord) -> DNSRecord:
+        assert self._uplink is not None
+        sock = await asyncio.wrap_future(self._uplink.submit(
+            lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)))
+        try:
+            sock.setblocking(False)
+            loop = asyncio.get_running_loop()
+            await loop.sock_connect(sock, self.config.upstream)
+            ask = DNSRecord(header=query.header, questions=query.questions)
+            ask.header.id = int.from_bytes(os.urandom(2), "big")
+            await loop.sock_sendall(sock, ask.pack())
+            while True:
+                data = await asyncio.wait_for(loop.sock_recv(sock, 4096), UPSTREAM_TIMEOUT)
+                answer = DNSRecord.parse(data)
+                if answer.header.id == ask.header.id:
+                    return answer
+        finally:
+            sock.close()
+
+
+def _a(address: str) -> Any:
+    from dnslib import A
+
+    return A(address)
+
+
+def _reset(writer: asyncio.StreamWriter) -> None:
+    """Closes a worker's connection with a reset, not a FIN: refused, not ended."""
+    sock: socket.socket | None = writer.get_extra_info("socket")
+    if sock is not None:
+        with contextlib.suppress(OSError):
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER, struct.pack("ii", 1, 0))
+    writer.close()
+
+
+class _Resolver(asyncio.DatagramProtocol):
+    """The UDP side of the resolver: one task per query, answered to the sender."""
+
+    def __init__(self, service: EgressService) -> None:
+        self.service = service
+        self.transport: asyncio.DatagramTransport | None = None
+        self.pending: set[asyncio.Task[None]] = set()
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        self.transport = cast(asyncio.DatagramTransport, transport)
+
+    def datagram_received(self, data: bytes, addr: tuple[str | Any, int]) -> None:
+        task = self.service._by_address.get(addr[0])
+        if task is None:
+            return
+        try:
+            query = DNSRecord.parse(data)
+        except Exception:
+            return
+        job = asyncio.ensure_future(self._answer(task, query, addr))
+        self.pending.add(job)
+        job.add_done_callback(self.pending.discard)
+
+    async def _answer(self, task: TaskEgress, query: DNSRecord,
+                      addr: tuple[str | Any, int]) -> None:
+        try:
+            reply = await self.service.resolve(task, query)
+        except (OSError, TimeoutError) as exc:
+            reply = query.reply()
+            reply.header.rcode = RCODE.SERVFAIL
+            task.record("dns.failed", {"name": str(query.q.qname)[:255],
+                                       "reason": f"upstream: {exc!r}"[:200]})
+        if self.transport is not None:
+            self.transport.sendto(reply.pack(), addr)
