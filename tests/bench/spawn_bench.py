@@ -8,6 +8,7 @@ symlinks, /etc/ssl), a fresh /proc, /dev and /tmp.
 
 from __future__ import annotations
 
+import os
 import shutil
 import statistics
 import subprocess
@@ -21,6 +22,8 @@ import psutil
 
 from agentd.api.gen.v1 import agentd_pb2 as pb
 from tests.conftest import CONFIG, start_daemon, stop_daemon
+from tests.test_egress import Internet
+from tests.test_egress import _start as start_egress_daemon
 
 BWRAP = ["bwrap", "--unshare-all", "--die-with-parent", "--cap-drop", "ALL",
          "--ro-bind", "/usr", "/usr", "--symlink", "usr/bin", "/bin", "--symlink", "usr/lib",
@@ -40,19 +43,25 @@ def summary(samples: list[float]) -> dict[str, float]:
 
 
 def run(report: Callable[[str, dict[str, float]], None], rounds: int = 100) -> None:
-    """Three daemons' worth: prebuilt workers (the default, warm_pool = 2), cold (warm_pool =
-    0), and bubblewrap; each agentd call interleaved with a bwrap run."""
+    """Four daemons' worth: prebuilt workers (the default, warm_pool = 2), cold (warm_pool =
+    0), network egress (a worker in a ready slot namespace), and bubblewrap; each agentd call
+    interleaved with a bwrap run."""
     if shutil.which("bwrap") is None:
         raise SystemExit("bwrap is not installed: apt-get install bubblewrap")
-    samples: dict[str, list[float]] = {"warm": [], "cold": [], "bwrap": []}
+    samples: dict[str, list[float]] = {"warm": [], "cold": [], "egress": [], "bwrap": []}
     memory: dict[str, float] = {}
-    for mode, pool in (("warm", 2), ("cold", 0)):
+    internet = Internet(f"agentd-bench-inet-{os.getpid()}")
+    for mode, pool in (("warm", 2), ("cold", 0), ("egress", 2)):
         config = CONFIG.replace("[daemon]\n", f"[daemon]\nwarm_pool = {pool}\n", 1)
         with tempfile.TemporaryDirectory(prefix="agentd-bench-") as tmp:
-            handle = start_daemon(Path(tmp), config)
+            # egress: the `fetcher` agent of tests/test_egress.py (a slot namespace per call,
+            # never a prebuilt worker) against its fake internet
+            handle = (start_daemon(Path(tmp), config) if mode != "egress"
+                      else start_egress_daemon(Path(tmp), internet))
             try:
                 stub = handle.stub()
-                run_id = stub.CreateRun(pb.CreateRunRequest(agent="integration")).run_id
+                agent = "fetcher" if mode == "egress" else "integration"
+                run_id = stub.CreateRun(pb.CreateRunRequest(agent=agent)).run_id
                 request = pb.ExecRequest(run_id=run_id, argv=["/bin/true"])
 
                 def agentd_exec(stub: Any = stub, request: pb.ExecRequest = request) -> None:
@@ -70,16 +79,19 @@ def run(report: Callable[[str, dict[str, float]], None], rounds: int = 100) -> N
                         start = time.perf_counter()
                         call()
                         samples[name].append(time.perf_counter() - start)
-                if pool:
+                if mode == "warm":
                     time.sleep(0.5)  # refilled
                     memory = pool_memory(handle.process.pid)
             finally:
                 stop_daemon(handle)
+    internet.close()
     ref = summary(samples["bwrap"])
-    for mode, label in (("warm", "prebuilt worker (warm_pool = 2)"), ("cold", "cold")):
+    for mode, label in (("warm", "prebuilt worker (warm_pool = 2)"), ("cold", "cold"),
+                        ("egress", "network egress (slot namespace, cold)")):
         ours = summary(samples[mode])
         report(f"spawn: gRPC Exec /bin/true, {label}", ours)
-        goal = "0.5 from a warm pool" if mode == "warm" else "1.0 cold"
+        goal = {"warm": "0.5 from a warm pool", "cold": "1.0 cold",
+                "egress": "cold + 5 ms"}[mode]
         report(f"spawn: ratio {mode}/bwrap (goal <= {goal})", {
             "median": ours["median_ms"] / ref["median_ms"],
             "p95": ours["p95_ms"] / ref["p95_ms"]})
