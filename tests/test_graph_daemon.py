@@ -11,6 +11,8 @@ from __future__ import annotations
 import json
 import random
 import shutil
+import subprocess
+import sys
 import threading
 import time
 from collections.abc import Iterator
@@ -279,3 +281,25 @@ class TestStops:
         with pytest.raises(grpc.RpcError) as caught:
             run_graph(stub, (CASES / "fan_in.yaml").read_text(), nope="x")
         assert caught.value.code() == grpc.StatusCode.INVALID_ARGUMENT
+
+
+class TestCli:
+    def test_graph_run_then_show_with_its_timeline(self, daemon: DaemonHandle) -> None:
+        """`agentctl graph run` against the daemon (0: ended), then `graph show --run`: the
+        graph and the run's timeline as Mermaid, the join shown in the superstep it ran in."""
+        path = CASES / "fan_in_barrier.yaml"
+        socket = ["--socket", str(daemon.socket())]
+        ran = subprocess.run([sys.executable, "-m", "agentd.cli.main", *socket, "graph", "run",
+                              str(path), "--input", "start=go"], capture_output=True,
+                             text=True, timeout=TIMEOUT, check=False)
+        assert ran.returncode == 0, ran.stdout + ran.stderr
+        run_id = next(word for word in ran.stdout.split() if word.startswith("r-"))
+        run_id = run_id.strip(":,()")
+        shown = subprocess.run([sys.executable, "-m", "agentd.cli.main", *socket, "graph",
+                                "show", str(path), "--run", run_id], capture_output=True,
+                               text=True, timeout=TIMEOUT, check=False)
+        assert shown.returncode == 0, shown.stderr
+        assert shown.stdout.count("```mermaid") == 2
+        timeline = shown.stdout.split("```mermaid")[2]
+        assert "join" in timeline
+        assert timeline.count("join") == 1  # with its barrier, the join ran once
