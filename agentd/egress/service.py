@@ -15,9 +15,18 @@ Everything runs on the daemon's event loop, on sockets made once in the egress n
   resolver answer whose TTL has not ended), its connection rate and its byte budget, connects
   from the uplink namespace and copies both ways. Each attempt is one record when it ends:
   `net.connection` (destination, name, rule, bytes each way, seconds) or `net.refused`.
-- Not yet on record: what nft itself drops (another address or port, UDP, ICMP, DNS to
-  another server, IPv6): refused by the kernel, counted in the table, but not one record per
-  attempt (see agentd/sandbox/egress.py).
+- **Refusal listener** (TCP, REFUSED_PORT): nft redirects every new TCP connection whose
+  (worker, destination, port) is not in the set here, so a refused connection is a record too
+  (`net.refused`: destination, port, the name the resolver gave this task for that address if
+  any, and why), then a reset. It never connects anywhere.
+- **Kernel refusals** (everything else nft drops: UDP not to the resolver, DNS to another
+  server, ICMP; agentd/sandbox/nflog.py): each logged packet is a `net.refused` record (by
+  "nft", with the DNS question of a query to another server), at most LOG_RATE a second per
+  worker; all are counted by nft per worker address, and the counts are one `net.dropped`
+  record when the task ends.
+- Refused before any packet exists, so with no per-attempt record: a port no entry names
+  (Landlock, EACCES in the worker), IPv6 (no address in the slot) and raw or ping sockets (the
+  worker has no CAP_NET_RAW over the slot's namespace).
 
 A worker is known by its slot's address: the source address of everything it sends.
 
@@ -48,10 +57,12 @@ from dnslib import QTYPE, RCODE, RR, DNSRecord
 from agentd.egress.task import Recorder, TaskEgress
 from agentd.policy import EffectivePolicy
 from agentd.policy.egress import address_rule, name_matches, parse_rules, special_address
-from agentd.sandbox import netns
+from agentd.sandbox import netns, nflog
 from agentd.sandbox.egress import (
+    LOG_GROUP,
     MAX_TTL,
     PROXY_PORT,
+    REFUSED_PORT,
     RESOLVER,
     EgressNetwork,
     SlotPool,
@@ -101,6 +112,12 @@ class EgressService:
         self._slots: SlotPool | None = None
         self._sockets: list[socket.socket] = []
         self._server: asyncio.AbstractServer | None = None
+        self._refusals: asyncio.AbstractServer | None = None
+        self._log: socket.socket | None = None
+        self._refusal_socket: socket.socket | None = None
+        self.log_lost = 0
+        """Times the kernel's log overflowed (ENOBUFS): packets refused and counted, not
+        recorded one by one."""
         self._transport: asyncio.DatagramTransport | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
 
@@ -111,19 +128,24 @@ class EgressService:
         uplink_fd = netns.open_path(self.config.uplink) if self.config.uplink else None
         self._uplink = netns.Namespace(uplink_fd, "uplink")
 
-        def sockets() -> tuple[socket.socket, socket.socket]:
+        def sockets() -> list[socket.socket]:
             udp = socket.socket(socket.AF_INET, socket.SOCK_DGRAM | socket.SOCK_CLOEXEC)
             udp.bind((RESOLVER, 53))
-            tcp = socket.create_server(("0.0.0.0", PROXY_PORT), backlog=256)
-            return udp, tcp
+            return [udp, socket.create_server(("0.0.0.0", PROXY_PORT), backlog=256),
+                    socket.create_server(("0.0.0.0", REFUSED_PORT), backlog=256),
+                    nflog.open_group(LOG_GROUP)]
 
-        udp, tcp = await asyncio.to_thread(ns.call, sockets)
-        self._sockets += [udp, tcp]
-        udp.setblocking(False)
-        tcp.setblocking(False)
+        made = await asyncio.to_thread(ns.call, sockets)
+        self._sockets += made
+        udp, tcp, self._refusal_socket, self._log = made
+        for sock in made:
+            sock.setblocking(False)
         self._transport, _ = await loop.create_datagram_endpoint(
             lambda: _Resolver(self), sock=udp)
         self._server = await asyncio.start_server(self._on_connection, sock=tcp)
+        self._refusals = await asyncio.start_server(self._on_refused,
+                                                    sock=self._refusal_socket)
+        loop.add_reader(self._log.fileno(), self._read_log)
         self._slots = SlotPool(self.network, self.config.slots)
 
     async def open(self, run_id: str, task_id: str, policy: EffectivePolicy,
@@ -133,7 +155,8 @@ class EgressService:
         slot = await asyncio.to_thread(self._slots.take)
         rules = parse_rules(policy.egress)
         task = TaskEgress(run_id, task_id, rules, policy.egress_bytes,
-                          policy.egress_connections_per_second, slot, recorder)
+                          policy.egress_connections_per_second, slot, recorder,
+                          log_lost_at_open=self.log_lost)
         try:
             for rule in rules:
                 if rule.network is not None and rule.port is not None:
@@ -154,6 +177,21 @@ class EgressService:
             connection.cancel()
         if task.open:
             await asyncio.gather(*task.open, return_exceptions=True)
+        # The worker is gone: the log holds every packet of it the kernel refused (one
+        # message per packet, sent as it was dropped), and the refusal listener's backlog
+        # every refused connection not yet accepted (a worker that connects and exits at
+        # once); take both before the counts.
+        self._read_log()
+        self._drain_refusals()
+        # Every worker's first refused packet is logged (a new address starts with a full
+        # log budget): with none logged and no log overflow, there is nothing to count, and
+        # the task's end does not wait for nft.
+        dropped = (await asyncio.to_thread(self.network.take_dropped, task.slot)
+                   if task.logged or self.log_lost != task.log_lost_at_open else {})
+        if dropped:
+            task.record("net.dropped", {"packets": dropped, "refusals_recorded": task.refusals,
+                                        "refusals_unrecorded": task.unrecorded})
+        task.dropped_packets = dropped
         self._by_address.pop(task.slot.address, None)
         await asyncio.to_thread(self.network.release, task.slot)
 
@@ -161,6 +199,10 @@ class EgressService:
         """Closes every socket and the namespaces' threads: the egress namespace is gone."""
         if self._server is not None:
             self._server.close()
+        if self._refusals is not None:
+            self._refusals.close()
+        if self._log is not None and self._loop is not None:
+            self._loop.remove_reader(self._log.fileno())
         if self._transport is not None:
             self._transport.close()
         for sock in self._sockets:
@@ -189,20 +231,54 @@ class EgressService:
         finally:
             task.open.discard(current)
 
+    async def _on_refused(self, reader: asyncio.StreamReader,
+                          writer: asyncio.StreamWriter) -> None:
+        """A new TCP connection nft did not find in the set: on record, then reset."""
+        peer = writer.get_extra_info("peername")
+        self._refuse(writer.get_extra_info("socket"), peer[0] if peer else "")
+        _reset(writer)
+
+    def _refuse(self, sock: socket.socket, peer: str) -> None:
+        task = self._by_address.get(peer)
+        if task is None:
+            return
+        try:
+            address, port = _original_destination(sock)
+        except OSError:  # its conntrack entry is gone: still an attempt, destination unknown
+            address, port = "?", 0
+        task.refused += 1
+        task.refusal({"destination": address, "port": port, "protocol": "tcp", "by": "nft",
+                      "reason": task.why_refused(address, port)})
+
+    def _drain_refusals(self) -> None:
+        """Accepts, records and resets every connection waiting on the refusal listener
+        (on the loop's thread; the server then finds the backlog empty)."""
+        if self._refusal_socket is None:
+            return
+        while True:
+            try:
+                sock, peer = self._refusal_socket.accept()
+            except (BlockingIOError, InterruptedError):
+                return
+            except OSError:
+                continue  # ECONNABORTED: gone before it was accepted
+            with sock:
+                self._refuse(sock, peer[0])
+                with contextlib.suppress(OSError):
+                    sock.setsockopt(socket.SOL_SOCKET, socket.SO_LINGER,
+                                    struct.pack("ii", 1, 0))
+
     async def _proxy(self, task: TaskEgress, sock: socket.socket, reader: asyncio.StreamReader,
                      writer: asyncio.StreamWriter) -> None:
-        raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
-        port, packed = struct.unpack("!2xH4s8x", raw)
-        address = socket.inet_ntoa(packed)
+        address, port = _original_destination(sock)
         details: dict[str, Any] = {"destination": address, "port": port, "by": "proxy"}
         allowed = task.destination(address, port)
-        reason = ("destination not allowed now (no entry, or its DNS answer expired)"
-                  if allowed is None else
+        reason = (task.why_refused(address, port) if allowed is None else
                   "limits.bytes reached" if task.bytes_used >= task.bytes_limit else
                   "limits.connections_per_second reached" if not task.take_token() else "")
         if reason:
             task.refused += 1
-            task.record("net.refused", {**details, "protocol": "tcp", "reason": reason})
+            task.refusal({**details, "protocol": "tcp", "reason": reason})
             _reset(writer)
             return
         assert allowed is not None
@@ -267,6 +343,31 @@ class EgressService:
             await sink.drain()
         raise ConnectionAbortedError("limits.bytes reached")
 
+    # -- the kernel's refusals --------------------------------------------------------------
+
+    def _read_log(self) -> None:
+        """Reads every message waiting on the NFLOG socket (the loop calls it when readable;
+        `close` calls it to drain) and puts each packet on its task's record."""
+        if self._log is None:
+            return
+        while True:
+            try:
+                data = self._log.recv(65536)
+            except BlockingIOError:
+                return
+            except OSError as exc:  # ENOBUFS: the kernel dropped log messages, not packets
+                self.log_lost += 1
+                log.warning("egress.log_overflow", error=str(exc))
+                continue
+            for packet in nflog.parse(data):
+                task = self._by_address.get(packet.source)
+                if task is None:
+                    log.info("egress.refused_unattributed", source=packet.source,
+                             destination=packet.destination, protocol=packet.protocol)
+                    continue
+                task.logged += 1
+                task.refusal(refused_packet(packet))
+
     # -- resolver -----------------------------------------------------------------------------
 
     async def resolve(self, task: TaskEgress, query: DNSRecord) -> DNSRecord:
@@ -303,6 +404,7 @@ class EgressService:
             for port in ports:
                 await asyncio.to_thread(self.network.allow, task.slot, address, port, ttl)
                 task.resolved[(address, port)] = (name, rule, expiry)
+            task.answered[address] = name
             reply.add_answer(RR(query.q.qname, QTYPE.A, rdata=_a(address), ttl=ttl))
         if refused:
             task.record("dns.rebinding_refused", {
@@ -332,6 +434,36 @@ class EgressService:
                     return answer
         finally:
             sock.close()
+
+
+def refused_packet(packet: nflog.Logged) -> dict[str, Any]:
+    """The `net.refused` details of one packet the kernel refused, with the reason in the
+    policy's words (the name is added by the task)."""
+    details: dict[str, Any] = {"destination": packet.destination, "protocol": packet.protocol,
+                               "by": "nft"}
+    if packet.port is not None:
+        details["port"] = packet.port
+    if packet.family == socket.AF_INET6:
+        details["reason"] = "IPv6 is not granted"
+    elif packet.protocol == "udp" and packet.port == 53:
+        details["reason"] = f"DNS to a server other than the daemon's resolver ({RESOLVER})"
+        with contextlib.suppress(Exception):  # a packet cut short or not DNS at all
+            details["query"] = str(DNSRecord.parse(packet.data).q.qname).rstrip(".")[:255]
+    elif packet.protocol == "udp":
+        details["reason"] = "UDP is not granted (egress entries are TCP)"
+    elif packet.protocol == "icmp":
+        details["reason"] = "ICMP is not granted"
+        details["icmp_type"], details["icmp_code"] = packet.icmp or (0, 0)
+    else:
+        details["reason"] = f"{packet.protocol} is not granted (egress entries are TCP)"
+    return details
+
+
+def _original_destination(sock: socket.socket) -> tuple[str, int]:
+    """Where a redirected connection was going: (address, port), from conntrack."""
+    raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
+    port, packed = struct.unpack("!2xH4s8x", raw)
+    return socket.inet_ntoa(packed), port
 
 
 def _a(address: str) -> Any:

@@ -19,6 +19,10 @@ from agentd.sandbox.egress import Slot
 # Records one task may write; the rest are counted (in `dropped`), so a worker that loops
 # on refused connections cannot flood the audit log.
 MAX_RECORDS = 256
+# Of those, refusals (TCP at the refusal listener, packets from the kernel's log) at most this
+# many, so a worker that floods refused packets cannot crowd its connections off the record.
+# Every refusal is still counted: `refused` (TCP) and the kernel's counters (net.dropped).
+MAX_REFUSALS = 128
 
 Recorder = Callable[[str, dict[str, Any]], None]
 
@@ -41,6 +45,18 @@ class TaskEgress:
     written: int = 0
     resolved: dict[tuple[str, int], tuple[str, str, float]] = field(default_factory=dict)
     """(address, port) -> (the name it was answered for, its rule, monotonic expiry)."""
+    answered: dict[str, str] = field(default_factory=dict)
+    """address -> the last name the resolver gave it to this task for (kept after its TTL:
+    a refusal names what the worker probably meant)."""
+    refusals: int = 0
+    """Refusal records written (at most MAX_REFUSALS); `unrecorded` counts the rest."""
+    unrecorded: int = 0
+    log_lost_at_open: int = 0
+    """The service's count of log overflows when the task opened (one since: count anyway)."""
+    logged: int = 0
+    """Packets of this task the kernel's log delivered."""
+    dropped_packets: dict[str, int] = field(default_factory=dict)
+    """Packets the kernel refused, by protocol (read from nft when the task ends)."""
     open: set[asyncio.Task[None]] = field(default_factory=set)
     _tokens: float = -1.0
     _refilled: float = 0.0
@@ -52,6 +68,27 @@ class TaskEgress:
             return
         self.written += 1
         self.recorder(event, details)
+
+    def refusal(self, details: dict[str, Any]) -> None:
+        """Puts one refused attempt on record as `net.refused` (within MAX_REFUSALS), with the
+        name the resolver gave this task for its destination, if it did."""
+        if self.refusals >= MAX_REFUSALS:
+            self.unrecorded += 1
+            return
+        self.refusals += 1
+        name = self.answered.get(details.get("destination", ""))
+        self.record("net.refused", {**details, "name": name or ""})
+
+    def why_refused(self, address: str, port: int) -> str:
+        """Why TCP to `address`:`port` is not allowed, in the words of the policy."""
+        if any(a == address and expiry <= time.monotonic()
+               for (a, p), (_n, _r, expiry) in self.resolved.items() if p == port):
+            return "its DNS answer expired (TTL); resolve the name again"
+        if any(a == address for a, _p in self.resolved) or any(
+                address_rule(self.rules, address, r.port) is not None
+                for r in self.rules if r.port is not None):
+            return f"port {port} is not allowed for this destination"
+        return "no egress entry allows this destination"
 
     def destination(self, address: str, port: int) -> tuple[str, str] | None:
         """(name or "", the rule) if the task may open TCP to `address`:`port` now."""
@@ -78,4 +115,6 @@ class TaskEgress:
     def summary(self) -> dict[str, int]:
         """For the task's exec.exited record."""
         return {"connections": self.connections, "refused": self.refused,
-                "bytes": self.bytes_used, "records_dropped": self.dropped}
+                "bytes": self.bytes_used, "records_dropped": self.dropped,
+                "refusals_unrecorded": self.unrecorded,
+                "packets_dropped": sum(self.dropped_packets.values())}

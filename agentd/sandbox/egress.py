@@ -5,6 +5,7 @@
     ┌──────────────────────────┐              ┌────────────────────────────────────┐
     │ proxy's outbound sockets │◀── daemon ──▶│ resolver 100.127.255.254:53 (lo)   │
     │ resolver's upstream      │   (process)  │ proxy :PROXY_PORT  (nft redirect)  │
+    │                          │              │ refusals :REFUSED_PORT (records)   │
     └──────────────────────────┘              │ nft: prerouting filter + redirect  │
                                               │ ae-N ──veth── eth0 (worker slot N) │
                                               └────────────────────────────────────┘
@@ -13,21 +14,26 @@ A worker with egress is cloned into a *slot*: a network namespace made in advanc
 to the egress namespace (`eth0`, 100.127.x.y/30, default route to its peer). The egress
 namespace has no route anywhere: it forwards nothing (ip_forward 0, forward policy drop), so
 the only ways out of it are the daemon's own sockets: the resolver (UDP 53 on RESOLVER) and the
-proxy, which nft hands every allowed TCP connection to (`redirect`) and which connects out from
-the uplink namespace. nft's prerouting filter lets through only: replies of established
-flows, DNS to the resolver, and new TCP whose (worker address, destination, port) is in the set
-`allowed` (literal addresses and networks with no timeout, resolved addresses with the DNS
-TTL as timeout). Everything else is counted and dropped, TCP with a reset so tools fail fast:
-other addresses and ports, DNS to other servers, UDP, ICMP, IPv6 (also disabled by sysctl in
-both namespaces). These kernel refusals are not yet recorded one by one: NFLOG (`log group`)
-delivered nothing to a netlink socket in the egress namespace on the development kernel, and
-that was not resolved in the time box (see "Network egress" in docs/architecture.md).
+proxy, which connects out from the uplink namespace. nft's prerouting filter lets through only:
+replies of established flows, DNS to the resolver, and new TCP (a SYN). The nat chain then
+redirects each new TCP connection: to the proxy (PROXY_PORT) if its (worker address,
+destination, port) is in the set `allowed` (literal addresses and networks with no timeout,
+resolved addresses with the DNS TTL as timeout), else to the refusal listener (REFUSED_PORT),
+which records it and resets it. So every TCP attempt is on record, and the set stays the
+kernel's say: a destination it does not hold can only reach a socket that never connects out
+(the proxy re-checks the destination too). Everything else (DNS to other servers, other UDP,
+ICMP; IPv6 too, though it is disabled by sysctl in both namespaces, so a worker has no IPv6
+address to send from and that rule is a backstop) is counted per worker address
+and protocol in the set `dropped`, copied to NFLOG group LOG_GROUP (at most LOG_RATE a second
+per worker; agentd/sandbox/nflog.py) and dropped: the daemon records each logged packet and
+the counts when the task ends. The drop does not depend on the log being read.
 
 Fail closed: the egress namespace is held only by the daemon (an fd, its threads, its
 sockets): when the daemon dies, even by SIGKILL, the kernel destroys the namespace and with it
 every veth pair, so a worker that outlived it (it does not: PDEATHSIG) would have loopback
 only. And even while it lives, no packet is forwarded by the kernel; a path out exists only as
-a daemon socket that re-checks the destination.
+a daemon socket that re-checks the destination. Were the proxy's or the refusal listener's
+socket gone, a redirected connection would meet no listener and be reset.
 
 Slots are used once, made ahead by `SlotPool` off the call path: a veth pair costs ~4 ms and
 its addresses and route ~2 ms (pyroute2 netlink, measured), so the call only pays the setns in
@@ -41,6 +47,7 @@ from __future__ import annotations
 import contextlib
 import ipaddress
 import os
+import re
 import threading
 from collections import deque
 from dataclasses import dataclass, field
@@ -52,10 +59,18 @@ from agentd.sandbox.nft import Nft
 SUBNET: Final = ipaddress.IPv4Network("100.127.0.0/16")
 RESOLVER: Final = "100.127.255.254"
 PROXY_PORT: Final = 15001
+REFUSED_PORT: Final = 15002
+"""The refusal listener: new TCP to a destination the set does not hold. It records and resets;
+it has no code that connects anywhere."""
+LOG_GROUP: Final = 7
+"""The NFLOG group refused packets are copied to (agentd/sandbox/nflog.py)."""
+LOG_RATE, LOG_BURST = 50, 100  # logged packets per second per worker; all are counted
+_LIMIT: Final = f"limit rate {LOG_RATE}/second burst {LOG_BURST} packets"
 TABLE: Final = "agentd_egress"
 # Slots' /30s: 100.127.0.0 .. 100.127.255.248 (the last /30 holds the resolver).
 _SLOTS: Final = (SUBNET.num_addresses // 4) - 1
 MAX_TTL: Final = 3600  # a DNS answer's addresses stay allowed at most this long
+_DROPPED: Final = re.compile(r"([0-9.]+) \. (\w+) counter packets (\d+)")
 
 RULESET: Final = f"""
 table inet {TABLE} {{
@@ -63,9 +78,17 @@ table inet {TABLE} {{
         type ipv4_addr . ipv4_addr . inet_service
         flags interval, timeout
     }}
+    set dropped {{
+        type ipv4_addr . inet_proto
+        size 65536
+        flags dynamic
+        counter
+    }}
     chain refuse {{
         counter
-        meta l4proto tcp reject with tcp reset
+        meta nfproto ipv4 update @dropped {{ ip saddr . meta l4proto }}
+        meter logged {{ ip saddr {_LIMIT} }} log group {LOG_GROUP}
+        meta nfproto ipv6 {_LIMIT} log group {LOG_GROUP}
         drop
     }}
     chain from_workers {{
@@ -74,19 +97,21 @@ table inet {TABLE} {{
         meta nfproto ipv6 jump refuse
         ct state established,related accept
         ip daddr {RESOLVER} udp dport 53 accept
-        tcp flags & (syn | ack) == syn ip saddr . ip daddr . tcp dport @allowed accept
+        tcp flags & (syn | ack) == syn accept
+        meta l4proto tcp counter drop
         jump refuse
     }}
     chain to_proxy {{
         type nat hook prerouting priority dstnat; policy accept;
-        iifname "ae-*" meta l4proto tcp redirect to :{PROXY_PORT}
+        iifname "ae-*" ip saddr . ip daddr . tcp dport @allowed redirect to :{PROXY_PORT}
+        iifname "ae-*" meta l4proto tcp redirect to :{REFUSED_PORT}
     }}
     chain input {{
         type filter hook input priority filter; policy drop;
         iif "lo" accept
         ct state established,related accept
         ip daddr {RESOLVER} udp dport 53 accept
-        tcp dport {PROXY_PORT} ct status dnat accept
+        tcp dport {{ {PROXY_PORT}, {REFUSED_PORT} }} ct status dnat accept
     }}
     chain forward {{
         type filter hook forward priority filter; policy drop;
@@ -145,6 +170,10 @@ class EgressNetwork:
     def __init__(self) -> None:
         self.ns: netns.Namespace | None = None
         self._nft: Nft | None = None
+        # A second thread in the egress namespace, for the slots' links: making a veth takes
+        # ~4 ms, and nft set work on the call path (a DNS answer, a task's end) must not
+        # wait behind it on `ns`'s thread.
+        self._links: netns.Namespace | None = None
         self._next = 0
         self._lock = threading.Lock()
 
@@ -162,13 +191,15 @@ class EgressNetwork:
             self._nft.run(RULESET)
 
         self.ns.call(setup)
+        assert self.ns.fd is not None
+        self._links = netns.Namespace(os.dup(self.ns.fd), "egress-links")
         return self.ns
 
     def make_slot(self) -> Slot:
         """A new slot: namespace, veth pair, addresses, default route (blocking, ~7 ms)."""
         from pyroute2 import IPRoute
 
-        assert self.ns is not None, "start() first"
+        assert self._links is not None, "start() first"
         with self._lock:
             index = self._next
             self._next = (self._next + 1) % _SLOTS
@@ -196,7 +227,7 @@ class EgressNetwork:
                     ipr.link("set", index=i, state="up")
                     ipr.route("add", dst="0.0.0.0/0", gateway=gateway)
 
-            self.ns.call(outside)
+            self._links.call(outside)
             inner = netns.Namespace(os.dup(fd), f"slot{index}")
             try:
                 inner.call(inside)
@@ -224,6 +255,20 @@ class EgressNetwork:
         slot.elements.clear()
         slot.close()
 
+    def take_dropped(self, slot: Slot) -> dict[str, int]:
+        """Packets the kernel refused from `slot`'s worker, by IPv4 protocol ("udp": 3), read
+        from the set `dropped` and deleted from it (a later slot may have the address)."""
+        listed = self._run(f"list set inet {TABLE} dropped")
+        counts: dict[str, int] = {}
+        for address, protocol, packets in _DROPPED.findall(listed):
+            if address == slot.address:
+                counts[protocol] = counts.get(protocol, 0) + int(packets)
+        if counts:
+            elements = ", ".join(f"{slot.address} . {p}" for p in counts)
+            with contextlib.suppress(OSError):
+                self._run(f"delete element inet {TABLE} dropped {{ {elements} }}")
+        return counts
+
     def list_allowed(self) -> str:
         """The set as nft prints it (tests, debugging)."""
         return self._run(f"list set inet {TABLE} allowed")
@@ -236,6 +281,9 @@ class EgressNetwork:
 
     def close(self) -> None:
         """Drops the daemon's hold on the egress namespace (its sockets must be closed too)."""
+        if self._links is not None:
+            self._links.close()
+            self._links = None
         if self.ns is not None:
             nft, self._nft = self._nft, None
             if nft is not None:
