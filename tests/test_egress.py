@@ -6,7 +6,9 @@ addresses: servers on 198.18.0.10 (allowed) and 198.18.0.11 (not), and a DNS ser
 told to connect out from it (`egress_uplink_netns`) and to ask its DNS server. Every packet of
 these tests stays inside namespaces the test or the daemon made. One worker script per test
 checks several destinations, so a test costs one step; refusals are by reset (TCP) or a short
-socket timeout (UDP), never a threshold on time.
+socket timeout (UDP), never a threshold on time. Every refused attempt that leaves the worker
+is checked to be exactly one record (`net.refused`, and `net.dropped` with the kernel's
+counts), and `agentctl timeline` is run against the daemon to show them.
 """
 
 from __future__ import annotations
@@ -18,6 +20,7 @@ import signal
 import socket
 import socketserver
 import subprocess
+import sys
 import textwrap
 import threading
 import time
@@ -189,10 +192,23 @@ PROBE = textwrap.dedent("""\
             return type(e).__name__
         finally:
             s.close()
-    def udp(host, port):
+    def udp(host, port, data=b"x"):
         s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(0.5)
         try:
-            s.sendto(b"x", (host, port)); return s.recv(100).decode()
+            s.sendto(data, (host, port)); return s.recv(100).decode()
+        except OSError as e:
+            return type(e).__name__
+    def query(name):  # a DNS question for `name`, by hand (dnslib is not in the worker)
+        labels = b"".join(bytes([len(p)]) + p.encode() for p in name.split("."))
+        head = b"\\x12\\x34\\x01\\x00\\x00\\x01\\x00\\x00\\x00\\x00\\x00\\x00"
+        return head + labels + b"\\x00\\x00\\x01\\x00\\x01"
+    def other(kind, host):
+        try:
+            if kind == "tcp6":
+                socket.socket(socket.AF_INET6).connect((host, 8080))
+            else:
+                socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
+            return "opened"
         except OSError as e:
             return type(e).__name__
     def resolve(name):
@@ -206,6 +222,12 @@ PROBE = textwrap.dedent("""\
             host, port = arg.rsplit(":", 1); out[check] = tcp(host, int(port))
         elif kind == "udp":
             host, port = arg.rsplit(":", 1); out[check] = udp(host, int(port))
+        elif kind == "dns":
+            server, name = arg.split("/"); out[check] = udp(server, 53, query(name))
+        elif kind == "connect":  # connect and close at once, like `nc -z`
+            s = socket.create_connection(arg.rsplit(":", 1)); s.close(); out[check] = "closed"
+        elif kind in ("tcp6", "ping"):
+            out[check] = other(kind, arg)
         elif kind == "resolve":
             out[check] = resolve(arg)
         elif kind == "sleep":
@@ -254,25 +276,105 @@ class TestEgress:
 
     def test_everything_else_refused(self, egress_daemon: DaemonHandle,
                                      internet: Internet) -> None:
-        """Another host on an allowed port, DNS to another server and other UDP are refused by
-        nftables; a port no entry names is refused before it leaves the worker (Landlock's
-        connect rules, EACCES); a name not listed is refused by the resolver, on record. The
-        fake internet saw none of them. (The kernel's refusals are not recorded one by one
-        yet: see docs/architecture.md, "Network egress".)"""
+        """Every attempt that leaves the worker and is refused is one `net.refused` record:
+        TCP by address to an unlisted host (nft hands it to the refusal listener: accepted,
+        then reset), DNS to another server (with its question) and other UDP (from the
+        kernel's log), and the task's packet counts are one `net.dropped`. A port no entry
+        names is refused by Landlock before any packet exists (EACCES, no record), IPv6 and
+        ICMP sockets fail in the worker. The fake internet saw none of them."""
         before = list(internet.seen)
         run_id, out = _probe(egress_daemon, "resolve=allowed.test", f"tcp={ALLOWED}:8081",
                              f"tcp={OTHER}:8080", "resolve=other.test",
-                             f"udp={DNS}:53", f"udp={OTHER}:9999")
+                             f"dns={DNS}/leak.test", f"udp={OTHER}:9999",
+                             "tcp6=2001:db8::1", f"ping={OTHER}", f"connect={OTHER}:8080")
         assert out[f"tcp={ALLOWED}:8081"] == "PermissionError"
-        assert out[f"tcp={OTHER}:8080"] == "ConnectionRefusedError"
+        assert out[f"tcp={OTHER}:8080"] == "ConnectionResetError"
         assert out["resolve=other.test"] == "gaierror"
-        assert out[f"udp={DNS}:53"] == "TimeoutError"
+        assert out[f"dns={DNS}/leak.test"] == "TimeoutError"
         assert out[f"udp={OTHER}:9999"] == "TimeoutError"
+        assert out["tcp6=2001:db8::1"] != "opened"
+        assert out[f"ping={OTHER}"] == "PermissionError"
         assert internet.seen == before
+        assert "leak.test" not in internet.queries
         assert "other.test" not in internet.queries
         records = _records(egress_daemon, run_id)
         dns_refused = [r["details"]["name"] for r in records if r["event"] == "dns.refused"]
-        assert "other.test" in dns_refused
+        assert dns_refused == ["other.test"]
+        listed = [r["details"] for r in records if r["event"] == "net.refused"]
+        assert sorted((d["protocol"], d["destination"], d["port"]) for d in listed) == [
+            ("tcp", OTHER, 8080), ("tcp", OTHER, 8080), ("udp", OTHER, 9999), ("udp", DNS, 53)]
+        refused = {(d["protocol"], d["destination"], d["port"]): d for d in listed}
+        assert refused[("tcp", OTHER, 8080)]["reason"] == "no egress entry allows this destination"
+        assert refused[("udp", DNS, 53)]["query"] == "leak.test"
+        assert refused[("udp", OTHER, 9999)]["reason"].startswith("UDP is not granted")
+        dropped = [r["details"] for r in records if r["event"] == "net.dropped"]
+        assert dropped == [{"packets": {"udp": 2}, "refusals_recorded": 4,
+                            "refusals_unrecorded": 0}]
+        events = [r["event"] for r in records]
+        assert events.index("net.dropped") < events.index("exec.exited")
+        exited = next(r for r in records if r["event"] == "exec.exited")
+        assert exited["details"]["egress"]["refused"] == 2
+        assert exited["details"]["egress"]["packets_dropped"] == 2
+
+    def test_icmp_from_the_slot_recorded(self, egress_daemon: DaemonHandle,
+                                         internet: Internet) -> None:
+        """ICMP is refused by the kernel and recorded with its type. A worker cannot send it
+        (no raw or ping socket), so the test sends an echo request from the worker's slot
+        namespace as root while the worker runs."""
+        stub = egress_daemon.stub()
+        run = stub.CreateRun(pb.CreateRunRequest(agent="fetcher"))
+        script = "import time; print('up', flush=True); time.sleep(1.5)  # icmp-probe"
+        events = stub.Exec(pb.ExecRequest(run_id=run.run_id,
+                                          argv=["/usr/bin/python3", "-c", script]), timeout=60)
+        for event in events:
+            if event.HasField("output"):
+                break
+        slot = netns.Namespace(netns.open_path(f"/proc/{marked_processes(script)[0]}/ns/net"),
+                               "slot")
+        try:
+            def ping() -> None:
+                with socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP) as s:
+                    s.sendto(b"\x08\x00\xf7\xff\x00\x00\x00\x00", (OTHER, 0))
+
+            slot.call(ping)
+        finally:
+            slot.close()
+        for _ in events:  # to its end: the records precede exec.exited
+            pass
+        records = _records(egress_daemon, run.run_id)
+        refused = [r["details"] for r in records if r["event"] == "net.refused"]
+        assert [(d["protocol"], d["destination"], d["icmp_type"]) for d in refused] == [
+            ("icmp", OTHER, 8)]
+        dropped = [r["details"]["packets"] for r in records if r["event"] == "net.dropped"]
+        assert dropped == [{"icmp": 1}]
+
+    def test_timeline_shows_network_records(self, egress_daemon: DaemonHandle) -> None:
+        """`agentctl timeline RUN` shows, under its task, a step's connections (name,
+        destination, bytes), its TCP, DNS and UDP refusals and the kernel's drop counts."""
+        stub = egress_daemon.stub()
+        run = stub.CreateRun(pb.CreateRunRequest(agent="fetcher"))
+        checks = ["tcp=allowed.test:8080", f"tcp={OTHER}:8080", "resolve=other.test",
+                  f"udp={OTHER}:9999"]
+        script = PROBE.replace("sys.argv[1:]", repr(checks))
+        reply = stub.Step(pb.StepRequest(run_id=run.run_id, tasks=[
+            pb.TaskSpec(name="fetch", argv=["/usr/bin/python3", "-c", script])]), timeout=60)
+        assert reply.state == pb.STEP_STATE_COMMITTED or reply.tasks[0].outcome.exit_code == 0
+        shown = subprocess.run(
+            [sys.executable, "-m", "agentd.cli.main", "--socket", str(egress_daemon.socket()),
+             "timeline", run.run_id], capture_output=True, text=True, timeout=60, check=True)
+        lines = [line.split() for line in shown.stdout.splitlines()]
+        hello = str(len(f"hello from {ALLOWED}:8080\n"))
+        # In log order: a connection is recorded when it ends, so it may follow a refusal.
+        shown_network = sorted(" ".join(line[:5]) for line in lines[2:])
+        assert shown_network == sorted([
+            f"net allowed allowed.test {ALLOWED}:8080 out",
+            f"net refused {OTHER}:8080 tcp no",
+            "dns refused other.test no egress",
+            f"net refused {OTHER}:9999 udp UDP",
+            "net dropped udp 1 (packets"]), shown.stdout
+        allowed = next(line for line in lines if line[:2] == ["net", "allowed"])
+        assert allowed[5:10] == ["0", "B,", "in", hello, "B"]
+        assert len(lines) == 7, shown.stdout
 
     def test_rebinding_refused(self, egress_daemon: DaemonHandle) -> None:
         """An allowed name that resolves to loopback gets no address, on record."""
@@ -288,7 +390,12 @@ class TestEgress:
         _run_id, out = _probe(egress_daemon, "resolve=short.test", f"tcp={ALLOWED}:8080",
                              "sleep=2.5", f"tcp={ALLOWED}:8080 ")
         assert out[f"tcp={ALLOWED}:8080"] == f"hello from {ALLOWED}:8080"
-        assert out[f"tcp={ALLOWED}:8080 "] == "ConnectionRefusedError"
+        assert out[f"tcp={ALLOWED}:8080 "] == "ConnectionResetError"
+        records = _records(egress_daemon, _run_id)
+        refused = [r["details"] for r in records if r["event"] == "net.refused"]
+        assert [(d["destination"], d["port"], d["name"]) for d in refused] == [
+            (ALLOWED, 8080, "short.test")]
+        assert refused[0]["reason"].startswith("its DNS answer expired")
 
 
 class TestFailClosed:

@@ -15,7 +15,8 @@ from __future__ import annotations
 
 import json
 import sys
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from datetime import datetime
 from typing import Any, TextIO
 
@@ -23,6 +24,8 @@ from agentd.client import Checkpoint, Outcome, Run, StepReply, StepState, StopRe
 
 #: How many changed paths the timeline shows per task before "and N more".
 CHANGED_PATHS_SHOWN = 3
+#: How many network records the timeline shows per task before "and N more".
+NETWORK_SHOWN = 20
 
 
 class UsageError(Exception):
@@ -287,16 +290,20 @@ def checkpoints_table(checkpoints: Sequence[Checkpoint]) -> str:
     return _table([header, *rows])
 
 
-def timeline(steps: Sequence[StepReply]) -> str:
+def timeline(steps: Sequence[StepReply], network: TaskRecords | None = None) -> str:
     """Every attempt at a step, oldest first: a heading line (step, state, when, how long, by
     whom), the reason and conflicts, then one line per task (name, outcome, wall time, what
-    it changed) and why it failed the step, if it did::
+    it changed), why it failed the step, if it did, and its network records (`network`, from
+    the audit log; see `TaskRecords`)::
 
         step 2  failed     2024-05-01 10:00:00Z  1.02 s  requested by uid:1000
           reason: task t2: exited 1
           t1  exited 0  0.10 s  changed a.txt, b.txt, c.txt and 2 more
           t2  exited 1  1.00 s  no changes
               failed: exited 1
+              net allowed  api.test 198.18.0.10:443  out 120 B, in 4.0 KiB  0.20 s  closed
+              net refused  198.18.0.11:443 tcp  no egress entry allows this destination
+              net dropped  udp 2 (packets refused by the kernel, counted)
     """
     headings = [
         (
@@ -315,11 +322,13 @@ def timeline(steps: Sequence[StepReply]) -> str:
         if step.reason:
             out.append(f"  reason: {printable(step.reason)}")
         out.extend(f"  conflict: {printable(c)}" for c in step.conflicts)
-        out.extend(_task_lines(step.tasks))
+        found = network.of_step(step) if network is not None else {}
+        out.extend(_task_lines(step.tasks, found))
     return "".join(line + "\n" for line in out)
 
 
-def _task_lines(tasks: Sequence[TaskReport]) -> list[str]:
+def _task_lines(tasks: Sequence[TaskReport],
+                network: Mapping[str, Sequence[NetRecord]] | None = None) -> list[str]:
     if not tasks:
         return []
     rows = [
@@ -342,6 +351,10 @@ def _task_lines(tasks: Sequence[TaskReport]) -> list[str]:
             more = len(task.exec_denied) - 5
             lines.append(f"{indent}exec denied: {shown}" + (f" and {more} more" if more > 0
                                                              else ""))
+        records = (network or {}).get(task.name, ())
+        lines.extend(f"{indent}{network_line(r)}" for r in records[:NETWORK_SHOWN])
+        if len(records) > NETWORK_SHOWN:
+            lines.append(f"{indent}and {len(records) - NETWORK_SHOWN} more network records")
     return lines
 
 
@@ -381,3 +394,81 @@ def _by_whom(step: StepReply) -> str:
 
 def _state_words(state: StepState) -> str:
     return str(state).replace("_", " ")
+
+
+# --- network records in the timeline ----------------------------------------------------------
+
+#: The audit events the timeline shows under a task (dns.answer is left out: the connection
+#: that follows names the name).
+NETWORK_EVENTS = ("net.connection", "net.refused", "net.dropped", "dns.refused",
+                  "dns.rebinding_refused", "dns.failed")
+
+
+@dataclass(frozen=True)
+class NetRecord:
+    """One network record of a task, as the audit log has it."""
+
+    event: str
+    details: Mapping[str, Any]
+
+
+class TaskRecords:
+    """A run's network records by the step attempt and task they belong to.
+
+    The audit log knows a task by its id; the timeline by its step and name. A task's
+    `exec.allowed` names its step and task; each `step.started` opens an attempt at that step,
+    matched to the timeline's attempt with the same step number whose start is the first one
+    at or after the attempt was created (an attempt that waited for approval starts after it
+    was created; a later attempt is created after the earlier one started). Built from the
+    run's records in log order by `add`.
+    """
+
+    def __init__(self) -> None:
+        # (step number, when its step.started was recorded) -> task name -> records
+        self.started: dict[tuple[int, datetime], dict[str, list[NetRecord]]] = {}
+        self._tasks: dict[str, tuple[tuple[int, datetime], str]] = {}  # id -> (attempt, name)
+        self._last: dict[int, datetime] = {}  # step number -> its latest step.started
+
+    def add(self, event: str, task_id: str, when: datetime, details: Mapping[str, Any]
+            ) -> None:
+        """Takes the next record of the run (in log order)."""
+        step = details.get("step")
+        if event == "step.started" and isinstance(step, int):
+            self._last[step] = when
+            self.started[(step, when)] = {}
+        elif event == "exec.allowed" and isinstance(step, int) and step in self._last:
+            self._tasks[task_id] = ((step, self._last[step]), str(details.get("task", "")))
+        elif event in NETWORK_EVENTS and task_id in self._tasks:
+            attempt, name = self._tasks[task_id]
+            self.started[attempt].setdefault(name, []).append(NetRecord(event, details))
+
+    def of_step(self, step: StepReply) -> Mapping[str, Sequence[NetRecord]]:
+        """Task name -> records, for one attempt of the timeline."""
+        number = step.step + 1 if step.read_only else step.step  # read-only: the head it ran on
+        starts = sorted(t for n, t in self.started if n == number
+                        and (step.created_at is None or t >= step.created_at))
+        return self.started[(number, starts[0])] if starts else {}
+
+
+def network_line(record: NetRecord) -> str:
+    """One network record as a line of the timeline (printable: the agent chose the names)."""
+    d = record.details
+    where = (f"{d.get('destination', '?')}:{d['port']}" if "port" in d
+             else str(d.get("destination", "?")))
+    name = f"{d['name']} " if d.get("name") else ""
+    if record.event == "net.connection":
+        text = (f"net allowed  {name}{where}  out {human_bytes(int(d.get('bytes_out', 0)))},"
+                f" in {human_bytes(int(d.get('bytes_in', 0)))}"
+                f"  {seconds(float(d.get('seconds', 0)))}  {d.get('result', '')}")
+    elif record.event == "net.dropped":
+        counts = ", ".join(f"{p} {n}" for p, n in sorted(dict(d.get("packets", {})).items()))
+        text = f"net dropped  {counts} (packets refused by the kernel, counted)"
+    elif record.event == "net.refused":
+        query = f" query {d['query']}" if d.get("query") else ""
+        text = f"net refused  {name}{where} {d.get('protocol', '')}{query}  {d.get('reason', '')}"
+    elif record.event == "dns.rebinding_refused":
+        text = (f"dns refused  {d.get('name', '')} -> {', '.join(d.get('addresses', []))}"
+                f"  {d.get('reason', '')}")
+    else:  # dns.refused, dns.failed
+        text = f"dns {record.event[4:]}  {d.get('name', '')}  {d.get('reason', '')}"
+    return printable(text.rstrip())

@@ -27,6 +27,7 @@ from __future__ import annotations
 import argparse
 import contextlib
 import functools
+import json
 import os
 import re
 import shlex
@@ -34,12 +35,16 @@ import sys
 import tempfile
 from collections.abc import Callable, Iterator
 from dataclasses import replace
+from datetime import UTC
 from pathlib import Path
 from typing import IO, Any, BinaryIO
+
+import grpc
 
 from agentd.cli import output
 from agentd.cli.exec_cmd import _seconds
 from agentd.client import (
+    AgentdClient,
     ClientError,
     StepEvent,
     StepReply,
@@ -409,10 +414,38 @@ def cmd_timeline(args: argparse.Namespace) -> int:
     if args.json:
         output.print_json({"run_id": args.run, "steps": [output.step_to_json(s) for s in steps]})
     elif steps:
-        sys.stdout.write(output.timeline(steps))
+        sys.stdout.write(output.timeline(steps, _network_records(args.client(), args.run)))
     else:
         print(f"run {args.run} has no steps yet", file=sys.stderr)
     return 0
+
+
+def _network_records(client: AgentdClient, run_id: str) -> output.TaskRecords:
+    """The run's network records from the audit service, by step attempt and task (the
+    audit log is the record of them; the step API does not carry them)."""
+    found = output.TaskRecords()
+    try:
+        return _add_records(client, run_id, found)
+    except grpc.RpcError as exc:  # without them the timeline is still the steps'
+        if exc.code() != grpc.StatusCode.UNIMPLEMENTED:  # an audit service is expected
+            print(f"agentctl: network records not shown: {client.error(exc)}",
+                  file=sys.stderr)
+        return found
+
+
+def _add_records(client: AgentdClient, run_id: str, found: output.TaskRecords
+                 ) -> output.TaskRecords:
+    since, seen = None, -1
+    while True:  # pages of the run's records, oldest first (since is inclusive)
+        reply = client.audit.query(run_id=run_id, limit=10000, since=since)
+        for record in reply.records:
+            if record.index > seen:
+                found.add(record.event, record.task_id, record.time.ToDatetime(tzinfo=UTC),
+                          json.loads(record.details_json or "{}"))
+                seen = record.index
+        if not reply.more or not reply.records:
+            return found
+        since = reply.records[-1].time
 
 
 def cmd_checkpoints(args: argparse.Namespace) -> int:

@@ -274,6 +274,9 @@ class TaskRunner:
             allowed = self.audit.submit("exec.allowed", actor=caller.actor(), run_id=run_id,
                                         task_id=task_id, details={
                                             **request_details(task.request, ctx.policy),
+                                            # which task of which step, for readers that
+                                            # know a task by its id (agentctl timeline)
+                                            "step": ctx.step, "task": task.request.name,
                                             "executable": task.executable,
                                             "stage": ctx.policy.stage,
                                             "policy_hash": ctx.policy.content_hash,
