@@ -103,6 +103,15 @@ class _StepStateEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_StepState.V
     STEP_STATE_COMMITTED: _StepState.ValueType  # 3
     STEP_STATE_FAILED: _StepState.ValueType  # 4
     STEP_STATE_DISCARDED: _StepState.ValueType  # 5
+    STEP_STATE_AMBIGUOUS: _StepState.ValueType  # 6
+    """The daemon stopped while the step ran with network egress: nothing was committed, but
+    its external effects may have happened. It waits for ResolveStep; nothing else runs on
+    the run until then.
+    """
+    STEP_STATE_ACCEPTED: _StepState.ValueType  # 7
+    """An ambiguous step an approver accepted as done: still nothing committed (the run stays
+    at its head), but its external effects are taken as having happened.
+    """
 
 class StepState(_StepState, metaclass=_StepStateEnumTypeWrapper): ...
 
@@ -112,6 +121,15 @@ STEP_STATE_RUNNING: StepState.ValueType  # 2
 STEP_STATE_COMMITTED: StepState.ValueType  # 3
 STEP_STATE_FAILED: StepState.ValueType  # 4
 STEP_STATE_DISCARDED: StepState.ValueType  # 5
+STEP_STATE_AMBIGUOUS: StepState.ValueType  # 6
+"""The daemon stopped while the step ran with network egress: nothing was committed, but
+its external effects may have happened. It waits for ResolveStep; nothing else runs on
+the run until then.
+"""
+STEP_STATE_ACCEPTED: StepState.ValueType  # 7
+"""An ambiguous step an approver accepted as done: still nothing committed (the run stays
+at its head), but its external effects are taken as having happened.
+"""
 Global___StepState: _TypeAlias = StepState  # noqa: Y015
 
 class _GraphEventKind:
@@ -150,6 +168,31 @@ GRAPH_EVENT_KIND_STEP: GraphEventKind.ValueType  # 5
 GRAPH_EVENT_KIND_FINISHED: GraphEventKind.ValueType  # 6
 """The last event: ended (nothing triggers) or `stopped` with the `reason`."""
 Global___GraphEventKind: _TypeAlias = GraphEventKind  # noqa: Y015
+
+class _Resolution:
+    ValueType = _typing.NewType("ValueType", _builtins.int)
+    V: _TypeAlias = ValueType  # noqa: Y015
+
+class _ResolutionEnumTypeWrapper(_enum_type_wrapper._EnumTypeWrapper[_Resolution.ValueType], _builtins.type):
+    DESCRIPTOR: _descriptor.EnumDescriptor
+    RESOLUTION_UNSPECIFIED: _Resolution.ValueType  # 0
+    RESOLUTION_RETRY: _Resolution.ValueType  # 1
+    """Run the step's tasks again, on the head the step was planned on."""
+    RESOLUTION_ACCEPT: _Resolution.ValueType  # 2
+    """Its external effects are taken as done; nothing is committed, the run stays at its head."""
+    RESOLUTION_ABANDON: _Resolution.ValueType  # 3
+    """Discard it: neither run again nor taken as done."""
+
+class Resolution(_Resolution, metaclass=_ResolutionEnumTypeWrapper): ...
+
+RESOLUTION_UNSPECIFIED: Resolution.ValueType  # 0
+RESOLUTION_RETRY: Resolution.ValueType  # 1
+"""Run the step's tasks again, on the head the step was planned on."""
+RESOLUTION_ACCEPT: Resolution.ValueType  # 2
+"""Its external effects are taken as done; nothing is committed, the run stays at its head."""
+RESOLUTION_ABANDON: Resolution.ValueType  # 3
+"""Discard it: neither run again nor taken as done."""
+Global___Resolution: _TypeAlias = Resolution  # noqa: Y015
 
 @_typing.final
 class GetStageRequest(_message.Message):
@@ -1840,3 +1883,32 @@ class GraphEvent(_message.Message):
     def WhichOneof(self, oneof_group: _Never) -> None: ...
 
 Global___GraphEvent: _TypeAlias = GraphEvent  # noqa: Y015
+
+@_typing.final
+class ResolveStepRequest(_message.Message):
+    DESCRIPTOR: _descriptor.Descriptor
+
+    RUN_ID_FIELD_NUMBER: _builtins.int
+    STEP_FIELD_NUMBER: _builtins.int
+    RESOLUTION_FIELD_NUMBER: _builtins.int
+    REASON_FIELD_NUMBER: _builtins.int
+    run_id: _builtins.str
+    step: _builtins.int
+    resolution: Global___Resolution.ValueType
+    reason: _builtins.str
+    """Why; kept with the attempt and in the audit record."""
+    def __init__(
+        self,
+        *,
+        run_id: _builtins.str = ...,
+        step: _builtins.int = ...,
+        resolution: Global___Resolution.ValueType = ...,
+        reason: _builtins.str = ...,
+    ) -> None: ...
+    _HasFieldArgType: _TypeAlias = _Never  # noqa: Y015
+    def HasField(self, field_name: _HasFieldArgType) -> _builtins.bool: ...
+    _ClearFieldArgType: _TypeAlias = _typing.Literal["reason", b"reason", "resolution", b"resolution", "run_id", b"run_id", "step", b"step"]  # noqa: Y015
+    def ClearField(self, field_name: _ClearFieldArgType) -> None: ...
+    def WhichOneof(self, oneof_group: _Never) -> None: ...
+
+Global___ResolveStepRequest: _TypeAlias = ResolveStepRequest  # noqa: Y015

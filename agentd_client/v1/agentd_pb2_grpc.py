@@ -154,6 +154,11 @@ class AgentdStub:
                 request_serializer=agentd__client_dot_v1_dot_agentd__pb2.RunGraphRequest.SerializeToString,
                 response_deserializer=agentd__client_dot_v1_dot_agentd__pb2.GraphEvent.FromString,
                 _registered_method=True)
+        self.ResolveStep = channel.unary_unary(
+                '/agentd.v1.Agentd/ResolveStep',
+                request_serializer=agentd__client_dot_v1_dot_agentd__pb2.ResolveStepRequest.SerializeToString,
+                response_deserializer=agentd__client_dot_v1_dot_agentd__pb2.StepReply.FromString,
+                _registered_method=True)
 
 
 class AgentdServicer:
@@ -343,6 +348,16 @@ class AgentdServicer:
         context.set_details('Method not implemented!')
         raise NotImplementedError('Method not implemented!')
 
+    def ResolveStep(self, request, context):
+        """Resolves an AMBIGUOUS step (approver role; never the step's requester), on record before
+        it takes effect: RETRY runs its stored tasks again (re-checked against the policy, as an
+        approved step; the reply is its outcome), ACCEPT takes it as done (nothing committed),
+        ABANDON discards it. FAILED_PRECONDITION naming the winner if it was resolved already.
+        """
+        context.set_code(grpc.StatusCode.UNIMPLEMENTED)
+        context.set_details('Method not implemented!')
+        raise NotImplementedError('Method not implemented!')
+
 
 def add_AgentdServicer_to_server(servicer, server):
     rpc_method_handlers = {
@@ -465,6 +480,11 @@ def add_AgentdServicer_to_server(servicer, server):
                     servicer.RunGraph,
                     request_deserializer=agentd__client_dot_v1_dot_agentd__pb2.RunGraphRequest.FromString,
                     response_serializer=agentd__client_dot_v1_dot_agentd__pb2.GraphEvent.SerializeToString,
+            ),
+            'ResolveStep': grpc.unary_unary_rpc_method_handler(
+                    servicer.ResolveStep,
+                    request_deserializer=agentd__client_dot_v1_dot_agentd__pb2.ResolveStepRequest.FromString,
+                    response_serializer=agentd__client_dot_v1_dot_agentd__pb2.StepReply.SerializeToString,
             ),
     }
     generic_handler = grpc.method_handlers_generic_handler(
@@ -1115,6 +1135,33 @@ class Agentd:
             '/agentd.v1.Agentd/RunGraph',
             agentd__client_dot_v1_dot_agentd__pb2.RunGraphRequest.SerializeToString,
             agentd__client_dot_v1_dot_agentd__pb2.GraphEvent.FromString,
+            options,
+            channel_credentials,
+            insecure,
+            call_credentials,
+            compression,
+            wait_for_ready,
+            timeout,
+            metadata,
+            _registered_method=True)
+
+    @staticmethod
+    def ResolveStep(request,
+            target,
+            options=(),
+            channel_credentials=None,
+            call_credentials=None,
+            insecure=False,
+            compression=None,
+            wait_for_ready=None,
+            timeout=None,
+            metadata=None):
+        return grpc.experimental.unary_unary(
+            request,
+            target,
+            '/agentd.v1.Agentd/ResolveStep',
+            agentd__client_dot_v1_dot_agentd__pb2.ResolveStepRequest.SerializeToString,
+            agentd__client_dot_v1_dot_agentd__pb2.StepReply.FromString,
             options,
             channel_credentials,
             insecure,

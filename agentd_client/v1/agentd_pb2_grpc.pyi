@@ -112,6 +112,12 @@ class AgentdStub:
     Validated by the daemon (INVALID_ARGUMENT with file, line and field). A stop (recursion
     limit, failed or refused step, rejected approval) is the last event, not an error.
     """
+    ResolveStep: _grpc.UnaryUnaryMultiCallable[_agentd_pb2.ResolveStepRequest, _agentd_pb2.StepReply]
+    """Resolves an AMBIGUOUS step (approver role; never the step's requester), on record before
+    it takes effect: RETRY runs its stored tasks again (re-checked against the policy, as an
+    approved step; the reply is its outcome), ACCEPT takes it as done (nothing committed),
+    ABANDON discards it. FAILED_PRECONDITION naming the winner if it was resolved already.
+    """
 
 @_typing.type_check_only
 class AgentdAsyncStub(AgentdStub):
@@ -189,6 +195,12 @@ class AgentdAsyncStub(AgentdStub):
     checkpoint, then each superstep's triggered nodes as one step, until nothing triggers.
     Validated by the daemon (INVALID_ARGUMENT with file, line and field). A stop (recursion
     limit, failed or refused step, rejected approval) is the last event, not an error.
+    """
+    ResolveStep: _aio.UnaryUnaryMultiCallable[_agentd_pb2.ResolveStepRequest, _agentd_pb2.StepReply]  # type: ignore[assignment]
+    """Resolves an AMBIGUOUS step (approver role; never the step's requester), on record before
+    it takes effect: RETRY runs its stored tasks again (re-checked against the policy, as an
+    approved step; the reply is its outcome), ACCEPT takes it as done (nothing committed),
+    ABANDON discards it. FAILED_PRECONDITION naming the winner if it was resolved already.
     """
 
 class AgentdServicer(metaclass=_abc_1.ABCMeta):
@@ -408,6 +420,18 @@ class AgentdServicer(metaclass=_abc_1.ABCMeta):
         checkpoint, then each superstep's triggered nodes as one step, until nothing triggers.
         Validated by the daemon (INVALID_ARGUMENT with file, line and field). A stop (recursion
         limit, failed or refused step, rejected approval) is the last event, not an error.
+        """
+
+    @_abc_1.abstractmethod
+    def ResolveStep(
+        self,
+        request: _agentd_pb2.ResolveStepRequest,
+        context: _ServicerContext,
+    ) -> _typing.Union[_agentd_pb2.StepReply, _abc.Awaitable[_agentd_pb2.StepReply]]:
+        """Resolves an AMBIGUOUS step (approver role; never the step's requester), on record before
+        it takes effect: RETRY runs its stored tasks again (re-checked against the policy, as an
+        approved step; the reply is its outcome), ACCEPT takes it as done (nothing committed),
+        ABANDON discards it. FAILED_PRECONDITION naming the winner if it was resolved already.
         """
 
 def add_AgentdServicer_to_server(servicer: AgentdServicer, server: _typing.Union[_grpc.Server, _aio.Server]) -> None: ...
