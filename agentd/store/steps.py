@@ -6,8 +6,9 @@ points at its current checkpoint; rollback moves the pointer back and deletes th
 checkpoints, fork copies rows: both touch metadata only, never the workspace, so they cost the
 same for ten files or a hundred thousand.
 
-Every step attempt (committed, failed, pending approval, discarded, interrupted by a crash) is
-kept in `steps`, so a run's timeline survives rollbacks. Committing a step is one transaction:
+Every step attempt (committed, failed, pending approval, discarded, interrupted by a crash,
+ambiguous after a crash with egress, accepted as done) is kept in `steps`, so a run's
+timeline survives rollbacks. Committing a step is one transaction:
 the checkpoint row, the run's pointer and the attempt's state change together or not at all.
 """
 
@@ -41,7 +42,8 @@ CREATE TABLE IF NOT EXISTS steps (
     run_id       TEXT NOT NULL,
     step         INTEGER NOT NULL,
     state        TEXT NOT NULL CHECK (state IN ('pending_approval', 'running', 'committed',
-                                                 'failed', 'discarded', 'interrupted')),
+                                                 'failed', 'discarded', 'interrupted',
+                                                 'ambiguous', 'accepted')),
     request      TEXT NOT NULL,      -- JSON: the tasks as submitted
     reply        TEXT NOT NULL DEFAULT '{}',
     reason       TEXT NOT NULL DEFAULT '',
@@ -64,6 +66,15 @@ class StepState(enum.StrEnum):
     FAILED = "failed"
     DISCARDED = "discarded"
     INTERRUPTED = "interrupted"
+    AMBIGUOUS = "ambiguous"
+    """Running with network egress when the daemon died: nothing committed, but its external
+    effects may have happened; it waits for an approver's resolution (`resolve`)."""
+    ACCEPTED = "accepted"
+    """An ambiguous attempt an approver took as done: nothing committed, effects assumed."""
+
+
+# What an older database's CHECK lacks: its table is rebuilt once (`_migrate_states`).
+_NEW_STATES = (StepState.AMBIGUOUS, StepState.ACCEPTED)
 
 
 @dataclass(frozen=True)
@@ -100,8 +111,44 @@ class StepStore:
 
     def __init__(self, db: sqlite3.Connection) -> None:
         self._db = db
+        self._migrate_states()
         self._db.executescript(SCHEMA + values.SCHEMA)
         self._migrate_channels()
+
+    def _migrate_states(self) -> None:
+        """Rebuilds a `steps` table whose CHECK constraint predates the states in
+        `_NEW_STATES`, keeping every row and attempt number, in one transaction.
+
+        SQLite cannot alter a CHECK constraint; the alternatives were editing the stored
+        schema text (`PRAGMA writable_schema`: the docs' last resort, and a typo corrupts the
+        database) or dropping the constraint (then nothing stops a stray state). The rebuild
+        is SQLite's documented procedure: create the new table, copy, drop, rename. It runs
+        once, at the first start of the new version, before anything else touches the table;
+        a crash in the middle leaves the old table as it was (the transaction rolls back)."""
+        row = self._db.execute("SELECT sql FROM sqlite_master WHERE type = 'table'"
+                               " AND name = 'steps'").fetchone()
+        if row is None or all(f"'{state}'" in row[0] for state in _NEW_STATES):
+            return  # a new database (made below) or one already migrated
+        create = SCHEMA[SCHEMA.index("CREATE TABLE IF NOT EXISTS steps"):]
+        create = create[:create.index(");") + 2].replace(
+            "CREATE TABLE IF NOT EXISTS steps", "CREATE TABLE steps_migrated")
+        with self._db:
+            self._db.execute("BEGIN IMMEDIATE")
+            self._db.execute(create)
+            self._db.execute(
+                "INSERT INTO steps_migrated (attempt, run_id, step, state, request, reply,"
+                " reason, requested_by, decided_by, created_at, finished_at)"
+                " SELECT attempt, run_id, step, state, request, reply, reason, requested_by,"
+                " decided_by, created_at, finished_at FROM steps")
+            # The AUTOINCREMENT counter, carried over: no attempt number is ever reused (a
+            # caller may wait on one), even one whose row is gone.
+            counter = self._db.execute("SELECT seq FROM sqlite_sequence WHERE name = 'steps'"
+                                       ).fetchone()
+            self._db.execute("DROP TABLE steps")  # its indexes go with it; SCHEMA remakes them
+            self._db.execute("ALTER TABLE steps_migrated RENAME TO steps")
+            if counter is not None:
+                self._db.execute("UPDATE sqlite_sequence SET seq = MAX(seq, ?)"
+                                 " WHERE name = 'steps'", (counter[0],))
 
     def _migrate_channels(self) -> None:
         """Moves channel values that older versions kept inline in `checkpoints.channels`
@@ -239,6 +286,29 @@ class StepStore:
             self.add_checkpoint(checkpoint)
             self.finish(attempt, "committed", reply=reply)
 
+    def mark_egress(self, attempt: int) -> None:
+        """Notes in a running attempt's request that its tasks may reach the network, durable
+        before any of them starts: recovery reads it to tell an ambiguous step (external
+        effects possible) from an interrupted one, without guessing from the policy of the
+        day."""
+        self._db.execute("UPDATE steps SET request = json_set(request, '$.egress', json('true'))"
+                         " WHERE attempt = ?", (attempt,))
+
+    def resolve(self, attempt: int, state: str, *, resolution: dict[str, Any],
+                decided_by: str, reason: str) -> None:
+        """Moves an ambiguous attempt to `state` (running for a retry, accepted, discarded),
+        only if it is still ambiguous (the backstop for two resolutions; the run's gate
+        decides first), keeping `resolution` in its request for the timeline.
+        FAILED_PRECONDITION, naming who resolved it, if another resolution won."""
+        finished = None if state == StepState.RUNNING else time.time()
+        cursor = self._db.execute(
+            "UPDATE steps SET state = ?, decided_by = ?, reason = ?, finished_at = ?,"
+            " request = json_set(request, '$.resolution', json(?))"
+            " WHERE attempt = ? AND state = 'ambiguous'",
+            (state, decided_by, reason, finished, json.dumps(resolution), attempt))
+        if cursor.rowcount != 1:
+            raise already_decided(self.attempt(attempt))
+
     def attempt(self, attempt: int) -> StepRecord:
         row = self._db.execute("SELECT * FROM steps WHERE attempt = ?", (attempt,)).fetchone()
         if row is None:
@@ -269,6 +339,14 @@ class StepStore:
         """The run's step waiting for approval, if any (at most one can wait)."""
         row = self._db.execute(
             "SELECT * FROM steps WHERE run_id = ? AND state = 'pending_approval'"
+            " ORDER BY attempt LIMIT 1", (run_id,)).fetchone()
+        return None if row is None else _step(row)
+
+    def first_ambiguous(self, run_id: str) -> StepRecord | None:
+        """The run's step left ambiguous by a crash, if any (at most one: nothing runs on
+        the run until it is resolved)."""
+        row = self._db.execute(
+            "SELECT * FROM steps WHERE run_id = ? AND state = 'ambiguous'"
             " ORDER BY attempt LIMIT 1", (run_id,)).fetchone()
         return None if row is None else _step(row)
 
