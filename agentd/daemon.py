@@ -317,7 +317,12 @@ def start(config: Config) -> Daemon:
                     reason="tmpfs has no user xattrs on this kernel (before 6.6): uppers stay "
                     "on the state disk and limits.workspace holds at commit")
     # Steps that were running when the daemon died applied nothing; mark them, drop leftovers.
-    recovered = recover_steps(step_store, layers)
+    # Those that could reach the network are AMBIGUOUS instead, each on record first.
+    recovered = recover_steps(step_store, layers, lambda attempt: audit.append_sync(
+        "step.ambiguous", actor=SYSTEM.actor(), run_id=attempt.run_id, details={
+            "step": attempt.step, "attempt": attempt.attempt,
+            "requested_by": attempt.requested_by,
+            "tasks": [t.get("name", "") for t in attempt.request.get("tasks", [])]}))
     # What recovery could not remove was moved aside, not left to stop the start.
     recovered["quarantined"] = layers.take_quarantined()
     if recovered["quarantined"]:

@@ -26,6 +26,7 @@ LIMITS: Final[dict[str, tuple[int | None, int | None]]] = {
     "agentd.v1.CreateRunRequest.label": (200, None),
     "agentd.v1.ForkRequest.label": (200, None),
     "agentd.v1.ApproveRequest.reason": (2000, None),
+    "agentd.v1.ResolveStepRequest.reason": (2000, None),
     "agentd.v1.PromoteStageRequest.reason": (2000, None),
     "agentd.v1.ApproveStageRequest.reason": (2000, None),
     "agentd.v1.PromoteStageRequest.owner": (200, None),
@@ -48,7 +49,8 @@ LIMITS: Final[dict[str, tuple[int | None, int | None]]] = {
 }
 # Identifiers: run ids, agent and channel names, task names.
 for _name in ("GetRunRequest.run_id", "CloseRunRequest.run_id", "ExecRequest.run_id",
-              "StepRequest.run_id", "ApproveRequest.run_id", "ListStepsRequest.run_id",
+              "StepRequest.run_id", "ApproveRequest.run_id", "ResolveStepRequest.run_id",
+              "ListStepsRequest.run_id",
               "ListCheckpointsRequest.run_id", "RollbackRequest.run_id", "ForkRequest.run_id",
               "ExportCheckpointRequest.run_id", "ReadFileRequest.run_id",
               "WriteFileRequest.run_id", "RunGraphRequest.run_id", "CreateRunRequest.agent",

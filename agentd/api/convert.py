@@ -70,6 +70,7 @@ STEP_STATES = {
     "pending_approval": pb.STEP_STATE_PENDING_APPROVAL, "running": pb.STEP_STATE_RUNNING,
     "committed": pb.STEP_STATE_COMMITTED, "failed": pb.STEP_STATE_FAILED,
     "discarded": pb.STEP_STATE_DISCARDED, "interrupted": pb.STEP_STATE_FAILED,
+    "ambiguous": pb.STEP_STATE_AMBIGUOUS, "accepted": pb.STEP_STATE_ACCEPTED,
 }
 
 

@@ -40,6 +40,8 @@ PERMISSIONS: dict[str, frozenset[str]] = {
     "/agentd.v1.Agentd/Fork": frozenset({"client", "admin"}),
     "/agentd.v1.Agentd/ExportCheckpoint": frozenset({"client", "admin"}),
     "/agentd.v1.Agentd/Approve": frozenset({"approver", "admin"}),
+    # An ambiguous step's effects are judged like an approval: by an approver.
+    "/agentd.v1.Agentd/ResolveStep": frozenset({"approver", "admin"}),
     "/agentd.v1.Agentd/ReloadPolicies": frozenset({"admin"}),
     "/agentd.v1.Agentd/PromoteStage": frozenset({"admin"}),
     "/agentd.v1.Agentd/ApproveStage": frozenset({"approver", "admin"}),

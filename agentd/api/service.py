@@ -25,7 +25,7 @@ from agentd.scheduler.graph import GraphEvent, GraphRunner
 from agentd.scheduler.plan import TaskRequest
 from agentd.scheduler.runs import RunManager
 from agentd.scheduler.stages import StageKeeper
-from agentd.scheduler.steps import StepResult, StepRunner
+from agentd.scheduler.steps import Resolution, StepResult, StepRunner
 from agentd.scheduler.tasks import StepListener, TaskOutcome
 from agentd.status import DaemonStatus
 
@@ -119,6 +119,12 @@ class AgentdServicer(agentd_pb2_grpc.AgentdServicer):
     async def Approve(self, request: pb.ApproveRequest, context: Any) -> pb.StepReply:
         result = await self.steps.approve(_run_id(request.run_id), request.step,
                                           request.approve, request.reason, current_caller.get())
+        return convert.step_result(result)
+
+    async def ResolveStep(self, request: pb.ResolveStepRequest, context: Any) -> pb.StepReply:
+        result = await self.steps.resolve(_run_id(request.run_id), _step(request.step),
+                                          _resolution(request.resolution), request.reason,
+                                          current_caller.get())
         return convert.step_result(result)
 
     async def WaitStep(self, request: pb.WaitStepRequest, context: Any) -> pb.StepReply:
@@ -268,6 +274,23 @@ def _run_id(run_id: str) -> str:
 def _expected(request: pb.StepRequest | pb.ExecRequest | pb.WriteFileRequest) -> int | None:
     """The checkpoint the caller built on, if it named one (proto3 `optional`)."""
     return request.expect_step if request.HasField("expect_step") else None
+
+
+def _step(step: int) -> int:
+    if step < 1:
+        raise InvalidArgument("step is required: the number of a step of the run (1 or more)")
+    return step
+
+
+def _resolution(value: int) -> Resolution:
+    """The proto enum as the scheduler's; UNSPECIFIED (or a value from a newer client) is
+    INVALID_ARGUMENT naming the three."""
+    names = {pb.RESOLUTION_RETRY: Resolution.RETRY, pb.RESOLUTION_ACCEPT: Resolution.ACCEPT,
+             pb.RESOLUTION_ABANDON: Resolution.ABANDON}
+    if value not in names:
+        raise InvalidArgument("resolution is required: RETRY (run its tasks again), ACCEPT "
+                              "(take its effects as done) or ABANDON (discard it)")
+    return names[value]  # type: ignore[index]
 
 
 def _agent(name: str) -> str:

@@ -27,6 +27,12 @@ A step that succeeds and changes nothing (no file, no channel write: `ls`, a rea
 checkpoint: it is committed *read-only* (`step.unchanged` on record), the run stays at its
 head, and the reply's `step` is that head, so a framework's step numbers move only when state
 does.
+
+A step whose tasks may reach the network (its policy grants egress and the daemon runs it) is
+marked so in its stored attempt before any task starts. If the daemon dies while it runs,
+recovery makes it AMBIGUOUS rather than interrupted: nothing was committed, but a request may
+have left the host. Until an approver resolves it (`resolve`: retry, accept, abandon), the run
+takes no new step, write, graph input or rollback (docs/architecture.md, "Recovery").
 """
 
 from __future__ import annotations
@@ -34,6 +40,7 @@ from __future__ import annotations
 import asyncio
 import base64
 import contextlib
+import enum
 import errno
 import functools
 import hashlib
@@ -80,8 +87,8 @@ from agentd.store.values import ChannelValue
 
 log = structlog.get_logger("agentd.steps")
 
-__all__ = ["StepListener", "StepResult", "StepRunner", "TaskOutcome", "TaskRequest",
-           "recover_steps"]
+__all__ = ["Resolution", "StepListener", "StepResult", "StepRunner", "TaskOutcome",
+           "TaskRequest", "recover_steps"]
 
 
 # Callers that may wait (WaitStep) on one run's steps at once.
@@ -89,6 +96,22 @@ MAX_WAITERS_PER_RUN = 64
 # Of an approved step, each task's first bytes of each stream are kept with its attempt: the
 # requester was not the one who heard the reply, and WaitStep gives them this much of it.
 KEPT_OUTPUT_BYTES = 4096
+
+
+class Resolution(enum.StrEnum):
+    """An approver's answer to an ambiguous step (`StepRunner.resolve`)."""
+
+    RETRY = "retry"
+    """Run its stored tasks again, re-checked against the policy, as an approved step."""
+    ACCEPT = "accept"
+    """Take its external effects as done; nothing is committed, the run stays at its head."""
+    ABANDON = "abandon"
+    """Discard it: neither run again nor taken as done."""
+
+
+# Where each resolution leaves the ambiguous attempt (RETRY: running, then as it ends).
+_RESOLVED_STATE = {Resolution.RETRY: StepState.RUNNING, Resolution.ACCEPT: StepState.ACCEPTED,
+                   Resolution.ABANDON: StepState.DISCARDED}
 
 
 @dataclass
@@ -177,10 +200,11 @@ class StepRunner:
 
     async def wait(self, run_id: str, number: int, attempt: int | None = None) -> StepRecord:
         """The latest attempt at step `number` (or exactly `attempt`, which a reply named)
-        once it has ended (committed, failed or discarded): a step pending approval is waited
-        for until an approver decides and it has run. Bounded by the caller's deadline (the
-        RPC's cancellation ends the wait); FAILED_PRECONDITION if the run closes with the
-        attempt still undecided."""
+        once it has ended (committed, failed, discarded or accepted): a step pending approval
+        is waited for until an approver decides and it has run, an ambiguous one until it is
+        resolved (and, retried, has run: the retry keeps the attempt's number). Bounded by the
+        caller's deadline (the RPC's cancellation ends the wait); FAILED_PRECONDITION if the
+        run closes with the attempt still undecided."""
         self.runs.get_run(run_id)  # NOT_FOUND for an unknown run
         waiting = self._waiters.setdefault(run_id, set())
         if len(waiting) >= MAX_WAITERS_PER_RUN:
@@ -195,7 +219,8 @@ class StepRunner:
                 if latest is None:
                     raise NotFound(f"run {run_id} has no step {number}; `agentctl timeline "
                                    "RUN` lists its steps")
-                if latest.state not in (StepState.PENDING_APPROVAL, StepState.RUNNING):
+                if latest.state not in (StepState.PENDING_APPROVAL, StepState.RUNNING,
+                                        StepState.AMBIGUOUS):
                     return latest
                 if self.runs.get_run(run_id).state is RunState.CLOSED:
                     raise FailedPrecondition(f"run {run_id} was closed with step {number} "
@@ -353,11 +378,17 @@ class StepRunner:
                           requested_by=str(caller), base_step=number - 1, attempt=attempt)
 
     def _no_pending(self, run_id: str) -> None:
+        """FAILED_PRECONDITION while a step of the run waits for a person: an approval, or
+        the resolution of an ambiguous step (nothing may be built on a state whose external
+        effects nobody has judged)."""
         pending = self.steps.first_pending(run_id)
         if pending is not None:
             raise FailedPrecondition(
                 f"step {pending.step} of run {run_id} waits for approval; approve or reject "
                 "it first (`agentctl approve`)")
+        ambiguous = self.steps.first_ambiguous(run_id)
+        if ambiguous is not None:
+            raise FailedPrecondition(ambiguous_message(ambiguous))
 
     def _pending(self, run_id: str, number: int) -> StepRecord:
         """The attempt at step `number` waiting for a decision; NOT_FOUND if there is none,
@@ -369,17 +400,18 @@ class StepRunner:
             raise already_decided(latest)
         raise NotFound(f"run {run_id} has no step {number} waiting for approval")
 
-    def _check_approver(self, pending: StepRecord, caller: Caller) -> bool:
-        """Approval means another person; returns whether this is a (permitted, development
-        only) self-approval by the requester's own uid."""
+    def _check_approver(self, pending: StepRecord, caller: Caller,
+                        verb: str = "approve") -> bool:
+        """Approval (and a resolution, `verb` "resolve") means another person; returns whether
+        this is a (permitted, development only) self-approval by the requester's own uid."""
         if pending.requested_by == str(caller):
-            raise PermissionDenied("the requester of a step cannot approve it; another approver "
+            raise PermissionDenied(f"the requester of a step cannot {verb} it; another approver "
                                    "must decide", rule="approvals: requester != approver")
         self_approved = bool(pending.request.get("requested_uid") == caller.uid)
         if self_approved and not self.allow_self_approval:
             raise PermissionDenied(
                 f"uid {caller.uid} requested step {pending.step} of run {pending.run_id} and "
-                "cannot approve it: approval means another person; ask an approver with "
+                f"cannot {verb} it: that means another person; ask an approver with "
                 "another uid (or set allow_self_approval in the daemon config, for "
                 "development only)", rule="approvals: approver uid != requester uid")
         if self_approved:
@@ -443,6 +475,90 @@ class StepRunner:
         finally:
             gate.release()
 
+    # -- resolving an ambiguous step ------------------------------------------------------------
+
+    def _ambiguous(self, run_id: str, number: int) -> StepRecord:
+        """The ambiguous attempt at step `number`; NOT_FOUND if there is none,
+        FAILED_PRECONDITION naming the resolver if it was resolved already."""
+        self.runs.get_run(run_id)  # NOT_FOUND for an unknown run
+        latest = self.steps.latest(run_id, number)
+        if latest is not None and latest.state == StepState.AMBIGUOUS:
+            return latest
+        if latest is not None and "resolution" in latest.request:
+            raise already_decided(latest)
+        raise NotFound(f"run {run_id} has no ambiguous step {number}; `agentctl steps RUN` "
+                       "shows its steps")
+
+    async def resolve(self, run_id: str, number: int, resolution: Resolution, reason: str,
+                      caller: Caller, listener: StepListener | None = None) -> StepResult:
+        """An approver's resolution of an ambiguous step, by another person than its
+        requester (as an approval), on record (`step.resolved`) before it takes effect.
+        Exactly one resolution wins (under the run's gate, then compare-and-set in the
+        store). RETRY runs the stored tasks as an approved step would (planned again on
+        the current policy, on the head the step was planned on: the resolution is the
+        approval, so triggers do not ask again) and returns how it ended; ACCEPT and ABANDON
+        return at once, and may be given on a closed run (the record is what matters)."""
+        record = self._ambiguous(run_id, number)
+        self_resolved = self._check_approver(record, caller, "resolve")
+        policy: EffectivePolicy | None = None
+        plan: Plan | None = None
+        if resolution is Resolution.RETRY:
+            requests = [TaskRequest.from_json(t) for t in record.request["tasks"]]
+            policy, plan = await self._plan(run_id, requests, caller)
+        gate = self.runs.gate(run_id)
+        if resolution is not Resolution.RETRY:
+            async with gate.lock:
+                return await self._settle(run_id, number, resolution, reason, caller,
+                                          self_resolved, gate)
+        async with gate.turn():  # as an approved step: behind anything holding the run
+            self.runs.check_accepting()
+            async with gate.lock:
+                gate.check_idle("retry the resolution")
+                run = self.runs.check_open(run_id)
+                if run.step + 1 != number:  # no rollback passes an ambiguous step; a backstop
+                    raise FailedPrecondition(
+                        f"run {run_id} is at step {run.step}, not {number - 1}: step {number} "
+                        "cannot be retried where it was planned; accept or abandon it")
+                pending = await self._settle(run_id, number, resolution, reason, caller,
+                                             self_resolved, gate)
+                gate.claim(f"step {number}")
+            assert plan is not None  # planned above for a retry
+            assert policy is not None
+            try:
+                return await self._execute(run_id, number, pending.attempt, plan.tasks, policy,
+                                           caller, listener, requested_by=pending.requested_by,
+                                           decided_by=str(caller))
+            finally:
+                gate.release()
+
+    async def _settle(self, run_id: str, number: int, resolution: Resolution, reason: str,
+                      caller: Caller, self_resolved: bool, gate: RunGate) -> StepResult:
+        """Under the run's gate: the resolution on record, then the attempt's new state.
+        For a retry, the result says RUNNING and the caller runs it."""
+        record = self._ambiguous(run_id, number)  # another resolution may have won
+        state = _RESOLVED_STATE[resolution]
+        stored_reason = {Resolution.ACCEPT: "accepted as done",
+                         Resolution.ABANDON: "abandoned",
+                         Resolution.RETRY: "retried"}[resolution] + (
+                             f": {reason}" if reason else "")
+        await self.audit.append("step.resolved", actor=caller.actor(), run_id=run_id,
+                                details={"step": number, "attempt": record.attempt,
+                                         "resolution": str(resolution), "reason": reason,
+                                         "requested_by": record.requested_by,
+                                         "self_resolved": self_resolved})
+        log.info("step.resolved", run_id=run_id, step=number, resolution=str(resolution),
+                 uid=caller.uid, self_resolved=self_resolved)
+        self.steps.resolve(record.attempt, state, decided_by=str(caller),
+                           reason="" if resolution is Resolution.RETRY else stored_reason,
+                           resolution={"resolution": str(resolution), "by": str(caller),
+                                       "reason": reason, "at": time.time()})
+        if resolution is not Resolution.RETRY:
+            gate.failed_step = None
+            self._wake(run_id)
+        return StepResult(run_id, number, state, reason=stored_reason,
+                          requested_by=record.requested_by, decided_by=str(caller),
+                          base_step=number - 1, attempt=record.attempt)
+
     # -- execute, merge, commit --------------------------------------------------------------
 
     async def _execute(self, run_id: str, number: int, attempt: int,
@@ -462,6 +578,8 @@ class StepRunner:
         started_record: asyncio.Future[int] | None = None
         phases = Phases()
         try:
+            if policy.network == "egress" and self.tasks.egress is not None:
+                self.steps.mark_egress(attempt)  # durable before a task can reach out
             base = self.steps.checkpoint(run_id, number - 1)
             hold = self.runs.refs.hold(base.layers)  # mounted as lowers until the end
             specs = self.runs.channel_specs(run_id)
@@ -888,6 +1006,9 @@ class StepRunner:
         async with gate.lock:
             gate.check_idle("roll back")
             run = self.runs.check_open(run_id)
+            ambiguous = self.steps.first_ambiguous(run_id)
+            if ambiguous is not None:  # a rollback must not bury what nobody has judged
+                raise FailedPrecondition(ambiguous_message(ambiguous))
             if number > run.step:
                 raise FailedPrecondition(f"run {run_id} is at step {run.step}; it cannot roll "
                                          f"forward to {number}")
@@ -924,14 +1045,39 @@ class StepRunner:
             async for chunk in chunks:
                 yield chunk
 
-def recover_steps(steps: StepStore, layers: LayerStore) -> dict[str, Any]:
+def ambiguous_message(record: StepRecord) -> str:
+    """Why nothing more happens on a run with an ambiguous step, and what to do."""
+    return (f"step {record.step} of run {record.run_id} is AMBIGUOUS: the daemon stopped while "
+            "it ran with network egress, so its external effects may have happened though "
+            "nothing was committed; an approver resolves it first (`agentctl resolve "
+            f"{record.run_id} {record.step} retry|accept|abandon --reason TEXT`)")
+
+
+AMBIGUOUS_REASON = ("the daemon stopped while the step ran with network egress: nothing was "
+                    "committed, but its external effects may have happened; an approver "
+                    "resolves it (`agentctl resolve RUN STEP retry|accept|abandon`)")
+
+
+def recover_steps(steps: StepStore, layers: LayerStore,
+                  on_ambiguous: Callable[[StepRecord], object] | None = None) -> dict[str, Any]:
     """At start-up, after a crash: steps that were running are marked interrupted (nothing of
-    them was applied: their checkpoint was never written), and layers no checkpoint refers to
-    (a commit cut short) and every task's upper are removed."""
-    interrupted = []
+    them was applied: their checkpoint was never written), or ambiguous if their attempt says
+    their tasks could reach the network (`on_ambiguous` records each first, so the log never
+    lacks one the store shows); layers no checkpoint refers to (a commit cut short) and every
+    task's upper are removed."""
+    interrupted, ambiguous = [], []
     for attempt in steps.in_state(StepState.RUNNING):
+        entry = {"run_id": attempt.run_id, "step": attempt.step}
+        if attempt.request.get("egress"):
+            if on_ambiguous is not None:
+                on_ambiguous(attempt)
+            steps.finish(attempt.attempt, StepState.AMBIGUOUS, reply={},
+                         reason=AMBIGUOUS_REASON)
+            ambiguous.append({**entry, "attempt": attempt.attempt})
+            continue
         steps.finish(attempt.attempt, StepState.INTERRUPTED, reply={},
                      reason="the daemon stopped while the step ran; submit it again")
-        interrupted.append({"run_id": attempt.run_id, "step": attempt.step})
+        interrupted.append(entry)
     removed = layers.gc(steps.referenced_layers(), keep_uppers=())
-    return {"interrupted_steps": interrupted, "removed": len(removed)}
+    return {"interrupted_steps": interrupted, "ambiguous_steps": ambiguous,
+            "removed": len(removed)}
