@@ -147,6 +147,10 @@ class StepState(enum.StrEnum):
     COMMITTED = "committed"  # every change of every task was applied, as one checkpoint
     FAILED = "failed"  # nothing was applied: a task failed, or two tasks conflicted
     DISCARDED = "discarded"  # rejected by an approver, or the run moved on before approval
+    # The daemon died while it ran with network egress: nothing committed, effects possible;
+    # nothing else runs on the run until an approver resolves it (AgentdClient.resolve).
+    AMBIGUOUS = "ambiguous"
+    ACCEPTED = "accepted"  # an ambiguous step taken as done: nothing committed
 
 
 #: How a channel merges the writes of one step (see agentd.scheduler.channels).
@@ -173,7 +177,11 @@ _STEP_STATES = {
     pb.STEP_STATE_COMMITTED: StepState.COMMITTED,
     pb.STEP_STATE_FAILED: StepState.FAILED,
     pb.STEP_STATE_DISCARDED: StepState.DISCARDED,
+    pb.STEP_STATE_AMBIGUOUS: StepState.AMBIGUOUS,
+    pb.STEP_STATE_ACCEPTED: StepState.ACCEPTED,
 }
+RESOLUTIONS = {"retry": pb.RESOLUTION_RETRY, "accept": pb.RESOLUTION_ACCEPT,
+               "abandon": pb.RESOLUTION_ABANDON}
 
 
 def _time(msg: Timestamp) -> datetime:
@@ -780,6 +788,17 @@ class AgentdClient:
         request = pb.ApproveRequest(run_id=run_id, step=step, approve=approve, reason=reason)
         try:
             return StepReply.from_proto(self._stub.Approve(request))
+        except grpc.RpcError as exc:
+            raise self.error(exc) from None
+
+    def resolve(self, run_id: str, step: int, resolution: str, reason: str = "") -> StepReply:
+        """Resolves an ambiguous step: "retry" (it runs now, and the reply says how it ended),
+        "accept" (taken as done, nothing committed) or "abandon" (discarded). As `approve`:
+        the approver role only, never for a step it requested itself."""
+        request = pb.ResolveStepRequest(run_id=run_id, step=step, reason=reason,
+                                        resolution=RESOLUTIONS[resolution])
+        try:
+            return StepReply.from_proto(self._stub.ResolveStep(request))
         except grpc.RpcError as exc:
             raise self.error(exc) from None
 

@@ -139,6 +139,13 @@ class AsyncClient:
             self._stub.WaitStep, t.wait_step_request(run_id, step, attempt), deadline,
             idempotent=True))
 
+    async def resolve_step(self, run_id: str, step: int, resolution: t.Resolution, *,
+                           reason: str = "", deadline: float | None = None) -> t.StepResult:
+        """As Client.resolve_step."""
+        return t.step_result(await self._call(
+            self._stub.ResolveStep, t.resolve_step_request(run_id, step, resolution, reason),
+            deadline))
+
     # -- files -----------------------------------------------------------------------------
 
     async def read_file(self, run_id: str, path: str, *, step: int | None = None,

@@ -151,11 +151,22 @@ class Client:
                   deadline: float | None = None
                   ) -> t.StepResult:
         """The step once it has ended: one waiting for approval, once an approver decided
-        and it ran (committed), or rejected it (discarded). With `attempt` (from the reply or
+        and it ran (committed), or rejected it (discarded); an ambiguous one once an approver
+        resolved it (accepted, discarded, or retried and run). With `attempt` (from the reply or
         the ApprovalRequired), exactly that attempt, not a later one at the same number."""
         return t.step_result(self._call(
             self._stub.WaitStep, t.wait_step_request(run_id, step, attempt), deadline,
             idempotent=True))
+
+    def resolve_step(self, run_id: str, step: int, resolution: t.Resolution, *,
+                     reason: str = "", deadline: float | None = None) -> t.StepResult:
+        """An approver's resolution of an ambiguous step (on the approver socket; not by the
+        uid that requested it): "retry" runs its tasks again and returns how that ended,
+        "accept" takes its external effects as done (state accepted, nothing committed),
+        "abandon" discards it. FailedPrecondition naming the winner if already resolved."""
+        return t.step_result(self._call(
+            self._stub.ResolveStep, t.resolve_step_request(run_id, step, resolution, reason),
+            deadline))
 
     # -- files -----------------------------------------------------------------------------
 

@@ -16,7 +16,13 @@ BACKOFF_SECONDS = (0.1, 0.4, 1.6)
 
 _STATES = {pb.STEP_STATE_PENDING_APPROVAL: "pending_approval",
            pb.STEP_STATE_RUNNING: "running", pb.STEP_STATE_COMMITTED: "committed",
-           pb.STEP_STATE_FAILED: "failed", pb.STEP_STATE_DISCARDED: "discarded"}
+           pb.STEP_STATE_FAILED: "failed", pb.STEP_STATE_DISCARDED: "discarded",
+           pb.STEP_STATE_AMBIGUOUS: "ambiguous", pb.STEP_STATE_ACCEPTED: "accepted"}
+
+#: What an approver may do with an ambiguous step (`resolve_step`).
+Resolution = Literal["retry", "accept", "abandon"]
+_RESOLUTIONS = {"retry": pb.RESOLUTION_RETRY, "accept": pb.RESOLUTION_ACCEPT,
+                "abandon": pb.RESOLUTION_ABANDON}
 
 
 @dataclass(frozen=True)
@@ -94,7 +100,9 @@ class StepResult:
     step: int
     base_step: int
     state: str
-    """committed, failed, pending_approval or discarded."""
+    """committed, failed, pending_approval or discarded; after a daemon crash during a step
+    with network egress, ambiguous (its external effects may have happened, nothing was
+    committed: an approver resolves it), and accepted once an approver took it as done."""
     read_only: bool
     reason: str
     tasks: tuple[TaskResult, ...]
@@ -175,6 +183,15 @@ def written_step(reply: pb.StepReply) -> int:
         raise FailedPrecondition(f"the write of run {reply.run_id} was not applied: "
                                  f"{reply.reason}")
     return reply.step
+
+
+def resolve_step_request(run_id: str, step: int, resolution: Resolution,
+                         reason: str) -> pb.ResolveStepRequest:
+    """ValueError for a resolution other than retry, accept or abandon (before any call)."""
+    if resolution not in _RESOLUTIONS:
+        raise ValueError(f"resolution must be retry, accept or abandon, not {resolution!r}")
+    return pb.ResolveStepRequest(run_id=run_id, step=step,
+                                 resolution=_RESOLUTIONS[resolution], reason=reason)
 
 
 def wait_step_request(run_id: str, step: int, attempt: int | None) -> pb.WaitStepRequest:

@@ -393,6 +393,8 @@ def _by_whom(step: StepReply) -> str:
 
 
 def _state_words(state: StepState) -> str:
+    if state is StepState.AMBIGUOUS:  # loud: nothing more runs on the run until resolved
+        return "AMBIGUOUS"
     return str(state).replace("_", " ")
 
 

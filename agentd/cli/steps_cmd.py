@@ -1,7 +1,9 @@
-"""`agentctl step|approve|timeline|checkpoints|rollback|fork|export`: steps and checkpoints.
+"""`agentctl step|approve|resolve|timeline|checkpoints|rollback|fork|export`: steps and
+checkpoints.
 
     agentctl step RUN --task [NAME=]CMD [--task ...] [--allow-failure NAME]... [--timeout S]
     agentctl approve RUN STEP [--reject] [--reason TEXT]      (on the approver socket)
+    agentctl resolve RUN STEP retry|accept|abandon --reason TEXT   (on the approver socket)
     agentctl timeline RUN
     agentctl checkpoints RUN
     agentctl rollback RUN STEP
@@ -17,9 +19,12 @@ stderr), then a summary on stderr: `step 3 committed (2 tasks, 0.21 s)`.
 Exit status of `step` and `approve`: 0 committed (for `approve --reject`: discarded), 1 failed
 or discarded, 3 pending approval; as everywhere, 2 for bad input and 1 for any other error.
 
-Approve is the approver role's; Step, Rollback, Fork and Export are the client role's. The
-role is the socket's (see agentd.identity), so a refusal for the role gets a hint naming the
-socket to use, next to the one in use.
+Exit status of `resolve`: 0 when the resolution took effect (accepted, abandoned, or retried
+and committed), 1 when the retried step failed, 3 when it waits for approval.
+
+Approve and resolve are the approver role's; Step, Rollback, Fork and Export are the client
+role's. The role is the socket's (see agentd.identity), so a refusal for the role gets a hint
+naming the socket to use, next to the one in use.
 """
 
 from __future__ import annotations
@@ -85,7 +90,8 @@ decides with `agentctl approve`); 2 for bad input."""
 
 
 def register(subparsers: argparse._SubParsersAction[Any]) -> None:
-    """Adds `step`, `approve`, `timeline`, `checkpoints`, `rollback`, `fork` and `export`."""
+    """Adds `step`, `approve`, `resolve`, `timeline`, `checkpoints`, `rollback`, `fork` and
+    `export`."""
     step = subparsers.add_parser(
         "step",
         help="run shell commands as one step: in parallel, committed together or not at all",
@@ -147,6 +153,24 @@ def register(subparsers: argparse._SubParsersAction[Any]) -> None:
     approve.add_argument("--reason", default="", metavar="TEXT", help="why, for the record")
     _json_flag(approve)
     approve.set_defaults(func=cmd_approve)
+
+    resolve = subparsers.add_parser(
+        "resolve",
+        help="resolve an AMBIGUOUS step (approver socket): retry, accept or abandon",
+        description="A step the daemon was running with network egress when it stopped is "
+        "AMBIGUOUS: nothing was committed, but its external effects may have happened, and "
+        "nothing else runs on the run until it is resolved. retry runs its tasks again (the "
+        "reply says how it ended); accept takes its effects as done (nothing is committed); "
+        "abandon discards it. Only on the approver socket, and not by whoever requested it.",
+    )
+    resolve.add_argument("run", metavar="RUN", help="run id")
+    resolve.add_argument("step", type=_step_number, metavar="STEP", help="the ambiguous step")
+    resolve.add_argument("resolution", choices=("retry", "accept", "abandon"),
+                         help="what to do with it")
+    resolve.add_argument("--reason", required=True, metavar="TEXT",
+                         help="why, for the record (required: a judgement about effects)")
+    _json_flag(resolve)
+    resolve.set_defaults(func=cmd_resolve)
 
     timeline = subparsers.add_parser(
         "timeline", help="what ran in a run, step by step: outcome, time, changes"
@@ -401,6 +425,19 @@ def cmd_approve(args: argparse.Namespace) -> int:
     else:
         sys.stdout.write(output.step_summary(reply))
     if args.reject and reply.state is StepState.DISCARDED:
+        return EXIT_COMMITTED
+    return step_status(reply)
+
+
+@_on_approver_socket
+def cmd_resolve(args: argparse.Namespace) -> int:
+    """`resolve`: 0 when the resolution took effect (for retry: the step committed)."""
+    reply = args.client().resolve(args.run, args.step, args.resolution, args.reason)
+    if args.json:
+        output.print_json(output.step_to_json(reply))
+    else:
+        sys.stdout.write(output.step_summary(reply))
+    if reply.state in (StepState.ACCEPTED, StepState.DISCARDED):
         return EXIT_COMMITTED
     return step_status(reply)
 
