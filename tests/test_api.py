@@ -946,7 +946,8 @@ class TestHealthAndReflection:
                            "StreamStep", "Approve", "ListSteps", "ListCheckpoints", "Rollback",
                            "Fork", "ExportCheckpoint", "GetStatus", "ReloadPolicies",
                            "GetStage", "StageHistory", "PromoteStage", "ApproveStage",
-                           "AcceptPolicy", "WaitStep", "ReadFile", "WriteFile", "RunGraph"}
+                           "AcceptPolicy", "WaitStep", "ReadFile", "WriteFile", "RunGraph",
+                           "ResolveStep"}
         assert agentd.methods_by_name["Exec"].output_type.full_name == "agentd.v1.ExecEvent"
         assert agentd.methods_by_name["Exec"].server_streaming
         assert agentd.methods_by_name["Step"].output_type.full_name == "agentd.v1.StepReply"
