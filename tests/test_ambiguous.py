@@ -277,6 +277,12 @@ class TestRecovery:
         assert "cannot resolve it" in details
         code, _ = _code(lambda: handle.stub().ResolveStep(request, timeout=60))
         assert code == grpc.StatusCode.PERMISSION_DENIED
+        shown = subprocess.run(
+            [sys.executable, "-m", "agentd.cli.main", "--socket", str(handle.socket("approver")),
+             "resolve", run_id, "1", "accept", "--reason", "mine"], capture_output=True,
+            text=True, timeout=60, check=False)
+        assert shown.returncode == 1
+        assert "cannot resolve it" in shown.stderr
         out = _as_user(handle, f"""
             stub.ResolveStep(pb.ResolveStepRequest(run_id="{run_id}", step=1), timeout=60)""")
         assert out.startswith("INVALID_ARGUMENT resolution is required")
@@ -308,7 +314,7 @@ class TestResolution:
         assert handle.stub().GetRun(pb.GetRunRequest(run_id=run_id)).step == 1
         data = handle.stub().ReadFile(pb.ReadFileRequest(run_id=run_id, path="fetched"))
         assert data.data == b"done"
-        events = [r for r in _records(handle, run_id)]
+        events = _records(handle, run_id)
         names = [r["event"] for r in events]
         resolved = events[names.index("step.resolved")]
         assert resolved["actor"]["uid"] == RESOLVER_UID
@@ -346,7 +352,8 @@ class TestResolution:
             ("accept", "the mail was sent")]
         out = _as_user(handle, f"""
             Client(sock).resolve_step("{run_id}", 1, "abandon", reason="late")""")
-        assert out.startswith("FAILED_PRECONDITION") and "already decided" in out
+        assert out.startswith("FAILED_PRECONDITION")
+        assert "already decided" in out
         after = stub.Step(pb.StepRequest(run_id=run_id, tasks=[
             pb.TaskSpec(name="t", argv=["/bin/true"])]), timeout=60)
         assert after.state == pb.STEP_STATE_COMMITTED
