@@ -38,7 +38,12 @@ from langgraph.types import interrupt
 
 from agentd_client.aio import AsyncClient
 from agentd_client.errors import ApprovalRequired, DeadlineExceeded
-from agentd_client.langgraph.saver import RUN_KEY, Position, saver_of
+from agentd_client.langgraph.saver import (
+    Position,
+    aworkspace_of,
+    note_moved,
+    workspace_of,
+)
 from agentd_client.langgraph.tools import (
     AgentdTool,
     Call,
@@ -126,7 +131,7 @@ class AgentdToolNode(RunnableLambda[Any, Any]):
     def _step(self, config: RunnableConfig, calls: list[Call]) -> tuple[StepResult, bool]:
         """The turn's step once it has ended, and whether it waited for an approver."""
         def work() -> dict[str, Any]:
-            at, expect = self._where(config)
+            at, expect = workspace_of(config, self.run_id, "the node")
             try:
                 result = self.client.step(at.run_id, _named(calls), expect_step=expect)
             except ApprovalRequired as pending:
@@ -145,7 +150,7 @@ class AgentdToolNode(RunnableLambda[Any, Any]):
                                              deadline=self._deadline(asked, stored))
             except DeadlineExceeded:
                 continue
-        self._moved(config, ended_at(step))
+        note_moved(config, ended_at(step))
         return step, waited
 
     def _deadline(self, asked: int, stored: int) -> float:
@@ -178,8 +183,7 @@ class AgentdToolNode(RunnableLambda[Any, Any]):
     async def _astep(self, config: RunnableConfig, calls: list[Call]
                      ) -> tuple[StepResult, bool]:
         async def work() -> dict[str, Any]:
-            saver = saver_of(config)
-            at, expect = await saver.aworkspace(config) if saver else self._where(config)
+            at, expect = await aworkspace_of(config, self.run_id, "the node")
             try:
                 result = await self._client_step(at.run_id, _named(calls), expect)
             except ApprovalRequired as pending:
@@ -197,7 +201,7 @@ class AgentdToolNode(RunnableLambda[Any, Any]):
                 step = await self._wait(step, self._deadline(asked, stored))
             except DeadlineExceeded:
                 continue
-        self._moved(config, ended_at(step))
+        note_moved(config, ended_at(step))
         return step, waited
 
     async def _client_step(self, run_id: str, tasks: list[Task], expect: int | None
@@ -220,21 +224,6 @@ class AgentdToolNode(RunnableLambda[Any, Any]):
                                        attempt=step.attempt, deadline=deadline)
 
     # -- shared ------------------------------------------------------------------------------
-
-    def _where(self, config: RunnableConfig) -> tuple[Position, int | None]:
-        saver = saver_of(config)
-        if saver is not None:
-            return saver.workspace(config)
-        run = config.get("configurable", {}).get(RUN_KEY) or self.run_id
-        if not run:
-            raise ValueError(f"no agentd run: give the node a run_id, the config "
-                             f"configurable[{RUN_KEY!r}], or the graph an AgentdCheckpointSaver")
-        return Position(str(run), -1), None
-
-    def _moved(self, config: RunnableConfig, position: Position) -> None:
-        saver = saver_of(config)
-        if saver is not None:
-            saver.moved(config, position)
 
     def _tool_calls(self, state: Any) -> list[ToolCall]:
         if isinstance(state, list):

@@ -88,6 +88,36 @@ def saver_of(config: RunnableConfig) -> AgentdCheckpointSaver | None:
     return found if isinstance(found, AgentdCheckpointSaver) else None
 
 
+def workspace_of(config: RunnableConfig, run_id: str | None, owner: str
+                 ) -> tuple[Position, int | None]:
+    """Where a call runs, and the head it expects: the saver's workspace for this checkpoint,
+    else the run `configurable[RUN_KEY]` or `owner`'s own `run_id` names (no expected head)."""
+    saver = saver_of(config)
+    if saver is not None:
+        return saver.workspace(config)
+    run = config.get("configurable", {}).get(RUN_KEY) or run_id
+    if not run:
+        raise ValueError(f"no agentd run: give {owner} a run_id, the config "
+                         f"configurable[{RUN_KEY!r}], or the graph an AgentdCheckpointSaver")
+    return Position(str(run), -1), None
+
+
+async def aworkspace_of(config: RunnableConfig, run_id: str | None, owner: str
+                        ) -> tuple[Position, int | None]:
+    """As `workspace_of`, asking the saver asynchronously."""
+    saver = saver_of(config)
+    if saver is not None:
+        return await saver.aworkspace(config)
+    return workspace_of(config, run_id, owner)
+
+
+def note_moved(config: RunnableConfig, position: Position) -> None:
+    """Tells the graph's saver (if any) where a call left the run."""
+    saver = saver_of(config)
+    if saver is not None:
+        saver.moved(config, position)
+
+
 def origin(config: RunnableConfig) -> str | None:
     """The root checkpoint a task's superstep started from."""
     configurable = config.get("configurable", {})

@@ -25,7 +25,12 @@ from langchain_core.tools import StructuredTool
 from pydantic import BaseModel, Field
 
 from agentd_client.aio import AsyncClient
-from agentd_client.langgraph.saver import RUN_KEY, Position, saver_of
+from agentd_client.langgraph.saver import (
+    Position,
+    aworkspace_of,
+    note_moved,
+    workspace_of,
+)
 from agentd_client.sync import Client
 from agentd_client.types import StepResult, Task, TaskResult
 
@@ -169,30 +174,15 @@ class _Runner:
         self.client, self.aclient = client, aclient
         self.run_id, self.approval_timeout = run_id, approval_timeout
 
-    def where(self, config: RunnableConfig) -> tuple[Position, int | None]:
-        saver = saver_of(config)
-        if saver is not None:
-            return saver.workspace(config)
-        run = config.get("configurable", {}).get(RUN_KEY) or self.run_id
-        if not run:
-            raise ValueError(f"no agentd run: give the tools a run_id, the config "
-                             f"configurable[{RUN_KEY!r}], or the graph an AgentdCheckpointSaver")
-        return Position(str(run), -1), None
-
-    def moved(self, config: RunnableConfig, position: Position) -> None:
-        saver = saver_of(config)
-        if saver is not None:
-            saver.moved(config, position)
-
     def run(self, call: Call, config: RunnableConfig) -> tuple[str, dict[str, Any]]:
-        at, expect = self.where(config)
+        at, expect = workspace_of(config, self.run_id, "the tools")
         if call.kind == "read":
             return clip(self.client.read_file(at.run_id, call.path).decode(errors="replace")), {
                 "run_id": at.run_id}
         if call.kind == "write":
             step_number = self.client.write_file(at.run_id, call.path, call.task.stdin,
                                                  expect_step=expect)
-            self.moved(config, Position(at.run_id, step_number))
+            note_moved(config, Position(at.run_id, step_number))
             return (f"wrote {len(call.task.stdin)} bytes to {call.path}",
                     {"run_id": at.run_id, "step": step_number})
         step = self.client.step(at.run_id, [call.task], expect_step=expect)
@@ -204,15 +194,14 @@ class _Runner:
     async def arun(self, call: Call, config: RunnableConfig) -> tuple[str, dict[str, Any]]:
         if self.aclient is None:
             return await asyncio.to_thread(self.run, call, config)
-        saver = saver_of(config)
-        at, expect = await saver.aworkspace(config) if saver else self.where(config)
+        at, expect = await aworkspace_of(config, self.run_id, "the tools")
         if call.kind == "read":
             data = await self.aclient.read_file(at.run_id, call.path)
             return clip(data.decode(errors="replace")), {"run_id": at.run_id}
         if call.kind == "write":
             step_number = await self.aclient.write_file(at.run_id, call.path, call.task.stdin,
                                                         expect_step=expect)
-            self.moved(config, Position(at.run_id, step_number))
+            note_moved(config, Position(at.run_id, step_number))
             return (f"wrote {len(call.task.stdin)} bytes to {call.path}",
                     {"run_id": at.run_id, "step": step_number})
         step = await self.aclient.step(at.run_id, [call.task], expect_step=expect)
@@ -223,7 +212,7 @@ class _Runner:
 
     def _report(self, call: Call, step: StepResult, config: RunnableConfig
                 ) -> tuple[str, dict[str, Any]]:
-        self.moved(config, ended_at(step))
+        note_moved(config, ended_at(step))
         [(text, _)] = outcome(step, [call])
         return text, {"run_id": step.run_id, "step": step.step, "state": step.state,
                       "exit_code": step.tasks[0].exit_code if step.tasks else None}
