@@ -468,9 +468,17 @@ class StepRunner:
             gate.claim(f"step {number}")
         assert plan is not None  # an approval was planned above
         assert policy is not None
+        return await self._run_decided(gate, run_id, number, pending.attempt,
+                                       pending.requested_by, plan, policy, caller, listener)
+
+    async def _run_decided(self, gate: RunGate, run_id: str, number: int, attempt: int,
+                           requested_by: str, plan: Plan, policy: EffectivePolicy,
+                           caller: Caller, listener: StepListener | None) -> StepResult:
+        """A step someone decided to run (an approval, a retried ambiguous step), on the run
+        its caller has just claimed; the claim is released whatever happens."""
         try:
-            return await self._execute(run_id, number, pending.attempt, plan.tasks, policy,
-                                       caller, listener, requested_by=pending.requested_by,
+            return await self._execute(run_id, number, attempt, plan.tasks, policy, caller,
+                                       listener, requested_by=requested_by,
                                        decided_by=str(caller))
         finally:
             gate.release()
@@ -524,12 +532,8 @@ class StepRunner:
                 gate.claim(f"step {number}")
             assert plan is not None  # planned above for a retry
             assert policy is not None
-            try:
-                return await self._execute(run_id, number, pending.attempt, plan.tasks, policy,
-                                           caller, listener, requested_by=pending.requested_by,
-                                           decided_by=str(caller))
-            finally:
-                gate.release()
+            return await self._run_decided(gate, run_id, number, pending.attempt,
+                                           pending.requested_by, plan, policy, caller, listener)
 
     async def _settle(self, run_id: str, number: int, resolution: Resolution, reason: str,
                       caller: Caller, self_resolved: bool, gate: RunGate) -> StepResult:
