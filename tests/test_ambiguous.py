@@ -40,10 +40,9 @@ from tests.conftest import (
     marked_processes,
     start_daemon,
     stop_daemon,
-    write_daemon_dir,
 )
 from tests.test_audit_daemon import read_records, wait_for
-from tests.test_egress import ALLOWED, CEILING, DNS, POLICY, Internet
+from tests.test_egress import ALLOWED, POLICY, Internet, write_egress_dir
 
 HOLD_PORT = 8090
 MARKER = "ambiguous-probe"
@@ -96,22 +95,14 @@ def internet() -> Iterator[Internet]:
 
 def _write(base: Path, internet: Internet) -> None:
     """The daemon directory: egress on through the fake internet, self-approval off."""
-    config = CONFIG.replace("allow_self_approval = true", "allow_self_approval = false")
-    config += '\n[agents.fetcher]\npolicy = "fetcher.yaml"\nstage = "prototype"\n'
-    config = config.replace("[daemon]\n", "[daemon]\negress = true\n"
-                            f'egress_upstream = "{DNS}"\n'
-                            f'egress_uplink_netns = "{internet.path}"\n', 1)
-    write_daemon_dir(base, config)
-    stages = base / "policies" / "stages.yaml"
-    text = stages.read_text()
-    at = text.index("    network: none\n")  # prototype's
-    stages.write_text(text[:at] + CEILING + text[at + len("    network: none\n"):])
     policy = POLICY.replace("        - allowed.test:8080\n",
                             f"        - allowed.test:8080\n        - allowed.test:{HOLD_PORT}\n")
     policy = policy.replace("filesystem: {read_only: [/usr, /bin, /lib, /lib64]}",
                             "filesystem: {read_only: [/usr, /bin, /lib, /lib64],"
                             " workspace: read_write}")
-    (base / "policies" / "fetcher.yaml").write_text(policy)
+    write_egress_dir(base, internet,
+                     CONFIG.replace("allow_self_approval = true", "allow_self_approval = false"),
+                     policy)
 
 
 def _started(stub: Any, run_id: str, argv: list[str]) -> Any:

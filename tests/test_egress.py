@@ -155,12 +155,11 @@ def internet() -> Iterator[Internet]:
     world.close()
 
 
-def _start(base: Path, internet: Internet) -> DaemonHandle:
-    config = CONFIG + textwrap.dedent("""
-        [agents.fetcher]
-        policy = "fetcher.yaml"
-        stage = "prototype"
-        """)
+def write_egress_dir(base: Path, internet: Internet, config: str = CONFIG,
+                     policy: str = POLICY) -> None:
+    """A daemon directory with egress on through `internet`, prototype's ceiling opened by
+    CEILING, and the agent `fetcher` running `policy`."""
+    config += '\n[agents.fetcher]\npolicy = "fetcher.yaml"\nstage = "prototype"\n'
     config = config.replace("[daemon]\n", "[daemon]\negress = true\n"
                             f'egress_upstream = "{DNS}"\n'
                             f'egress_uplink_netns = "{internet.path}"\n', 1)
@@ -169,7 +168,11 @@ def _start(base: Path, internet: Internet) -> DaemonHandle:
     text = stages.read_text()
     at = text.index("    network: none\n")  # prototype's
     stages.write_text(text[:at] + CEILING + text[at + len("    network: none\n"):])
-    (base / "policies" / "fetcher.yaml").write_text(POLICY)
+    (base / "policies" / "fetcher.yaml").write_text(policy)
+
+
+def _start(base: Path, internet: Internet) -> DaemonHandle:
+    write_egress_dir(base, internet)
     return start_daemon(base, keep_files=True)
 
 
