@@ -81,9 +81,15 @@ class DaemonSection(_Strict):
     # egress_upstream: the DNS server allowed names go to ("" : the first nameserver of
     # /etc/resolv.conf); egress_uplink_netns: a namespace file to connect out from ("": the
     # daemon's own), e.g. /run/netns/uplink.
+    # egress_credentials_dir: where the secrets policies name are read from ("": systemd's
+    # $CREDENTIALS_DIRECTORY, else /etc/agentd/credentials; one file per secret, mode 0600).
+    # egress_upstream_ca: a PEM file of CAs trusted for destinations the proxy ends TLS for,
+    # besides the host's (a private CA).
     egress: bool = False
     egress_upstream: str = ""
     egress_uplink_netns: str = ""
+    egress_credentials_dir: str = ""
+    egress_upstream_ca: str = ""
 
     @field_validator("egress_upstream")
     @classmethod

@@ -41,6 +41,7 @@ from agentd.api.service import AgentdServicer
 from agentd.audit import AuditLog
 from agentd.config import Config, load_config
 from agentd.egress import EgressConfig, EgressService
+from agentd.egress.secrets import credentials_directory
 from agentd.egress.service import upstream_from_resolv_conf
 from agentd.errors import AgentdError, FailedPrecondition, PermissionDenied
 from agentd.identity import SYSTEM, Caller
@@ -89,7 +90,9 @@ class Daemon:
         self.egress = EgressService(EgressConfig(
             upstream=(d.egress_upstream, 53) if d.egress_upstream
             else upstream_from_resolv_conf(),
-            uplink=d.egress_uplink_netns or None)) if d.egress else None
+            uplink=d.egress_uplink_netns or None,
+            credentials=credentials_directory(d.egress_credentials_dir),
+            runtime=d.runtime_dir, upstream_ca=d.egress_upstream_ca or None)) if d.egress else None
         self.tasks = TaskRunner(self.runs, audit, layers, launcher, cgroups, self.pool,
                                 worker_uid=d.worker_uid, worker_gid=d.worker_gid,
                                 egress=self.egress)

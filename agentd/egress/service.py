@@ -46,19 +46,35 @@ import asyncio
 import contextlib
 import os
 import socket
+import ssl
 import struct
 import time
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any, cast
 
+import h11
 import structlog
 from dnslib import QTYPE, RCODE, RR, DNSRecord
 
+from agentd.egress import secrets as secret_store
+from agentd.egress.http import MAX_HEAD, Refused, looks_like_http, relay
+from agentd.egress.secrets import DEFAULT_DIRECTORY
 from agentd.egress.task import Recorder, TaskEgress
+from agentd.egress.tls import (
+    BUNDLE_PATH,
+    MAX_HELLO,
+    TRUST_ENV,
+    Authorities,
+    NotTls,
+    TlsEnd,
+    client_hello_name,
+)
 from agentd.policy import EffectivePolicy
 from agentd.policy.egress import address_rule, name_matches, parse_rules, special_address
 from agentd.sandbox import netns, nflog
 from agentd.sandbox.egress import (
+    CONNECT_PORT,
     LOG_GROUP,
     MAX_TTL,
     PROXY_PORT,
@@ -86,6 +102,12 @@ class EgressConfig:
     """A network namespace file (/run/netns/NAME) to connect out from; None: the daemon's."""
     slots: int = 2
     """Worker slots kept ready."""
+    credentials: Path = Path(DEFAULT_DIRECTORY)
+    """Where the policy's secrets are read from (agentd/egress/secrets.py)."""
+    runtime: Path = Path("/run/agentd")
+    """Where the per-run trust bundles are written (workers mount them read-only)."""
+    upstream_ca: str | None = None
+    """A CA file trusted for destinations besides the host's (a private CA; tests)."""
 
 
 def upstream_from_resolv_conf(path: str = "/etc/resolv.conf") -> tuple[str, int]:
@@ -120,6 +142,12 @@ class EgressService:
         recorded one by one."""
         self._transport: asyncio.DatagramTransport | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
+        self._connect_server: asyncio.AbstractServer | None = None
+        self.authorities = Authorities(config.runtime / "egress-ca")
+        self._upstream_tls = ssl.create_default_context()
+        if config.upstream_ca:
+            self._upstream_tls.load_verify_locations(config.upstream_ca)
+        self._upstream_tls.set_alpn_protocols(["http/1.1"])
 
     async def start(self) -> None:
         """Makes the egress namespace and its sockets; raises OSError if the kernel cannot."""
@@ -133,11 +161,13 @@ class EgressService:
             udp.bind((RESOLVER, 53))
             return [udp, socket.create_server(("0.0.0.0", PROXY_PORT), backlog=256),
                     socket.create_server(("0.0.0.0", REFUSED_PORT), backlog=256),
-                    nflog.open_group(LOG_GROUP)]
+                    nflog.open_group(LOG_GROUP),
+                    socket.create_server((RESOLVER, CONNECT_PORT), backlog=256)]
 
+        await asyncio.to_thread(self.authorities.start)
         made = await asyncio.to_thread(ns.call, sockets)
         self._sockets += made
-        udp, tcp, self._refusal_socket, self._log = made
+        udp, tcp, self._refusal_socket, self._log, connect = made
         for sock in made:
             sock.setblocking(False)
         self._transport, _ = await loop.create_datagram_endpoint(
@@ -145,18 +175,28 @@ class EgressService:
         self._server = await asyncio.start_server(self._on_connection, sock=tcp)
         self._refusals = await asyncio.start_server(self._on_refused,
                                                     sock=self._refusal_socket)
+        self._connect_server = await asyncio.start_server(self._on_connect, sock=connect)
         loop.add_reader(self._log.fileno(), self._read_log)
         self._slots = SlotPool(self.network, self.config.slots)
 
     async def open(self, run_id: str, task_id: str, policy: EffectivePolicy,
                    recorder: Recorder) -> TaskEgress:
-        """A slot for one task, with its literal addresses and networks allowed."""
+        """A slot for one task, with its literal addresses and networks allowed, its secrets
+        read and, if it has any, its run's CA. SecretUnavailable if a secret cannot be read
+        (before anything is taken)."""
         assert self._slots is not None, "start() first"
+        secrets = await asyncio.to_thread(self.load_secrets, policy)
+        authority = None
+        if secrets:
+            domains = tuple(sorted({d for s in secrets for d in s.rule.domains}))
+            authority = await asyncio.to_thread(self.authorities.of, run_id, domains)
         slot = await asyncio.to_thread(self._slots.take)
         rules = parse_rules(policy.egress)
         task = TaskEgress(run_id, task_id, rules, policy.egress_bytes,
                           policy.egress_connections_per_second, slot, recorder,
-                          log_lost_at_open=self.log_lost)
+                          log_lost_at_open=self.log_lost, secrets=secrets, authority=authority,
+                          bundle=str(self.authorities.bundle_path(authority))
+                          if authority is not None else "")
         try:
             for rule in rules:
                 if rule.network is not None and rule.port is not None:
@@ -167,6 +207,10 @@ class EgressService:
             raise
         self._by_address[slot.address] = task
         return task
+
+    def load_secrets(self, policy: EffectivePolicy) -> tuple[secret_store.LoadedSecret, ...]:
+        """The policy's secret values (blocking); SecretUnavailable says which and why."""
+        return secret_store.load(self.config.credentials, policy.egress_secrets)
 
     async def close(self, task: TaskEgress) -> None:
         """After the task's worker is gone: its open connections are ended (and recorded),
@@ -201,6 +245,8 @@ class EgressService:
             self._server.close()
         if self._refusals is not None:
             self._refusals.close()
+        if self._connect_server is not None:
+            self._connect_server.close()
         if self._log is not None and self._loop is not None:
             self._loop.remove_reader(self._log.fileno())
         if self._transport is not None:
@@ -274,8 +320,7 @@ class EgressService:
         details: dict[str, Any] = {"destination": address, "port": port, "by": "proxy"}
         allowed = task.destination(address, port)
         reason = (task.why_refused(address, port) if allowed is None else
-                  "limits.bytes reached" if task.bytes_used >= task.bytes_limit else
-                  "limits.connections_per_second reached" if not task.take_token() else "")
+                  self._over_limits(task))
         if reason:
             task.refused += 1
             task.refusal({**details, "protocol": "tcp", "reason": reason})
@@ -283,33 +328,301 @@ class EgressService:
             return
         assert allowed is not None
         details.update(name=allowed[0], rule=allowed[1])
+        await self._forward(task, details, reader, writer)
+
+    @staticmethod
+    def _over_limits(task: TaskEgress) -> str:
+        """Why a new connection is over the task's limits, or ""."""
+        return ("limits.bytes reached" if task.bytes_used >= task.bytes_limit else
+                "limits.connections_per_second reached" if not task.take_token() else "")
+
+    async def _forward(self, task: TaskEgress, details: dict[str, Any],
+                       reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
+                       connect_host: str = "", initial: bytes = b"") -> None:
+        """Connects to the decided destination and carries the connection (`_carry`); one
+        record when it ends: `net.connection`, or `net.refused` if what the worker sent was
+        refused before anything reached the destination. `connect_host`: the host a CONNECT
+        named (the proxy answers it once connected)."""
         task.connections += 1
         started = time.monotonic()
         counts = [0, 0]  # out (worker -> destination), in
         result = "closed"
         upstream: asyncio.StreamWriter | None = None
+        carried: list[int] = [0]  # requests or opaque bytes that reached the destination
         try:
-            upstream_reader, upstream = await self._connect(address, port)
-            pumps = [asyncio.ensure_future(self._pump(reader, upstream, task, counts, 0)),
-                     asyncio.ensure_future(self._pump(upstream_reader, writer, task, counts, 1))]
             try:
-                await asyncio.gather(*pumps)
-            finally:
-                for pump in pumps:
-                    pump.cancel()
-            if task.bytes_used >= task.bytes_limit:
-                result = "limits.bytes reached"
+                upstream_reader, upstream = await self._connect(details["destination"],
+                                                                details["port"])
+            except OSError:
+                if connect_host:
+                    await _answer(writer, 502, "the destination cannot be reached")
+                raise
+            if connect_host:
+                writer.write(b"HTTP/1.1 200 Connection established\r\n\r\n")
+            result = await self._carry(task, details, reader, writer, upstream_reader,
+                                       upstream, counts, carried, connect_host, initial)
+        except Refused as exc:
+            result = f"refused: {exc}"
+            task.refused += 1
+            if not carried[0]:
+                task.refusal({**details, "protocol": "tcp", "reason": str(exc)})
+                return
         except asyncio.CancelledError:
             result = "ended with the task"
         except OSError as exc:
             result = f"error: {exc.strerror or exc}"
+        except h11.ProtocolError as exc:
+            result = f"error: not HTTP/1.1: {exc}"[:200]
+        except Exception as exc:  # a bug here must not lose the connection's record
+            log.exception("egress.proxy_failed", destination=details.get("destination"))
+            result = f"error: {exc!r}"[:200]
         finally:
             for side in (writer, upstream):
                 if side is not None:
                     side.close()
-            task.record("net.connection", {**details, "bytes_out": counts[0],
-                                           "bytes_in": counts[1], "result": result,
-                                           "seconds": round(time.monotonic() - started, 6)})
+            if not result.startswith("refused") or carried[0]:
+                task.record("net.connection", {**details, "bytes_out": counts[0],
+                                               "bytes_in": counts[1], "result": result,
+                                               "seconds": round(time.monotonic() - started, 6)})
+
+    async def _carry(self, task: TaskEgress, details: dict[str, Any],
+                     reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                     upstream_reader: asyncio.StreamReader, upstream: asyncio.StreamWriter,
+                     counts: list[int], carried: list[int], connect_host: str,
+                     initial: bytes) -> str:
+        """What the worker sends first decides how it is carried (see the module docstring):
+        TLS has its server name checked (and ends here if a secret goes to that name), plain
+        HTTP goes request by request with each Host checked, anything else is copied."""
+        first = initial or await self._first_from_worker(reader, upstream_reader, writer,
+                                                         task, counts)
+        if first is None or not first:
+            # The destination spoke first (SSH, SMTP...) or the worker closed: copied as is.
+            await self._pumps(task, reader, writer, upstream_reader, upstream, counts, carried)
+            return "limits.bytes reached" if task.bytes_used >= task.bytes_limit else "closed"
+        name_rule = details.get("name") or connect_host
+        if first[0] == 0x16:  # a TLS handshake record
+            first, sni = await _client_hello(reader, first)
+            if sni is not None:
+                details["sni"] = sni
+                why = self._sni_refusal(task, sni, details["port"], name_rule, connect_host)
+                if why:
+                    raise Refused(why)
+                if sni and task.authority is not None and secret_store.names_for(
+                        task.secrets, sni):
+                    return await self._intercept(task, details, sni, first, reader, writer,
+                                                 upstream_reader, upstream, counts, carried)
+        elif looks_like_http(first) and name_rule:
+            port = details["port"]
+
+            def check_host(host: str) -> str:
+                if connect_host:
+                    return "" if host == connect_host else \
+                        f"Host {host} differs from the CONNECT host {connect_host}"
+                return "" if host == details["destination"] or task.name_allowed(host, port) \
+                    else f"Host {host} is not allowed on port {port} (no egress entry names it)"
+
+            counted = _Counted(_Stream(reader, writer), task, counts, first)
+            requests = await relay(counted, _Upstream(upstream_reader, upstream, carried),
+                                   check_host=check_host)
+            details["requests"] = requests
+            return "closed"
+        _charge(task, counts, 0, len(first))
+        upstream.write(first)
+        carried[0] += len(first)
+        await self._pumps(task, reader, writer, upstream_reader, upstream, counts, carried)
+        return "limits.bytes reached" if task.bytes_used >= task.bytes_limit else "closed"
+
+    async def _first_from_worker(self, reader: asyncio.StreamReader,
+                                 upstream_reader: asyncio.StreamReader,
+                                 writer: asyncio.StreamWriter, task: TaskEgress,
+                                 counts: list[int]) -> bytes | None:
+        """The worker's first bytes, or None if the destination spoke first (its bytes are
+        then passed on to the worker here)."""
+        from_worker = asyncio.ensure_future(reader.read(_CHUNK))
+        from_upstream = asyncio.ensure_future(upstream_reader.read(_CHUNK))
+        try:
+            await asyncio.wait({from_worker, from_upstream},
+                               return_when=asyncio.FIRST_COMPLETED)
+        finally:
+            for pending in (from_worker, from_upstream):
+                if not pending.done():
+                    pending.cancel()
+                    # its stream is free for the next read only once the cancel is through
+                    await asyncio.gather(pending, return_exceptions=True)
+        if from_worker.done() and not from_worker.cancelled():
+            if from_upstream.done() and not from_upstream.cancelled() and from_upstream.result():
+                # Both at once: the destination's bytes are not lost.
+                data = from_upstream.result()
+                _charge(task, counts, 1, len(data))
+                writer.write(data)
+            return from_worker.result()
+        data = from_upstream.result()
+        _charge(task, counts, 1, len(data))
+        writer.write(data)
+        return None
+
+    @staticmethod
+    def _sni_refusal(task: TaskEgress, sni: str, port: int, name_rule: str,
+                     connect_host: str) -> str:
+        """Why a ClientHello's server name is refused, or "". Through CONNECT it must be the
+        host named; to an address a name let through, a name an entry allows on this port
+        (two names an entry allows may share an address; a third name may not ride it)."""
+        if not name_rule or not sni:
+            return ""  # by address (an ip or cidr entry), or a ClientHello without a name
+        if connect_host:
+            return "" if sni == connect_host else \
+                f"TLS server name {sni} differs from the CONNECT host {connect_host}"
+        return "" if task.name_allowed(sni, port) else \
+            f"TLS server name {sni} is not allowed on port {port} (no egress entry names it)"
+
+    async def _intercept(self, task: TaskEgress, details: dict[str, Any], name: str,
+                         hello: bytes, reader: asyncio.StreamReader,
+                         writer: asyncio.StreamWriter, upstream_reader: asyncio.StreamReader,
+                         upstream: asyncio.StreamWriter, counts: list[int],
+                         carried: list[int]) -> str:
+        """TLS to a name a secret goes to ends here: the worker gets a certificate of its
+        run's CA, the destination is verified against the host's trust (and upstream_ca), and
+        each request gets the secret's header, its Host held to `name`."""
+        assert task.authority is not None
+        details["tls"] = "ended at the proxy"
+        details["secrets"] = secret_store.names_for(task.secrets, name)
+        context = await asyncio.to_thread(task.authority.context_for, name)
+        _charge(task, counts, 0, len(hello))
+        worker = TlsEnd(context, reader, writer, hello)
+        await asyncio.wait_for(worker.handshake(), CONNECT_TIMEOUT)
+        try:
+            await asyncio.wait_for(upstream.start_tls(self._upstream_tls, server_hostname=name),
+                                   CONNECT_TIMEOUT)
+        except ssl.SSLError as exc:
+            raise Refused(f"the destination's certificate for {name} is not trusted"
+                          f" ({exc.reason or exc}); no secret was sent") from None
+
+        def check_host(host: str) -> str:
+            return "" if host == name else \
+                f"Host {host} differs from the TLS server name {name}, which the secret is for"
+
+        requests = await relay(_Counted(worker, task, counts, b""),
+                               _Upstream(upstream_reader, upstream, carried),
+                               check_host=check_host,
+                               inject=secret_store.headers_for(task.secrets, name))
+        details["requests"] = requests
+        return "closed"
+
+    async def _pumps(self, task: TaskEgress, reader: asyncio.StreamReader,
+                     writer: asyncio.StreamWriter, upstream_reader: asyncio.StreamReader,
+                     upstream: asyncio.StreamWriter, counts: list[int],
+                     carried: list[int]) -> None:
+        carried[0] += 1
+        pumps = [asyncio.ensure_future(self._pump(reader, upstream, task, counts, 0)),
+                 asyncio.ensure_future(self._pump(upstream_reader, writer, task, counts, 1))]
+        try:
+            await asyncio.gather(*pumps)
+        finally:
+            for pump in pumps:
+                pump.cancel()
+
+    # -- the HTTPS proxy (CONNECT) ------------------------------------------------------------
+
+    async def _on_connect(self, reader: asyncio.StreamReader,
+                          writer: asyncio.StreamWriter) -> None:
+        """A worker's `CONNECT host:port` (its https_proxy): the host is checked by name
+        against the policy, resolved by the daemon, and the tunnel carried like a
+        transparent connection, with the TLS server name held to the host."""
+        peer = writer.get_extra_info("peername")
+        task = self._by_address.get(peer[0]) if peer else None
+        if task is None:
+            _reset(writer)
+            return
+        current = asyncio.current_task()
+        assert current is not None
+        task.open.add(current)
+        try:
+            await self._connect_request(task, reader, writer)
+        except (OSError, TimeoutError, h11.ProtocolError):
+            writer.close()
+        finally:
+            task.open.discard(current)
+
+    async def _connect_request(self, task: TaskEgress, reader: asyncio.StreamReader,
+                               writer: asyncio.StreamWriter) -> None:
+        connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
+        details: dict[str, Any] = {"by": "https-proxy", "protocol": "tcp"}
+        request = None
+        try:
+            while request is None:
+                event = connection.next_event()
+                if event is h11.NEED_DATA:
+                    data = await asyncio.wait_for(reader.read(_CHUNK), CONNECT_TIMEOUT)
+                    if not data:
+                        return  # connected and closed, asking nothing
+                    connection.receive_data(data)
+                elif isinstance(event, h11.Request):
+                    request = event
+                else:
+                    return
+        except (h11.RemoteProtocolError, TimeoutError) as exc:
+            why = (f"no CONNECT request within {CONNECT_TIMEOUT:g} s"
+                   if isinstance(exc, TimeoutError) else f"not an HTTP/1.1 request: {exc}")
+            task.refused += 1
+            task.refusal({**details, "destination": "?", "port": 0, "reason": why[:200]})
+            await _answer(writer, 400, why)
+            return
+        target = request.target.decode("latin-1")
+        host, _, port_text = target.rpartition(":")
+        host = host.strip("[]").lower().rstrip(".")
+        if request.method != b"CONNECT" or not port_text.isdigit() or not host:
+            details.update(destination=target[:255], port=0)
+            why = ("the HTTPS proxy takes CONNECT host:port only (https_proxy); plain http://"
+                   " goes directly, by name, through the daemon's resolver")
+            task.refused += 1
+            task.refusal({**details, "reason": why})
+            await _answer(writer, 405, why)
+            return
+        port = int(port_text)
+        details.update(destination=host[:255], port=port, name=host[:255])
+        rule, address, why = await self._decide_connect(task, host, port)
+        why = why or self._over_limits(task)
+        if why:
+            task.refused += 1
+            task.refusal({**details, "reason": why})
+            await _answer(writer, 403, why)
+            return
+        details.update(destination=address, rule=rule, name="" if host == address else host)
+        while (event := connection.next_event()) is not h11.PAUSED:
+            if not isinstance(event, h11.EndOfMessage):
+                return
+        await self._forward(task, details, reader, writer,
+                            connect_host="" if host == address else host,
+                            initial=connection.trailing_data[0])
+
+    async def _decide_connect(self, task: TaskEgress, host: str, port: int
+                              ) -> tuple[str, str, str]:
+        """(rule, address, "") for a CONNECT the policy allows, else ("", "", why)."""
+        try:
+            socket.inet_aton(host)
+            literal = host.count(".") == 3
+        except OSError:
+            literal = False
+        if literal:
+            allowed = task.destination(host, port)
+            return (allowed[1], host, "") if allowed is not None else \
+                ("", "", task.why_refused(host, port))
+        rule = task.name_allowed(host, port)
+        if not rule:
+            return "", "", f"no egress entry allows {host} on port {port}"
+        query = DNSRecord.question(host, "A")
+        try:
+            answer = await self._ask_upstream(query)
+        except (OSError, TimeoutError) as exc:
+            return "", "", f"{host} could not be resolved (upstream: {exc!r})"[:200]
+        addresses = [str(rr.rdata) for rr in answer.rr if rr.rtype == QTYPE.A]
+        usable = [a for a in addresses if not special_address(a)
+                  or address_rule(task.rules, a, port) is not None]
+        if not usable:
+            return "", "", (f"{host} resolves to no address the policy allows"
+                            f" ({', '.join(addresses[:4]) or 'no A record'}; a private,"
+                            " loopback or link-local answer is refused as rebinding)")
+        return rule, usable[0], ""
 
     async def _connect(self, address: str, port: int
                        ) -> tuple[asyncio.StreamReader, asyncio.StreamWriter]:
@@ -385,7 +698,8 @@ class EgressService:
         if qtype != "A":
             return reply  # no records: workers have IPv4 only
         upstream = await self._ask_upstream(query)
-        rule = next(r.text for r in task.rules if name_matches(r, name))
+        rules = {p: next(r.text for r in task.rules if r.port == p and name_matches(r, name))
+                 for p in ports}
         kept: list[str] = []
         refused: list[str] = []
         ttl = MAX_TTL
@@ -403,7 +717,7 @@ class EgressService:
         for address in kept:
             for port in ports:
                 await asyncio.to_thread(self.network.allow, task.slot, address, port, ttl)
-                task.resolved[(address, port)] = (name, rule, expiry)
+                task.resolved[(address, port)] = (name, rules[port], expiry)
             task.answered[address] = name
             reply.add_answer(RR(query.q.qname, QTYPE.A, rdata=_a(address), ttl=ttl))
         if refused:
@@ -411,7 +725,7 @@ class EgressService:
                 "name": name, "addresses": refused[:16],
                 "reason": "a private, loopback or link-local address no address entry names"})
         task.record("dns.answer", {"name": name, "addresses": kept[:16], "ttl": ttl,
-                                   "ports": ports, "rule": rule,
+                                   "ports": ports, "rule": rules[ports[0]],
                                    "rcode": RCODE.get(upstream.header.rcode, "?")})
         reply.header.rcode = upstream.header.rcode
         return reply
@@ -434,6 +748,17 @@ class EgressService:
                     return answer
         finally:
             sock.close()
+
+
+def egress_environment(task: TaskEgress) -> dict[str, str]:
+    """What an egress worker's environment says by default (a policy's env or the request
+    may override it): the HTTPS proxy, and with secrets the trust bundle holding its run's CA
+    (mounted at BUNDLE_PATH)."""
+    proxy = f"http://{RESOLVER}:{CONNECT_PORT}"
+    env = {"https_proxy": proxy, "HTTPS_PROXY": proxy}
+    if task.bundle:
+        env |= dict.fromkeys(TRUST_ENV, BUNDLE_PATH)
+    return env
 
 
 def refused_packet(packet: nflog.Logged) -> dict[str, Any]:
@@ -464,6 +789,93 @@ def _original_destination(sock: socket.socket) -> tuple[str, int]:
     raw = sock.getsockopt(socket.SOL_IP, SO_ORIGINAL_DST, 16)
     port, packed = struct.unpack("!2xH4s8x", raw)
     return socket.inet_ntoa(packed), port
+
+
+async def _client_hello(reader: asyncio.StreamReader, data: bytes) -> tuple[bytes, str | None]:
+    """(bytes read, the ClientHello's server name: "" if none, None if not a ClientHello)."""
+    while True:
+        try:
+            name = client_hello_name(data)
+        except NotTls:
+            return data, None
+        if name is not None:
+            return data, name
+        if len(data) > MAX_HELLO:
+            return data, None
+        more = await asyncio.wait_for(reader.read(_CHUNK), CONNECT_TIMEOUT)
+        if not more:
+            return data, None
+        data += more
+
+
+def _charge(task: TaskEgress, counts: list[int], side: int, size: int) -> None:
+    counts[side] += size
+    task.bytes_used += size
+
+
+class _Stream:
+    """An asyncio stream pair as a relay side."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+        self.reader, self.writer = reader, writer
+
+    async def read(self, size: int) -> bytes:
+        return await self.reader.read(size)
+
+    async def write(self, data: bytes) -> None:
+        self.writer.write(data)
+        await self.writer.drain()
+
+
+class _Upstream(_Stream):
+    """The destination's side; counts the requests that reached it."""
+
+    def __init__(self, reader: asyncio.StreamReader, writer: asyncio.StreamWriter,
+                 carried: list[int]) -> None:
+        super().__init__(reader, writer)
+        self.carried = carried
+
+    async def write(self, data: bytes) -> None:
+        self.carried[0] += 1
+        await super().write(data)
+
+
+class _Counted:
+    """The worker's side of a relay, counted against the task's byte budget (`first`: bytes
+    already read from it, given back first)."""
+
+    def __init__(self, side: _Stream | TlsEnd, task: TaskEgress, counts: list[int],
+                 first: bytes) -> None:
+        self.side, self.task, self.counts, self.first = side, task, counts, first
+
+    async def read(self, size: int) -> bytes:
+        if self.first:
+            data, self.first = self.first, b""
+        else:
+            left = self.task.bytes_limit - self.task.bytes_used
+            if left <= 0:
+                raise ConnectionAbortedError("limits.bytes reached")
+            data = await self.side.read(min(size, left))
+        _charge(self.task, self.counts, 0, len(data))
+        return data
+
+    async def write(self, data: bytes) -> None:
+        if self.task.bytes_used + len(data) > self.task.bytes_limit:
+            raise ConnectionAbortedError("limits.bytes reached")
+        _charge(self.task, self.counts, 1, len(data))
+        await self.side.write(data)
+
+
+async def _answer(writer: asyncio.StreamWriter, status: int, why: str) -> None:
+    """A proxy's own short answer to a CONNECT (then the connection ends)."""
+    reason = {400: "Bad Request", 403: "Forbidden", 405: "Method Not Allowed",
+              502: "Bad Gateway"}.get(status, "")
+    body = f"refused by agentd's egress proxy: {why}\n".encode()
+    writer.write(f"HTTP/1.1 {status} {reason}\r\ncontent-type: text/plain\r\n"
+                 f"content-length: {len(body)}\r\nconnection: close\r\n\r\n".encode() + body)
+    with contextlib.suppress(OSError):
+        await writer.drain()
+    writer.close()
 
 
 def _a(address: str) -> Any:

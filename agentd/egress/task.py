@@ -13,7 +13,9 @@ from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from agentd.policy.egress import EgressRule, address_rule
+from agentd.egress.secrets import LoadedSecret
+from agentd.egress.tls import RunAuthority
+from agentd.policy.egress import EgressRule, address_rule, name_matches
 from agentd.sandbox.egress import Slot
 
 # Records one task may write; the rest are counted (in `dropped`), so a worker that loops
@@ -58,6 +60,12 @@ class TaskEgress:
     dropped_packets: dict[str, int] = field(default_factory=dict)
     """Packets the kernel refused, by protocol (read from nft when the task ends)."""
     open: set[asyncio.Task[None]] = field(default_factory=set)
+    secrets: tuple[LoadedSecret, ...] = ()
+    """The policy's secrets, read when the task opened (agentd/egress/secrets.py)."""
+    authority: RunAuthority | None = None
+    """The run's CA, when it has secrets: TLS to a secret's name ends at the proxy."""
+    bundle: str = ""
+    """The trust bundle (host's and the run's CA) the worker mounts; "" without secrets."""
     _tokens: float = -1.0
     _refilled: float = 0.0
 
@@ -99,6 +107,11 @@ class TaskEgress:
         if answer is not None and answer[2] > time.monotonic():
             return answer[0], answer[1]
         return None
+
+    def name_allowed(self, name: str, port: int) -> str:
+        """The rule letting TCP to `name`:`port` (a domain or wildcard entry), or ""."""
+        return next((r.text for r in self.rules if r.port == port and name_matches(r, name)),
+                    "")
 
     def take_token(self) -> bool:
         """The connection-rate budget: a bucket of one second's worth, refilled continuously."""

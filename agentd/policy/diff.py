@@ -14,6 +14,7 @@ from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
 from agentd.policy.effective import EffectivePolicy
+from agentd.policy.egress import secret_from_text
 from agentd.policy.sizes import format_duration, format_size
 
 
@@ -91,6 +92,13 @@ def diff(old: EffectivePolicy, new: EffectivePolicy) -> list[Change]:
                 for e in sorted(after - before)]
     changes += [Change("network.egress", f"no longer may connect to {e}", False)
                 for e in sorted(before - after)]
+    before, after = set(old.egress_secrets), set(new.egress_secrets)
+    changes += [Change("network.secrets", f"sends {secret_from_text(t).in_words()}", True)
+                for t in sorted(after - before)]
+    changes += [Change("network.secrets",
+                       f"no longer sends the secret {secret_from_text(t).name!r}"
+                       f" ({', '.join(secret_from_text(t).domains)})", False)
+                for t in sorted(before - after)]
     if old.network == new.network == "egress":
         for field, attribute, show in _EGRESS_LIMITS:
             a, b = getattr(old, attribute), getattr(new, attribute)

@@ -63,7 +63,8 @@ def attribute_of(field: str) -> str:
 
 # Fields that are about where things came from, not what the worker may do.
 _NOT_HASHED: Final = frozenset({"source", "content_hash", "notes", "rules", "exec_dropped"})
-_EGRESS_FIELDS: Final = frozenset({"egress", "egress_bytes", "egress_connections_per_second"})
+_EGRESS_FIELDS: Final = frozenset({"egress", "egress_bytes", "egress_connections_per_second",
+                                   "egress_secrets"})
 
 
 @dataclass(frozen=True, kw_only=True)
@@ -93,6 +94,9 @@ class EffectivePolicy:
     egress_bytes: int = 64 << 20
     """Bytes both ways over all of a task's connections."""
     egress_connections_per_second: float = 10.0
+    egress_secrets: tuple[str, ...] = ()
+    """Secrets the proxy sends as headers (SecretRule.to_text, agentd/policy/egress.py), after
+    the stage ceiling; only names, never values."""
     user_namespace: bool = False
     env_set: Mapping[str, str] = field(default_factory=dict)
     env_allow: tuple[str, ...] = ()
@@ -124,7 +128,7 @@ class EffectivePolicy:
         object.__setattr__(self, "wall_seconds", float(self.wall_seconds))
         object.__setattr__(self, "egress_connections_per_second",
                            float(self.egress_connections_per_second))
-        if self.network == "none" and self.egress:
+        if self.network == "none" and (self.egress or self.egress_secrets):
             raise ValueError("egress entries with network none; an egress policy says"
                              " network='egress'")
         object.__setattr__(self, "content_hash", content_hash_of(self.hashed_fields()))
@@ -147,7 +151,8 @@ class EffectivePolicy:
         """The fields the content hash covers, as JSON values. Without egress, the egress
         fields are left out, so that a policy's hash is the one it had before they existed
         (pinned versions and the audit log's policy_hash stay comparable)."""
-        skip = _NOT_HASHED | (_EGRESS_FIELDS if self.network == "none" else frozenset())
+        skip = (_NOT_HASHED | (_EGRESS_FIELDS if self.network == "none" else frozenset())
+                | (frozenset() if self.egress_secrets else {"egress_secrets"}))
         return {
             f.name: _jsonable(getattr(self, f.name))
             for f in fields(self)
@@ -163,7 +168,7 @@ class EffectivePolicy:
         """The inverse of `to_json`; refuses data whose `content_hash` does not match."""
         values = {k: v for k, v in data.items() if k != "content_hash"}
         for name in ("exec_allow", "exec_libraries", "read_only", "env_allow", "env_log", "notes",
-                     "approval_required_for", "egress"):
+                     "approval_required_for", "egress", "egress_secrets"):
             if name in values:
                 values[name] = tuple(values[name])
         effective = cls(**values)

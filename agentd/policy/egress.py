@@ -27,6 +27,7 @@ cannot disagree about what an entry allows.
 from __future__ import annotations
 
 import ipaddress
+import json
 import re
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -220,3 +221,107 @@ def covers(top: EgressRule, entry: EgressRule) -> bool:
                                              or name_matches(top, entry.target[2:]))
     outer, inner = top.network, entry.network
     return outer is not None and inner is not None and inner.subnet_of(outer)
+
+
+# -- secrets ---------------------------------------------------------------------------------
+
+_SECRET_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
+_HEADER_NAME = re.compile(r"^[A-Za-z0-9!#$%&'*+.^_`|~-]{1,64}$")
+# Headers that frame or route the request: a secret in one would change where or how much is
+# sent, not who is asking.
+_FRAMING_HEADERS: Final = frozenset({
+    "host", "content-length", "transfer-encoding", "connection", "upgrade", "te", "trailer",
+    "expect", "keep-alive", "proxy-connection", "proxy-authorization"})
+
+
+@dataclass(frozen=True)
+class SecretRule:
+    """A secret the egress proxy sends as an HTTP header to named domains (over TLS it ends).
+
+    The value is never in the policy: `name` is a file in the daemon's credentials directory.
+    """
+
+    name: str
+    header: str
+    format: str
+    """How the header's value is made: `{secret}` stands for the file's content."""
+    domains: tuple[str, ...]
+    """Names ("api.example.org") or wildcards ("*.example.org") it is sent to."""
+
+    def applies_to(self, name: str) -> bool:
+        """Whether requests to `name` get this secret."""
+        return any(name_matches(EgressRule("wildcard" if d.startswith("*.") else "domain",
+                                           d, None), name) for d in self.domains)
+
+    def value(self, secret: str) -> str:
+        return self.format.replace("{secret}", secret)
+
+    def to_text(self) -> str:
+        """Canonical JSON: how an EffectivePolicy holds it (hashed, stored, compared)."""
+        return json.dumps({"name": self.name, "header": self.header, "format": self.format,
+                           "domains": list(self.domains)}, sort_keys=True,
+                          separators=(",", ":"))
+
+    def in_words(self) -> str:
+        return (f"the daemon's secret {self.name!r} as the {self.header} header of every HTTPS"
+                f" request to {', '.join(self.domains)} (TLS ends at the daemon's proxy; the"
+                " worker never sees the value)")
+
+
+def parse_secret(value: Any) -> SecretRule:
+    """A `network.secrets` entry as written (a mapping); ValueError with what to write."""
+    example = ("write {name: example-token, header: Authorization, format: 'Bearer {secret}',"
+               " domains: [api.example.org]}")
+    if not isinstance(value, dict):
+        raise ValueError(f"{value!r} is not a secret; {example}")  # noqa: TRY004
+    unknown = set(value) - {"name", "header", "format", "domains"}
+    if unknown:
+        raise ValueError(f"unknown field(s) {', '.join(sorted(map(str, unknown)))} in a secret;"
+                         f" {example}")
+    name, header = value.get("name"), value.get("header")
+    text_format, domains = value.get("format", "{secret}"), value.get("domains")
+    if not isinstance(name, str) or not _SECRET_NAME.fullmatch(name):
+        raise ValueError(f"secret name {name!r} must be a file name in the daemon's credentials"
+                         " directory: letters, digits, '.', '_' and '-', at most 64")
+    if not isinstance(header, str) or not _HEADER_NAME.fullmatch(header):
+        raise ValueError(f"secret {name}: header {header!r} is not an HTTP header name;"
+                         " write e.g. Authorization")
+    if header.lower() in _FRAMING_HEADERS:
+        raise ValueError(f"secret {name}: {header} frames or routes the request; a secret goes"
+                         " in a header such as Authorization or X-Api-Key")
+    if (not isinstance(text_format, str) or text_format.count("{secret}") != 1
+            or any(c in text_format for c in "\r\n\0") or len(text_format) > 256):
+        raise ValueError(f"secret {name}: format {text_format!r} must hold {{secret}} exactly"
+                         " once, on one line, e.g. 'Bearer {secret}'")
+    if not isinstance(domains, (list, tuple)) or not domains:
+        raise ValueError(f"secret {name}: domains must list the names it is sent to, e.g."
+                         " [api.example.org]")
+    canonical = []
+    for domain in domains:
+        rule = parse_rule(f"{domain}:443") if isinstance(domain, str) else None
+        if rule is None or rule.kind not in ("domain", "wildcard"):
+            raise ValueError(f"secret {name}: {domain!r} is not a domain name or *.domain;"
+                             " a secret is sent by name, never to an address")
+        canonical.append(rule.target)
+    return SecretRule(name, header, text_format, tuple(dict.fromkeys(canonical)))
+
+
+def secret_from_text(text: str) -> SecretRule:
+    """The inverse of SecretRule.to_text."""
+    data = json.loads(text)
+    return SecretRule(data["name"], data["header"], data["format"], tuple(data["domains"]))
+
+
+def uncovered_domains(secret: SecretRule, rules: Iterable[EgressRule]) -> list[str]:
+    """The secret's domains no domain or wildcard egress entry reaches: sending a secret
+    somewhere needs the connection to be granted first."""
+    rules = list(rules)
+    missing = []
+    for domain in secret.domains:
+        probe = EgressRule("wildcard" if domain.startswith("*.") else "domain", domain, None)
+        if not any((r.kind == "domain" and probe.kind == "domain" and r.target == domain)
+                   or (r.kind == "wildcard" and covers(
+                       EgressRule(r.kind, r.target, None), probe))
+                   for r in rules):
+            missing.append(domain)
+    return missing

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Mapping, Sequence
 
 from agentd.policy.effective import EffectivePolicy
-from agentd.policy.egress import parse_rules
+from agentd.policy.egress import parse_rules, secret_from_text
 from agentd.policy.sizes import format_duration, format_size
 
 # Basenames of programs that run arbitrary code they are handed (shells and language
@@ -96,6 +96,7 @@ def explain(policy: EffectivePolicy, *, reach: Mapping[str, Sequence[str]] | Non
                    f" {p.egress_connections_per_second:g} new connections per second")
         out.append("  everything else is refused: other addresses and ports, UDP, ICMP, IPv6,"
                    " DNS to any other server")
+        out += [f"  sends {secret_from_text(t).in_words()}" for t in p.egress_secrets]
     out.append(f"    decided by {p.rule('network')}")
     out.append("  user namespace: " + ("yes (it may create one)" if p.user_namespace
                                        else "no") + f"  ({p.rule('user_namespace')})")

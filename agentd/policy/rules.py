@@ -17,9 +17,24 @@ import re
 from collections.abc import Iterable
 from typing import Annotated, Any, Final, Literal
 
-from pydantic import BaseModel, BeforeValidator, ConfigDict, Field, WithJsonSchema, field_validator
+from pydantic import (
+    BaseModel,
+    BeforeValidator,
+    ConfigDict,
+    Field,
+    ValidationInfo,
+    WithJsonSchema,
+    field_validator,
+    model_validator,
+)
 
-from agentd.policy.egress import canonical_ceiling_entry, canonical_entry
+from agentd.policy.egress import (
+    canonical_ceiling_entry,
+    canonical_entry,
+    parse_rules,
+    parse_secret,
+    uncovered_domains,
+)
 from agentd.policy.paths import ExecEntry, HostPath
 from agentd.policy.sizes import Cores, Duration, Size
 
@@ -182,6 +197,27 @@ class NetworkLimits(Rules):
     connection is refused."""
 
 
+class SecretGrant(Rules):
+    """A secret the daemon's egress proxy adds to HTTPS requests for named domains. Its value
+    is the file `name` in the daemon's credentials directory, never in a policy, a request,
+    the worker or the audit log (which records the name)."""
+
+    name: str
+    """The credential file's name (letters, digits, '.', '_', '-')."""
+    header: str
+    """The HTTP header it is sent in, e.g. Authorization (replacing any the worker sent)."""
+    format: str = "{secret}"
+    """The header's value, with {secret} standing for the file's content: 'Bearer {secret}'."""
+    domains: tuple[str, ...] = Field(min_length=1)
+    """Names (or *.wildcards) it is sent to; each must be reachable by an egress entry."""
+
+    @model_validator(mode="after")
+    def _valid(self) -> SecretGrant:
+        parse_secret({"name": self.name, "header": self.header, "format": self.format,
+                      "domains": list(self.domains)})
+        return self
+
+
 class NetworkRules(Rules):
     """Network egress of a stage: TCP to the destinations listed, through the daemon's
     resolver and egress proxy; everything else refused (agentd/policy/egress.py)."""
@@ -192,7 +228,26 @@ class NetworkRules(Rules):
     limits: NetworkLimits = Field(default_factory=NetworkLimits)
     """Bytes and connection rate per task."""
 
+    secrets: tuple[SecretGrant, ...] = ()
+    """Secrets the egress proxy sends as HTTP headers to named domains (see SecretGrant)."""
+
     _unique = field_validator("egress")(_no_duplicates)
+
+    @field_validator("secrets")
+    @classmethod
+    def _secrets_reachable(cls, secrets: tuple[SecretGrant, ...], info: ValidationInfo
+                           ) -> tuple[SecretGrant, ...]:
+        names = [s.name for s in secrets]
+        if len(set(names)) != len(names):
+            raise ValueError("a secret is listed twice in network.secrets; list each once")
+        rules = parse_rules(info.data.get("egress", ()))
+        for secret in secrets:
+            missing = uncovered_domains(parse_secret(secret.model_dump()), rules)
+            if missing:
+                raise ValueError(f"secret {secret.name} names {', '.join(missing)}, which no"
+                                 " domain egress entry reaches; add e.g."
+                                 f" {missing[0].removeprefix('*.')}:443 to network.egress")
+        return secrets
 
 
 class NetworkCeiling(Rules):
@@ -204,6 +259,9 @@ class NetworkCeiling(Rules):
 
     limits: NetworkLimits = Field(default_factory=NetworkLimits)
     """The highest per-task egress limits at this stage."""
+
+    secrets: tuple[str, ...] = ()
+    """Names of the daemon's secrets a policy may have sent at this stage (none by default)."""
 
     _unique = field_validator("egress")(_no_duplicates)
 

@@ -27,11 +27,12 @@ happens silently looks, to the person debugging a refusal, like a policy that li
 from __future__ import annotations
 
 from collections.abc import Callable
+from dataclasses import replace
 from typing import Final
 
 from agentd.errors import InvalidArgument, PermissionDenied
 from agentd.policy.effective import EffectivePolicy
-from agentd.policy.egress import covers, parse_rule
+from agentd.policy.egress import covers, parse_rule, parse_secret, uncovered_domains
 from agentd.policy.model import STAGES, Document, Policy, ResolvedStage, StageCeilings
 from agentd.policy.paths import exec_entry_covers, is_at_or_below
 from agentd.policy.rules import (
@@ -147,7 +148,7 @@ class _Clamp:
                 wanted = most
             limits[attribute] = wanted
 
-        network, egress, egress_bytes, egress_rate = self._network(wants, ceiling)
+        network, egress, egress_bytes, egress_rate, secrets = self._network(wants, ceiling)
 
         user_namespace = wants.user_namespace
         if user_namespace and not ceiling.user_namespace:
@@ -184,6 +185,7 @@ class _Clamp:
             egress=egress,
             egress_bytes=egress_bytes,
             egress_connections_per_second=egress_rate,
+            egress_secrets=secrets,
             user_namespace=user_namespace,
             env_set=env_set,
             env_allow=env_allow,
@@ -207,15 +209,19 @@ class _Clamp:
         )
 
     def _network(self, wants: StageRules, ceiling: CeilingRules
-                 ) -> tuple[Network, tuple[str, ...], int, float]:
-        """(network, egress entries, bytes, connections per second) after the ceiling: an
-        entry no ceiling entry covers is dropped, limits are lowered; nothing left is none."""
+                 ) -> tuple[Network, tuple[str, ...], int, float, tuple[str, ...]]:
+        """(network, egress entries, bytes, connections per second, secrets) after the
+        ceiling: an entry no ceiling entry covers is dropped, limits are lowered, a secret the
+        ceiling does not name (or whose domains lost their entries) is dropped; nothing left
+        is none."""
         defaults = NetworkLimits()
+        nothing: tuple[Network, tuple[str, ...], int, float, tuple[str, ...]] = (
+            "none", (), int(defaults.bytes), float(defaults.connections_per_second), ())
         if not isinstance(wants.network, NetworkRules):
-            return "none", (), int(defaults.bytes), float(defaults.connections_per_second)
+            return nothing
         if ceiling.network == "none":
             self._lowered("network", "egress", "none")
-            return "none", (), int(defaults.bytes), float(defaults.connections_per_second)
+            return nothing
         tops = [parse_rule(e, any_port=True) for e in ceiling.network.egress]
         kept = []
         for entry in wants.network.egress:
@@ -225,7 +231,7 @@ class _Clamp:
                 self.rules["network"] = self._ceiling_rule("network")
                 self._dropped("network.egress", entry)
         if not kept:
-            return "none", (), int(defaults.bytes), float(defaults.connections_per_second)
+            return nothing
         size, rate = int(wants.network.limits.bytes), wants.network.limits.connections_per_second
         most = ceiling.network.limits
         if most.bytes < size:
@@ -235,7 +241,24 @@ class _Clamp:
             self._lowered("network.limits.connections_per_second", f"{rate:g}",
                           f"{most.connections_per_second:g}")
             rate = most.connections_per_second
-        return "egress", tuple(kept), size, float(rate)
+        secrets = []
+        kept_rules = [parse_rule(e) for e in kept]
+        for grant in wants.network.secrets:
+            secret = parse_secret(grant.model_dump())
+            if secret.name not in ceiling.network.secrets:
+                self.rules["network"] = self._ceiling_rule("network")
+                self._dropped("network.secrets", secret.name)
+                continue
+            missing = uncovered_domains(secret, kept_rules)
+            if missing:
+                self.rules["network"] = self._ceiling_rule("network")
+                self._dropped("network.secrets", f"{secret.name} for {', '.join(missing)}")
+                domains = tuple(d for d in secret.domains if d not in missing)
+                if not domains:
+                    continue
+                secret = replace(secret, domains=domains)
+            secrets.append(secret.to_text())
+        return "egress", tuple(kept), size, float(rate), tuple(secrets)
 
     def _policy_rule(self, field: str) -> str:
         """Where the policy writes `field` for this stage (maybe inherited, maybe default)."""

@@ -62,6 +62,9 @@ PROXY_PORT: Final = 15001
 REFUSED_PORT: Final = 15002
 """The refusal listener: new TCP to a destination the set does not hold. It records and resets;
 it has no code that connects anywhere."""
+CONNECT_PORT: Final = 3128
+"""The HTTPS proxy (CONNECT host:port; a worker's https_proxy) on the resolver's address: the
+one TCP destination inside the egress namespace a worker may reach directly."""
 LOG_GROUP: Final = 7
 """The NFLOG group refused packets are copied to (agentd/sandbox/nflog.py)."""
 LOG_RATE, LOG_BURST = 50, 100  # logged packets per second per worker; all are counted
@@ -103,6 +106,7 @@ table inet {TABLE} {{
     }}
     chain to_proxy {{
         type nat hook prerouting priority dstnat; policy accept;
+        iifname "ae-*" ip daddr {RESOLVER} tcp dport {CONNECT_PORT} accept
         iifname "ae-*" ip saddr . ip daddr . tcp dport @allowed redirect to :{PROXY_PORT}
         iifname "ae-*" meta l4proto tcp redirect to :{REFUSED_PORT}
     }}
@@ -112,6 +116,7 @@ table inet {TABLE} {{
         ct state established,related accept
         ip daddr {RESOLVER} udp dport 53 accept
         tcp dport {{ {PROXY_PORT}, {REFUSED_PORT} }} ct status dnat accept
+        ip daddr {RESOLVER} tcp dport {CONNECT_PORT} accept
     }}
     chain forward {{
         type filter hook forward priority filter; policy drop;

@@ -24,6 +24,8 @@ from agentd.sandbox.spec import WorkerSpec
 
 # Devices a worker gets, bound from the host's nodes (a worker has no CAP_MKNOD).
 DEVICES = ("null", "zero", "full", "random", "urandom", "tty")
+CA_BUNDLE_PATH = "/etc/ssl/certs/ca-certificates.crt"
+"""Where a worker's TLS clients find their trust store (Debian's path)."""
 
 # Kernel interfaces under /proc that stay visible but read-only, and those hidden outright.
 PROC_READ_ONLY = ("sys", "sysrq-trigger", "irq", "bus", "fs")
@@ -192,6 +194,8 @@ def enter(spec: WorkerSpec, new_root: str, *, workspace: bool = True) -> None:
     _build_proc(new_root, memfd_noexec=not spec.user_namespace)
     _build_dev(new_root)
     _write_etc(new_root, spec)
+    if spec.ca_bundle:  # egress with secrets: the run's CA is trusted here, and only here
+        _bind(spec.ca_bundle, new_root + CA_BUNDLE_PATH, _READ_ONLY_NOEXEC)
 
     # pivot_root(".", ".") stacks the old root on the new one; detaching "." then drops it,
     # with every host mount under it, without needing a directory for it in the new root.

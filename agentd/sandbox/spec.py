@@ -63,6 +63,9 @@ class WorkerSpec:
     # egress.py; its fd travels with the spawn) and resolves names through this address.
     nameserver: str = ""
     egress_ports: tuple[int, ...] = ()  # TCP ports Landlock lets it connect to
+    # A trust bundle (host path: the host's CAs and the run's egress CA) mounted read-only
+    # over the worker's /etc/ssl/certs/ca-certificates.crt; "" leaves the trust store alone.
+    ca_bundle: str = ""
     seccomp: bool = True
     landlock: bool = True
 

@@ -21,7 +21,8 @@ import structlog
 
 from agentd.audit import AuditLog, durable
 from agentd.audit.evidence import LIMIT_STOPS
-from agentd.egress import EgressService, TaskEgress
+from agentd.egress import EgressService, TaskEgress, egress_environment
+from agentd.egress.secrets import SecretUnavailable
 from agentd.errors import AgentdError
 from agentd.identity import Caller
 from agentd.policy import DEFAULT_PATH, EffectivePolicy, withheld_programs
@@ -29,7 +30,7 @@ from agentd.policy.egress import parse_rules
 from agentd.policy.execset import exec_mounts
 from agentd.policy.paths import is_at_or_below
 from agentd.sandbox.cgroups import CgroupDriver
-from agentd.sandbox.egress import RESOLVER
+from agentd.sandbox.egress import CONNECT_PORT, RESOLVER
 from agentd.sandbox.execwatch import ExecAttempt
 from agentd.sandbox.launcher_client import LauncherClient
 from agentd.sandbox.pool import WarmPool
@@ -144,7 +145,7 @@ class TaskRunner:
     # -- the worker -------------------------------------------------------------------------
 
     def build_spec(self, ctx: StepContext, task: PlannedTask, task_id: str,
-                   upper: Upper | None, *, egress: bool = False) -> WorkerSpec:
+                   upper: Upper | None, *, egress: TaskEgress | None = None) -> WorkerSpec:
         """The whole worker of one planned task: the policy's grants and limits, the run's
         layer stack under the task's own upper, and the channel fds.
 
@@ -158,6 +159,7 @@ class TaskRunner:
         exec_allow = tuple(e for e in policy.exec_allow
                            if not any(is_at_or_below(os.path.realpath(e), h) for h in held))
         env = {"PATH": DEFAULT_PATH, "HOME": "/workspace", "TMPDIR": "/tmp",
+               **(egress_environment(egress) if egress is not None else {}),
                "AGENTD_TASK_ID": task_id, **policy.env_set, **request.env,
                "AGENTD_WRITES_FD": str(WRITES_FD), "AGENTD_CHANNELS_FD": str(CHANNELS_FD)}
         limits = Limits(memory_bytes=policy.memory_bytes, pids=policy.pids, cpu=policy.cpu,
@@ -178,8 +180,9 @@ class TaskRunner:
             exec_allow=exec_allow, exec_binds=mounts.executable,
             exec_withheld=mounts.withheld, limits=limits,
             nameserver=RESOLVER if egress else "",
-            egress_ports=tuple(sorted({r.port for r in parse_rules(policy.egress)
-                                       if r.port is not None})) if egress else ())
+            egress_ports=tuple(sorted({CONNECT_PORT} | {r.port for r in parse_rules(
+                policy.egress) if r.port is not None})) if egress else (),
+            ca_bundle=egress.bundle if egress is not None else "")
 
     async def run(self, ctx: StepContext, task: PlannedTask, outcome: TaskOutcome) -> None:
         """One task in its own worker on the committed layers; fills `outcome`, never raises
@@ -190,6 +193,12 @@ class TaskRunner:
                                " this host; set egress = true in the daemon config (agentd.toml)"
                                " or remove network.egress from the policy")
             return
+        if policy.egress_secrets and self.egress is not None:
+            try:  # before anything is made for the task: it fails whole, saying why
+                await asyncio.to_thread(self.egress.load_secrets, policy)
+            except SecretUnavailable as exc:
+                outcome.failure = str(exc)
+                return
         limit = Quota(policy.workspace_bytes, policy.inodes)
         used = await asyncio.to_thread(self.layers.usage, ctx.layers)
         outcome.upper = await asyncio.to_thread(functools.partial(
@@ -198,8 +207,7 @@ class TaskRunner:
         # Reading ELF headers takes tens of ms once per policy: off the event loop (cached).
         await asyncio.to_thread(exec_mounts, policy, withheld_programs(policy, ctx.approved))
         egress = await self._open_egress(ctx, outcome.task_id)
-        spec = self.build_spec(ctx, task, outcome.task_id, outcome.upper,
-                               egress=egress is not None)
+        spec = self.build_spec(ctx, task, outcome.task_id, outcome.upper, egress=egress)
         collector = WritesCollector(limit=policy.writes_bytes)
         snapshot_fd = channels_snapshot_fd(ctx.snapshot)
         worker = Worker(spec, launcher=self.launcher, cgroups=self.cgroups,
