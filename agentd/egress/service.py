@@ -24,6 +24,23 @@ Everything runs on the daemon's event loop, on sockets made once in the egress n
   "nft", with the DNS question of a query to another server), at most LOG_RATE a second per
   worker; all are counted by nft per worker address, and the counts are one `net.dropped`
   record when the task ends.
+- **HTTPS proxy** (TCP, RESOLVER:CONNECT_PORT, the workers' https_proxy): `CONNECT
+  host:port` is checked by name (a domain or wildcard entry on that port; an IP literal as on
+  the transparent path), resolved by the daemon (rebinding refused), connected, and carried.
+  A refused CONNECT is answered 403 (405 for another method, 400 for a request it cannot
+  read) and recorded (`net.refused`, by "https-proxy").
+- **What a connection carries** (both paths, `_carry`): the worker's first bytes decide. A
+  TLS ClientHello has its server name checked: through CONNECT it must be the host named; to
+  an address a name let through, a name an entry allows on that port. Plain HTTP is carried
+  request by request (agentd/egress/http.py), each Host checked the same way (421
+  otherwise). So a name no entry allows cannot ride an address it shares with an allowed one
+  (a CDN). Anything else, or a destination that speaks first, is copied as is. When a secret
+  of the policy goes to the server name, TLS ends here: the worker gets a certificate of its
+  run's CA (agentd/egress/tls.py; only that run's workers trust it, and it can vouch only for
+  the secrets' names), the destination is verified against the host's trust store (and
+  `egress_upstream_ca`), and each request's Host must be that name; the secret's header is
+  replaced by the daemon's value (agentd/egress/secrets.py). Records name the secret, never
+  its value; inside TLS the proxy does not end, only the server name is seen.
 - Refused before any packet exists, so with no per-attempt record: a port no entry names
   (Landlock, EACCES in the worker), IPv6 (no address in the slot) and raw or ping sockets (the
   worker has no CAP_NET_RAW over the slot's namespace).
@@ -32,12 +49,16 @@ A worker is known by its slot's address: the source address of everything it sen
 
 Choice between an IP path and a proxy path: forwarding allowed packets by IP (nft accept and
 masquerade to an uplink) costs nothing per byte, but a connection would outlive the daemon
-(the kernel keeps forwarding), its bytes and end would not be on record, and a byte or rate
-limit would need more rules per task. Every connection through a proxy costs a copy per byte
-and a thread-free asyncio task, and makes "nothing leaves without the daemon" a property of
-the topology. The proxy here is transparent (TCP, by address); the HTTPS proxy that checks the
-CONNECT host and the SNI for names on shared CDN addresses and injects secrets is not built
-yet.
+(the kernel keeps forwarding), its bytes and end would not be on record, a byte or rate limit
+would need more rules per task, and a domain rule could only be enforced by the addresses a
+name resolved to, which a CDN shares with names nobody allowed. Every connection through a
+proxy costs a copy per byte and a thread-free asyncio task, and makes "nothing leaves without
+the daemon" a property of the topology. Both ways a worker reaches the proxy end in the same
+checks: the transparent path (a tool that resolves and connects itself: admitted by address,
+then held to the name in its TLS server name or Host) and the HTTPS proxy (a tool that honours
+https_proxy: admitted by name, resolved by the daemon, then held to that name). The proxy
+path is the stricter one for names: the worker never needs an address, so an answer's TTL or a
+shared address cannot widen what a rule allows.
 """
 
 from __future__ import annotations
@@ -190,18 +211,19 @@ class EgressService:
         if secrets:
             domains = tuple(sorted({d for s in secrets for d in s.rule.domains}))
             authority = await asyncio.to_thread(self.authorities.of, run_id, domains)
-        slot = await asyncio.to_thread(self._slots.take)
+        # A ready slot is taken on the loop (no thread hop); only making one blocks.
+        slot = self._slots.take_ready() or await asyncio.to_thread(self._slots.take)
         rules = parse_rules(policy.egress)
         task = TaskEgress(run_id, task_id, rules, policy.egress_bytes,
                           policy.egress_connections_per_second, slot, recorder,
                           log_lost_at_open=self.log_lost, secrets=secrets, authority=authority,
                           bundle=str(self.authorities.bundle_path(authority))
                           if authority is not None else "")
+        grants = [(rule.target, rule.port, None) for rule in rules
+                  if rule.network is not None and rule.port is not None]
         try:
-            for rule in rules:
-                if rule.network is not None and rule.port is not None:
-                    await asyncio.to_thread(self.network.allow, slot, rule.target, rule.port,
-                                            None)
+            if grants:  # one nft transaction for all of them
+                await asyncio.to_thread(self.network.allow_all, slot, grants)
         except BaseException:
             await asyncio.to_thread(self.network.release, slot)
             raise
