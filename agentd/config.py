@@ -102,6 +102,14 @@ class DaemonSection(_Strict):
                                  " \"192.0.2.53\"") from None
         return value
 
+    @field_validator("egress_upstream_ca")
+    @classmethod
+    def _pem_file(cls, value: str) -> str:
+        if value and not Path(value).is_file():
+            raise ValueError(f"{value!r} is not a file; name a PEM file of CA certificates, or"
+                             " leave egress_upstream_ca out to trust the host's")
+        return value
+
     @field_validator("metrics_listen")
     @classmethod
     def _loopback_only(cls, value: str) -> str:
