@@ -39,6 +39,9 @@ BUNDLE_PATH: Final = CA_BUNDLE_PATH
 TRUST_ENV: Final = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "GIT_SSL_CAINFO",
                     "PIP_CERT", "NODE_EXTRA_CA_CERTS")
 _VALID: Final = datetime.timedelta(days=7)
+MAX_NAMES: Final = 256
+"""Certificates a run's CA keeps made (a wildcard secret lets a worker ask for any name under
+it: the oldest is made again if asked for after it was dropped)."""
 
 
 class NotTls(ValueError):
@@ -139,6 +142,8 @@ class RunAuthority:
         with self._lock:
             context = self._contexts.get(name)
             if context is None:
+                if len(self._contexts) >= MAX_NAMES:  # a wildcard's names are unbounded
+                    del self._contexts[next(iter(self._contexts))]
                 context = self._contexts[name] = self._make_context(name)
             return context
 
@@ -208,7 +213,9 @@ class Authorities:
         with self._lock:
             self._runs[key] = authority
             while len(self._runs) > self.KEPT:
-                self._runs.popitem(last=False)
+                _, dropped = self._runs.popitem(last=False)
+                # Workers that mounted it keep the file; a new task of that run gets a new CA.
+                self.bundle_path(dropped).unlink(missing_ok=True)
         return authority
 
     def bundle_path(self, authority: RunAuthority) -> Path:
