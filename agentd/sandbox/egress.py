@@ -35,11 +35,13 @@ only. And even while it lives, no packet is forwarded by the kernel; a path out 
 a daemon socket that re-checks the destination. Were the proxy's or the refusal listener's
 socket gone, a redirected connection would meet no listener and be reset.
 
-Slots are used once, made ahead by `SlotPool` off the call path: a veth pair costs ~4 ms and
-its addresses and route ~2 ms (pyroute2 netlink, measured), so the call only pays the setns in
-the worker. Used once rather than reused: nothing of one task (TIME_WAIT sockets, neighbour
-entries, set elements) can be seen by the next, and a slot's address is not reused until the
-whole /16 has turned over.
+Slots are used once, made ahead by `SlotPool` off the call path, so the call only pays the
+setns in the worker. Making one (namespace, veth pair, addresses, route) costs ~1.3 ms, mostly
+the kernel's, through netlink by hand (agentd/sandbox/rtnl.py); through pyroute2 it cost ~6 ms,
+three quarters of it Python holding the GIL in the refill thread while the spawn that took the
+slot was on its way, which was most of what egress added to a spawn. Used once rather than
+reused: nothing of one task (TIME_WAIT sockets, neighbour entries, set elements) can be seen
+by the next, and a slot's address is not reused until the whole /16 has turned over.
 """
 
 from __future__ import annotations
@@ -50,10 +52,11 @@ import os
 import re
 import threading
 from collections import deque
+from collections.abc import Iterable
 from dataclasses import dataclass, field
 from typing import Final
 
-from agentd.sandbox import netns
+from agentd.sandbox import netns, rtnl
 from agentd.sandbox.nft import Nft
 
 SUBNET: Final = ipaddress.IPv4Network("100.127.0.0/16")
@@ -132,14 +135,18 @@ def _sysctl(name: str, value: str) -> None:
         f.write(value)
 
 
-def _lo_up(address: str | None = None) -> None:
-    from pyroute2 import IPRoute  # imported where used: the daemon loads it only for egress
+def _lo_up(nl: rtnl.Rtnl, address: str | None = None) -> None:
+    nl.set_up("lo")
+    if address is not None:
+        nl.configure(nl.index("lo"), address, 32)
 
-    with IPRoute() as ipr:
-        index = ipr.link_lookup(ifname="lo")[0]
-        ipr.link("set", index=index, state="up")
-        if address is not None:
-            ipr.addr("add", index=index, address=address, prefixlen=32)
+
+def _slot_inside() -> rtnl.Rtnl:
+    """In a new slot namespace, by the thread that made it: no IPv6 (`default` too: eth0 is
+    made after this and inherits it), and a netlink socket of the namespace."""
+    _sysctl("ipv6/conf/all/disable_ipv6", "1")
+    _sysctl("ipv6/conf/default/disable_ipv6", "1")
+    return rtnl.Rtnl()
 
 
 @dataclass
@@ -175,10 +182,10 @@ class EgressNetwork:
     def __init__(self) -> None:
         self.ns: netns.Namespace | None = None
         self._nft: Nft | None = None
-        # A second thread in the egress namespace, for the slots' links: making a veth takes
-        # ~4 ms, and nft set work on the call path (a DNS answer, a task's end) must not
-        # wait behind it on `ns`'s thread.
-        self._links: netns.Namespace | None = None
+        # A netlink socket of the egress namespace, for the slots' links: used by the thread
+        # making a slot (under `_lock`), so veth work never waits on, or holds up, `ns`'s
+        # thread (nft set work on the call path: a DNS answer, a task's end).
+        self._rtnl: rtnl.Rtnl | None = None
         self._next = 0
         self._lock = threading.Lock()
 
@@ -188,7 +195,8 @@ class EgressNetwork:
         self.ns = netns.Namespace(netns.create(), "egress")
 
         def setup() -> None:
-            _lo_up(RESOLVER)
+            self._rtnl = rtnl.Rtnl()
+            _lo_up(self._rtnl, RESOLVER)
             _sysctl("ipv4/ip_forward", "0")
             _sysctl("ipv6/conf/all/disable_ipv6", "1")
             _sysctl("ipv6/conf/default/disable_ipv6", "1")
@@ -196,48 +204,30 @@ class EgressNetwork:
             self._nft.run(RULESET)
 
         self.ns.call(setup)
-        assert self.ns.fd is not None
-        self._links = netns.Namespace(os.dup(self.ns.fd), "egress-links")
         return self.ns
 
     def make_slot(self) -> Slot:
-        """A new slot: namespace, veth pair, addresses, default route (blocking, ~7 ms)."""
-        from pyroute2 import IPRoute
-
-        assert self._links is not None, "start() first"
+        """A new slot: namespace, veth pair, addresses, links up, default route
+        (blocking, ~1.3 ms, mostly the kernel's)."""
+        assert self._rtnl is not None, "start() first"
+        outside = self._rtnl
         with self._lock:
             index = self._next
             self._next = (self._next + 1) % _SLOTS
         worker, gateway = slot_addresses(index)
         link = f"ae-{index}"
-        fd = netns.create()
+        fd, inside = netns.create_with(_slot_inside)
         try:
-            def outside() -> None:
-                with IPRoute() as ipr:
-                    if ipr.link_lookup(ifname=link):  # a slot of the last turn still there
-                        ipr.link("del", ifname=link)
-                    ipr.link("add", ifname=link, kind="veth",
-                             peer={"ifname": "eth0", "net_ns_fd": fd})
-                    i = ipr.link_lookup(ifname=link)[0]
-                    ipr.addr("add", index=i, address=gateway, prefixlen=30)
-                    ipr.link("set", index=i, state="up")
-
-            def inside() -> None:
-                _sysctl("ipv6/conf/all/disable_ipv6", "1")
-                _sysctl("ipv6/conf/default/disable_ipv6", "1")
-                with IPRoute() as ipr:
-                    ipr.link("set", index=ipr.link_lookup(ifname="lo")[0], state="up")
-                    i = ipr.link_lookup(ifname="eth0")[0]
-                    ipr.addr("add", index=i, address=worker, prefixlen=30)
-                    ipr.link("set", index=i, state="up")
-                    ipr.route("add", dst="0.0.0.0/0", gateway=gateway)
-
-            self._links.call(outside)
-            inner = netns.Namespace(os.dup(fd), f"slot{index}")
-            try:
-                inner.call(inside)
-            finally:
-                inner.close()
+            with inside:
+                with self._lock:
+                    try:
+                        outside.add_veth(link, "eth0", fd)
+                    except FileExistsError:  # a slot of the last turn still there
+                        outside.delete_link(link)
+                        outside.add_veth(link, "eth0", fd)
+                    outside.configure(outside.index(link), gateway, 30)
+                inside.set_up("lo")
+                inside.configure(inside.index("eth0"), worker, 30, gateway, up=True)
         except BaseException:
             os.close(fd)
             raise
@@ -246,18 +236,33 @@ class EgressNetwork:
     def allow(self, slot: Slot, target: str, port: int, ttl: int | None) -> None:
         """Lets `slot`'s worker open TCP to `target` (an address or network) on `port`, for
         `ttl` seconds (None: until the slot is released)."""
-        element = f"{slot.address} . {target} . {port}"
-        timeout = "" if ttl is None else f" timeout {max(1, min(ttl, MAX_TTL))}s"
-        self._run(f"add element inet {TABLE} allowed {{ {element}{timeout} }}")
-        if element not in slot.elements:
-            slot.elements.append(element)
+        self.allow_all(slot, [(target, port, ttl)])
+
+    def allow_all(self, slot: Slot, grants: Iterable[tuple[str, int, int | None]]) -> None:
+        """`allow` for each (target, port, ttl): one nft transaction (all or none), and
+        none at all when there is nothing to add."""
+        added: dict[str, str] = {}  # element -> its timeout
+        for target, port, ttl in grants:
+            added[f"{slot.address} . {target} . {port}"] = (
+                "" if ttl is None else f" timeout {max(1, min(ttl, MAX_TTL))}s")
+        if not added:
+            return
+        listed = ", ".join(element + timeout for element, timeout in added.items())
+        self._run(f"add element inet {TABLE} allowed {{ {listed} }}")
+        slot.elements.extend(e for e in added if e not in slot.elements)
 
     def release(self, slot: Slot) -> None:
-        """Deletes the slot's set elements and link, and closes its namespace."""
-        for element in slot.elements:
-            with contextlib.suppress(OSError):  # an element whose timeout passed is gone
-                self._run(f"delete element inet {TABLE} allowed {{ {element} }}")
-        slot.elements.clear()
+        """Deletes the slot's set elements (one nft transaction) and closes its namespace
+        (the kernel removes its link with it)."""
+        if slot.elements:
+            try:
+                self._run(f"delete element inet {TABLE} allowed "
+                          f"{{ {', '.join(slot.elements)} }}")
+            except OSError:  # an element whose timeout passed is gone, and the batch failed
+                for element in slot.elements:
+                    with contextlib.suppress(OSError):
+                        self._run(f"delete element inet {TABLE} allowed {{ {element} }}")
+            slot.elements.clear()
         slot.close()
 
     def take_dropped(self, slot: Slot) -> dict[str, int]:
@@ -286,9 +291,10 @@ class EgressNetwork:
 
     def close(self) -> None:
         """Drops the daemon's hold on the egress namespace (its sockets must be closed too)."""
-        if self._links is not None:
-            self._links.close()
-            self._links = None
+        if self._rtnl is not None:
+            with self._lock:
+                self._rtnl.close()
+                self._rtnl = None
         if self.ns is not None:
             nft, self._nft = self._nft, None
             if nft is not None:
@@ -312,10 +318,16 @@ class SlotPool:
 
     def take(self) -> Slot:
         """A ready slot, or one made now if none is (blocking)."""
+        slot = self.take_ready()
+        return slot if slot is not None else self.network.make_slot()
+
+    def take_ready(self) -> Slot | None:
+        """A ready slot, or None (never blocks: the event loop calls it, and hands `take` to
+        a thread only when it returns None)."""
         with self._cond:
             slot = self._ready.popleft() if self._ready else None
-            self._cond.notify_all()
-        return slot if slot is not None else self.network.make_slot()
+            self._cond.notify_all()  # the filler makes the next one
+        return slot
 
     def _fill(self) -> None:
         while True:

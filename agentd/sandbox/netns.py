@@ -31,13 +31,26 @@ T = TypeVar("T")
 
 def create() -> int:
     """A new, empty network namespace (loopback down); its fd, close-on-exec."""
-    result: list[int | BaseException] = []
+    return create_with(lambda: None)[0]
+
+
+def create_with(setup: Callable[[], T]) -> tuple[int, T]:
+    """A new, empty network namespace and what `setup` returned, run inside it by the thread
+    that made it (sysctls under /proc/sys/net, sockets of the namespace) before that thread
+    ends. If `setup` raises, the namespace is closed and the error raised here."""
+    result: list[tuple[int, T] | BaseException] = []
 
     def make() -> None:
         try:
             libc.unshare(libc.CLONE_NEWNET)
-            result.append(os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC))
+            fd = os.open("/proc/thread-self/ns/net", os.O_RDONLY | os.O_CLOEXEC)
         except BaseException as exc:  # handed to the caller below
+            result.append(exc)
+            return
+        try:
+            result.append((fd, setup()))
+        except BaseException as exc:
+            os.close(fd)
             result.append(exc)
 
     thread = threading.Thread(target=make, name="agentd-netns")
