@@ -14,7 +14,7 @@ import subprocess
 import sys
 import tempfile
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -142,13 +142,14 @@ def remove_cgroup_parents(config_path: Path) -> None:
 
 
 def start_daemon(base: Path, config: str = CONFIG, timeout: float = 30.0, *,
-                 keep_files: bool = False) -> DaemonHandle:
+                 keep_files: bool = False, prefix: Sequence[str] = ()) -> DaemonHandle:
     """A daemon on `base`; with `keep_files`, on the config and policies already there (a
-    restart that must see files a test changed)."""
+    restart that must see files a test changed). `prefix`: a command that execs the daemon's
+    (tests/fake_internet.py's `trusting`), so that its pid is the daemon's."""
     config_path = base / "agentd.toml" if keep_files else write_daemon_dir(base, config)
     log_path = base / "daemon.log"
     with open(log_path, "ab") as log_file:
-        process = subprocess.Popen([sys.executable, "-m", "agentd.daemon", "--config",
+        process = subprocess.Popen([*prefix, sys.executable, "-m", "agentd.daemon", "--config",
                                     str(config_path)], stdout=log_file, stderr=log_file)
     handle = DaemonHandle(base, process, log_path)
     deadline = time.monotonic() + timeout

@@ -1,14 +1,14 @@
 """Network egress against the real kernel: a fake internet in a namespace this test makes.
 
-The "internet" is a network namespace (`ip netns add`) whose loopback holds the test
-addresses: servers on 198.18.0.10 (allowed) and 198.18.0.11 (not), and a DNS server on
-198.18.0.53 answering a small test zone. It has no route to the host's uplink; the daemon is
-told to connect out from it (`egress_uplink_netns`) and to ask its DNS server. Every packet of
-these tests stays inside namespaces the test or the daemon made. One worker script per test
-checks several destinations, so a test costs one step; refusals are by reset (TCP) or a short
-socket timeout (UDP), never a threshold on time. Every refused attempt that leaves the worker
-is checked to be exactly one record (`net.refused`, and `net.dropped` with the kernel's
-counts), and `agentctl timeline` is run against the daemon to show them.
+The "internet" is a network namespace (`ip netns add`, tests/fake_internet.py) whose
+loopback holds the test addresses: servers on 198.18.0.10 (allowed) and 198.18.0.11 (not),
+and a DNS server on 198.18.0.53 answering a small test zone. It has no route to the host's
+uplink; the daemon is told to connect out from it (`egress_uplink_netns`) and to ask its DNS
+server. Every packet of these tests stays inside namespaces the test or the daemon made. One
+worker script per test checks several destinations, so a test costs one step; refusals are by
+reset (TCP) or a short socket timeout (UDP), never a threshold on time. Every refused attempt
+that leaves the worker is checked to be exactly one record (`net.refused`, and `net.dropped`
+with the kernel's counts), and `agentctl timeline` is run against the daemon to show them.
 """
 
 from __future__ import annotations
@@ -18,21 +18,19 @@ import json
 import os
 import signal
 import socket
-import socketserver
 import subprocess
 import sys
 import textwrap
-import threading
 import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
 import pytest
-from dnslib import QTYPE, RR, A, DNSRecord
 
 from agentd.api.gen.v1 import agentd_pb2 as pb
 from agentd.sandbox import netns
+from tests import fake_internet
 from tests.conftest import (
     CONFIG,
     DaemonHandle,
@@ -77,75 +75,14 @@ CEILING = """\
 """
 
 
-class _Server(socketserver.ThreadingTCPServer):
-    allow_reuse_address = True
-    daemon_threads = True
-
-
-def _serve_tcp(ns: netns.Namespace, address: str, port: int, seen: list[str]
-               ) -> _Server:
-    class Handler(socketserver.BaseRequestHandler):
-        def handle(self) -> None:
-            seen.append(f"{address}:{port}")
-            self.request.sendall(f"hello from {address}:{port}\n".encode())
-            with contextlib.suppress(OSError):
-                while self.request.recv(4096):  # until the other side closes
-                    pass
-
-    server = ns.call(lambda: _Server((address, port), Handler))
-    threading.Thread(target=server.serve_forever, daemon=True).start()
-    return server
-
-
-def _serve_dns(ns: netns.Namespace, queries: list[str]) -> socket.socket:
-    sock = ns.call(lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
-    sock.bind((DNS, 53))
-
-    def loop() -> None:
-        while True:
-            try:
-                data, peer = sock.recvfrom(4096)
-            except OSError:
-                return
-            query = DNSRecord.parse(data)
-            name = str(query.q.qname).rstrip(".")
-            queries.append(name)
-            reply = query.reply()
-            if name in ZONE and query.q.qtype == QTYPE.A:
-                address, ttl = ZONE[name]
-                reply.add_answer(RR(query.q.qname, QTYPE.A, rdata=A(address), ttl=ttl))
-            sock.sendto(reply.pack(), peer)
-
-    threading.Thread(target=loop, daemon=True).start()
-    return sock
-
-
-class Internet:
-    """The fake internet: its namespace, servers and what they saw."""
+class Internet(fake_internet.Internet):
+    """The fake internet of these tests (tests/fake_internet.py): ZONE on DNS, hello servers
+    on ALLOWED:8080, ALLOWED:8081 and OTHER:8080."""
 
     def __init__(self, name: str) -> None:
-        self.name = name
-        self.path = f"/run/netns/{name}"
-        self.seen: list[str] = []
-        self.queries: list[str] = []
-        subprocess.run(["ip", "netns", "add", name], check=True)
-        for command in (["link", "set", "lo", "up"],
-                        *(["addr", "add", f"{a}/32", "dev", "lo"]
-                          for a in (ALLOWED, OTHER, DNS))):
-            subprocess.run(["ip", "-n", name, *command], check=True)
-        self.ns = netns.Namespace(netns.open_path(self.path), "inet")
-        self.servers = [_serve_tcp(self.ns, ALLOWED, 8080, self.seen),
-                        _serve_tcp(self.ns, ALLOWED, 8081, self.seen),
-                        _serve_tcp(self.ns, OTHER, 8080, self.seen)]
-        self.dns = _serve_dns(self.ns, self.queries)
-
-    def close(self) -> None:
-        for server in self.servers:
-            server.shutdown()
-            server.server_close()
-        self.dns.close()
-        self.ns.close()
-        subprocess.run(["ip", "netns", "del", self.name], check=False)
+        super().__init__(name, addresses=(ALLOWED, OTHER), dns=DNS, zone=ZONE)
+        for address, port in ((ALLOWED, 8080), (ALLOWED, 8081), (OTHER, 8080)):
+            self.serve_tcp(address, port)
 
 
 @pytest.fixture(scope="module")
@@ -161,8 +98,7 @@ def write_egress_dir(base: Path, internet: Internet, config: str = CONFIG,
     CEILING, and the agent `fetcher` running `policy`."""
     config += '\n[agents.fetcher]\npolicy = "fetcher.yaml"\nstage = "prototype"\n'
     config = config.replace("[daemon]\n", "[daemon]\negress = true\n"
-                            f'egress_upstream = "{DNS}"\n'
-                            f'egress_uplink_netns = "{internet.path}"\n', 1)
+                            + internet.daemon_settings(), 1)
     write_daemon_dir(base, config)
     stages = base / "policies" / "stages.yaml"
     text = stages.read_text()
