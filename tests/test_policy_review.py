@@ -13,7 +13,7 @@ from typing import Any
 import pytest
 
 REPO = Path(__file__).resolve().parent.parent
-SHIPPED = ("shell-helper.yaml", "cve-triage.yaml")
+SHIPPED = ("shell-helper.yaml", "cve-triage.yaml", "advisory-fetcher.yaml")
 AGENTCTL = (sys.executable, "-m", "agentd.cli.main")
 
 BASE = textwrap.dedent("""\
@@ -219,12 +219,16 @@ class TestLint:
 class TestPolicyTest:
     def test_the_shipped_cases_pass_and_report_coverage(self) -> None:
         done = agentctl("policy", "test", "policies/tests/shell-helper.test.yaml",
-                        "policies/tests/cve-triage.test.yaml")
+                        "policies/tests/cve-triage.test.yaml",
+                        "policies/tests/advisory-fetcher.test.yaml")
         assert done.returncode == 0, done.stdout + done.stderr
         assert "shell-helper.test.yaml: 10 of 10 cases pass (policies/shell-helper.yaml)" \
             in done.stdout
         assert "prototype: exec.allow: 3 of 45 entries exercised; none for:" in done.stdout
         assert "refusals exercised by: env.allow, exec.allow, limits.wall_time" in done.stdout
+        assert ("advisory-fetcher.test.yaml: 10 of 10 cases pass"
+                " (policies/advisory-fetcher.yaml)") in done.stdout
+        assert "prototype: exec.allow: 1 of 1 entries exercised" in done.stdout
 
     def test_a_wrong_expectation_fails_with_what_was_decided(self, policies: Path) -> None:
         write(policies, "reviewed.yaml", BASE)
@@ -323,7 +327,8 @@ class TestFmt:
 
     def test_the_shipped_files_are_in_the_canonical_layout(self) -> None:
         done = agentctl("policy", "fmt", "--check", "policies/shell-helper.yaml",
-                        "policies/cve-triage.yaml", "policies/stages.yaml")
+                        "policies/cve-triage.yaml", "policies/advisory-fetcher.yaml",
+                        "policies/stages.yaml")
         assert done.returncode == 0, done.stdout + done.stderr
 
     def test_fmt_keeps_comments_and_meaning_and_is_idempotent(self, policies: Path) -> None:

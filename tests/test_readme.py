@@ -20,25 +20,38 @@ run prints in their place (a line of README is turned into a pattern by these ru
     1.00, 0.53              a number with a decimal point: any such number
     records: 9, heads: 3    counts of audit records, segments and tree heads
     pid=4242                a caller's pid (as SO_PEERCRED reported it)
+    sha256:0a0b0c0d0e0f     a short policy hash (as `policy reload` prints it)
+    192.0.2.80              an IPv4 address (where a name resolved: the walk-through below
+                            runs against a fake internet, not the host's)
     /path/to/agentd         the checkout directory
     ...                     a line of its own: any number of lines (also none)
 
 Runs of spaces compare as one space (table columns widen with their values).
+
+The section "Letting an agent reach one host" is run by its own test, against a daemon made
+from agentd.dev.toml with README's `[daemon]` lines for it, whose egress goes to a fake
+internet (tests/fake_internet.py): a network namespace where security-tracker.debian.org
+resolves to a test HTTPS server, with a certificate the daemon's workers trust (the daemon
+runs in a mount namespace of its own whose CA bundle is the test CA; the host's is untouched).
 """
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import subprocess
+import tomllib
 from collections.abc import Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import pytest
 
+from agentd_client import Client
 from tests.conftest import REPO, DaemonHandle, daemon_base, start_daemon, stop_daemon
+from tests.fake_internet import Internet, TestCA, trusting
 
 pytestmark = pytest.mark.privileged
 
@@ -55,6 +68,8 @@ PLACEHOLDERS = [
      r"\\d{4}-\\d{2}-\\d{2} \\d{2}:\\d{2}:\\d{2}(\\.\\d{3})?Z"),
     (r"[A-Z][a-z]{2}\\ [ \d]?\d\\ \d{2}:\d{2}", r"[A-Z][a-z]{2} +\\d+ \\d{2}:\\d{2}"),
     (r"\d+(\\\.\d+)?\\ (B|KiB|MiB|GiB|TiB)\b", r"\\d+(\\.\\d+)? (B|KiB|MiB|GiB|TiB)"),
+    (r"sha256:[0-9a-f]{12}(?![0-9a-f])", r"sha256:[0-9a-f]{12}"),
+    (r"\b\d{1,3}(\\\.\d{1,3}){3}\b", r"\\d{1,3}(\\.\\d{1,3}){3}"),
     (r"\d+\\\.\d+", r"\\d+\\.\\d+"),
     (r"(records|segment\\\(s\\\)|heads):\\ \d+", r"\1: \\d+"),
     (r"\d+\\ (in\\ )", r"\\d+ \1"),
@@ -73,10 +88,21 @@ cgroup_parent = "agentd-test-{instance}"
 policy = "shell-helper.yaml"
 stage = "prototype"
 
+[agents.advisory-fetcher]
+policy = "advisory-fetcher.yaml"
+stage = "prototype"
+
 [agents.cve-triage]
 policy = "cve-triage.yaml"
 stage = "prototype"
 """
+# The walk-through run by TestEgressWalkThrough (and left out of TestReadme's daemon, which has
+# no egress): its heading, and the fake internet's tracker at a benchmarking address.
+EGRESS_SECTION = "### Letting an agent reach one host"
+TRACKER, TRACKER_DNS = "198.18.2.10", "198.18.2.53"
+TRACKER_NAME = "security-tracker.debian.org"
+ADVISORY_PATH = "/tracker/CVE-2024-3094"
+ADVISORY = b"<!DOCTYPE html>\n<title>CVE-2024-3094</title>\n<p>xz-utils: backdoor</p>\n"
 
 
 @dataclass
@@ -102,6 +128,16 @@ def console_blocks(markdown: str) -> list[list[Command]]:
             continued = line.endswith("\\") and not commands[-1].expected
         blocks.append(commands)
     return blocks
+
+
+def section(markdown: str, heading: str) -> tuple[str, str]:
+    """(`markdown` without the section under `heading`, that section): from the heading to
+    the next heading of its level or above."""
+    start = markdown.index(f"\n{heading}\n") + 1
+    level = len(heading) - len(heading.lstrip("#"))
+    after = re.search(rf"^#{{1,{level}}} ", markdown[start + len(heading):], flags=re.M)
+    end = start + len(heading) + after.start() if after else len(markdown)
+    return markdown[:start] + markdown[end:], markdown[start:end]
 
 
 def line_pattern(line: str, ids: dict[str, str], checkout: str) -> str:
@@ -165,7 +201,9 @@ def checkout() -> Iterator[tuple[Path, DaemonHandle]]:
     (base / "run").symlink_to("var/run")  # where tests.conftest looks for the sockets
     (base / ".venv").symlink_to(REPO / ".venv")
     (base / "tests").symlink_to(REPO / "tests")
-    handle = start_daemon(base, CONFIG)  # copies stages.yaml and the shipped policies
+    (base / "policies").mkdir()
+    shutil.copy(REPO / "policies" / "advisory-fetcher.yaml", base / "policies")
+    handle = start_daemon(base, CONFIG)  # copies stages.yaml and the other shipped policies
     (base / "policies" / "integration.yaml").unlink()  # not part of a checkout's policies/
     shutil.copytree(REPO / "policies" / "schema", base / "policies" / "schema")
     shutil.copytree(REPO / "policies" / "tests", base / "policies" / "tests")
@@ -186,22 +224,34 @@ def run(command: str, ids: dict[str, str], cwd: Path) -> list[str]:
     return result.stdout.decode(errors="replace").splitlines()
 
 
+def run_blocks(blocks: list[list[Command]], ids: dict[str, str], cwd: Path) -> list[str]:
+    """Every command of `blocks` run in order in `cwd`; what differs from README, per
+    command."""
+    problems = []
+    for block in blocks:
+        for command in block:
+            actual = run(command.text, ids, cwd)
+            why = match_output(command.expected, actual, ids, str(cwd))
+            if why is not None:
+                problems.append(f"$ {command.text}\n{why}")
+    return problems
+
+
 class TestReadme:
     def test_console_examples_are_what_really_happens(
             self, checkout: tuple[Path, DaemonHandle]) -> None:
-        """Every command of every console block prints what README shows."""
+        """Every command of every console block prints what README shows (the egress
+        walk-through's blocks: TestEgressWalkThrough)."""
         base, _ = checkout
-        ids: dict[str, str] = {}
-        blocks = console_blocks(README.read_text())
+        blocks = console_blocks(section(README.read_text(), EGRESS_SECTION)[0])
         assert blocks, "README.md has no console blocks"
-        problems = []
-        for block in blocks:
-            for command in block:
-                actual = run(command.text, ids, base)
-                why = match_output(command.expected, actual, ids, str(base))
-                if why is not None:
-                    problems.append(f"$ {command.text}\n{why}")
+        problems = run_blocks(blocks, {}, base)
         assert not problems, "\n\n".join(problems)
+
+    def test_the_checkout_registers_the_agents_of_agentd_dev_toml(self) -> None:
+        """This test's daemon config has the agents `make run` has, at the same stages."""
+        dev = tomllib.loads((REPO / "agentd.dev.toml").read_text())["agents"]
+        assert tomllib.loads(CONFIG)["agents"] == dev
 
     def test_readme_links_stay_in_the_repository(self) -> None:
         """Every relative link of README points at a file of the repository."""
@@ -210,6 +260,81 @@ class TestReadme:
         for target in re.findall(r"\]\(([^)#]+)\)", text):
             if "://" not in target:
                 assert (REPO / target).exists(), target
+
+
+def _daemon_lines(settings: dict[str, object]) -> str:
+    """TOML lines for `[daemon]` (booleans and strings: JSON spells them as TOML does)."""
+    return "".join(f"{key} = {json.dumps(value)}\n" for key, value in settings.items())
+
+
+@pytest.fixture(scope="module")
+def egress_checkout() -> Iterator[tuple[Path, DaemonHandle, Internet]]:
+    """A checkout as the walk-through starts from: `make run`'s config (agentd.dev.toml) with
+    the `[daemon]` lines README's section says to add, the repository's policies/, and the
+    daemon started on it (as `make run` is, after that edit). Its egress goes to a fake
+    internet where the tracker's name resolves to a test HTTPS server, whose certificate the
+    workers trust."""
+    base = daemon_base()
+    internet = Internet(f"agentd-readme-{os.getpid()}", addresses=[TRACKER], dns=TRACKER_DNS,
+                        zone={TRACKER_NAME: (TRACKER, 300)})
+    handle = None
+    try:
+        ca = TestCA(base / "ca", [TRACKER_NAME])
+        internet.serve_https(TRACKER, 443, ca.certificate, ca.key, {ADVISORY_PATH: ADVISORY})
+        (base / "var").mkdir()
+        (base / "run").symlink_to("var/run")  # where tests.conftest looks for the sockets
+        (base / ".venv").symlink_to(REPO / ".venv")
+        shutil.copytree(REPO / "policies", base / "policies")
+        told = re.search(r"^```toml\n(.*?)^```", section(README.read_text(), EGRESS_SECTION)[1],
+                         flags=re.S | re.M)
+        assert told is not None, "the walk-through shows no ```toml block"
+        settings = tomllib.loads(told.group(1))["daemon"]
+        assert settings.get("egress") is True, settings
+        config = (REPO / "agentd.dev.toml").read_text()
+        extra = _daemon_lines({**settings, "cgroup_parent": f"agentd-test-{base.name}"})
+        config = config.replace("[daemon]\n", "[daemon]\n" + extra + internet.daemon_settings(),
+                                1)
+        (base / "agentd.toml").write_text(config)
+        (base / "agentd.dev.toml").symlink_to("agentd.toml")  # agentctl finds it in a checkout
+        handle = start_daemon(base, keep_files=True, prefix=trusting(ca.ca))
+        yield base, handle, internet
+    finally:
+        if handle is not None:
+            stop_daemon(handle)
+        internet.close()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+class TestEgressWalkThrough:
+    def test_the_walk_through_is_what_really_happens(
+            self, egress_checkout: tuple[Path, DaemonHandle, Internet]) -> None:
+        """README's "Letting an agent reach one host", command by command, with the shipped
+        advisory-fetcher policy: the fetch succeeds and only it reached the (fake) internet;
+        another name and another address are refused, each on record; the timeline shows
+        them."""
+        base, handle, internet = egress_checkout
+        ids: dict[str, str] = {}
+        blocks = console_blocks(section(README.read_text(), EGRESS_SECTION)[1])
+        assert len(blocks) >= 3, "the walk-through has fewer console blocks than it should"
+        problems = run_blocks(blocks, ids, base)
+        assert not problems, "\n\n".join(problems)
+        runs = [real for real in ids.values() if re.fullmatch(RUN_ID, real)]
+        assert len(runs) == 1, ids
+        with Client(str(handle.socket())) as client:
+            assert client.read_file(runs[0], "CVE-2024-3094.html") == ADVISORY
+        assert internet.seen == [f"{TRACKER}:443 {TRACKER_NAME} {ADVISORY_PATH}"]
+        assert set(internet.queries) == {TRACKER_NAME}  # no other name left the daemon
+        records = []
+        for segment in sorted((base / "var" / "state" / "audit").glob("audit-*.jsonl")):
+            records += [json.loads(line) for line in segment.read_text().splitlines() if line]
+        mine = [r for r in records if r.get("run_id") == runs[0]]
+        connections = [r["details"] for r in mine if r["event"] == "net.connection"]
+        assert [(c["name"], c["destination"], c["port"]) for c in connections] == [
+            (TRACKER_NAME, TRACKER, 443)]
+        # Both refused at the daemon, before any packet or query left for the internet.
+        refused = [r["details"] for r in mine if r["event"] == "net.refused"]
+        assert [(d["destination"], d["port"]) for d in refused] == [
+            ("deb.debian.org", 443), ("203.0.113.7", 443)]
 
 
 class TestPlaceholders:
@@ -229,3 +354,16 @@ class TestPlaceholders:
         assert match_output(expected, ["step 2 committed (2 tasks, 1.75 s)", "end /c/x"],
                             {}, "/c") is not None
         assert match_output(["peak memory 512.0 KiB"], ["peak memory 2 MiB"], {}, "/c") is None
+
+    def test_short_hashes_and_addresses_vary(self) -> None:
+        """A short policy hash and an IPv4 address stand for any; the words around them do
+        not vary, and a full hash is not a short one."""
+        expected = ["a (p, /path/to/agentd/a.yaml): sha256:0ee5a3702638 -> sha256:5d4c3b2a1f0e",
+                    "net allowed  tracker.example 192.0.2.80:443  out 755 B"]
+        actual = ["a (p, /c/a.yaml): sha256:111111111111 -> sha256:abcdefabcdef",
+                  "net allowed tracker.example 198.18.2.10:443 out 1.2 KiB"]
+        assert match_output(expected, actual, {}, "/c") is None
+        assert match_output(expected[1:], ["net allowed other.example 198.18.2.10:443 out 1 B"],
+                            {}, "/c") is not None
+        assert match_output(["sha256:0ee5a3702638"], ["sha256:" + "a" * 64], {}, "/c") \
+            is not None
