@@ -95,6 +95,10 @@ def run(report: Callable[[str, dict[str, float]], None], rounds: int = 100) -> N
         report(f"spawn: ratio {mode}/bwrap (goal <= {goal})", {
             "median": ours["median_ms"] / ref["median_ms"],
             "p95": ours["p95_ms"] / ref["p95_ms"]})
+    egress, cold = summary(samples["egress"]), summary(samples["cold"])
+    report("spawn: egress over cold, ms (goal < 5)", {
+        "median": egress["median_ms"] - cold["median_ms"],
+        "p95": egress["p95_ms"] - cold["p95_ms"]})
     report("spawn: bwrap --unshare-all /bin/true", ref)
     report("spawn: memory of one prebuilt worker", memory)
 
