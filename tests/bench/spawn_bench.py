@@ -51,40 +51,42 @@ def run(report: Callable[[str, dict[str, float]], None], rounds: int = 100) -> N
     samples: dict[str, list[float]] = {"warm": [], "cold": [], "egress": [], "bwrap": []}
     memory: dict[str, float] = {}
     internet = Internet(f"agentd-bench-inet-{os.getpid()}")
-    for mode, pool in (("warm", 2), ("cold", 0), ("egress", 2)):
-        config = CONFIG.replace("[daemon]\n", f"[daemon]\nwarm_pool = {pool}\n", 1)
-        with tempfile.TemporaryDirectory(prefix="agentd-bench-") as tmp:
-            # egress: the `fetcher` agent of tests/test_egress.py (a slot namespace per call,
-            # never a prebuilt worker) against its fake internet
-            handle = (start_daemon(Path(tmp), config) if mode != "egress"
-                      else start_egress_daemon(Path(tmp), internet))
-            try:
-                stub = handle.stub()
-                agent = "fetcher" if mode == "egress" else "integration"
-                run_id = stub.CreateRun(pb.CreateRunRequest(agent=agent)).run_id
-                request = pb.ExecRequest(run_id=run_id, argv=["/bin/true"])
+    try:  # the fake internet is a named namespace: removed however the runs end
+        for mode, pool in (("warm", 2), ("cold", 0), ("egress", 2)):
+            config = CONFIG.replace("[daemon]\n", f"[daemon]\nwarm_pool = {pool}\n", 1)
+            with tempfile.TemporaryDirectory(prefix="agentd-bench-") as tmp:
+                # egress: the `fetcher` agent of tests/test_egress.py (a slot namespace per call,
+                # never a prebuilt worker) against its fake internet
+                handle = (start_daemon(Path(tmp), config) if mode != "egress"
+                          else start_egress_daemon(Path(tmp), internet))
+                try:
+                    stub = handle.stub()
+                    agent = "fetcher" if mode == "egress" else "integration"
+                    run_id = stub.CreateRun(pb.CreateRunRequest(agent=agent)).run_id
+                    request = pb.ExecRequest(run_id=run_id, argv=["/bin/true"])
 
-                def agentd_exec(stub: Any = stub, request: pb.ExecRequest = request) -> None:
-                    events = list(stub.Exec(request))
-                    assert events[-1].outcome.exit_code == 0, events
+                    def agentd_exec(stub: Any = stub, request: pb.ExecRequest = request) -> None:
+                        events = list(stub.Exec(request))
+                        assert events[-1].outcome.exit_code == 0, events
 
-                def bwrap() -> None:
-                    subprocess.run(BWRAP, check=True)
+                    def bwrap() -> None:
+                        subprocess.run(BWRAP, check=True)
 
-                for _ in range(5):  # warm-up: imports, page cache, first cgroups, the pool
-                    agentd_exec()
-                    bwrap()
-                for _ in range(rounds):
-                    for name, call in ((mode, agentd_exec), ("bwrap", bwrap)):
-                        start = time.perf_counter()
-                        call()
-                        samples[name].append(time.perf_counter() - start)
-                if mode == "warm":
-                    time.sleep(0.5)  # refilled
-                    memory = pool_memory(handle.process.pid)
-            finally:
-                stop_daemon(handle)
-    internet.close()
+                    for _ in range(5):  # warm-up: imports, page cache, first cgroups, the pool
+                        agentd_exec()
+                        bwrap()
+                    for _ in range(rounds):
+                        for name, call in ((mode, agentd_exec), ("bwrap", bwrap)):
+                            start = time.perf_counter()
+                            call()
+                            samples[name].append(time.perf_counter() - start)
+                    if mode == "warm":
+                        time.sleep(0.5)  # refilled
+                        memory = pool_memory(handle.process.pid)
+                finally:
+                    stop_daemon(handle)
+    finally:
+        internet.close()
     ref = summary(samples["bwrap"])
     for mode, label in (("warm", "prebuilt worker (warm_pool = 2)"), ("cold", "cold"),
                         ("egress", "network egress (slot namespace, cold)")):
