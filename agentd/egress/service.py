@@ -211,8 +211,9 @@ class EgressService:
         if secrets:
             domains = tuple(sorted({d for s in secrets for d in s.rule.domains}))
             authority = await asyncio.to_thread(self.authorities.of, run_id, domains)
-        # A ready slot is taken on the loop (no thread hop); only making one blocks.
-        slot = self._slots.take_ready() or await asyncio.to_thread(self._slots.take)
+        slot = self._slots.take_ready()  # on the loop: a ready slot needs no thread
+        if slot is None:
+            slot = await asyncio.to_thread(self._slots.take)  # made now (blocking)
         rules = parse_rules(policy.egress)
         task = TaskEgress(run_id, task_id, rules, policy.egress_bytes,
                           policy.egress_connections_per_second, slot, recorder,
