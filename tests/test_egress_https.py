@@ -15,6 +15,8 @@ import http.server
 import json
 import os
 import ssl
+import subprocess
+import sys
 import textwrap
 import threading
 from collections.abc import Iterator
@@ -287,3 +289,15 @@ class TestHttpsEgress:
         assert any("certificate for untrusted.test is not trusted" in r for r in reasons)
         assert any(r.startswith("not an HTTP/1.1 request") for r in reasons), reasons
         assert all(r["by"] in ("proxy", "https-proxy") for r in refused), refused
+
+        # `agentctl timeline --json` carries the same records under the task, whole.
+        shown = subprocess.run(
+            [sys.executable, "-m", "agentd.cli.main", "--socket", str(https_daemon.socket()),
+             "timeline", run.run_id, "--json"], capture_output=True, text=True, timeout=60,
+            check=True)
+        (step,) = json.loads(shown.stdout)["steps"]
+        network = step["tasks"][0]["network"]
+        assert [r for r in network if r["event"] == "net.connection"] == [
+            {"event": "net.connection", **c} for c in connections]
+        assert len([r for r in network if r["event"] == "net.refused"]) == len(refused)
+        assert SECRET not in shown.stdout

@@ -218,15 +218,22 @@ def task_to_json(task: TaskReport) -> dict[str, Any]:
     }
 
 
-def step_to_json(step: StepReply) -> dict[str, Any]:
-    """The JSON object of one attempt at a step."""
+def step_to_json(step: StepReply, network: Mapping[str, Sequence[NetRecord]] | None = None
+                 ) -> dict[str, Any]:
+    """The JSON object of one attempt at a step; with `network` (the timeline's, by task
+    name), each task carries its network records whole: {"event": ..., **details}."""
+    tasks = [task_to_json(t) for t in step.tasks]
+    if network is not None:
+        for task, shown in zip(step.tasks, tasks, strict=True):
+            shown["network"] = [{"event": r.event, **r.details}
+                                for r in network.get(task.name, ())]
     return {
         "run_id": step.run_id,
         "step": step.step,
         "state": str(step.state),
         "reason": step.reason,
         "conflicts": list(step.conflicts),
-        "tasks": [task_to_json(t) for t in step.tasks],
+        "tasks": tasks,
         "channels": dict(step.channels),
         "channels_omitted": dict(step.channels_omitted),
         "versions": dict(step.versions),

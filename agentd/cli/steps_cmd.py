@@ -449,7 +449,9 @@ def cmd_timeline(args: argparse.Namespace) -> int:
     """`timeline`: every attempt at a step, oldest first; a note on stderr when none."""
     steps = args.client().list_steps(args.run)
     if args.json:
-        output.print_json({"run_id": args.run, "steps": [output.step_to_json(s) for s in steps]})
+        network = _network_records(args.client(), args.run)
+        output.print_json({"run_id": args.run, "steps": [
+            output.step_to_json(s, network.of_step(s)) for s in steps]})
     elif steps:
         sys.stdout.write(output.timeline(steps, _network_records(args.client(), args.run)))
     else:
