@@ -17,8 +17,11 @@ def configure(*, fmt: str = "json", level: str = "info") -> None:
             structlog.contextvars.merge_contextvars,
             structlog.processors.add_log_level,
             structlog.processors.TimeStamper(fmt="iso", utc=True),
-            structlog.processors.dict_tracebacks if fmt == "json"
-            else structlog.processors.format_exc_info,
+            # No local variables in a traceback: a frame of the egress proxy may hold a
+            # secret's value (structlog's dict tracebacks show locals by default).
+            structlog.processors.ExceptionRenderer(
+                structlog.tracebacks.ExceptionDictTransformer(show_locals=False))
+            if fmt == "json" else structlog.processors.format_exc_info,
             renderer,
         ],
         wrapper_class=structlog.make_filtering_bound_logger(
