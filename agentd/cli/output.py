@@ -466,6 +466,7 @@ def network_line(record: NetRecord) -> str:
              else str(d.get("destination", "?")))
     name = f"{d['name']} " if d.get("name") else ""
     if record.event == "net.connection":
+        where += " udp" if d.get("protocol") == "udp" else ""  # TCP unless said
         text = (f"net allowed  {name}{where}  out {human_bytes(int(d.get('bytes_out', 0)))},"
                 f" in {human_bytes(int(d.get('bytes_in', 0)))}"
                 f"  {seconds(float(d.get('seconds', 0)))}  {d.get('result', '')}")
