@@ -4,8 +4,8 @@ The namespace (`ip netns add`) holds the test's addresses on its loopback and ha
 the host's uplink. A daemon under test is told to connect out from it (`egress_uplink_netns`)
 and to ask its DNS server (`egress_upstream`), so every packet stays inside namespaces the
 test or the daemon made. Servers are added per test module: `serve_tcp` (a line of hello),
-`serve_https` (pages over TLS, with a certificate from `TestCA`). What they saw is in `seen`,
-the names asked of the DNS server in `queries`.
+`serve_https` (pages over TLS, with a certificate from `TestCA`), `serve_udp` (an echo). What
+they saw is in `seen`, the names asked of the DNS server in `queries`.
 """
 
 from __future__ import annotations
@@ -56,6 +56,7 @@ class Internet:
         self.seen: list[str] = []
         self.queries: list[str] = []
         self._servers: list[socketserver.BaseServer] = []
+        self._udp: list[socket.socket] = []
         subprocess.run(["ip", "netns", "add", name], check=True)
         try:
             for command in (["link", "set", "lo", "up"],
@@ -118,6 +119,24 @@ class Internet:
 
         self._start(self.ns.call(make))
 
+    def serve_udp(self, address: str, port: int) -> None:
+        """A UDP echo server: each datagram goes back to its sender, and is noted in `seen`
+        as `udp ADDRESS:PORT SIZE`."""
+        sock = self.ns.call(lambda: socket.socket(socket.AF_INET, socket.SOCK_DGRAM))
+        sock.bind((address, port))
+        self._udp.append(sock)
+
+        def loop() -> None:
+            while True:
+                try:
+                    data, peer = sock.recvfrom(65535)
+                    self.seen.append(f"udp {address}:{port} {len(data)}")
+                    sock.sendto(data, peer)
+                except OSError:
+                    return
+
+        threading.Thread(target=loop, daemon=True).start()
+
     def _start(self, server: socketserver.BaseServer) -> None:
         threading.Thread(target=server.serve_forever, daemon=True).start()
         self._servers.append(server)
@@ -149,6 +168,8 @@ class Internet:
             server.shutdown()
             server.server_close()
         self.dns.close()
+        for sock in self._udp:
+            sock.close()
         self.ns.close()
         subprocess.run(["ip", "netns", "del", self.name], check=False)
 

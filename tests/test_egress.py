@@ -245,7 +245,8 @@ class TestEgress:
         refused = {(d["protocol"], d["destination"], d["port"]): d for d in listed}
         assert refused[("tcp", OTHER, 8080)]["reason"] == "no egress entry allows this destination"
         assert refused[("udp", DNS, 53)]["query"] == "leak.test"
-        assert refused[("udp", OTHER, 9999)]["reason"].startswith("UDP is not granted")
+        assert refused[("udp", OTHER, 9999)]["reason"] == (
+            "no egress entry allows UDP to this destination")
         dropped = [r["details"] for r in records if r["event"] == "net.dropped"]
         assert dropped == [{"packets": {"udp": 2}, "refusals_recorded": 4,
                             "refusals_unrecorded": 0}]
@@ -309,7 +310,7 @@ class TestEgress:
             f"net allowed allowed.test {ALLOWED}:8080 out",
             f"net refused {OTHER}:8080 tcp no",
             "dns refused other.test no egress",
-            f"net refused {OTHER}:9999 udp UDP",
+            f"net refused {OTHER}:9999 udp no",
             "net dropped udp 1 (packets"]), shown.stdout
         allowed = next(line for line in lines if line[:2] == ["net", "allowed"])
         assert allowed[5:10] == ["0", "B,", "in", hello, "B"]

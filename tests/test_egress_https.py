@@ -55,12 +55,14 @@ stages:
           header: Authorization
           format: "Bearer {secret}"
           domains: [secret.test, untrusted.test]
+      limits: {connections_per_second: 200}  # one script makes ~25 at once
     limits: {wall_time: 60s, output: 4MiB}
 """
 CEILING = """\
     network:
       egress: ["secret.test:*", "cdn-a.test:*", "untrusted.test:*"]
-      secrets: [api-token]
+      secrets: {api-token: [secret.test, untrusted.test]}
+      limits: {connections_per_second: 200}
 """
 
 
@@ -146,7 +148,7 @@ def https_daemon(world: dict[str, Any]) -> Iterator[DaemonHandle]:
 
 
 PROBE = textwrap.dedent("""\
-    import http.client, json, os, socket, ssl, sys, urllib.error, urllib.request
+    import http.client, json, os, socket, ssl, sys, time, urllib.error, urllib.request
     out = {}
     def get(url, proxy=True, headers=None):
         opener = urllib.request.build_opener(
@@ -201,6 +203,32 @@ PROBE = textwrap.dedent("""\
     out["http_allowed"] = fronted("cdn-a.test", "cdn-a.test", 8080, tls=False)
     out["http_fronted"] = fronted("cdn-a.test", "cdn-b.test", 8080, tls=False)
     out["untrusted"] = get("https://untrusted.test:8443/never")
+    def parts(host, port, *chunks, pause=0.3, half_close=False):  # bytes, sent in pieces
+        try:
+            s = socket.create_connection((host, port), timeout=10)
+            s.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
+            for i, chunk in enumerate(chunks):
+                if i:
+                    time.sleep(pause)
+                s.sendall(chunk)
+            if half_close:
+                s.shutdown(socket.SHUT_WR)
+            return s.recv(100).decode(errors="replace").split("\\r\\n")[0] or "closed"
+        except OSError as e:
+            return type(e).__name__
+    out["split_http"] = parts("cdn-a.test", 8080, b"G",
+                              b"ET /split HTTP/1.1\\r\\nHost: cdn-b.test\\r\\n\\r\\n")
+    out["crlf_http"] = parts("cdn-a.test", 8080,
+                             b"\\r\\nGET /crlf HTTP/1.1\\r\\nHost: cdn-b.test\\r\\n\\r\\n")
+    big = bytes([1]) + (140000).to_bytes(3, "big")  # a ClientHello longer than any server reads
+    out["big_hello"] = parts("cdn-a.test", 8443,
+                             b"\\x16\\x03\\x01" + (16384).to_bytes(2, "big") + big
+                             + bytes(16380), bytes(5))
+    out["no_sni"] = raw("cdn-a.test", 8443, None)
+    out["no_sni_connect"] = raw(None, None, None, via_connect="cdn-a.test:8443")
+    out["connect_dotted"] = parts("100.127.255.254", 3128,
+                                  b"CONNECT .cdn-a.test:8443 HTTP/1.1\\r\\nHost: x\\r\\n\\r\\n")
+    out["connect_closed"] = parts("100.127.255.254", 3128, b"CONN", half_close=True)
     out["env"] = dict(os.environ)
     dump = [open("/proc/self/environ", "rb").read().decode(errors="replace")]
     for top in ("/workspace", "/tmp", "/etc", "/run"):
@@ -254,7 +282,16 @@ class TestHttpsEgress:
                                       "SSLZeroReturnError"), out
         assert out["http_allowed"] == "200", out
         assert out["http_fronted"] == "421", out
+        # Split, padded, unreadable or nameless: refused, never carried (review findings).
+        assert out["split_http"].startswith("HTTP/1.1 421"), out
+        assert out["crlf_http"].startswith("HTTP/1.1 421"), out
+        assert out["connect_closed"] == "HTTP/1.1 400 Bad Request", out
+        for check in ("big_hello", "no_sni", "no_sni_connect"):
+            assert out[check] in ("ConnectionResetError", "SSLEOFError", "SSLError",
+                                  "SSLZeroReturnError", "closed"), (check, out)
+        assert out["connect_dotted"] == "HTTP/1.1 403 Forbidden", out
         assert not any(s["host"].startswith("cdn-b.test") for s in seen), seen
+        assert not any(s["path"] in ("/split", "/crlf") for s in seen), seen
         # A destination whose certificate is not trusted never gets the secret.
         assert "200" not in out["untrusted"], out
         assert not any(s["server"] == f"{UNTRUSTED}:8443" for s in seen), seen
@@ -287,7 +324,12 @@ class TestHttpsEgress:
         assert any("Host cdn-a.test differs from the TLS server name secret.test" in r
                    for r in reasons), reasons
         assert any("certificate for untrusted.test is not trusted" in r for r in reasons)
-        assert any(r.startswith("not an HTTP/1.1 request") for r in reasons), reasons
+        assert any("ClientHello the proxy cannot read" in r for r in reasons), reasons
+        assert sum("without a server name" in r for r in reasons) == 2, reasons
+        assert any("no egress entry allows .cdn-a.test" in r for r in reasons), reasons
+        # garbage, and a request cut short by its sender: each answered 400, on record
+        assert sum(r.startswith("not an HTTP/1.1 request") for r in reasons) == 2, reasons
+        assert sum("Host cdn-b.test is not allowed on port 8080" in r for r in reasons) == 3
         assert all(r["by"] in ("proxy", "https-proxy") for r in refused), refused
 
         # `agentctl timeline --json` carries the same records under the task, whole.

@@ -67,6 +67,10 @@ class TestEntries:
         ("192.0.2.10:80", "ip", "192.0.2.10:80"),
         ("192.0.2.10/32:80/tcp", "ip", "192.0.2.10:80"),
         ("198.51.100.0/24:443", "cidr", "198.51.100.0/24:443"),
+        ("NTP.example.org:123/UDP", "domain", "ntp.example.org:123/udp"),
+        ("192.0.2.10:514/udp", "ip", "192.0.2.10:514/udp"),
+        ("*.example.org:4433/udp", "wildcard", "*.example.org:4433/udp"),
+        ("198.51.100.0/24:443/udp", "cidr", "198.51.100.0/24:443/udp"),
     ])
     def test_forms(self, text: str, kind: str, canonical: str) -> None:
         """Each form parses to its kind and one canonical spelling."""
@@ -75,7 +79,8 @@ class TestEntries:
 
     @pytest.mark.parametrize(("text", "reason"), [
         ("api.example.org", "not an egress entry"),
-        ("api.example.org:53/udp", "UDP egress is not supported"),
+        ("api.example.org:53/udp", "DNS always goes to the daemon's resolver"),
+        ("192.0.2.53:53/udp", "DNS always goes to the daemon's resolver"),
         ("[2001:db8::1]:443", "IPv6 egress is not supported"),
         ("api.example.org:*", "stage ceilings only"),
         ("10.0.0.1/8:443", "host bits set"),
@@ -101,6 +106,10 @@ class TestEntries:
         assert address_rule(rules, "198.51.100.7", 443) is rules[2]
         assert address_rule(rules, "198.51.100.7", 80) is None
         assert address_rule(rules, "198.51.101.7", 443) is None
+        assert address_rule(rules, "198.51.100.7", 443, "udp") is None  # a protocol is a grant
+        udp = [parse_rule("198.51.100.0/24:443/udp"), *rules]
+        assert address_rule(udp, "198.51.100.7", 443, "udp") is udp[0]
+        assert address_rule(udp, "198.51.100.7", 443) is udp[3]
         assert special_address("127.0.0.1")
         assert special_address("10.1.2.3")
         assert not special_address("198.51.100.7")
@@ -117,6 +126,10 @@ class TestEntries:
         assert not covers(net, parse_rule("192.0.2.9:80"))
         assert not covers(net, parse_rule("192.0.0.0/16:443"))
         assert not covers(parse_rule("0.0.0.0/0:*", any_port=True), parse_rule("a.org:443"))
+        # a protocol is part of what is covered: a TCP ceiling does not open UDP
+        assert not covers(top, parse_rule("api.example.org:123/udp"))
+        assert covers(parse_rule("*.example.org:*/udp", any_port=True),
+                      parse_rule("ntp.example.org:123/udp"))
 
 
 class TestPolicy:

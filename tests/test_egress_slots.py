@@ -1,13 +1,14 @@
-"""Egress slots against the real kernel, without a daemon: what a slot is made of (netlink by
-hand, agentd/sandbox/rtnl.py), that a worker's packet gets from it into the egress namespace,
-the nft set elements a task is given and deletes, and that a slot that cannot be made leaves
-nothing open. The daemon's side of egress is tests/test_egress.py.
+"""Egress slots against the real kernel, without a daemon: what a slot is made of (pyroute2,
+in the slot maker process, agentd/sandbox/slotmaker.py), that a worker's packet gets from it
+into the egress namespace, the nft set elements a task is given and deletes, and that a slot
+that cannot be made leaves nothing open. The daemon's side of egress is tests/test_egress.py.
 """
 
 from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import threading
@@ -17,7 +18,7 @@ from typing import Any, TypeVar
 
 import pytest
 
-from agentd.sandbox import libc, rtnl
+from agentd.sandbox import libc
 from agentd.sandbox.egress import RESOLVER, EgressNetwork, Slot, SlotPool
 
 T = TypeVar("T")
@@ -27,6 +28,7 @@ T = TypeVar("T")
 def network() -> Iterator[EgressNetwork]:
     net = EgressNetwork()
     net.start()
+    net.start_maker()
     yield net
     net.close()
 
@@ -126,18 +128,40 @@ class TestSlot:
             network.release(new)
             network.release(old)
 
-    def test_a_slot_that_cannot_be_made_leaves_no_fd(self, network: EgressNetwork,
-                                                     monkeypatch: pytest.MonkeyPatch) -> None:
+    def test_a_slot_that_cannot_be_made_leaves_no_fd(self, network: EgressNetwork) -> None:
+        """The maker's error comes back as OSError, with no fd on either side: the daemon's
+        fds are as before, and the maker holds none but its own."""
         network.release(network.make_slot())  # the first one's threads and sockets
         before = set(os.listdir("/proc/self/fd"))
-
-        def refuse(*_: object, **__: object) -> None:
-            raise OSError(99, "refused by the test")
-
-        monkeypatch.setattr(rtnl.Rtnl, "configure", refuse)
-        with pytest.raises(OSError, match="refused by the test"):
-            network.make_slot()
+        maker = network._maker
+        assert maker is not None
+        held = set(os.listdir(f"/proc/{maker._process.pid}/fd"))
+        with pytest.raises(OSError, match="could not make slot"):
+            maker.make(7, "ae-test", "not-an-address", "100.127.0.29")
         assert set(os.listdir("/proc/self/fd")) == before
+        assert set(os.listdir(f"/proc/{maker._process.pid}/fd")) <= held  # none kept
+        assert network.ns is not None
+        assert network.ns.fd is not None
+        # The kernel takes a namespace apart in its own time (a workqueue): polled, bounded.
+        deadline = time.monotonic() + 10
+        while "ae-test" in _links(network.ns.fd) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert "ae-test" not in _links(network.ns.fd)  # the pair went with its namespace
+
+
+    def test_a_maker_killed_is_replaced(self, network: EgressNetwork) -> None:
+        """SIGKILL of the slot maker costs no slot: the next one is made by a new maker."""
+        maker = network._maker
+        assert maker is not None
+        os.kill(maker.pid, signal.SIGKILL)
+        maker._process.wait(timeout=10)
+        slot = network.make_slot()
+        try:
+            assert "eth0" in _links(slot.fd)
+            assert network._maker is not None
+            assert network._maker.pid != maker.pid
+        finally:
+            network.release(slot)
 
 
 class TestElements:

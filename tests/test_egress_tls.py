@@ -106,6 +106,9 @@ class TestCredentials:
         ("two\nlines", 0o600, "one line"),
         ("", 0o600, "one line"),
         ("x" * 9000, 0o600, "one line"),
+        ("abc \n", 0o600, "no space or tab at either end"),  # copy-paste leaves one
+        ("a\tb", 0o600, "visible ASCII"),
+        ("caf\u00e9", 0o600, "visible ASCII"),
     ])
     def test_refused(self, tmp_path: Path, text: str | None, mode: int, why: str) -> None:
         if text is not None:
@@ -138,7 +141,7 @@ stages:
 CEILING = """\
     network:
       egress: ["*.example.org:443"]
-      secrets: [token]
+      secrets: {token: [api.example.org]}
 """
 
 
@@ -162,13 +165,45 @@ class TestPolicySecrets:
         words = "\n".join(explain(effective))
         assert "secret 'token' as the Authorization header" in words
         before = effective_policy(policy, "prototype", load_stage_ceilings(_stages(
-            tmp_path / "s2.yaml", CEILING.replace("      secrets: [token]\n", ""))))
+            tmp_path / "s2.yaml", CEILING.replace("      secrets: {token: [api.example.org]}\n",
+                                                  ""))))
         assert before.egress_secrets == ()
         assert "egress_secrets" not in before.hashed_fields()
         changes = [c.text for c in diff(before, effective)]
         assert any("secret 'token'" in c for c in changes), changes
 
+    def test_ceiling_bounds_where_a_secret_goes(self, tmp_path: Path) -> None:
+        """A ceiling's wildcard egress does not let a policy send a secret to any name under
+        it: the ceiling lists, per secret, the names it may go to."""
+        (tmp_path / "caller.yaml").write_text(POLICY.replace(
+            "domains: [api.example.org]}", "domains: [api.example.org, other.example.org]}"))
+        policy = load_policy(tmp_path / "caller.yaml")
+        ceilings = load_stage_ceilings(_stages(tmp_path / "stages.yaml", CEILING))
+        effective = effective_policy(policy, "prototype", ceilings)
+        (kept,) = [secret_from_text(t) for t in effective.egress_secrets]
+        assert kept.domains == ("api.example.org",)
+        assert any("network.secrets: token for other.example.org dropped" in n
+                   for n in effective.notes), effective.notes
+
+    def test_format_must_be_a_plain_header_value(self) -> None:
+        for bad in ("Bearer {secret} ", "Bearer\t{secret}", "{secret}\x7f"):
+            with pytest.raises(ValueError, match="visible ASCII"):
+                parse_secret({"name": "t", "header": "X", "format": bad,
+                              "domains": ["a.example.org"]})
+
     def test_framing_header_refused(self) -> None:
         with pytest.raises(ValueError, match="frames or routes"):
             parse_secret({"name": "t", "header": "Host", "domains": ["a.example.org"]})
 
+
+
+def test_only_outermost_literal_entries_go_to_the_set() -> None:
+    """An address or network inside another entry on the same port is not added again: nft's
+    interval set refuses an overlapping element, which failed the task's start."""
+    from agentd.egress.service import _outermost
+    from agentd.policy.egress import parse_rules
+
+    rules = parse_rules(["198.18.0.10:8080", "198.18.0.0/24:8080", "198.18.0.10:81",
+                         "api.example.org:443", "10.1.0.0/16:80", "10.0.0.0/8:80"])
+    assert [r.text for r in _outermost(rules)] == [
+        "198.18.0.0/24:8080", "198.18.0.10:81", "10.0.0.0/8:80"]

@@ -35,21 +35,18 @@ class Refused(Exception):
     """A request the policy does not allow; the worker got an error response."""
 
 
-def looks_like_http(data: bytes) -> bool:
-    """Whether `data` starts like an HTTP/1.x request line (a method, a space)."""
-    method, space, _ = data[:16].partition(b" ")
-    return bool(space) and method.isalpha() and method.isupper()
-
-
 async def relay(worker: Side, upstream: Side, *, check_host: Callable[[str], str],
-                inject: Sequence[tuple[str, str]] = ()) -> int:
+                inject: Sequence[tuple[str, str]] = (), guard: Sequence[bytes] = ()) -> int:
     """Carries requests from `worker` to `upstream` until either closes; returns how many.
     `check_host(name)` says why a request's host is refused ("" allows it); Refused is raised
-    (after a 421 or 400 to the worker) for the first one refused."""
+    (after a 421 or 400 to the worker) for the first one refused. `guard`: values that must
+    never come back (the secrets sent): a response holding one is cut before those bytes
+    reach the worker (as sent: an encoded or compressed echo is not recognised)."""
     server = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
     client = h11.Connection(h11.CLIENT, max_incomplete_event_size=MAX_HEAD)
     replaced = {name.lower().encode() for name, _ in inject}
     added = [(name.encode(), value.encode()) for name, value in inject]
+    keep = max((len(g) for g in guard), default=1) - 1
     requests = 0
     while True:
         try:
@@ -59,11 +56,14 @@ async def relay(worker: Side, upstream: Side, *, check_host: Callable[[str], str
             raise Refused(f"a request the proxy cannot read: {exc}") from None
         if not isinstance(event, h11.Request):
             return requests  # closed
-        why = _target_refusal(event) or check_host(_host(event))
-        if why:
-            await _refuse(server, worker, 400 if event.target[:1] != b"/" else 421, why)
-            raise Refused(why)
-        headers = [(k, v) for k, v in event.headers if k not in replaced and k not in _DROPPED]
+        for status, why in ((400, _target_refusal(event)),
+                            (405, _method_refusal(event, bool(guard))),
+                            (421, check_host(_host(event)))):
+            if why:
+                await _refuse(server, worker, status, why)
+                raise Refused(why)
+        headers = [(k, v) for k, v in _framed(event.headers)
+                   if k not in replaced and k not in _DROPPED]
         await _send(client, upstream, h11.Request(method=event.method, target=event.target,
                                                   headers=[*headers, *added]))
         requests += 1
@@ -79,12 +79,26 @@ async def relay(worker: Side, upstream: Side, *, check_host: Callable[[str], str
             if not isinstance(answer, h11.Response):
                 return requests  # the destination closed without answering
             break
+        if any(g in value for g in guard for _, value in answer.headers):
+            raise Refused("the destination sent a secret back in a response header; the"
+                          " connection was cut before it reached the worker")
         await _send(server, worker, h11.Response(status_code=answer.status_code,
-                                                 headers=answer.headers, reason=answer.reason))
+                                                 headers=_framed(answer.headers),
+                                                 reason=answer.reason))
+        held = b""  # a body's last bytes, kept until the next part shows no secret across
         while not isinstance(event := await _next(client, upstream), h11.EndOfMessage):
             if not isinstance(event, h11.Data):
                 return requests
-            await _send(server, worker, event)
+            data = held + bytes(event.data)
+            if any(g in data for g in guard):
+                raise Refused("the destination sent a secret back in a response body; the"
+                              " connection was cut before it reached the worker")
+            cut = max(0, len(data) - keep) if guard else len(data)
+            held = data[cut:]
+            if cut:
+                await _send(server, worker, h11.Data(data=data[:cut]))
+        if held:
+            await _send(server, worker, h11.Data(data=held))
         await _send(server, worker, h11.EndOfMessage())
         if h11.MUST_CLOSE in (server.our_state, client.our_state) or \
                 server.their_state is not h11.DONE or client.their_state is not h11.DONE:
@@ -100,6 +114,22 @@ def _host(request: h11.Request) -> str:
             if host.startswith("["):
                 return host  # an IPv6 literal: no name of a policy
             return host.rsplit(":", 1)[0].rstrip(".") if ":" in host else host.rstrip(".")
+    return ""
+
+
+def _framed(headers: Sequence[tuple[bytes, bytes]]) -> list[tuple[bytes, bytes]]:
+    """Headers with one framing: a message with Transfer-Encoding is framed by it (h11 reads
+    it so), so a Content-Length beside it is dropped rather than passed on for the other side
+    to frame by (request smuggling, RFC 9112 6.3)."""
+    if any(k == b"transfer-encoding" for k, _ in headers):
+        return [(k, v) for k, v in headers if k != b"content-length"]
+    return list(headers)
+
+
+def _method_refusal(request: h11.Request, guarded: bool) -> str:
+    """TRACE echoes the request, headers and all: never where a secret is added."""
+    if guarded and request.method.upper() == b"TRACE":
+        return "TRACE is refused where the proxy adds a secret (it echoes the request)"
     return ""
 
 

@@ -16,7 +16,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Final
 
-from agentd.policy.egress import SecretRule, secret_from_text
+from agentd.policy.egress import SecretRule, header_value_ok, secret_from_text
 
 DEFAULT_DIRECTORY: Final = "/etc/agentd/credentials"
 MAX_SECRET: Final = 8192
@@ -65,9 +65,10 @@ def load(directory: Path, texts: Iterable[str]) -> tuple[LoadedSecret, ...]:
         finally:
             os.close(fd)
         value = data.decode("utf-8", "replace").rstrip("\r\n")
-        if len(data) > MAX_SECRET or not value or any(c in value for c in "\r\n\0"):
+        if len(data) > MAX_SECRET or not header_value_ok(rule.value(value)):
             raise SecretUnavailable(f"the secret {rule.name!r} must be one line of at most"
-                                    f" {MAX_SECRET} bytes ({path})")
+                                    f" {MAX_SECRET} bytes of visible ASCII, with no space or tab"
+                                    f" at either end ({path})")
         loaded.append(LoadedSecret(rule, value))
     return tuple(loaded)
 
@@ -80,3 +81,9 @@ def headers_for(secrets: Iterable[LoadedSecret], name: str) -> list[tuple[str, s
 def names_for(secrets: Iterable[LoadedSecret], name: str) -> list[str]:
     """The names of the secrets sent to `name` (what records show)."""
     return [s.rule.name for s in secrets if s.rule.applies_to(name)]
+
+
+def values_for(secrets: Iterable[LoadedSecret], name: str) -> list[bytes]:
+    """The values sent to `name`: what a response from it must not hold (agentd/egress/http.py
+    cuts it)."""
+    return [s.value.encode() for s in secrets if s.rule.applies_to(name)]

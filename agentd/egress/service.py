@@ -7,9 +7,10 @@ Everything runs on the daemon's event loop, on sockets made once in the egress n
   allows is answered REFUSED and recorded (`dns.refused`). An allowed A query is forwarded to
   the configured upstream; the answer's addresses are checked (an address in loopback,
   private, link-local or shared space is DNS rebinding: dropped from the answer and recorded
-  unless an address entry names it), put in the nft set for the task's ports with the answer's
-  TTL as timeout, remembered with the same expiry for the proxy, and only then is the answer
-  sent (`dns.answer`). Other query types get an empty answer (workers have no IPv6).
+  unless an address entry names it), put in the nft sets for the ports of the entries that
+  allow the name (`allowed` for TCP, `allowed_udp` for /udp) with the answer's TTL as
+  timeout, remembered with the same expiry for the proxy and the UDP relay, and only then is
+  the answer sent (`dns.answer`). Other query types get an empty answer (workers have no IPv6).
 - **Proxy** (TCP, PROXY_PORT, every allowed connection redirected to it by nft): reads the
   original destination (SO_ORIGINAL_DST), checks it again against the task (an entry, or a
   resolver answer whose TTL has not ended), its connection rate and its byte budget, connects
@@ -19,8 +20,12 @@ Everything runs on the daemon's event loop, on sockets made once in the egress n
   (worker, destination, port) is not in the set here, so a refused connection is a record too
   (`net.refused`: destination, port, the name the resolver gave this task for that address if
   any, and why), then a reset. It never connects anywhere.
-- **Kernel refusals** (everything else nft drops: UDP not to the resolver, DNS to another
-  server, ICMP; agentd/sandbox/nflog.py): each logged packet is a `net.refused` record (by
+- **UDP relay** (agentd/egress/udp.py): datagrams nft found in `allowed_udp` are tproxied to
+  it; it checks each new flow again (destination, byte budget, rate), relays it from the
+  uplink namespace, and records it when it ends (`net.connection`, protocol udp, bytes and
+  datagrams each way) or refuses it (`net.refused`, by "udp-relay").
+- **Kernel refusals** (everything else nft drops: UDP the set lacks, DNS to another server,
+  ICMP; agentd/sandbox/nflog.py): each logged packet is a `net.refused` record (by
   "nft", with the DNS question of a query to another server), at most LOG_RATE a second per
   worker; all are counted by nft per worker address, and the counts are one `net.dropped`
   record when the task ends.
@@ -29,18 +34,22 @@ Everything runs on the daemon's event loop, on sockets made once in the egress n
   the transparent path), resolved by the daemon (rebinding refused), connected, and carried.
   A refused CONNECT is answered 403 (405 for another method, 400 for a request it cannot
   read) and recorded (`net.refused`, by "https-proxy").
-- **What a connection carries** (both paths, `_carry`): the worker's first bytes decide. A
-  TLS ClientHello has its server name checked: through CONNECT it must be the host named; to
-  an address a name let through, a name an entry allows on that port. Plain HTTP is carried
-  request by request (agentd/egress/http.py), each Host checked the same way (421
-  otherwise). So a name no entry allows cannot ride an address it shares with an allowed one
-  (a CDN). Anything else, or a destination that speaks first, is copied as is. When a secret
+- **What a connection carries** (both paths, `_carry`): the worker's first bytes decide,
+  read until it is clear (`_classify`, bounded in bytes and time). A TLS ClientHello has its
+  server name checked: through CONNECT it must be the host named; to an address a name let
+  through, a name an entry allows on that port; on such a connection a ClientHello with no
+  name, or one that cannot be read, is refused (fail closed). An HTTP/1.x request line,
+  however split, goes request by request (agentd/egress/http.py), each Host checked the same
+  way (421 otherwise). So a name no entry allows cannot ride an address it shares with an
+  allowed one (a CDN) by SNI or Host; inside TLS the proxy does not end, a Host differing
+  from the SNI (domain fronting) cannot be seen. Anything else, or a destination that speaks
+  first, is copied as is. A task has at most MAX_OPEN connections open at once. When a secret
   of the policy goes to the server name, TLS ends here: the worker gets a certificate of its
   run's CA (agentd/egress/tls.py; only that run's workers trust it, and it can vouch only for
   the secrets' names), the destination is verified against the host's trust store (and
   `egress_upstream_ca`), and each request's Host must be that name; the secret's header is
-  replaced by the daemon's value (agentd/egress/secrets.py). Records name the secret, never
-  its value; inside TLS the proxy does not end, only the server name is seen.
+  replaced by the daemon's value (agentd/egress/secrets.py), and a response sending it back
+  is cut before it reaches the worker. Records name the secret, never its value.
 - Refused before any packet exists, so with no per-attempt record: a port no entry names
   (Landlock, EACCES in the worker), IPv6 (no address in the slot) and raw or ping sockets (the
   worker has no CAP_NET_RAW over the slot's namespace).
@@ -66,6 +75,7 @@ from __future__ import annotations
 import asyncio
 import contextlib
 import os
+import re
 import socket
 import ssl
 import struct
@@ -79,7 +89,7 @@ import structlog
 from dnslib import QTYPE, RCODE, RR, DNSRecord
 
 from agentd.egress import secrets as secret_store
-from agentd.egress.http import MAX_HEAD, Refused, looks_like_http, relay
+from agentd.egress.http import MAX_HEAD, Refused, relay
 from agentd.egress.secrets import DEFAULT_DIRECTORY
 from agentd.egress.task import Recorder, TaskEgress
 from agentd.egress.tls import (
@@ -91,8 +101,15 @@ from agentd.egress.tls import (
     TlsEnd,
     client_hello_name,
 )
+from agentd.egress.udp import UdpRelay, listener
 from agentd.policy import EffectivePolicy
-from agentd.policy.egress import address_rule, name_matches, parse_rules, special_address
+from agentd.policy.egress import (
+    EgressRule,
+    address_rule,
+    name_matches,
+    parse_rules,
+    special_address,
+)
 from agentd.sandbox import netns, nflog
 from agentd.sandbox.egress import (
     CONNECT_PORT,
@@ -111,6 +128,9 @@ SO_ORIGINAL_DST = 80
 UPSTREAM_TIMEOUT = 3.0
 CONNECT_TIMEOUT = 10.0
 _CHUNK = 64 * 1024
+_REQUEST_LINE = re.compile(rb"[A-Z]+ \S+ HTTP/\d\.\d")
+MAX_OPEN = 64
+"""Connections one task may have open through the proxy at once (both doors)."""
 
 
 @dataclass(frozen=True)
@@ -164,6 +184,7 @@ class EgressService:
         self._transport: asyncio.DatagramTransport | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._connect_server: asyncio.AbstractServer | None = None
+        self._udp: UdpRelay | None = None
         self.authorities = Authorities(config.runtime / "egress-ca")
         self._upstream_tls = ssl.create_default_context()
         if config.upstream_ca:
@@ -183,12 +204,13 @@ class EgressService:
             return [udp, socket.create_server(("0.0.0.0", PROXY_PORT), backlog=256),
                     socket.create_server(("0.0.0.0", REFUSED_PORT), backlog=256),
                     nflog.open_group(LOG_GROUP),
-                    socket.create_server((RESOLVER, CONNECT_PORT), backlog=256)]
+                    socket.create_server((RESOLVER, CONNECT_PORT), backlog=256),
+                    listener()]
 
         await asyncio.to_thread(self.authorities.start)
         made = await asyncio.to_thread(ns.call, sockets)
         self._sockets += made
-        udp, tcp, self._refusal_socket, self._log, connect = made
+        udp, tcp, self._refusal_socket, self._log, connect, relayed = made
         for sock in made:
             sock.setblocking(False)
         self._transport, _ = await loop.create_datagram_endpoint(
@@ -198,6 +220,9 @@ class EgressService:
                                                     sock=self._refusal_socket)
         self._connect_server = await asyncio.start_server(self._on_connect, sock=connect)
         loop.add_reader(self._log.fileno(), self._read_log)
+        self._udp = UdpRelay(self._by_address.get, ns, self._uplink)
+        self._udp.start(relayed)
+        self.network.start_maker()  # on the loop's thread, which lives as long as the daemon
         self._slots = SlotPool(self.network, self.config.slots)
 
     async def open(self, run_id: str, task_id: str, policy: EffectivePolicy,
@@ -206,7 +231,8 @@ class EgressService:
         read and, if it has any, its run's CA. SecretUnavailable if a secret cannot be read
         (before anything is taken)."""
         assert self._slots is not None, "start() first"
-        secrets = await asyncio.to_thread(self.load_secrets, policy)
+        secrets = (await asyncio.to_thread(self.load_secrets, policy)
+                   if policy.egress_secrets else ())
         authority = None
         if secrets:
             domains = tuple(sorted({d for s in secrets for d in s.rule.domains}))
@@ -220,11 +246,13 @@ class EgressService:
                           log_lost_at_open=self.log_lost, secrets=secrets, authority=authority,
                           bundle=str(self.authorities.bundle_path(authority))
                           if authority is not None else "")
-        grants = [(rule.target, rule.port, None) for rule in rules
-                  if rule.network is not None and rule.port is not None]
+        grants = {protocol: [(rule.target, rule.port, None) for rule in _outermost(rules)
+                             if rule.port is not None and rule.protocol == protocol]
+                  for protocol in ("tcp", "udp")}
         try:
-            if grants:  # one nft transaction for all of them
-                await asyncio.to_thread(self.network.allow_all, slot, grants)
+            for protocol, granted in grants.items():
+                if granted:  # one nft transaction for all of a set's
+                    await asyncio.to_thread(self.network.allow_all, slot, granted, protocol)
         except BaseException:
             await asyncio.to_thread(self.network.release, slot)
             raise
@@ -240,6 +268,8 @@ class EgressService:
         its set elements and slot released."""
         if task.slot.fd < 0:
             return  # closed already
+        if self._udp is not None:
+            self._udp.drain()
         for connection in list(task.open):
             connection.cancel()
         if task.open:
@@ -274,6 +304,8 @@ class EgressService:
             self._loop.remove_reader(self._log.fileno())
         if self._transport is not None:
             self._transport.close()
+        if self._udp is not None:
+            self._udp.stop()
         for sock in self._sockets:
             sock.close()
         if self._slots is not None:
@@ -292,6 +324,9 @@ class EgressService:
         if task is None:
             _reset(writer)
             return
+        if len(task.open) >= MAX_OPEN:
+            self._refuse_open(task, writer, "proxy")
+            return
         current = asyncio.current_task()
         assert current is not None
         task.open.add(current)
@@ -299,6 +334,14 @@ class EgressService:
             await self._proxy(task, sock, reader, writer)
         finally:
             task.open.discard(current)
+
+    @staticmethod
+    def _refuse_open(task: TaskEgress, writer: asyncio.StreamWriter, door: str) -> None:
+        """A connection over the task's MAX_OPEN at once: on record, then reset."""
+        task.refused += 1
+        task.refusal({"destination": "?", "port": 0, "protocol": "tcp", "by": door,
+                      "reason": f"{MAX_OPEN} connections of this task are open already"})
+        _reset(writer)
 
     async def _on_refused(self, reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter) -> None:
@@ -356,8 +399,7 @@ class EgressService:
     @staticmethod
     def _over_limits(task: TaskEgress) -> str:
         """Why a new connection is over the task's limits, or ""."""
-        return ("limits.bytes reached" if task.bytes_used >= task.bytes_limit else
-                "limits.connections_per_second reached" if not task.take_token() else "")
+        return task.over_limits()
 
     async def _forward(self, task: TaskEgress, details: dict[str, Any],
                        reader: asyncio.StreamReader, writer: asyncio.StreamWriter, *,
@@ -387,6 +429,7 @@ class EgressService:
         except Refused as exc:
             result = f"refused: {exc}"
             task.refused += 1
+            await _linger(reader, writer)  # the error response is read, not lost to a reset
             if not carried[0]:
                 task.refusal({**details, "protocol": "tcp", "reason": str(exc)})
                 return
@@ -422,9 +465,16 @@ class EgressService:
             # The destination spoke first (SSH, SMTP...) or the worker closed: copied as is.
             await self._pumps(task, reader, writer, upstream_reader, upstream, counts, carried)
             return "limits.bytes reached" if task.bytes_used >= task.bytes_limit else "closed"
+        # Admitted by a name (the resolver's answer, or CONNECT's host): what the worker sends
+        # must not name another one. Read until it is clear what it is (bounded in bytes and
+        # time); TLS that cannot be read or names nothing, on such a connection, is refused.
         name_rule = details.get("name") or connect_host
-        if first[0] == 0x16:  # a TLS handshake record
-            first, sni = await _client_hello(reader, first)
+        async with asyncio.timeout(CONNECT_TIMEOUT):
+            kind, first, sni = await _classify(reader, first)
+        if kind == "tls":
+            if sni is None and name_rule:
+                raise Refused("a TLS ClientHello the proxy cannot read (malformed, or over"
+                              f" {MAX_HELLO // 1024} KiB) to an address admitted by name")
             if sni is not None:
                 details["sni"] = sni
                 why = self._sni_refusal(task, sni, details["port"], name_rule, connect_host)
@@ -434,7 +484,7 @@ class EgressService:
                         task.secrets, sni):
                     return await self._intercept(task, details, sni, first, reader, writer,
                                                  upstream_reader, upstream, counts, carried)
-        elif looks_like_http(first) and name_rule:
+        elif kind == "http" and name_rule:
             port = details["port"]
 
             def check_host(host: str) -> str:
@@ -490,8 +540,11 @@ class EgressService:
         """Why a ClientHello's server name is refused, or "". Through CONNECT it must be the
         host named; to an address a name let through, a name an entry allows on this port
         (two names an entry allows may share an address; a third name may not ride it)."""
-        if not name_rule or not sni:
-            return ""  # by address (an ip or cidr entry), or a ClientHello without a name
+        if not name_rule:
+            return ""  # admitted by address (an ip or cidr entry): any name, or none
+        if not sni:
+            return ("a TLS ClientHello without a server name, to an address admitted by name"
+                    " (the name it is for cannot be checked)")
         if connect_host:
             return "" if sni == connect_host else \
                 f"TLS server name {sni} differs from the CONNECT host {connect_host}"
@@ -527,7 +580,8 @@ class EgressService:
         requests = await relay(_Counted(worker, task, counts, b""),
                                _Upstream(upstream_reader, upstream, carried),
                                check_host=check_host,
-                               inject=secret_store.headers_for(task.secrets, name))
+                               inject=secret_store.headers_for(task.secrets, name),
+                               guard=secret_store.values_for(task.secrets, name))
         details["requests"] = requests
         return "closed"
 
@@ -556,35 +610,39 @@ class EgressService:
         if task is None:
             _reset(writer)
             return
+        if len(task.open) >= MAX_OPEN:
+            self._refuse_open(task, writer, "https-proxy")
+            return
+        why = self._over_limits(task)  # a CONNECT is a connection from its first byte
+        if why:
+            task.refused += 1
+            task.refusal({"destination": "?", "port": 0, "protocol": "tcp",
+                          "by": "https-proxy", "reason": why})
+            _reset(writer)
+            return
         current = asyncio.current_task()
         assert current is not None
         task.open.add(current)
         try:
             await self._connect_request(task, reader, writer)
-        except (OSError, TimeoutError, h11.ProtocolError):
-            writer.close()
+        except Exception as exc:  # a bug here must not lose the attempt's record
+            log.exception("egress.connect_failed")
+            task.refused += 1
+            task.refusal({"destination": "?", "port": 0, "protocol": "tcp",
+                          "by": "https-proxy", "reason": f"error: {type(exc).__name__}"})
         finally:
             task.open.discard(current)
+            writer.close()
 
     async def _connect_request(self, task: TaskEgress, reader: asyncio.StreamReader,
                                writer: asyncio.StreamWriter) -> None:
         connection = h11.Connection(h11.SERVER, max_incomplete_event_size=MAX_HEAD)
         details: dict[str, Any] = {"by": "https-proxy", "protocol": "tcp"}
-        request = None
         try:
-            while request is None:
-                event = connection.next_event()
-                if event is h11.NEED_DATA:
-                    data = await asyncio.wait_for(reader.read(_CHUNK), CONNECT_TIMEOUT)
-                    if not data:
-                        return  # connected and closed, asking nothing
-                    connection.receive_data(data)
-                elif isinstance(event, h11.Request):
-                    request = event
-                else:
-                    return
+            async with asyncio.timeout(CONNECT_TIMEOUT):  # the whole head, not each read
+                request = await _request_head(connection, reader)
         except (h11.RemoteProtocolError, TimeoutError) as exc:
-            why = (f"no CONNECT request within {CONNECT_TIMEOUT:g} s"
+            why = (f"no whole CONNECT request within {CONNECT_TIMEOUT:g} s"
                    if isinstance(exc, TimeoutError) else f"not an HTTP/1.1 request: {exc}")
             task.refused += 1
             task.refusal({**details, "destination": "?", "port": 0, "reason": why[:200]})
@@ -604,16 +662,15 @@ class EgressService:
         port = int(port_text)
         details.update(destination=host[:255], port=port, name=host[:255])
         rule, address, why = await self._decide_connect(task, host, port)
-        why = why or self._over_limits(task)
+        if not why and (not isinstance(connection.next_event(), h11.EndOfMessage)
+                        or connection.next_event() is not h11.PAUSED):
+            why = "a CONNECT request with a body; send none"
         if why:
             task.refused += 1
             task.refusal({**details, "reason": why})
             await _answer(writer, 403, why)
             return
         details.update(destination=address, rule=rule, name="" if host == address else host)
-        while (event := connection.next_event()) is not h11.PAUSED:
-            if not isinstance(event, h11.EndOfMessage):
-                return
         await self._forward(task, details, reader, writer,
                             connect_host="" if host == address else host,
                             initial=connection.trailing_data[0])
@@ -710,10 +767,12 @@ class EgressService:
         """The answer a task gets for `query` (see the module docstring)."""
         name = str(query.q.qname).rstrip(".").lower()
         qtype = QTYPE.get(query.q.qtype, str(query.q.qtype))
-        ports = sorted({r.port for r in task.rules if r.port is not None
-                        and name_matches(r, name)})
+        # (protocol, port) of each entry that allows the name: an address answered goes in
+        # that protocol's set for that port
+        wanted = sorted({(r.protocol, r.port) for r in task.rules if r.port is not None
+                         and name_matches(r, name)})
         reply = query.reply()
-        if not ports:
+        if not wanted:
             reply.header.rcode = RCODE.REFUSED
             task.record("dns.refused", {"name": name[:255], "type": qtype,
                                         "reason": "no egress entry allows this name"})
@@ -721,8 +780,9 @@ class EgressService:
         if qtype != "A":
             return reply  # no records: workers have IPv4 only
         upstream = await self._ask_upstream(query)
-        rules = {p: next(r.text for r in task.rules if r.port == p and name_matches(r, name))
-                 for p in ports}
+        rules = {(protocol, port): next(r.text for r in task.rules if r.port == port
+                                        and r.protocol == protocol and name_matches(r, name))
+                 for protocol, port in wanted}
         kept: list[str] = []
         refused: list[str] = []
         ttl = MAX_TTL
@@ -731,25 +791,38 @@ class EgressService:
                 reply.add_answer(rr)
                 continue
             address = str(rr.rdata)
-            if special_address(address) and address_rule(task.rules, address, ports[0]) is None:
+            if special_address(address) and address_rule(
+                    task.rules, address, wanted[0][1], wanted[0][0]) is None:
                 refused.append(address)
                 continue
             ttl = min(ttl, max(1, int(rr.ttl)))
             kept.append(address)
         expiry = time.monotonic() + ttl
+        grants: dict[str, list[tuple[str, int, int | None]]] = {}
         for address in kept:
-            for port in ports:
-                await asyncio.to_thread(self.network.allow, task.slot, address, port, ttl)
-                task.resolved[(address, port)] = (name, rules[port], expiry)
+            for protocol, port in wanted:
+                # An address an ip or cidr entry names is in the set already, for good (an
+                # overlapping element would be refused by nft's interval set).
+                if address_rule(task.rules, address, port, protocol) is None:
+                    grants.setdefault(protocol, []).append((address, port, ttl))
+                task.resolved[(address, port, protocol)] = (name, rules[(protocol, port)],
+                                                            expiry)
             task.answered[address] = name
+        for protocol, granted in grants.items():  # one nft transaction a set
+            await asyncio.to_thread(self.network.allow_all, task.slot, granted, protocol)
+        for address in kept:
             reply.add_answer(RR(query.q.qname, QTYPE.A, rdata=_a(address), ttl=ttl))
         if refused:
             task.record("dns.rebinding_refused", {
                 "name": name, "addresses": refused[:16],
                 "reason": "a private, loopback or link-local address no address entry names"})
-        task.record("dns.answer", {"name": name, "addresses": kept[:16], "ttl": ttl,
-                                   "ports": ports, "rule": rules[ports[0]],
-                                   "rcode": RCODE.get(upstream.header.rcode, "?")})
+        answer: dict[str, Any] = {
+            "name": name, "addresses": kept[:16], "ttl": ttl,
+            "ports": [p for protocol, p in wanted if protocol == "tcp"],
+            "rule": rules[wanted[0]], "rcode": RCODE.get(upstream.header.rcode, "?")}
+        if any(protocol == "udp" for protocol, _p in wanted):
+            answer["udp_ports"] = [p for protocol, p in wanted if protocol == "udp"]
+        task.record("dns.answer", answer)
         reply.header.rcode = upstream.header.rcode
         return reply
 
@@ -771,6 +844,25 @@ class EgressService:
                     return answer
         finally:
             sock.close()
+
+
+def _outermost(rules: tuple[EgressRule, ...]) -> list[EgressRule]:
+    """The ip and cidr entries to put in the sets: one inside another on the same port and
+    protocol is allowed by that one already (and nft's interval set refuses overlapping
+    elements)."""
+    literal = [r for r in rules if r.network is not None and r.port is not None]
+    kept: list[EgressRule] = []
+    for rule in literal:
+        inner = rule.network
+        assert inner is not None
+        if any(other is not rule and other.port == rule.port
+               and other.protocol == rule.protocol and other.network is not None
+               and inner.subnet_of(other.network)
+               and (inner != other.network or literal.index(other) < literal.index(rule))
+               for other in literal):
+            continue
+        kept.append(rule)
+    return kept
 
 
 def egress_environment(task: TaskEgress) -> dict[str, str]:
@@ -798,12 +890,13 @@ def refused_packet(packet: nflog.Logged) -> dict[str, Any]:
         with contextlib.suppress(Exception):  # a packet cut short or not DNS at all
             details["query"] = str(DNSRecord.parse(packet.data).q.qname).rstrip(".")[:255]
     elif packet.protocol == "udp":
-        details["reason"] = "UDP is not granted (egress entries are TCP)"
+        details["reason"] = "no egress entry allows UDP to this destination"
     elif packet.protocol == "icmp":
         details["reason"] = "ICMP is not granted"
         details["icmp_type"], details["icmp_code"] = packet.icmp or (0, 0)
     else:
-        details["reason"] = f"{packet.protocol} is not granted (egress entries are TCP)"
+        details["reason"] = (f"{packet.protocol} is not granted (egress entries are TCP or"
+                             " UDP)")
     return details
 
 
@@ -814,21 +907,67 @@ def _original_destination(sock: socket.socket) -> tuple[str, int]:
     return socket.inet_ntoa(packed), port
 
 
-async def _client_hello(reader: asyncio.StreamReader, data: bytes) -> tuple[bytes, str | None]:
-    """(bytes read, the ClientHello's server name: "" if none, None if not a ClientHello)."""
+async def _classify(reader: asyncio.StreamReader, data: bytes
+                    ) -> tuple[str, bytes, str | None]:
+    """What a connection's first bytes are, reading more until it is clear (the caller bounds
+    the time): ("tls", bytes, server name: "" if none, None if the ClientHello cannot be
+    read), ("http", bytes without leading blank lines, None) for an HTTP/1.x request line,
+    else ("other", bytes, None). A request sent a byte at a time, or after blank lines, is
+    still HTTP; a ClientHello over MAX_HELLO is unreadable, not "other"."""
+    if data[:1] == b"\x16":
+        while True:
+            try:
+                name = client_hello_name(data)
+            except NotTls:
+                return "tls", data, None
+            if name is not None:
+                return "tls", data, name
+            if len(data) > MAX_HELLO:
+                return "tls", data, None
+            more = await reader.read(_CHUNK)
+            if not more:
+                return "tls", data, None
+            data += more
     while True:
-        try:
-            name = client_hello_name(data)
-        except NotTls:
-            return data, None
-        if name is not None:
-            return data, name
-        if len(data) > MAX_HELLO:
-            return data, None
-        more = await asyncio.wait_for(reader.read(_CHUNK), CONNECT_TIMEOUT)
+        stripped = data.lstrip(b"\r\n")
+        if stripped[:1] and not (b"A" <= stripped[:1] <= b"Z"):
+            return "other", data, None  # not a method's first letter: no request line
+        line, newline, _ = stripped.partition(b"\n")
+        if newline:
+            return ("http", stripped, None) if _REQUEST_LINE.fullmatch(line.rstrip(b"\r")) \
+                else ("other", data, None)
+        if len(data) > MAX_HEAD:
+            return "other", data, None
+        more = await reader.read(_CHUNK)
         if not more:
-            return data, None
+            return "other", data, None
         data += more
+
+
+async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
+    """Ends our side (FIN) and discards what the worker still sends, for at most a second:
+    closing with unread bytes would reset the connection, and the worker could lose the
+    error response sent just before (a lingering close, as HTTP servers do)."""
+    with contextlib.suppress(OSError, TimeoutError, RuntimeError):
+        if writer.can_write_eof():
+            writer.write_eof()
+        async with asyncio.timeout(1.0):
+            while await reader.read(_CHUNK):
+                pass
+
+
+async def _request_head(connection: h11.Connection, reader: asyncio.StreamReader
+                        ) -> h11.Request:
+    """The next request's head from `reader`; RemoteProtocolError if it is not one, or the
+    worker closed before it was whole."""
+    while True:
+        event = connection.next_event()
+        if event is h11.NEED_DATA:
+            connection.receive_data(await reader.read(_CHUNK))
+        elif isinstance(event, h11.Request):
+            return event
+        else:
+            raise h11.RemoteProtocolError("closed before a whole request")
 
 
 def _charge(task: TaskEgress, counts: list[int], side: int, size: int) -> None:

@@ -1,8 +1,9 @@
 """One task's egress: its rules, what its resolver answers allowed, its budget, its records.
 
-Shared by the resolver and the proxy, so both decide from the same state: an address is
-reachable by a task when an ip or cidr entry names it, or when the daemon's resolver answered
-it for a name the task may resolve, until that answer's TTL ends.
+Shared by the resolver, the proxy and the UDP relay, so all decide from the same state: an
+address and port are reachable by a task over a protocol when an ip or cidr entry of that
+protocol names them, or when the daemon's resolver answered the address for a name an entry
+of that protocol and port allows, until that answer's TTL ends.
 """
 
 from __future__ import annotations
@@ -45,8 +46,9 @@ class TaskEgress:
     refused: int = 0
     dropped: int = 0
     written: int = 0
-    resolved: dict[tuple[str, int], tuple[str, str, float]] = field(default_factory=dict)
-    """(address, port) -> (the name it was answered for, its rule, monotonic expiry)."""
+    resolved: dict[tuple[str, int, str], tuple[str, str, float]] = field(default_factory=dict)
+    """(address, port, protocol) -> (the name it was answered for, its rule, monotonic
+    expiry)."""
     answered: dict[str, str] = field(default_factory=dict)
     """address -> the last name the resolver gave it to this task for (kept after its TTL:
     a refusal names what the worker probably meant)."""
@@ -87,31 +89,42 @@ class TaskEgress:
         name = self.answered.get(details.get("destination", ""))
         self.record("net.refused", {**details, "name": name or ""})
 
-    def why_refused(self, address: str, port: int) -> str:
-        """Why TCP to `address`:`port` is not allowed, in the words of the policy."""
-        if any(a == address and expiry <= time.monotonic()
-               for (a, p), (_n, _r, expiry) in self.resolved.items() if p == port):
+    def why_refused(self, address: str, port: int, protocol: str = "tcp") -> str:
+        """Why `protocol` to `address`:`port` is not allowed, in the words of the policy."""
+        if any(a == address and p == port and pr == protocol and expiry <= time.monotonic()
+               for (a, p, pr), (_n, _r, expiry) in self.resolved.items()):
             return "its DNS answer expired (TTL); resolve the name again"
-        if any(a == address for a, _p in self.resolved) or any(
-                address_rule(self.rules, address, r.port) is not None
+        if any(a == address and pr == protocol for a, _p, pr in self.resolved) or any(
+                address_rule(self.rules, address, r.port, protocol) is not None
                 for r in self.rules if r.port is not None):
             return f"port {port} is not allowed for this destination"
+        if protocol == "udp":
+            return "no egress entry allows UDP to this destination"
         return "no egress entry allows this destination"
 
-    def destination(self, address: str, port: int) -> tuple[str, str] | None:
-        """(name or "", the rule) if the task may open TCP to `address`:`port` now."""
-        rule = address_rule(self.rules, address, port)
+    def destination(self, address: str, port: int,
+                    protocol: str = "tcp") -> tuple[str, str] | None:
+        """(name or "", the rule) if the task may open TCP (or send UDP) to `address`:`port`
+        now."""
+        rule = address_rule(self.rules, address, port, protocol)
         if rule is not None:
             return "", rule.text
-        answer = self.resolved.get((address, port))
+        answer = self.resolved.get((address, port, protocol))
         if answer is not None and answer[2] > time.monotonic():
             return answer[0], answer[1]
         return None
 
-    def name_allowed(self, name: str, port: int) -> str:
-        """The rule letting TCP to `name`:`port` (a domain or wildcard entry), or ""."""
-        return next((r.text for r in self.rules if r.port == port and name_matches(r, name)),
-                    "")
+    def name_allowed(self, name: str, port: int, protocol: str = "tcp") -> str:
+        """The rule letting `protocol` to `name`:`port` (a domain or wildcard entry), or
+        ""."""
+        return next((r.text for r in self.rules if r.port == port and r.protocol == protocol
+                     and name_matches(r, name)), "")
+
+    def over_limits(self) -> str:
+        """Why a new connection (or UDP flow) is over the task's limits, or "" (a token is
+        taken when it is not)."""
+        return ("limits.bytes reached" if self.bytes_used >= self.bytes_limit else
+                "limits.connections_per_second reached" if not self.take_token() else "")
 
     def take_token(self) -> bool:
         """The connection-rate budget: a bucket of one second's worth, refilled continuously."""

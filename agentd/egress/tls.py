@@ -3,9 +3,10 @@
 - `client_hello_name` reads the server name (SNI) from the first bytes a worker sends, so the
   proxy can check it against the policy before a byte reaches the destination. Written by
   hand: neither `ssl` nor `cryptography` parses a ClientHello that is not theirs to answer.
-- `RunAuthority` is a run's own CA (made with `cryptography`, kept in the daemon's memory,
-  never on disk): it signs a certificate for each name the proxy ends TLS for, so the daemon
-  can add a secret to a request the worker encrypted. Its name constraints permit only the
+- `RunAuthority` is a run's own CA (made with `cryptography`, its key kept in the daemon's
+  memory only; a leaf's key passes through a private file on the runtime tmpfs): it signs a
+  certificate for each name the proxy ends TLS for, so the daemon can add a secret to a
+  request the worker encrypted. Its name constraints permit only the
   names the policy's secrets go to, so even its key could not vouch for any other name, and
   it is trusted only inside that run's workers (its bundle is mounted over their trust store).
 - `TlsEnd` is the worker-facing side of TLS on a connection the proxy has already read from
@@ -32,8 +33,9 @@ from cryptography.x509.oid import ExtendedKeyUsageOID, NameOID
 
 from agentd.sandbox.mounts import CA_BUNDLE_PATH
 
-MAX_HELLO: Final = 64 * 1024
-"""Bytes a ClientHello may take (records of 16 KiB; post-quantum key shares make it ~2 KiB)."""
+MAX_HELLO: Final = 136 * 1024
+"""Bytes a ClientHello may take: more than OpenSSL accepts (131,396), so a hello a server
+would read is never one the proxy could not (post-quantum key shares make a usual one ~2 KiB)."""
 BUNDLE_PATH: Final = CA_BUNDLE_PATH
 """Where a worker finds its trust store; the variables below point there."""
 TRUST_ENV: Final = ("SSL_CERT_FILE", "REQUESTS_CA_BUNDLE", "CURL_CA_BUNDLE", "GIT_SSL_CAINFO",
@@ -104,9 +106,13 @@ def _server_name(hello: bytes) -> str:
 class RunAuthority:
     """One run's CA, constrained to `domains` (names or *.wildcards)."""
 
-    def __init__(self, run_id: str, domains: tuple[str, ...]) -> None:
+    def __init__(self, run_id: str, domains: tuple[str, ...], key_dir: str | None = None
+                 ) -> None:
         self.run_id = run_id
         self.domains = domains
+        self.key_dir = key_dir
+        """Where a leaf's key passes (a 0700 directory, gone at once) for `load_cert_chain`:
+        the daemon's runtime directory, a tmpfs, rather than /tmp."""
         self._key = ec.generate_private_key(ec.SECP256R1())
         now = datetime.datetime.now(datetime.UTC)
         name = x509.Name([x509.NameAttribute(NameOID.ORGANIZATION_NAME, "agentd"),
@@ -152,7 +158,7 @@ class RunAuthority:
         now = datetime.datetime.now(datetime.UTC)
         leaf = (
             x509.CertificateBuilder()
-            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name)]))
+            .subject_name(x509.Name([x509.NameAttribute(NameOID.COMMON_NAME, name[:64])]))
             .issuer_name(self.certificate.subject)
             .public_key(key.public_key())
             .serial_number(x509.random_serial_number())
@@ -168,7 +174,7 @@ class RunAuthority:
         context = ssl.SSLContext(ssl.PROTOCOL_TLS_SERVER)
         context.minimum_version = ssl.TLSVersion.TLSv1_2
         context.set_alpn_protocols(["http/1.1"])  # the proxy speaks HTTP/1.1 to the worker
-        with tempfile.TemporaryDirectory(prefix="agentd-leaf-") as directory:
+        with tempfile.TemporaryDirectory(prefix="leaf-", dir=self.key_dir) as directory:
             path = Path(directory) / "leaf.pem"
             fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o600)
             with os.fdopen(fd, "wb") as f:
@@ -208,7 +214,7 @@ class Authorities:
             if authority is not None:
                 self._runs.move_to_end(key)
                 return authority
-        authority = RunAuthority(run_id, key[1])
+        authority = RunAuthority(run_id, key[1], key_dir=str(self.directory))
         self._write_bundle(authority)
         with self._lock:
             self._runs[key] = authority

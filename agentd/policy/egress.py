@@ -1,6 +1,6 @@
 """Network egress rules: what an `egress:` entry means, and the pure decisions about it.
 
-An entry is `TARGET:PORT` with an optional `/PROTOCOL` (tcp when left out):
+An entry is `TARGET:PORT` with an optional `/PROTOCOL`, tcp (the default) or udp:
 
     api.example.org:443       a domain: the addresses the daemon's resolver gets for exactly
                               this name, while their DNS TTL lasts
@@ -8,6 +8,7 @@ An entry is `TARGET:PORT` with an optional `/PROTOCOL` (tcp when left out):
                               example.org itself); only where written
     192.0.2.10:80             an IPv4 address
     198.51.100.0/24:443       an IPv4 network
+    ntp.example.org:123/udp   UDP datagrams to that port (relayed by the daemon, flow by flow)
 
 Why this shape, rather than a mapping per rule (`{host: ..., port: ..., protocol: ...}`): a
 reviewer reads one line per destination, as in a firewall's allowlist, and a list of strings
@@ -15,9 +16,11 @@ diffs and lints line by line. Why no port ranges or "any port" in a policy: ever
 is a service reached; a ceiling may say `*` (any port) because it bounds, it does not grant.
 
 What is refused at validation, with the reason, because the mechanism could not enforce it
-(agentd/sandbox/egress.py): `/udp` (the proxy path carries TCP only; DNS goes to the daemon's
-resolver whatever the policy says) and IPv6 targets (workers get no IPv6 address). A policy
-that says one thing and a kernel that enforces another is what deny-by-default forbids.
+(agentd/sandbox/egress.py): UDP to port 53 (DNS goes to the daemon's resolver whatever the
+policy says: a name's answer is what the resolver checks and puts in the set, and a second
+resolver would be a way around it) and IPv6 targets (workers get no IPv6 address). A policy
+that says one thing and a kernel that enforces another is what deny-by-default forbids. A
+protocol is a separate grant: `host:514/udp` does not allow TCP to 514, nor the reverse.
 
 The decisions here (`name_rule`, `address_rule`, `covers`, `special_address`) are shared by
 the stage clamp, the resolver and the proxy, so the daemon and `agentctl policy explain`
@@ -38,6 +41,7 @@ RuleKind = Literal["ip", "cidr", "domain", "wildcard"]
 _LABEL = re.compile(r"^(?!-)[a-z0-9-]{1,63}(?<!-)$")
 _ENTRY = re.compile(r"^(?P<target>[^/\s]+(?:/\d{1,2})?):(?P<port>\*|\d{1,5})"
                     r"(?:/(?P<protocol>[a-z]+))?$")
+DNS_PORT: Final = 53
 # A CIDR wider than this is linted (agentd/policy/lint.py): thousands of hosts.
 WIDE_PREFIX: Final = 24
 
@@ -106,11 +110,9 @@ def parse_rule(value: Any, *, any_port: bool = False) -> EgressRule:
                          " DOMAIN:PORT, e.g. api.example.org:443, 192.0.2.10:80,"
                          " 198.51.100.0/24:443, *.example.org:443")
     protocol = match.group("protocol") or "tcp"
-    if protocol == "udp":
-        raise ValueError(f"{value!r}: UDP egress is not supported yet (only TCP passes the"
-                         " egress proxy; DNS always goes to the daemon's resolver); remove it")
-    if protocol != "tcp":
-        raise ValueError(f"{value!r}: unknown protocol {protocol!r}; write /tcp (the default)")
+    if protocol not in ("tcp", "udp"):
+        raise ValueError(f"{value!r}: unknown protocol {protocol!r}; write /tcp (the default)"
+                         " or /udp")
     port_text = match.group("port")
     port: int | None
     if port_text == "*":
@@ -122,6 +124,10 @@ def parse_rule(value: Any, *, any_port: bool = False) -> EgressRule:
         port = int(port_text)
         if not 0 < port < 65536:
             raise ValueError(f"{value!r}: port {port} is not between 1 and 65535")
+        if protocol == "udp" and port == DNS_PORT:
+            raise ValueError(f"{value!r}: DNS always goes to the daemon's resolver (it checks"
+                             " each name against the policy); a policy cannot grant another"
+                             " DNS server; remove it and list the names to resolve instead")
     target = match.group("target").rstrip(".")
     kind: RuleKind
     if ":" in target:
@@ -169,10 +175,20 @@ def parse_rules(entries: Iterable[str]) -> tuple[EgressRule, ...]:
     return tuple(parse_rule(e, any_port=True) for e in entries)
 
 
+def valid_name(name: str) -> bool:
+    """Whether `name` is a host name a policy could name: dot-separated labels of letters,
+    digits and '-' (no empty label, none over 63), at least two, at most 253 in all."""
+    labels = name.split(".")
+    return (len(name) <= 253 and len(labels) >= 2
+            and all(_LABEL.fullmatch(label) for label in labels))
+
+
 def name_matches(rule: EgressRule, name: str) -> bool:
     """Whether a DNS name falls under a domain or wildcard entry (case and a final dot
-    ignored)."""
+    ignored); a malformed name ("a..example.org", a label of 64) falls under none."""
     name = name.lower().rstrip(".")
+    if not valid_name(name):
+        return False
     if rule.kind == "domain":
         return name == rule.target
     if rule.kind == "wildcard":
@@ -181,19 +197,22 @@ def name_matches(rule: EgressRule, name: str) -> bool:
 
 
 def name_rule(rules: Iterable[EgressRule], name: str) -> EgressRule | None:
-    """The first domain or wildcard entry that allows resolving `name`, if any."""
+    """The first domain or wildcard entry that allows resolving `name` (for any protocol),
+    if any."""
     return next((r for r in rules if name_matches(r, name)), None)
 
 
-def address_rule(rules: Iterable[EgressRule], address: str, port: int) -> EgressRule | None:
-    """The first ip or cidr entry that allows TCP to `address`:`port`, if any."""
+def address_rule(rules: Iterable[EgressRule], address: str, port: int,
+                 protocol: str = "tcp") -> EgressRule | None:
+    """The first ip or cidr entry that allows `protocol` to `address`:`port`, if any."""
     try:
         ip = ipaddress.IPv4Address(address)
     except ValueError:
         return None
     for rule in rules:
         network = rule.network
-        if network is not None and ip in network and rule.port in (None, port):
+        if (network is not None and ip in network and rule.port in (None, port)
+                and rule.protocol == protocol):
             return rule
     return None
 
@@ -290,9 +309,10 @@ def parse_secret(value: Any) -> SecretRule:
         raise ValueError(f"secret {name}: {header} frames or routes the request; a secret goes"
                          " in a header such as Authorization or X-Api-Key")
     if (not isinstance(text_format, str) or text_format.count("{secret}") != 1
-            or any(c in text_format for c in "\r\n\0") or len(text_format) > 256):
+            or not header_value_ok(text_format) or len(text_format) > 256):
         raise ValueError(f"secret {name}: format {text_format!r} must hold {{secret}} exactly"
-                         " once, on one line, e.g. 'Bearer {secret}'")
+                         " once, in visible ASCII with inner spaces only, e.g."
+                         " 'Bearer {secret}'")
     if not isinstance(domains, (list, tuple)) or not domains:
         raise ValueError(f"secret {name}: domains must list the names it is sent to, e.g."
                          " [api.example.org]")
@@ -304,6 +324,14 @@ def parse_secret(value: Any) -> SecretRule:
                              " a secret is sent by name, never to an address")
         canonical.append(rule.target)
     return SecretRule(name, header, text_format, tuple(dict.fromkeys(canonical)))
+
+
+def header_value_ok(value: str) -> bool:
+    """Whether `value` is an HTTP field value the proxy sends as is: visible ASCII and inner
+    spaces (no tab, control character, DEL or non-ASCII, nothing leading or trailing). A
+    value h11 refused would end up in an error message: for a secret, a leak."""
+    return (bool(value) and value == value.strip(" ")
+            and all(32 <= ord(c) < 127 for c in value))
 
 
 def secret_from_text(text: str) -> SecretRule:

@@ -86,16 +86,16 @@ def explain(policy: EffectivePolicy, *, reach: Mapping[str, Sequence[str]] | Non
     if p.network == "none":
         out.append("  none: a network namespace with loopback only")
     else:
-        out.append("  TCP only to these, each connection through the daemon's egress proxy"
-                   " and on record:")
+        out.append("  only to these, each TCP connection through the daemon's egress proxy and"
+                   " each UDP flow through its relay, and on record:")
         out += [f"    {rule.in_words()}" for rule in parse_rules(p.egress)]
         out.append("  names resolve only through the daemon's resolver, and only those above;"
                    " an answer pointing to a private, loopback or link-local address is refused"
                    " unless an address entry names it")
         out.append(f"  at most {format_size(p.egress_bytes)} sent and received per task, and"
                    f" {p.egress_connections_per_second:g} new connections per second")
-        out.append("  everything else is refused: other addresses and ports, UDP, ICMP, IPv6,"
-                   " DNS to any other server")
+        out.append("  everything else is refused: other addresses, ports and protocols, ICMP,"
+                   " IPv6, DNS to any other server")
         out += [f"  sends {secret_from_text(t).in_words()}" for t in p.egress_secrets]
     out.append(f"    decided by {p.rule('network')}")
     out.append("  user namespace: " + ("yes (it may create one)" if p.user_namespace

@@ -219,11 +219,13 @@ class SecretGrant(Rules):
 
 
 class NetworkRules(Rules):
-    """Network egress of a stage: TCP to the destinations listed, through the daemon's
-    resolver and egress proxy; everything else refused (agentd/policy/egress.py)."""
+    """Network egress of a stage: TCP (or UDP, /udp) to the destinations listed, through the
+    daemon's resolver, egress proxy and UDP relay; everything else refused
+    (agentd/policy/egress.py)."""
 
     egress: tuple[EgressEntry, ...] = Field(min_length=1)
-    """Destinations: HOST:PORT, CIDR:PORT, DOMAIN:PORT or *.DOMAIN:PORT (TCP; at least one)."""
+    """Destinations: HOST:PORT, CIDR:PORT, DOMAIN:PORT or *.DOMAIN:PORT, TCP unless /udp
+    follows (never port 53/udp: DNS goes to the daemon's resolver); at least one."""
 
     limits: NetworkLimits = Field(default_factory=NetworkLimits)
     """Bytes and connection rate per task."""
@@ -260,8 +262,18 @@ class NetworkCeiling(Rules):
     limits: NetworkLimits = Field(default_factory=NetworkLimits)
     """The highest per-task egress limits at this stage."""
 
-    secrets: tuple[str, ...] = ()
-    """Names of the daemon's secrets a policy may have sent at this stage (none by default)."""
+    secrets: dict[str, tuple[str, ...]] = Field(default_factory=dict)
+    """The daemon's secrets a policy may have sent at this stage, each with the names (or
+    *.wildcards) it may go to: `{gh-token: [api.github.com]}`. None by default. A policy's
+    secret is kept only for the domains listed here for it."""
+
+    @field_validator("secrets")
+    @classmethod
+    def _secret_domains(cls, secrets: dict[str, tuple[str, ...]]
+                        ) -> dict[str, tuple[str, ...]]:
+        return {name: parse_secret({"name": name, "header": "Authorization",
+                                    "domains": list(domains)}).domains
+                for name, domains in secrets.items()}
 
     _unique = field_validator("egress")(_no_duplicates)
 
@@ -384,8 +396,9 @@ class StageRules(Rules):
     """Host paths (read-only) and the workspace mode."""
 
     network: Literal["none"] | NetworkRules = "none"
-    """none (loopback only, the default), or {egress: [...], limits: {...}}: TCP to the
-    destinations listed, through the daemon's resolver and proxy, each connection recorded."""
+    """none (loopback only, the default), or {egress: [...], limits: {...}}: TCP or UDP to
+    the destinations listed, through the daemon's resolver, proxy and UDP relay, each
+    connection or flow recorded."""
 
     user_namespace: bool = Field(default=False, strict=True)
     """Run the worker in a user namespace (its root is not the host's root)."""

@@ -245,11 +245,17 @@ class _Clamp:
         kept_rules = [parse_rule(e) for e in kept]
         for grant in wants.network.secrets:
             secret = parse_secret(grant.model_dump())
-            if secret.name not in ceiling.network.secrets:
+            allowed = ceiling.network.secrets.get(secret.name)
+            if allowed is None:
                 self.rules["network"] = self._ceiling_rule("network")
                 self._dropped("network.secrets", secret.name)
                 continue
-            missing = uncovered_domains(secret, kept_rules)
+            # Where it may go is the ceiling's to say, not only the policy's egress: a
+            # wildcard egress ceiling must not let a policy send a token to any name under it.
+            bounds = [parse_rule(f"{a}:443") for a in allowed]
+            outside = [d for d in secret.domains
+                       if uncovered_domains(replace(secret, domains=(d,)), bounds)]
+            missing = list(dict.fromkeys(outside + uncovered_domains(secret, kept_rules)))
             if missing:
                 self.rules["network"] = self._ceiling_rule("network")
                 self._dropped("network.secrets", f"{secret.name} for {', '.join(missing)}")

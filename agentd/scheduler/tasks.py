@@ -181,7 +181,8 @@ class TaskRunner:
             exec_withheld=mounts.withheld, limits=limits,
             nameserver=RESOLVER if egress else "",
             egress_ports=tuple(sorted({CONNECT_PORT} | {r.port for r in parse_rules(
-                policy.egress) if r.port is not None})) if egress else (),
+                policy.egress) if r.port is not None and r.protocol == "tcp"}))
+            if egress else (),
             ca_bundle=egress.bundle if egress is not None else "")
 
     async def run(self, ctx: StepContext, task: PlannedTask, outcome: TaskOutcome) -> None:
