@@ -91,7 +91,7 @@ from dnslib import QTYPE, RCODE, RR, DNSRecord
 from agentd.egress import secrets as secret_store
 from agentd.egress.http import MAX_HEAD, Refused, relay
 from agentd.egress.secrets import DEFAULT_DIRECTORY
-from agentd.egress.task import Recorder, TaskEgress
+from agentd.egress.task import MAX_OPEN, Recorder, TaskEgress
 from agentd.egress.tls import (
     BUNDLE_PATH,
     MAX_HELLO,
@@ -129,8 +129,6 @@ UPSTREAM_TIMEOUT = 3.0
 CONNECT_TIMEOUT = 10.0
 _CHUNK = 64 * 1024
 _REQUEST_LINE = re.compile(rb"[A-Z]+ \S+ HTTP/\d\.\d")
-MAX_OPEN = 64
-"""Connections one task may have open through the proxy at once (both doors)."""
 
 
 @dataclass(frozen=True)
@@ -319,13 +317,8 @@ class EgressService:
     async def _on_connection(self, reader: asyncio.StreamReader,
                              writer: asyncio.StreamWriter) -> None:
         sock: socket.socket = writer.get_extra_info("socket")
-        peer = writer.get_extra_info("peername")
-        task = self._by_address.get(peer[0]) if peer else None
+        task = self._admit(writer, "proxy")
         if task is None:
-            _reset(writer)
-            return
-        if len(task.open) >= MAX_OPEN:
-            self._refuse_open(task, writer, "proxy")
             return
         current = asyncio.current_task()
         assert current is not None
@@ -335,13 +328,19 @@ class EgressService:
         finally:
             task.open.discard(current)
 
-    @staticmethod
-    def _refuse_open(task: TaskEgress, writer: asyncio.StreamWriter, door: str) -> None:
-        """A connection over the task's MAX_OPEN at once: on record, then reset."""
-        task.refused += 1
-        task.refusal({"destination": "?", "port": 0, "protocol": "tcp", "by": door,
-                      "reason": f"{MAX_OPEN} connections of this task are open already"})
-        _reset(writer)
+    def _admit(self, writer: asyncio.StreamWriter, door: str) -> TaskEgress | None:
+        """The task a new connection on `door` comes from, or None (and a reset): from no
+        task's worker, or over the task's MAX_OPEN at once (then on record)."""
+        peer = writer.get_extra_info("peername")
+        task = self._by_address.get(peer[0]) if peer else None
+        if task is not None and len(task.open) >= MAX_OPEN:
+            task.refused += 1
+            task.refusal({"destination": "?", "port": 0, "protocol": "tcp", "by": door,
+                          "reason": f"{MAX_OPEN} connections of this task are open already"})
+            task = None
+        if task is None:
+            _reset(writer)
+        return task
 
     async def _on_refused(self, reader: asyncio.StreamReader,
                           writer: asyncio.StreamWriter) -> None:
@@ -605,13 +604,8 @@ class EgressService:
         """A worker's `CONNECT host:port` (its https_proxy): the host is checked by name
         against the policy, resolved by the daemon, and the tunnel carried like a
         transparent connection, with the TLS server name held to the host."""
-        peer = writer.get_extra_info("peername")
-        task = self._by_address.get(peer[0]) if peer else None
+        task = self._admit(writer, "https-proxy")
         if task is None:
-            _reset(writer)
-            return
-        if len(task.open) >= MAX_OPEN:
-            self._refuse_open(task, writer, "https-proxy")
             return
         why = self._over_limits(task)  # a CONNECT is a connection from its first byte
         if why:

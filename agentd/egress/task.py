@@ -27,6 +27,10 @@ MAX_RECORDS = 256
 # Every refusal is still counted: `refused` (TCP) and the kernel's counters (net.dropped).
 MAX_REFUSALS = 128
 
+MAX_OPEN = 64
+"""Connections (TCP, both doors of the proxy) and UDP flows one task may have open at once:
+each costs the daemon a task and sockets."""
+
 Recorder = Callable[[str, dict[str, Any]], None]
 
 

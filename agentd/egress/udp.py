@@ -46,7 +46,7 @@ from typing import Any
 
 import structlog
 
-from agentd.egress.task import TaskEgress
+from agentd.egress.task import MAX_OPEN, TaskEgress
 from agentd.sandbox import netns
 from agentd.sandbox.egress import UDP_PORT
 
@@ -206,7 +206,8 @@ class UdpRelay:
         allowed = task.destination(address, port, "udp")
         reason = (task.why_refused(address, port, "udp") if allowed is None else
                   "limits.bytes reached" if task.bytes_used + len(data) > task.bytes_limit
-                  else task.over_limits())
+                  else f"{MAX_OPEN} connections of this task are open already"
+                  if len(task.open) >= MAX_OPEN else task.over_limits())
         if reason:
             task.refused += 1
             task.refusal({**details, "reason": reason})
