@@ -423,11 +423,7 @@ class Launcher:
 
 def main() -> None:
     """Entry point: `python -m agentd.sandbox.launcher FD NEW_ROOT` (started by the daemon)."""
-    libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() == 1:  # the daemon died before we could ask to die with it
-        sys.exit(1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we stop
-    sock = socket.socket(fileno=int(sys.argv[1]))
+    sock = libc.serve_the_daemon(int(sys.argv[1]))
     Launcher(sock, sys.argv[2]).serve()
 
 

@@ -10,6 +10,9 @@ from __future__ import annotations
 import ctypes
 import os
 import platform
+import signal
+import socket
+import sys
 from typing import Any, Union
 
 _libc = ctypes.CDLL(None, use_errno=True)
@@ -163,6 +166,17 @@ def pivot_root(new_root: str, put_old: str) -> None:
 
 def prctl(option: int, arg2: int = 0, arg3: int = 0, arg4: int = 0, arg5: int = 0) -> int:
     return _check(_libc.prctl(option, arg2, arg3, arg4, arg5), f"prctl({option})")
+
+
+def serve_the_daemon(fd: int) -> socket.socket:
+    """The start of a helper process the daemon runs (the launcher, the slot maker): die with
+    the daemon (exit now if it is gone already), leave SIGINT to it, and take the socket the
+    daemon passed as `fd`."""
+    prctl(PR_SET_PDEATHSIG, signal.SIGKILL)
+    if os.getppid() == 1:  # the daemon died before we could ask to die with it
+        sys.exit(1)
+    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we stop
+    return socket.socket(fileno=fd)
 
 
 def sethostname(name: str) -> None:

@@ -18,7 +18,6 @@ from __future__ import annotations
 import errno
 import json
 import os
-import signal
 import socket
 import subprocess
 import sys
@@ -131,11 +130,7 @@ def _make(outside: Any, request: dict[str, Any]) -> int:
 
 def main() -> None:
     """Entry point: `python -m agentd.sandbox.slotmaker SOCKET_FD EGRESS_NETNS_FD`."""
-    libc.prctl(libc.PR_SET_PDEATHSIG, signal.SIGKILL)
-    if os.getppid() == 1:  # the daemon died before we could ask to die with it
-        sys.exit(1)
-    signal.signal(signal.SIGINT, signal.SIG_IGN)  # the daemon decides when we stop
-    sock = socket.socket(fileno=int(sys.argv[1]))
+    sock = libc.serve_the_daemon(int(sys.argv[1]))
     # This (main) thread lives in the egress namespace: the veths are made there.
     libc.setns(int(sys.argv[2]), libc.CLONE_NEWNET)
     os.close(int(sys.argv[2]))
