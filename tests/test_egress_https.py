@@ -35,6 +35,7 @@ from tests.conftest import (
     write_daemon_dir,
 )
 from tests.fake_internet import Internet, TestCA
+from tests.test_egress import _records
 
 SECRET_HOST, CDN, UNTRUSTED, DNS = "198.18.1.20", "198.18.1.21", "198.18.1.22", "198.18.1.53"
 SECRET = "s3cr3t-" + os.urandom(12).hex()
@@ -244,13 +245,6 @@ PROBE = textwrap.dedent("""\
     sys.stderr.write("".join(dump))
     print(json.dumps(out))
     """)
-
-
-def _records(handle: DaemonHandle, run_id: str) -> list[dict[str, Any]]:
-    records = []
-    for segment in sorted((handle.base / "state" / "audit").glob("audit-*.jsonl")):
-        records += [json.loads(line) for line in segment.read_text().splitlines() if line]
-    return [r for r in records if r.get("run_id") == run_id]
 
 
 class TestHttpsEgress:

@@ -108,7 +108,6 @@ from agentd.policy.egress import (
     address_rule,
     name_matches,
     parse_rules,
-    special_address,
 )
 from agentd.sandbox import netns, nflog
 from agentd.sandbox.egress import (
@@ -224,13 +223,12 @@ class EgressService:
         self._slots = SlotPool(self.network, self.config.slots)
 
     async def open(self, run_id: str, task_id: str, policy: EffectivePolicy,
-                   recorder: Recorder) -> TaskEgress:
-        """A slot for one task, with its literal addresses and networks allowed, its secrets
-        read and, if it has any, its run's CA. SecretUnavailable if a secret cannot be read
-        (before anything is taken)."""
+                   recorder: Recorder, secrets: tuple[secret_store.LoadedSecret, ...] = ()
+                   ) -> TaskEgress:
+        """A slot for one task, with its literal addresses and networks allowed and, if it
+        has `secrets` (the policy's, read by `load_secrets` before anything was made for the
+        task), its run's CA."""
         assert self._slots is not None, "start() first"
-        secrets = (await asyncio.to_thread(self.load_secrets, policy)
-                   if policy.egress_secrets else ())
         authority = None
         if secrets:
             domains = tuple(sorted({d for s in secrets for d in s.rule.domains}))
@@ -690,8 +688,7 @@ class EgressService:
         except (OSError, TimeoutError) as exc:
             return "", "", f"{host} could not be resolved (upstream: {exc!r})"[:200]
         addresses = [str(rr.rdata) for rr in answer.rr if rr.rtype == QTYPE.A]
-        usable = [a for a in addresses if not special_address(a)
-                  or address_rule(task.rules, a, port) is not None]
+        usable = [a for a in addresses if not task.rebinding(a, port)]
         if not usable:
             return "", "", (f"{host} resolves to no address the policy allows"
                             f" ({', '.join(addresses[:4]) or 'no A record'}; a private,"
@@ -785,8 +782,7 @@ class EgressService:
                 reply.add_answer(rr)
                 continue
             address = str(rr.rdata)
-            if special_address(address) and address_rule(
-                    task.rules, address, wanted[0][1], wanted[0][0]) is None:
+            if task.rebinding(address, wanted[0][1], wanted[0][0]):
                 refused.append(address)
                 continue
             ttl = min(ttl, max(1, int(rr.ttl)))

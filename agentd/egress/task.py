@@ -16,7 +16,7 @@ from typing import Any
 
 from agentd.egress.secrets import LoadedSecret
 from agentd.egress.tls import RunAuthority
-from agentd.policy.egress import EgressRule, address_rule, name_matches
+from agentd.policy.egress import EgressRule, address_rule, name_matches, special_address
 from agentd.sandbox.egress import Slot
 
 # Records one task may write; the rest are counted (in `dropped`), so a worker that loops
@@ -117,6 +117,13 @@ class TaskEgress:
         if answer is not None and answer[2] > time.monotonic():
             return answer[0], answer[1]
         return None
+
+    def rebinding(self, address: str, port: int, protocol: str = "tcp") -> bool:
+        """Whether a resolved `address` is DNS rebinding for this task: loopback, private,
+        link-local or shared space that no address entry names (the resolver drops it from
+        an answer; the HTTPS proxy does not connect to it)."""
+        return special_address(address) and address_rule(
+            self.rules, address, port, protocol) is None
 
     def name_allowed(self, name: str, port: int, protocol: str = "tcp") -> str:
         """The rule letting `protocol` to `name`:`port` (a domain or wildcard entry), or

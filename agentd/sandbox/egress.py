@@ -153,13 +153,6 @@ table inet {TABLE} {{
 """
 
 
-def _sysctl(name: str, value: str) -> None:
-    """Writes a net sysctl of the calling thread's namespace (/proc/thread-self/net is the
-    thread's; /proc/sys/net follows the opener's namespace)."""
-    with open(f"/proc/sys/net/{name}", "w") as f:
-        f.write(value)
-
-
 def _lo_up(address: str) -> None:
     """Loopback up with `address` in the calling thread's namespace (once, at start)."""
     from pyroute2 import IPRoute  # imported where used: the daemon loads it only for egress
@@ -236,9 +229,9 @@ class EgressNetwork:
         def setup() -> None:
             _lo_up(RESOLVER)
             _udp_routing()
-            _sysctl("ipv4/ip_forward", "0")
-            _sysctl("ipv6/conf/all/disable_ipv6", "1")
-            _sysctl("ipv6/conf/default/disable_ipv6", "1")
+            netns.sysctl("ipv4/ip_forward", "0")
+            netns.sysctl("ipv6/conf/all/disable_ipv6", "1")
+            netns.sysctl("ipv6/conf/default/disable_ipv6", "1")
             self._nft = Nft()
             self._nft.run(RULESET)
 

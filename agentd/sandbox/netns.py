@@ -61,6 +61,13 @@ def create_with(setup: Callable[[], T]) -> tuple[int, T]:
     return result[0]
 
 
+def sysctl(name: str, value: str) -> None:
+    """Writes a net sysctl of the calling thread's namespace (/proc/thread-self/net is the
+    thread's; /proc/sys/net follows the opener's namespace)."""
+    with open(f"/proc/sys/net/{name}", "w") as f:
+        f.write(value)
+
+
 def open_path(path: str) -> int:
     """The fd of a namespace named by a file (`/run/netns/NAME`, `/proc/PID/ns/net`)."""
     return os.open(path, os.O_RDONLY | os.O_CLOEXEC)

@@ -27,11 +27,6 @@ from typing import Any
 from agentd.sandbox import libc, netns
 
 
-def _sysctl(name: str, value: str) -> None:
-    with open(f"/proc/sys/net/{name}", "w") as f:
-        f.write(value)
-
-
 class SlotMakerGone(OSError):
     """The maker process is gone (killed, crashed): a new one is needed."""
 
@@ -92,8 +87,8 @@ def _make(outside: Any, request: dict[str, Any]) -> int:
     link, worker, gateway = request["link"], request["worker"], request["gateway"]
 
     def no_ipv6() -> None:
-        _sysctl("ipv6/conf/all/disable_ipv6", "1")
-        _sysctl("ipv6/conf/default/disable_ipv6", "1")  # eth0, made after this, inherits it
+        netns.sysctl("ipv6/conf/all/disable_ipv6", "1")
+        netns.sysctl("ipv6/conf/default/disable_ipv6", "1")  # eth0, made after this, inherits it
 
     def configure() -> None:  # pyroute2 is used by the thread in the namespace it works on
         with IPRoute() as inside:

@@ -22,7 +22,7 @@ import structlog
 from agentd.audit import AuditLog, durable
 from agentd.audit.evidence import LIMIT_STOPS
 from agentd.egress import EgressService, TaskEgress, egress_environment
-from agentd.egress.secrets import SecretUnavailable
+from agentd.egress.secrets import LoadedSecret, SecretUnavailable
 from agentd.errors import AgentdError
 from agentd.identity import Caller
 from agentd.policy import DEFAULT_PATH, EffectivePolicy, withheld_programs
@@ -194,9 +194,10 @@ class TaskRunner:
                                " this host; set egress = true in the daemon config (agentd.toml)"
                                " or remove network.egress from the policy")
             return
+        secrets: tuple[LoadedSecret, ...] = ()
         if policy.egress_secrets and self.egress is not None:
             try:  # before anything is made for the task: it fails whole, saying why
-                await asyncio.to_thread(self.egress.load_secrets, policy)
+                secrets = await asyncio.to_thread(self.egress.load_secrets, policy)
             except SecretUnavailable as exc:
                 outcome.failure = str(exc)
                 return
@@ -207,7 +208,7 @@ class TaskRunner:
             remaining=Quota(limit.bytes - used.bytes, limit.inodes - used.inodes)))
         # Reading ELF headers takes tens of ms once per policy: off the event loop (cached).
         await asyncio.to_thread(exec_mounts, policy, withheld_programs(policy, ctx.approved))
-        egress = await self._open_egress(ctx, outcome.task_id)
+        egress = await self._open_egress(ctx, outcome.task_id, secrets)
         spec = self.build_spec(ctx, task, outcome.task_id, outcome.upper, egress=egress)
         collector = WritesCollector(limit=policy.writes_bytes)
         snapshot_fd = channels_snapshot_fd(ctx.snapshot)
@@ -252,9 +253,11 @@ class TaskRunner:
             await durable(outcome.recorded)  # on record before anyone hears of it
             await ctx.listener("task_done", outcome)
 
-    async def _open_egress(self, ctx: StepContext, task_id: str) -> TaskEgress | None:
-        """The task's egress slot, when its policy has egress; its connections, DNS answers and
-        refusals go on record as they happen (submitted, so they precede exec.exited)."""
+    async def _open_egress(self, ctx: StepContext, task_id: str,
+                           secrets: tuple[LoadedSecret, ...]) -> TaskEgress | None:
+        """The task's egress slot, when its policy has egress, with the secrets read for it;
+        its connections, DNS answers and refusals go on record as they happen (submitted, so
+        they precede exec.exited)."""
         if ctx.policy.network != "egress" or self.egress is None:
             return None
         actor, run_id = dict(ctx.caller.actor()), ctx.run_id
@@ -264,7 +267,7 @@ class TaskRunner:
                                           details=details)
             submitted.add_done_callback(lambda f: f.cancelled() or f.exception())
 
-        return await self.egress.open(run_id, task_id, ctx.policy, record)
+        return await self.egress.open(run_id, task_id, ctx.policy, record, secrets)
 
     async def _run_worker(self, ctx: StepContext, task: PlannedTask, worker: Worker,
                           on_output: Callable[[str, bytes], Awaitable[None]],
