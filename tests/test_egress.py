@@ -141,15 +141,34 @@ PROBE = textwrap.dedent("""\
         labels = b"".join(bytes([len(p)]) + p.encode() for p in name.split("."))
         head = b"\\x12\\x34\\x01\\x00\\x00\\x01\\x00\\x00\\x00\\x00\\x00\\x00"
         return head + labels + b"\\x00\\x00\\x01\\x00\\x01"
-    def other(kind, host):
+    def other(kind, host):  # each call the worker's own kernel refuses
         try:
             if kind == "tcp6":
                 socket.socket(socket.AF_INET6).connect((host, 8080))
+            elif kind == "mapped":  # IPv4 in an IPv6 address
+                socket.socket(socket.AF_INET6).connect(("::ffff:" + host, 9))
+            elif kind == "udp6":
+                socket.socket(socket.AF_INET6, socket.SOCK_DGRAM).sendto(b"x", (host, 53))
+            elif kind == "raw":
+                socket.socket(socket.AF_INET, socket.SOCK_RAW, socket.IPPROTO_ICMP)
+            elif kind == "tfo":  # TCP Fast Open: a connect made by sendto
+                socket.socket().sendto(b"x", socket.MSG_FASTOPEN, (host, 9))
+            elif kind == "tfomsg":
+                socket.socket().sendmsg([b"x"], [], socket.MSG_FASTOPEN, (host, 10))
             else:
                 socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
             return "opened"
         except OSError as e:
             return type(e).__name__
+    def flood(host, count):  # refused connects in a loop
+        for _ in range(count):
+            s = socket.socket()
+            try:
+                s.connect((host, 9))
+            except OSError:
+                pass
+            s.close()
+        return count
     def resolve(name):
         try:
             return sorted({a[4][0] for a in socket.getaddrinfo(name, 8080, socket.AF_INET)})
@@ -165,8 +184,15 @@ PROBE = textwrap.dedent("""\
             server, name = arg.split("/"); out[check] = udp(server, 53, query(name))
         elif kind == "connect":  # connect and close at once, like `nc -z`
             s = socket.create_connection(arg.rsplit(":", 1)); s.close(); out[check] = "closed"
-        elif kind in ("tcp6", "ping"):
+        elif kind in ("tcp6", "ping", "mapped", "udp6", "raw", "tfo", "tfomsg"):
             out[check] = other(kind, arg)
+        elif kind == "thread":  # from a thread that is not the process's first
+            import threading
+            host, port = arg.rsplit(":", 1); box = []
+            t = threading.Thread(target=lambda: box.append(tcp(host, int(port))))
+            t.start(); t.join(); out[check] = box[0]
+        elif kind == "flood":
+            host, count = arg.split("*"); out[check] = flood(host, int(count))
         elif kind == "resolve":
             out[check] = resolve(arg)
         elif kind == "sleep":
@@ -218,21 +244,16 @@ class TestEgress:
         """Every attempt that leaves the worker and is refused is one `net.refused` record:
         TCP by address to an unlisted host (nft hands it to the refusal listener: accepted,
         then reset), DNS to another server (with its question) and other UDP (from the
-        kernel's log), and the task's packet counts are one `net.dropped`. A port no entry
-        names is refused by Landlock before any packet exists (EACCES, no record), IPv6 and
-        ICMP sockets fail in the worker. The fake internet saw none of them."""
+        kernel's log), and the task's packet counts are one `net.dropped`. The fake internet
+        saw none of them."""
         before = list(internet.seen)
-        run_id, out = _probe(egress_daemon, "resolve=allowed.test", f"tcp={ALLOWED}:8081",
-                             f"tcp={OTHER}:8080", "resolve=other.test",
-                             f"dns={DNS}/leak.test", f"udp={OTHER}:9999",
-                             "tcp6=2001:db8::1", f"ping={OTHER}", f"connect={OTHER}:8080")
-        assert out[f"tcp={ALLOWED}:8081"] == "PermissionError"
+        run_id, out = _probe(egress_daemon, "resolve=allowed.test", f"tcp={OTHER}:8080",
+                             "resolve=other.test", f"dns={DNS}/leak.test",
+                             f"udp={OTHER}:9999", f"connect={OTHER}:8080")
         assert out[f"tcp={OTHER}:8080"] == "ConnectionResetError"
         assert out["resolve=other.test"] == "gaierror"
         assert out[f"dns={DNS}/leak.test"] == "TimeoutError"
         assert out[f"udp={OTHER}:9999"] == "TimeoutError"
-        assert out["tcp6=2001:db8::1"] != "opened"
-        assert out[f"ping={OTHER}"] == "PermissionError"
         assert internet.seen == before
         assert "leak.test" not in internet.queries
         assert "other.test" not in internet.queries
@@ -255,6 +276,72 @@ class TestEgress:
         exited = next(r for r in records if r["event"] == "exec.exited")
         assert exited["details"]["egress"]["refused"] == 2
         assert exited["details"]["egress"]["packets_dropped"] == 2
+
+    def test_refused_inside_the_worker_recorded(self, egress_daemon: DaemonHandle,
+                                                internet: Internet) -> None:
+        """What the worker's own kernel refuses before any packet exists is refused by the
+        launcher's watch on the spot (agentd/sandbox/netwatch.py), with the kernel's errno, and
+        is one `net.refused` record each (`by: worker`): a TCP port no entry names (by
+        connect, by an IPv4-mapped IPv6 address, by TCP Fast Open through sendto and
+        sendmsg, from a second thread), IPv6 (a connect, a datagram socket), a raw socket and
+        a ping socket. An allowed port still connects."""
+        before = list(internet.seen)
+        run_id, out = _probe(egress_daemon, "resolve=allowed.test", f"tcp={ALLOWED}:8081",
+                             f"mapped={OTHER}", f"tfo={OTHER}", f"tfomsg={OTHER}",
+                             "tcp6=2001:db8::1", "udp6=2001:db8::53", f"raw={OTHER}",
+                             f"ping={OTHER}", f"thread={OTHER}:11", "tcp=allowed.test:8080")
+        assert out == {
+            "resolve=allowed.test": [ALLOWED],
+            f"tcp={ALLOWED}:8081": "PermissionError", f"mapped={OTHER}": "PermissionError",
+            f"tfo={OTHER}": "PermissionError", f"tfomsg={OTHER}": "PermissionError",
+            "tcp6=2001:db8::1": "OSError", "udp6=2001:db8::53": "OSError",
+            f"raw={OTHER}": "PermissionError", f"ping={OTHER}": "PermissionError",
+            f"thread={OTHER}:11": "PermissionError",
+            "tcp=allowed.test:8080": f"hello from {ALLOWED}:8080"}
+        assert internet.seen == [*before, f"{ALLOWED}:8080"]  # only the allowed one
+        records = _records(egress_daemon, run_id)
+        listed = [r["details"] for r in records if r["event"] == "net.refused"]
+        assert all(d["by"] == "worker" for d in listed), listed
+        assert [(d["call"], d["protocol"], d["destination"], d["port"], d["errno"])
+                for d in listed] == [
+            ("connect", "tcp", ALLOWED, 8081, "EACCES"),
+            ("connect", "tcp", OTHER, 9, "EACCES"),
+            ("sendto", "tcp", OTHER, 9, "EACCES"),
+            ("sendmsg", "tcp", OTHER, 10, "EACCES"),
+            ("connect", "tcp", "2001:db8::1", 8080, "ENETUNREACH"),
+            ("socket", "udp", "", 0, "EAFNOSUPPORT"),
+            ("socket", "raw", "", 0, "EPERM"),
+            ("socket", "icmp", "", 0, "EACCES"),
+            ("connect", "tcp", OTHER, 11, "EACCES")]
+        assert listed[0]["name"] == "allowed.test"  # what the resolver answered this task
+        assert listed[0]["reason"] == (
+            "port 8081 is not allowed: no egress entry names TCP port 8081")
+        assert listed[4]["reason"].startswith("IPv6 is not allowed")
+        events = [r["event"] for r in records]
+        assert events.index("net.connection") < events.index("exec.exited")
+        exited = next(r for r in records if r["event"] == "exec.exited")
+        assert exited["details"]["egress"]["refused"] == 9
+        assert exited["details"]["egress"]["connections"] == 1
+        shown = subprocess.run(
+            [sys.executable, "-m", "agentd.cli.main", "--socket", str(egress_daemon.socket()),
+             "timeline", run_id], capture_output=True, text=True, timeout=60, check=True)
+        lines = [" ".join(line.split()[:5]) for line in shown.stdout.splitlines()]
+        for line in (f"net refused allowed.test {ALLOWED}:8081 tcp",
+                     "net refused [2001:db8::1]:8080 tcp IPv6", "net refused socket() raw raw",
+                     "net refused socket() icmp ICMP"):
+            assert line in lines, shown.stdout
+
+    def test_refusals_inside_the_worker_bounded(self, egress_daemon: DaemonHandle) -> None:
+        """A worker that loops on a refused connect gets EACCES every time, each counted; the
+        audit log gets the task's refusal budget (128 records) and the count of the rest."""
+        run_id, out = _probe(egress_daemon, f"flood={OTHER}*300")
+        assert out == {f"flood={OTHER}*300": 300}
+        records = _records(egress_daemon, run_id)
+        listed = [r for r in records if r["event"] == "net.refused"]
+        assert len(listed) == 128
+        exited = next(r for r in records if r["event"] == "exec.exited")
+        assert exited["details"]["egress"]["refused"] == 300
+        assert exited["details"]["egress"]["refusals_unrecorded"] == 300 - 128
 
     def test_icmp_from_the_slot_recorded(self, egress_daemon: DaemonHandle,
                                          internet: Internet) -> None:

@@ -55,7 +55,7 @@ CEILING = """\
 """
 
 PROBE = textwrap.dedent("""\
-    import json, socket, sys
+    import json, socket, sys, time
     out = {}
     for check in sys.argv[1:]:
         kind, _, arg = check.partition("=")
@@ -73,6 +73,20 @@ PROBE = textwrap.dedent("""\
                 out[check] = "connected"
             except OSError as e:
                 out[check] = type(e).__name__
+            continue
+        if kind == "flows":  # flows=HOST:PORT:COUNT: a socket (a flow) each, 25 a second
+            host, port, count = arg.rsplit(":", 2)
+            sockets, echoed = [], []
+            for i in range(int(count)):
+                s = socket.socket(socket.AF_INET, socket.SOCK_DGRAM); s.settimeout(0.5)
+                sockets.append(s)
+                s.sendto(b"f", (host, int(port)))
+                try:
+                    s.recv(100); echoed.append(i)
+                except OSError:
+                    pass
+                time.sleep(0.04)
+            out[check] = echoed
             continue
         # udp=HOST:PORT:COUNT:SIZE, from one socket: the echoes that came back
         host, port, count, size = arg.rsplit(":", 3)
@@ -174,7 +188,8 @@ class TestUdpEgress:
         """UDP to a port no entry names (on an allowed name's address, and on an allowed
         address) and to a host no entry names is dropped by the kernel: the worker gets no
         answer, the server sees nothing, and each is a `net.refused` record (plus the kernel's
-        counts). A /udp entry grants no TCP: Landlock refuses the port before any packet."""
+        counts). A /udp entry grants no TCP: the port is refused in the worker, before any
+        packet (by the launcher's watch, and by Landlock behind it), on record too."""
         before = len(internet.seen)
         records, out = _probe(udp_daemon, "resolve=echo.test", "udp=echo.test:7001:1:5",
                               f"udp={OTHER}:7001:1:5", "udp=198.18.0.12:7000:1:5",
@@ -185,6 +200,9 @@ class TestUdpEgress:
         assert out[f"tcp={OTHER}:7000"] == "PermissionError"
         assert internet.seen[before:] == []
         refused = _details(records, "net.refused")
+        assert [(d["protocol"], d["destination"], d["port"]) for d in refused
+                if d["by"] == "worker"] == [("tcp", OTHER, 7000)]
+        refused = [d for d in refused if d["by"] != "worker"]
         assert sorted((d["protocol"], d["destination"], d["port"]) for d in refused) == [
             ("udp", ECHO, 7001), ("udp", OTHER, 7001), ("udp", "198.18.0.12", 7000)]
         assert {d["reason"] for d in refused} == {
@@ -192,6 +210,19 @@ class TestUdpEgress:
         assert next(d for d in refused if d["destination"] == ECHO)["name"] == "echo.test"
         assert _details(records, "net.dropped")[0]["packets"] == {"udp": 3}
         assert not _details(records, "net.connection")
+
+    def test_open_flows_capped(self, udp_daemon: DaemonHandle, internet: Internet) -> None:
+        """A task has at most MAX_OPEN (64) connections and UDP flows open at once: 70 flows
+        opened within the rate limit (each its own socket, open until the task ends), the 64
+        first relayed, the rest refused on record, none of them reaching the server."""
+        before = len(internet.seen)
+        records, out = _probe(udp_daemon, f"flows={OTHER}:7000:70")
+        assert out[f"flows={OTHER}:7000:70"] == list(range(64))
+        assert len(internet.seen) - before == 64
+        refused = _details(records, "net.refused")
+        assert [d["reason"] for d in refused] == [
+            "64 connections of this task are open already"] * 6
+        assert len(_details(records, "net.connection")) == 64
 
     def test_byte_limit_holds(self, udp_daemon: DaemonHandle, internet: Internet) -> None:
         """Datagrams both ways count against limits.bytes: the one that would pass it is not

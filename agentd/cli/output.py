@@ -462,8 +462,12 @@ class TaskRecords:
 def network_line(record: NetRecord) -> str:
     """One network record as a line of the timeline (printable: the agent chose the names)."""
     d = record.details
-    where = (f"{d.get('destination', '?')}:{d['port']}" if "port" in d
-             else str(d.get("destination", "?")))
+    destination = str(d.get("destination", "?"))
+    if ":" in destination:  # IPv6: its port after brackets
+        destination = f"[{destination}]"
+    where = (f"{destination}:{d['port']}" if "port" in d else destination)
+    if d.get("call") == "socket":  # refused in the worker before it had a destination
+        where = "socket()"
     name = f"{d['name']} " if d.get("name") else ""
     if record.event == "net.connection":
         where += " udp" if d.get("protocol") == "udp" else ""  # TCP unless said

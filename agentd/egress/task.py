@@ -72,6 +72,9 @@ class TaskEgress:
     """The run's CA, when it has secrets: TLS to a secret's name ends at the proxy."""
     bundle: str = ""
     """The trust bundle (host's and the run's CA) the worker mounts; "" without secrets."""
+    in_worker: int = 0
+    """Network calls refused inside the worker (agentd/sandbox/netwatch.py) the launcher
+    passed on; the launcher counts them all (`count_in_worker`)."""
     _tokens: float = -1.0
     _refilled: float = 0.0
 
@@ -92,6 +95,21 @@ class TaskEgress:
         self.refusals += 1
         name = self.answered.get(details.get("destination", ""))
         self.record("net.refused", {**details, "name": name or ""})
+
+    def refused_in_worker(self, details: dict[str, Any]) -> None:
+        """A network call the worker's own kernel would refuse (no packet exists): the
+        launcher refused it on the spot and passed it on; on record as `net.refused`."""
+        self.in_worker += 1
+        self.refused += 1
+        self.refusal(details)
+
+    def count_in_worker(self, total: int) -> None:
+        """At the worker's end: the launcher passes on only its first refusals in the worker;
+        the rest are counted, as unrecorded refusals."""
+        missing = max(0, total - self.in_worker)
+        self.in_worker += missing
+        self.refused += missing
+        self.unrecorded += missing
 
     def why_refused(self, address: str, port: int, protocol: str = "tcp") -> str:
         """Why `protocol` to `address`:`port` is not allowed, in the words of the policy."""

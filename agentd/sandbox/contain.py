@@ -310,9 +310,10 @@ def _confine_and_exec(spec: WorkerSpec, action: type[_Action], err_fd: int,
                            devices=LANDLOCK_DEVICES, connect=spec.egress_ports)
     if spec.seccomp:
         with _action(action, "exec watch"):
-            # Denied execs on record (agentd/sandbox/execwatch.py): the listener goes out
-            # over the error socket; the daemon answers every exec from now on.
-            listener = execwatch.install()
+            # Denied execs on record (agentd/sandbox/execwatch.py), and an egress worker's
+            # network calls its own kernel would refuse (agentd/sandbox/netwatch.py): the
+            # listener goes out over the error socket; the launcher answers from now on.
+            listener = execwatch.install(network=bool(spec.nameserver))
             socket.send_fds(socket.socket(fileno=os.dup(err_fd)), [b"w"], [listener])
             os.close(listener)
     # seccomp must be last: it forbids what the actions above needed

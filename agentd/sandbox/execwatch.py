@@ -13,6 +13,10 @@ worker (openat2 RESOLVE_IN_ROOT under /proc/<pid>/root, or the cwd, or the dirfd
 noexec mount or without execute permission is refused; the ELF loader run as a program is
 recorded too (it can only map executable mounts, but a reviewer should see the attempt).
 
+An egress worker's filter notifies some network calls too, answered by agentd/sandbox/
+netwatch.py on the same listener: refusals its own kernel would make before any packet exists,
+refused by the launcher on record.
+
 The watcher can never hang a worker for long: it only reads and answers; if the launcher is
 gone the listener closes and the kernel answers ENOSYS (fail closed; the worker dies with the
 launcher anyway); a worker that floods it only slows its own execs (each waits for its
@@ -28,9 +32,14 @@ import fcntl
 import os
 import platform
 import select
+import socket
 import stat
 import struct
+import sys
 from dataclasses import dataclass
+
+from agentd.sandbox import netwatch
+from agentd.sandbox.netwatch import NetAttempt
 
 _SECCOMP_SET_MODE_FILTER = 1
 _SECCOMP_FILTER_FLAG_NEW_LISTENER = 1 << 3
@@ -59,25 +68,75 @@ MAX_PATH = 4096
 MAX_RECORDS = 64
 
 
-def _program() -> bytes:
-    """BPF: execve, execveat -> USER_NOTIF; everything else ALLOW (the main filter decides)."""
-    ld, jeq, ret = 0x20, 0x15, 0x06
-    insns = [(ld, 0, 0, 0), (jeq, _NR["execve"], 2, 0), (jeq, _NR["execveat"], 1, 0),
-             (ret, _SECCOMP_RET_ALLOW, 0, 0), (ret, _SECCOMP_RET_USER_NOTIF, 0, 0)]
-    return b"".join(struct.pack("=HBBI", c, jt, jf, k) for c, k, jt, jf in insns)
+def _program(network: bool) -> bytes:
+    """BPF: execve, execveat -> USER_NOTIF; with `network` (an egress worker), the network
+    calls agentd/sandbox/netwatch.py answers too; everything else ALLOW (the main filter
+    decides)."""
+    ld, ld_arg, and_k, jeq, jset, ret = 0x20, 0x20, 0x54, 0x15, 0x45, 0x06
+    low = 16 if sys.byteorder == "little" else 20  # seccomp_data.args[0], its low word
+
+    def arg(i: int) -> tuple[int, int, int | str, int | str]:
+        return (ld_arg, low + 8 * i, 0, 0)
+
+    notify, allow = "notify", "allow"
+    net = netwatch.NR
+    code: list[tuple[str, list[tuple[int, int, int | str, int | str]]]] = [
+        ("", [(ld, 0, 0, 0), (jeq, _NR["execve"], notify, 0),
+              (jeq, _NR["execveat"], notify, 0)]),
+    ]
+    if network:
+        code[0][1].extend([
+            (jeq, net["connect"], notify, 0), (jeq, net["socket"], "socket", 0),
+            (jeq, net["sendto"], "flags3", 0), (jeq, net["sendmmsg"], "flags3", 0),
+            (jeq, net["sendmsg"], "flags2", 0)])
+        code[0][1].append((ret, _SECCOMP_RET_ALLOW, 0, 0))
+        code += [
+            ("socket", [arg(0), (jeq, socket.AF_INET, "inet", 0),
+                        (jeq, socket.AF_INET6, "inet6", 0), (ret, _SECCOMP_RET_ALLOW, 0, 0)]),
+            ("inet6", [arg(1), (and_k, netwatch.SOCK_TYPE_MASK, 0, 0),
+                       (jeq, socket.SOCK_RAW, notify, 0), (jeq, socket.SOCK_DGRAM, notify, 0),
+                       (jeq, netwatch.SOCK_PACKET, notify, allow)]),
+            ("inet", [arg(1), (and_k, netwatch.SOCK_TYPE_MASK, 0, 0),
+                      (jeq, socket.SOCK_RAW, notify, 0), (jeq, netwatch.SOCK_PACKET, notify, 0),
+                      (jeq, socket.SOCK_DGRAM, 0, allow), arg(2),
+                      (jeq, socket.IPPROTO_ICMP, notify, allow)]),
+            ("flags3", [arg(3), (jset, netwatch.MSG_FASTOPEN, notify, allow)]),
+            ("flags2", [arg(2), (jset, netwatch.MSG_FASTOPEN, notify, allow)]),
+        ]
+    code += [(allow, [(ret, _SECCOMP_RET_ALLOW, 0, 0)]),
+             (notify, [(ret, _SECCOMP_RET_USER_NOTIF, 0, 0)])]
+    return _assemble(code)
+
+
+def _assemble(blocks: list[tuple[str, list[tuple[int, int, int | str, int | str]]]]) -> bytes:
+    """Classic BPF from labelled blocks; a jump names a label (forward only) or an offset."""
+    starts: dict[str, int] = {}
+    index = 0
+    for label, insns in blocks:
+        starts[label] = index
+        index += len(insns)
+    out = bytearray()
+    index = 0
+    for _label, insns in blocks:
+        for code, k, jt, jf in insns:
+            offsets = [starts[j] - index - 1 if isinstance(j, str) else j for j in (jt, jf)]
+            out += struct.pack("=HBBI", code, offsets[0], offsets[1], k)
+            index += 1
+    return bytes(out)
 
 
 class _SockFprog(ctypes.Structure):
     _fields_ = [("len", ctypes.c_ushort), ("filter", ctypes.c_void_p)]
 
 
-def install() -> int:
-    """Child side: installs the notifying filter; returns its listener fd (close-on-exec).
+def install(network: bool = False) -> int:
+    """Child side: installs the notifying filter (with the network calls of an egress worker,
+    agentd/sandbox/netwatch.py); returns its listener fd (close-on-exec).
 
     no_new_privs must be set. Must run before the main seccomp filter (which refuses nothing
     needed here, but is the last step by contract).
     """
-    program = _program()
+    program = _program(network)
     buf = ctypes.create_string_buffer(program, len(program))
     fprog = _SockFprog(len(program) // 8, ctypes.addressof(buf))
     fd = int(_libc.syscall(ctypes.c_long(_NR["seccomp"]), _SECCOMP_SET_MODE_FILTER,
@@ -176,9 +235,12 @@ class Gone(Exception):
     """The listener has no worker left (every process of it exited): close it."""
 
 
-def answer(fd: int) -> tuple[int, str, str, bool] | None:
-    """Receives one notification on listener `fd`, lets the kernel carry on with the exec
-    (CONTINUE) and returns (pid, path, reason, refused) if it is worth recording.
+def answer(fd: int, ports: frozenset[int] | None = None
+           ) -> tuple[int, str, str, bool] | NetAttempt | None:
+    """Receives one notification on listener `fd` and answers it. An exec is let through to
+    the kernel (CONTINUE); returns (pid, path, reason, refused) if it is worth recording. A
+    network call of an egress worker (`ports`: the TCP ports its Landlock allows) is answered
+    by netwatch.decide; returns the NetAttempt it refused.
 
     Raises Gone when the worker is gone. Never blocks for long: call it when `fd` is readable.
     """
@@ -195,21 +257,32 @@ def answer(fd: int) -> tuple[int, str, str, bool] | None:
     try:
         fcntl.ioctl(fd, _IOCTL_RECV, notif)
     except OSError as exc:
-        if exc.errno in (errno.ENOENT, errno.EINTR):  # the exec died meanwhile, or a signal
+        if exc.errno in (errno.ENOENT, errno.EINTR):  # the call died meanwhile, or a signal
             return None
         raise Gone from exc
     notif_id, pid, _flags, nr, _arch, _ip = struct.unpack_from("=QIIiIQ", notif)
     args = struct.unpack_from("=6Q", notif, 32)
+    attempt: tuple[str, str, bool] | NetAttempt | None = None
+    err = 0
     try:
-        attempt = predict(pid, nr, args)
+        if nr in (_NR["execve"], _NR["execveat"]):
+            attempt = predict(pid, nr, args)
+        elif ports is not None:
+            err, attempt = netwatch.decide(pid, nr, args, ports)
         # The pid may have been reused if the notification died meanwhile: check.
         fcntl.ioctl(fd, _IOCTL_ID_VALID, struct.pack("=Q", notif_id))
     except OSError:
         attempt = None
-    response = struct.pack("=QqiI", notif_id, 0, 0, _SECCOMP_USER_NOTIF_FLAG_CONTINUE)
+        err = 0 if nr in (_NR["execve"], _NR["execveat"]) else errno.EPERM
+    # A network call this filter notified and nothing decided (a watch without `ports`, which
+    # the launcher never sets up) is refused, never let through unseen.
+    if err == 0 and ports is None and nr not in (_NR["execve"], _NR["execveat"]):
+        err = errno.EPERM
+    response = (struct.pack("=QqiI", notif_id, 0, -err, 0) if err else
+                struct.pack("=QqiI", notif_id, 0, 0, _SECCOMP_USER_NOTIF_FLAG_CONTINUE))
     with contextlib.suppress(OSError):
         fcntl.ioctl(fd, _IOCTL_SEND, response)
-    if attempt is None:
-        return None
+    if attempt is None or isinstance(attempt, NetAttempt):
+        return attempt
     path, reason, refused = attempt
     return pid, path, reason, refused

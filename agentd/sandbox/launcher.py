@@ -12,11 +12,12 @@ over a SOCK_SEQPACKET socketpair (one JSON message per packet, fds passed with S
       │                                  │                                   │ privileges, seccomp
       │                                  │ ◀──── exec-watch listener fd (err socket, SCM_RIGHTS)
       │ ◀── exec_denied{id,path,…}       │ answers each exec (CONTINUE), records refusals
+      │ ◀── net_refused{id,destination,…}│ and an egress worker's network calls (netwatch)
       │                                  │ ◀───────── err pipe EOF (execve)  │ execve → tool
       │ ◀── started{id,pid}              │   or ◀── {action,errno,message}, exit 127
       │ ◀── failed{id,action,errno,message}│
       │                                  │ pidfd readable → waitpid
-      │ ◀── exited{id,status}            │
+      │ ◀── exited{id,status,…}          │
       │ prebuild{slot,spec,join} ───────▶│ clone ──▶ prebuilt(): joins its cgroup, root,
       │ ◀── ready{slot}                  │ ◀── "r" on its control socket, then waits
       │ spawn{…,pooled=slot} + fds ─────▶│ spec + fds + workspace mount ──▶ the rest of
@@ -52,10 +53,14 @@ from typing import Any
 
 from agentd.sandbox import execwatch, libc, namespaces, seccomp
 from agentd.sandbox.contain import contain, prebuilt
+from agentd.sandbox.netwatch import NetAttempt
 from agentd.sandbox.spec import WorkerSpec, shape_of
 
 MAX_MESSAGE = 1 << 20
 FDS_PER_SPAWN = 3
+# A worker's in-worker network refusals passed on to the daemon (its egress task records at
+# most 128 refusals); the rest are counted in `exited`.
+MAX_NET_RECORDS = 256
 LAUNCHER_ACTION = "join cgroup / map ids"  # the launcher's own part of a worker's set-up
 
 
@@ -111,6 +116,10 @@ class _Child:
     reported: bool = False
     watch_fd: int = -1  # its exec-watch listener (agentd/sandbox/execwatch.py)
     denied: int = 0
+    # An egress worker: the TCP ports its Landlock allows (its network calls are watched
+    # too, agentd/sandbox/netwatch.py), and how many of them were refused.
+    ports: frozenset[int] | None = None
+    net_refused: int = 0
     # A prebuilt worker (warm pool): its slot, shape and control socket; request_id is 0
     # until a spawn takes it.
     slot: int = 0
@@ -131,6 +140,7 @@ class Launcher:
         self.pool: dict[int, _Child] = {}  # slot -> prebuilt worker not taken yet
         self.clone_into_cgroup = True  # until the kernel refuses it once
         self.seccomp_program = seccomp.build_filter()
+        self.egress_seccomp_program = seccomp.build_filter(raw_sockets=False)
 
     def serve(self) -> None:
         self.selector.register(self.sock, selectors.EVENT_READ, None)
@@ -148,7 +158,7 @@ class Launcher:
                             self._on_error_pipe(child)
                     elif kind == "watch":
                         if child.watch_fd >= 0:
-                            self._on_exec(child)
+                            self._on_watch(child)
                     elif kind == "ctl":
                         if child.ctl_fd >= 0 and not child.ready:
                             self._on_ready(child)
@@ -210,11 +220,13 @@ class Launcher:
         # has no right to the host's cgroup files).
         own_join = () if spec.user_namespace else tuple(join)
         if pid == 0:  # the worker
-            contain(spec, new_root=self.new_root, seccomp_program=self.seccomp_program,
-                    go_fd=go_r, err_fd=err_w, fds=tuple(fds), join=own_join, netns_fd=netns_fd)
+            program = self.egress_seccomp_program if spec.nameserver else self.seccomp_program
+            contain(spec, new_root=self.new_root, seccomp_program=program, go_fd=go_r,
+                    err_fd=err_w, fds=tuple(fds), join=own_join, netns_fd=netns_fd)
         for fd in (go_r, err_w, *fds, *([netns_fd] if netns_fd >= 0 else [])):
             os.close(fd)
-        child = _Child(request_id, pid, err_r, os.pidfd_open(pid), into_cgroup=into_cgroup)
+        child = _Child(request_id, pid, err_r, os.pidfd_open(pid), into_cgroup=into_cgroup,
+                       ports=frozenset(spec.egress_ports) if spec.nameserver else None)
         self._release(child, spec, [] if own_join else join, go_w)
 
     def _clone(self, flags: int, cgroup_fd: int) -> int:
@@ -343,14 +355,21 @@ class Launcher:
                 os.close(fd)
         return b"" if data == b"w" else data
 
-    def _on_exec(self, child: _Child) -> None:
-        """The worker called execve/execveat: let the kernel decide, record a refusal."""
+    def _on_watch(self, child: _Child) -> None:
+        """The worker called execve/execveat (let the kernel decide, record a refusal) or, an
+        egress worker, a network call (refuse what its own kernel would, on record)."""
         try:
-            attempt = execwatch.answer(child.watch_fd)
+            attempt = execwatch.answer(child.watch_fd, child.ports)
         except execwatch.Gone:
             self._unwatch(child)
             return
         if attempt is None:
+            return
+        if isinstance(attempt, NetAttempt):
+            child.net_refused += 1
+            if child.net_refused <= MAX_NET_RECORDS:
+                send_message(self.sock, {"op": "net_refused", "id": child.request_id,
+                                         **attempt.details()})
             return
         child.denied += 1
         if child.denied <= execwatch.MAX_RECORDS:
@@ -405,7 +424,7 @@ class Launcher:
             send_message(self.sock, {"op": "pool_exited", "slot": child.slot, **report})
             return
         send_message(self.sock, {"op": "exited", "id": child.request_id, "status": status,
-                                 "exec_denied": child.denied})
+                                 "exec_denied": child.denied, "net_refused": child.net_refused})
 
     def _report_failure(self, request_id: int, action: str, exc: OSError) -> None:
         send_message(self.sock, {"op": "failed", "id": request_id, "action": action,

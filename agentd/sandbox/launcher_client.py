@@ -51,6 +51,7 @@ class Spawned:
     failure: SetupFailure | None = None
     task_id: str = ""
     exec_denied: int = 0  # execs the kernel refused it (execwatch), all of them counted
+    net_refused: int = 0  # network calls refused inside it (netwatch), all of them counted
     into_cgroup: bool = False  # the launcher cloned it straight into its cgroup
     prebuilt: bool = False  # a warm-pool worker took the call (not served cold instead)
 
@@ -80,6 +81,9 @@ class LauncherClient:
         self._watchdog: asyncio.Task[None] | None = None
         # Called on the event loop for every refused exec a worker attempted (execwatch).
         self.on_exec_attempt: Callable[[ExecAttempt], None] = _log_attempt
+        # And for every network call refused inside an egress worker (netwatch): its task id
+        # and the record's details.
+        self.on_net_attempt: Callable[[str, dict[str, Any]], None] = _log_net_attempt
         # The warm pool's (agentd/sandbox/pool.py): a prebuilt worker is "ready" or
         # "pool_exited" (with the launcher's message); and every prebuilt worker is gone.
         self.on_pool_event: Callable[[str, int, dict[str, Any]], None] = _ignore_pool_event
@@ -249,6 +253,9 @@ class LauncherClient:
             self.on_exec_attempt(ExecAttempt(
                 spawned.task_id, int(message["pid"]), str(message["path"]),
                 str(message["reason"]), bool(message["refused"])))
+        elif op == "net_refused":
+            self.on_net_attempt(spawned.task_id, {k: v for k, v in message.items()
+                                                  if k not in ("op", "id")})
         elif op == "started":
             spawned.into_cgroup = bool(message.get("into_cgroup"))
             spawned.prebuilt = bool(message.get("prebuilt"))
@@ -260,6 +267,7 @@ class LauncherClient:
         elif op == "exited":
             del self._pending[int(message["id"])]
             spawned.exec_denied = int(message.get("exec_denied", 0))
+            spawned.net_refused = int(message.get("net_refused", 0))
             _fail(spawned.started, SetupError(SetupFailure(
                 "unknown", 0, "the worker exited before it reported")))
             _resolve(spawned.exited, int(message["status"]))
@@ -327,3 +335,7 @@ def _ignore_reset() -> None:
 
 def _log_attempt(attempt: ExecAttempt) -> None:
     log.info("exec.denied", task_id=attempt.key, path=attempt.path, reason=attempt.reason)
+
+
+def _log_net_attempt(task_id: str, details: dict[str, Any]) -> None:
+    log.info("net.refused", task_id=task_id, **details)

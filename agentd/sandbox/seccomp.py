@@ -24,7 +24,10 @@ AF_UNIX, AF_INET, AF_INET6 and AF_NETLINK (glibc's getaddrinfo and `ip` use netl
 family, AF_PACKET and AF_VSOCK included, answers EAFNOSUPPORT, the errno of a kernel that lacks
 the family, so programs fall back quietly. SOCK_RAW on AF_INET/AF_INET6 answers EPERM, as the
 kernel does without CAP_NET_RAW (which the worker never has): seccomp repeats that refusal for
-the case where a user namespace hands the worker capabilities over its own net namespace.
+the case where a user namespace hands the worker capabilities over its own net namespace. An
+egress worker's filter leaves that rule to its network watch (agentd/sandbox/netwatch.py),
+which refuses raw sockets itself and on record: the rule's EPERM would outrank the watch's
+notification, and the slot's namespace gives no worker CAP_NET_RAW behind it.
 """
 
 from __future__ import annotations
@@ -103,8 +106,12 @@ _BPF_MAXINSNS = 4096
 _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
 
 
-def build_filter() -> bytes:
+def build_filter(*, raw_sockets: bool = True) -> bytes:
     """Returns the worker's filter as raw BPF (`struct sock_filter[]`); call once, in the launcher.
+
+    `raw_sockets=False` leaves raw sockets out: for an egress worker, whose watch filter
+    refuses them itself and on record (agentd/sandbox/netwatch.py); an EPERM here would
+    outrank its notification.
 
     Raises OSError if libseccomp refuses a rule (a bug here, not a host condition).
     """
@@ -138,7 +145,7 @@ def build_filter() -> bytes:
     # only, or a caller sets a high bit and walks past the rule.
     for cmd in (_TIOCSTI, _TIOCLINUX):
         filt.add_rule(eperm, "ioctl", scmp.Arg(1, scmp.MASKED_EQ, 0xFFFFFFFF, cmd))
-    for family in (_AF_INET, _AF_INET6):
+    for family in (_AF_INET, _AF_INET6) if raw_sockets else ():
         filt.add_rule(eperm, "socket", scmp.Arg(0, scmp.MASKED_EQ, 0xFFFFFFFF, family),
                       scmp.Arg(1, scmp.MASKED_EQ, _SOCK_TYPE_MASK, _SOCK_RAW))
 

@@ -73,6 +73,7 @@ class WorkerResult:
     stderr_bytes: int
     setup_failure: SetupFailure | None = None
     exec_denied: int = 0  # execs the kernel refused it (agentd/sandbox/execwatch.py)
+    net_refused: int = 0  # network calls refused inside it (agentd/sandbox/netwatch.py)
 
     @property
     def summary(self) -> str:
@@ -292,7 +293,8 @@ class Worker:
             signal=os.WTERMSIG(status) if os.WIFSIGNALED(status) else 0,
             stop_reason=self._stop_reason, wall_seconds=time.monotonic() - started_at,
             usage=usage, stdout_bytes=self._output[STDOUT], stderr_bytes=self._output[STDERR],
-            setup_failure=failure, exec_denied=spawned.exec_denied)
+            setup_failure=failure, exec_denied=spawned.exec_denied,
+            net_refused=spawned.net_refused)
 
     def _on_exit(self, _: asyncio.Future[int]) -> None:
         # pid 1 is gone, so is its pid namespace: a timer firing now stops nothing.

@@ -121,6 +121,9 @@ class TaskRunner:
         # task id -> the paths it was refused, for its outcome
         self._denied_paths: dict[str, list[str]] = {}
         launcher.on_exec_attempt = self._on_exec_attempt
+        # task id -> its egress while its worker runs: refusals inside the worker go there
+        self._egress: dict[str, TaskEgress] = {}
+        launcher.on_net_attempt = self._on_net_attempt
         # (run id, kind, what) for each violation and quarantine: stage demotion listens
         # (agentd/scheduler/stages.py).
         self.on_event: Callable[[str, str, str], None] = _ignore_event
@@ -141,6 +144,14 @@ class TaskRunner:
                      "refused": attempt.refused, "pid": attempt.pid})
         record.add_done_callback(lambda f: f.cancelled() or f.exception())
         self.on_event(run_id, "violation", f"exec of {attempt.path[:200]} refused by the kernel")
+
+    def _on_net_attempt(self, task_id: str, details: dict[str, Any]) -> None:
+        """A network call the launcher refused inside an egress worker (its own kernel would
+        have, before any packet: agentd/sandbox/netwatch.py): on record with the task's
+        other network records."""
+        egress = self._egress.get(task_id)
+        if egress is not None:
+            egress.refused_in_worker(details)
 
     # -- the worker -------------------------------------------------------------------------
 
@@ -282,6 +293,8 @@ class TaskRunner:
         caller, run_id, task_id = ctx.caller, ctx.run_id, worker.spec.task_id
         self.runs.register(run_id, worker)
         self._watched[task_id] = (run_id, dict(caller.actor()))
+        if egress is not None:
+            self._egress[task_id] = egress
         try:
             allowed = self.audit.submit("exec.allowed", actor=caller.actor(), run_id=run_id,
                                         task_id=task_id, details={
@@ -306,8 +319,10 @@ class TaskRunner:
             worker.release_unused()  # the record could not be written: it never ran
             self.runs.unregister(run_id, task_id)
             self._watched.pop(task_id, None)
+            self._egress.pop(task_id, None)
         details = _outcome_details(result)
         if egress is not None and self.egress is not None:
+            egress.count_in_worker(result.net_refused)
             await self.egress.close(egress)  # its open connections end on record first
             details["egress"] = egress.summary()
         # After the worker's exec.denied and network records (submitted as they happened).
