@@ -11,7 +11,8 @@ import sys
 
 BENCHES = {"spawn": "tests.bench.spawn_bench", "audit": "tests.bench.audit_bench",
            "layers": "tests.bench.layers_bench", "steps": "tests.bench.steps_bench",
-           "throughput": "tests.bench.throughput_bench"}
+           "throughput": "tests.bench.throughput_bench",
+           "netwatch": "tests.bench.netwatch_bench"}
 
 
 def report(name: str, figures: dict[str, float]) -> None:
