@@ -52,3 +52,13 @@ def test_socket_refusals_carry_the_kernels_errno() -> None:
         errno.EACCES, "icmp")
     # What the filter never notifies is let through if it ever came.
     assert decide(socket.AF_INET, socket.SOCK_STREAM) == (0, "")
+
+
+def test_a_call_that_cannot_be_decided_is_refused_on_record() -> None:
+    """A failure while deciding (a bug) refuses the call, with a record saying so, rather than
+    letting it through unseen or stopping the launcher."""
+    attempt = netwatch.unreadable(netwatch.NR["connect"], ValueError("bad"))
+    assert attempt.errno == errno.EPERM
+    assert attempt.details()["call"] == "connect"
+    assert attempt.details()["errno"] == "EPERM"
+    assert "could not decide it (ValueError)" in attempt.reason

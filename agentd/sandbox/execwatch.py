@@ -262,22 +262,22 @@ def answer(fd: int, ports: frozenset[int] | None = None
         raise Gone from exc
     notif_id, pid, _flags, nr, _arch, _ip = struct.unpack_from("=QIIiIQ", notif)
     args = struct.unpack_from("=6Q", notif, 32)
+    is_exec = nr in (_NR["execve"], _NR["execveat"])
     attempt: tuple[str, str, bool] | NetAttempt | None = None
-    err = 0
+    # An exec goes on to the kernel; a network call this filter notified is refused unless
+    # netwatch lets it through (a watch without `ports` is one the launcher never sets up).
+    err = 0 if is_exec else errno.EPERM
     try:
-        if nr in (_NR["execve"], _NR["execveat"]):
+        if is_exec:
             attempt = predict(pid, nr, args)
         elif ports is not None:
             err, attempt = netwatch.decide(pid, nr, args, ports)
-        # The pid may have been reused if the notification died meanwhile: check.
+    except Exception as exc:  # a bug here must not stop the launcher, which serves every worker
+        attempt = None if is_exec else netwatch.unreadable(nr, exc)
+    try:  # the pid may have been reused if the notification died meanwhile: check
         fcntl.ioctl(fd, _IOCTL_ID_VALID, struct.pack("=Q", notif_id))
     except OSError:
-        attempt = None
-        err = 0 if nr in (_NR["execve"], _NR["execveat"]) else errno.EPERM
-    # A network call this filter notified and nothing decided (a watch without `ports`, which
-    # the launcher never sets up) is refused, never let through unseen.
-    if err == 0 and ports is None and nr not in (_NR["execve"], _NR["execveat"]):
-        err = errno.EPERM
+        return None
     response = (struct.pack("=QqiI", notif_id, 0, -err, 0) if err else
                 struct.pack("=QqiI", notif_id, 0, 0, _SECCOMP_USER_NOTIF_FLAG_CONTINUE))
     with contextlib.suppress(OSError):

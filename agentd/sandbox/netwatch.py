@@ -101,6 +101,13 @@ def decide(pid: int, nr: int, args: tuple[int, ...],
         f"port {port} is not allowed: no egress entry names TCP port {port}")
 
 
+def unreadable(nr: int, exc: Exception) -> NetAttempt:
+    """The record of a watched call refused because deciding it failed (a bug, not the
+    worker's doing): refused rather than let through unseen."""
+    return _attempt(_NAMES.get(nr, str(nr)), "", 0, "?", errno.EPERM,
+                    f"refused: the launcher could not decide it ({type(exc).__name__})")
+
+
 def _attempt(call: str, host: str, port: int, protocol: str, err: int,
              reason: str) -> NetAttempt:
     return NetAttempt(call=call, destination=host, port=port, protocol=protocol,
