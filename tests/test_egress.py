@@ -26,6 +26,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
+import psutil
 import pytest
 
 from agentd.api.gen.v1 import agentd_pb2 as pb
@@ -155,6 +156,10 @@ PROBE = textwrap.dedent("""\
                 socket.socket().sendto(b"x", socket.MSG_FASTOPEN, (host, 9))
             elif kind == "tfomsg":
                 socket.socket().sendmsg([b"x"], [], socket.MSG_FASTOPEN, (host, 10))
+            elif kind == "mptcp":  # outside Landlock's port rule
+                socket.socket(socket.AF_INET, socket.SOCK_STREAM, 262).connect((host, 9))
+            elif kind == "packet":
+                socket.socket(17, socket.SOCK_RAW, 0)
             else:
                 socket.socket(socket.AF_INET, socket.SOCK_DGRAM, socket.IPPROTO_ICMP)
             return "opened"
@@ -184,13 +189,23 @@ PROBE = textwrap.dedent("""\
             server, name = arg.split("/"); out[check] = udp(server, 53, query(name))
         elif kind == "connect":  # connect and close at once, like `nc -z`
             s = socket.create_connection(arg.rsplit(":", 1)); s.close(); out[check] = "closed"
-        elif kind in ("tcp6", "ping", "mapped", "udp6", "raw", "tfo", "tfomsg"):
+        elif kind in ("tcp6", "ping", "mapped", "udp6", "raw", "tfo", "tfomsg", "mptcp",
+                      "packet"):
             out[check] = other(kind, arg)
         elif kind == "thread":  # from a thread that is not the process's first
             import threading
             host, port = arg.rsplit(":", 1); box = []
             t = threading.Thread(target=lambda: box.append(tcp(host, int(port))))
             t.start(); t.join(); out[check] = box[0]
+        elif kind == "pipe":  # connect(2) on a pipe with an IP address, N times
+            import ctypes, os, struct
+            libc = ctypes.CDLL(None, use_errno=True)
+            host, count = arg.split("*"); r, w = os.pipe(); errors = set()
+            sa = struct.pack("=H", 2) + struct.pack("!H", 9) + socket.inet_aton(host) + bytes(8)
+            for _ in range(int(count)):
+                if libc.connect(r, sa, 16) < 0:
+                    errors.add(ctypes.get_errno())
+            out[check] = sorted(errors)
         elif kind == "flood":
             host, count = arg.split("*"); out[check] = flood(host, int(count))
         elif kind == "resolve":
@@ -208,6 +223,14 @@ def _probe(handle: DaemonHandle, *checks: str) -> tuple[str, dict[str, Any]]:
     assert result.outcome is not None
     assert result.outcome.exit_code == 0, result.stderr.decode()
     return run.run_id, json.loads(result.stdout)
+
+
+def _launcher_of(handle: DaemonHandle) -> int:
+    """The pid of the daemon's launcher (agentd/sandbox/launcher.py)."""
+    launchers = [p.pid for p in psutil.Process(handle.process.pid).children()
+                 if "agentd.sandbox.launcher" in " ".join(p.cmdline())]
+    assert len(launchers) == 1, launchers
+    return launchers[0]
 
 
 def _records(handle: DaemonHandle, run_id: str) -> list[dict[str, Any]]:
@@ -283,20 +306,23 @@ class TestEgress:
         launcher's watch on the spot (agentd/sandbox/netwatch.py), with the kernel's errno, and
         is one `net.refused` record each (`by: worker`): a TCP port no entry names (by
         connect, by an IPv4-mapped IPv6 address, by TCP Fast Open through sendto and
-        sendmsg, from a second thread), IPv6 (a connect, a datagram socket), a raw socket and
-        a ping socket. An allowed port still connects."""
+        sendmsg, from a second thread), IPv6 (a connect, a datagram socket), a raw socket (and
+        an AF_PACKET one) and a ping socket. An MPTCP socket, which Landlock's port rule does
+        not cover, is refused as by a kernel without MPTCP. An allowed port still connects."""
         before = list(internet.seen)
         run_id, out = _probe(egress_daemon, "resolve=allowed.test", f"tcp={ALLOWED}:8081",
                              f"mapped={OTHER}", f"tfo={OTHER}", f"tfomsg={OTHER}",
                              "tcp6=2001:db8::1", "udp6=2001:db8::53", f"raw={OTHER}",
-                             f"ping={OTHER}", f"thread={OTHER}:11", "tcp=allowed.test:8080")
+                             f"ping={OTHER}", f"thread={OTHER}:11", f"mptcp={OTHER}",
+                             f"packet={OTHER}", "tcp=allowed.test:8080")
         assert out == {
             "resolve=allowed.test": [ALLOWED],
             f"tcp={ALLOWED}:8081": "PermissionError", f"mapped={OTHER}": "PermissionError",
             f"tfo={OTHER}": "PermissionError", f"tfomsg={OTHER}": "PermissionError",
             "tcp6=2001:db8::1": "OSError", "udp6=2001:db8::53": "OSError",
             f"raw={OTHER}": "PermissionError", f"ping={OTHER}": "PermissionError",
-            f"thread={OTHER}:11": "PermissionError",
+            f"thread={OTHER}:11": "PermissionError", f"mptcp={OTHER}": "OSError",
+            f"packet={OTHER}": "PermissionError",
             "tcp=allowed.test:8080": f"hello from {ALLOWED}:8080"}
         assert internet.seen == [*before, f"{ALLOWED}:8080"]  # only the allowed one
         records = _records(egress_daemon, run_id)
@@ -312,7 +338,8 @@ class TestEgress:
             ("socket", "udp", "", 0, "EAFNOSUPPORT"),
             ("socket", "raw", "", 0, "EPERM"),
             ("socket", "icmp", "", 0, "EACCES"),
-            ("connect", "tcp", OTHER, 11, "EACCES")]
+            ("connect", "tcp", OTHER, 11, "EACCES"),
+            ("socket", "raw", "", 0, "EPERM")]
         assert listed[0]["name"] == "allowed.test"  # what the resolver answered this task
         assert listed[0]["reason"] == (
             "port 8081 is not allowed: no egress entry names TCP port 8081")
@@ -320,7 +347,7 @@ class TestEgress:
         events = [r["event"] for r in records]
         assert events.index("net.connection") < events.index("exec.exited")
         exited = next(r for r in records if r["event"] == "exec.exited")
-        assert exited["details"]["egress"]["refused"] == 9
+        assert exited["details"]["egress"]["refused"] == 10
         assert exited["details"]["egress"]["connections"] == 1
         shown = subprocess.run(
             [sys.executable, "-m", "agentd.cli.main", "--socket", str(egress_daemon.socket()),
@@ -330,6 +357,17 @@ class TestEgress:
                      "net refused [2001:db8::1]:8080 tcp IPv6", "net refused socket() raw raw",
                      "net refused socket() icmp ICMP"):
             assert line in lines, shown.stdout
+
+    def test_watch_holds_no_file_of_the_worker(self, egress_daemon: DaemonHandle) -> None:
+        """connect() with an IP address on a pipe is the kernel's to refuse (ENOTSOCK); the
+        launcher looks at the fd through /proc and takes no reference to it: 500 such calls
+        leave it no fd more (a copy of each would exhaust it, or keep a worker's output pipe
+        or a lingering socket open in the launcher)."""
+        launcher = _launcher_of(egress_daemon)
+        before = len(os.listdir(f"/proc/{launcher}/fd"))
+        _run_id, out = _probe(egress_daemon, f"pipe={OTHER}*500")
+        assert out == {f"pipe={OTHER}*500": [88]}  # ENOTSOCK, every time
+        assert len(os.listdir(f"/proc/{launcher}/fd")) <= before + 2  # its pool may refill
 
     def test_refusals_inside_the_worker_bounded(self, egress_daemon: DaemonHandle) -> None:
         """A worker that loops on a refused connect gets EACCES every time, each counted; the

@@ -74,7 +74,7 @@ NAMES = [
     "mount", "umount2", "pivot_root", "chroot", "unshare", "setns", "clone", "clone3", "ptrace",
     "process_vm_readv", "bpf", "keyctl", "add_key", "request_key", "perf_event_open",
     "io_uring_setup", "userfaultfd", "name_to_handle_at", "open_by_handle_at", "personality",
-    "ioctl", "socket", "socketpair", "getpid",
+    "ioctl", "socket", "socketpair", "getpid", "memfd_secret",
 ]
 NR = {name: int(pyseccomp.resolve_syscall(pyseccomp.Arch.NATIVE, name)) for name in NAMES}
 
@@ -284,6 +284,10 @@ CASES = [
         root = os.open("/", os.O_RDONLY)
         wall()
         r = sc(NR["open_by_handle_at"], root, addr(handle), os.O_RDONLY)
+    ''', denied=errno.EPERM),
+    case("memfd_secret", '''
+        wall()
+        r = sc(NR["memfd_secret"], 0)  # memory /proc/<pid>/mem cannot read: blinds a supervisor
     ''', denied=errno.EPERM),
     case("personality-no-aslr", '''
         wall()

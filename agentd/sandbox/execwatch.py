@@ -66,6 +66,7 @@ _libc = ctypes.CDLL(None, use_errno=True)
 ELF_LOADERS = ("ld-linux-x86-64.so.2", "ld-linux-aarch64.so.1")
 MAX_PATH = 4096
 MAX_RECORDS = 64
+UNREADABLE = "refused: its path could not be read"
 
 
 def _program(network: bool) -> bytes:
@@ -92,14 +93,18 @@ def _program(network: bool) -> bytes:
         code[0][1].append((ret, _SECCOMP_RET_ALLOW, 0, 0))
         code += [
             ("socket", [arg(0), (jeq, socket.AF_INET, "inet", 0),
-                        (jeq, socket.AF_INET6, "inet6", 0), (ret, _SECCOMP_RET_ALLOW, 0, 0)]),
+                        (jeq, socket.AF_INET6, "inet6", 0),
+                        (jeq, netwatch.AF_PACKET, notify, allow)]),
             ("inet6", [arg(1), (and_k, netwatch.SOCK_TYPE_MASK, 0, 0),
                        (jeq, socket.SOCK_RAW, notify, 0), (jeq, socket.SOCK_DGRAM, notify, 0),
-                       (jeq, netwatch.SOCK_PACKET, notify, allow)]),
+                       (jeq, netwatch.SOCK_PACKET, notify, 0),
+                       (jeq, socket.SOCK_STREAM, "stream", allow)]),
             ("inet", [arg(1), (and_k, netwatch.SOCK_TYPE_MASK, 0, 0),
                       (jeq, socket.SOCK_RAW, notify, 0), (jeq, netwatch.SOCK_PACKET, notify, 0),
+                      (jeq, socket.SOCK_STREAM, "stream", 0),
                       (jeq, socket.SOCK_DGRAM, 0, allow), arg(2),
                       (jeq, socket.IPPROTO_ICMP, notify, allow)]),
+            ("stream", [arg(2), (jeq, netwatch.IPPROTO_MPTCP, notify, allow)]),
             ("flags3", [arg(3), (jset, netwatch.MSG_FASTOPEN, notify, allow)]),
             ("flags2", [arg(2), (jset, netwatch.MSG_FASTOPEN, notify, allow)]),
         ]
@@ -200,7 +205,9 @@ def predict(pid: int, nr: int, args: tuple[int, ...]) -> tuple[str, str, bool] |
         dirfd, address, flags = ctypes.c_int32(args[0]).value, args[1], args[4]
     path = _read_string(pid, address)
     if path is None:
-        return None
+        if address:  # memory the worker can read and the launcher cannot: refused (EFAULT)
+            return "<unreadable>", UNREADABLE, True
+        return None  # NULL: the kernel answers EFAULT itself
     try:
         if not path and flags & _AT_EMPTY_PATH:
             fd = os.open(f"/proc/{pid}/fd/{dirfd}", os.O_PATH)
@@ -270,6 +277,8 @@ def answer(fd: int, ports: frozenset[int] | None = None
     try:
         if is_exec:
             attempt = predict(pid, nr, args)
+            if attempt is not None and attempt[1] == UNREADABLE:
+                err = errno.EFAULT
         elif ports is not None:
             err, attempt = netwatch.decide(pid, nr, args, ports)
     except Exception as exc:  # a bug here must not stop the launcher, which serves every worker

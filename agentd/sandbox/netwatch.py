@@ -2,31 +2,43 @@
 before any packet exists, so that nothing in the egress namespace could see it.
 
 Three such refusals exist: a TCP connect to a port no egress entry names (Landlock's port rule,
-EACCES), anything IPv6 (the slot has no IPv6 address: ENETUNREACH), and raw or ping sockets
-(no CAP_NET_RAW; ping sockets off). An egress worker's watch filter (agentd/sandbox/
-execwatch.py) therefore also notifies, on top of execve and execveat:
+EACCES), anything IPv6 (the slot has no IPv6 address), and raw or ping sockets (no
+CAP_NET_RAW; ping sockets off). An egress worker's watch filter (agentd/sandbox/execwatch.py)
+therefore also notifies, on top of execve and execveat:
 
     connect                              always (the address is in memory, not in a register)
     sendto, sendmsg, sendmmsg            only with MSG_FASTOPEN (a TCP connect by another name;
                                          Landlock refuses it like connect)
-    socket(AF_INET6, SOCK_DGRAM | RAW)   refused here: IPv6 datagrams could otherwise be sent
-                                         with sendmsg, which cannot be watched per call
-    socket(AF_INET, SOCK_RAW | PACKET)   refused here (the main filter leaves raw sockets to
-    socket(AF_INET, SOCK_DGRAM, ICMP)    this one in egress workers: its EPERM would outrank
-                                         the notification)
+    socket(AF_INET6, SOCK_DGRAM | RAW)   refused: IPv6 datagrams could otherwise be sent with
+                                         sendmsg, which cannot be watched per call
+    socket(AF_INET(6), SOCK_RAW|PACKET)  refused (the main filter leaves raw sockets to this one
+    socket(AF_PACKET, ...)               in egress workers: its errno would outrank the
+    socket(AF_INET, SOCK_DGRAM, ICMP)    notification)
+    socket(AF_INET(6), STREAM, MPTCP)    refused without a record, as by a kernel without MPTCP:
+                                         Landlock's port rule does not cover MPTCP
 
 and the launcher answers each with `decide`: a refusal gets an errno and a record (EACCES for a
 TCP port, as Landlock; ENETUNREACH for IPv6; EPERM for raw sockets, EACCES for ping sockets,
-EAFNOSUPPORT for IPv6 datagram sockets, as a kernel without IPv6 datagrams), everything else is
-let through (CONTINUE) to the kernel and to the egress namespace, which record it there. Landlock
-keeps refusing unlisted ports behind the launcher: two walls, one record.
+EAFNOSUPPORT for IPv6 datagram sockets, as a kernel without IPv6 datagrams); a call is let
+through (CONTINUE) only where the kernel refuses it by what the worker cannot change afterwards
+(not a socket, an address length out of bounds) or where the egress namespace sees, refuses
+and records what follows (UDP, a listed port). An address the launcher cannot read is refused
+(EFAULT) on record, never let through unseen. Landlock keeps refusing unlisted TCP ports behind
+the launcher: two walls, one record.
+
+The launcher learns what the fd is from its socket's protocol name (`socket_kind`: the
+`system.sockprotoname` attribute of /proc/<tid>/fd/<fd>), never from a copy of the fd: a copy
+held by the launcher could be the last reference to the worker's socket, and closing it can
+block (SO_LINGER), stalling every worker's spawns; one not closed is a leak.
 
 Limits, said plainly. The destination is read from the worker's memory after the call was
-made: a worker that rewrites it from another thread in that window can make the kernel see
-another port than the launcher did. The refusal still holds (Landlock), only its record can be
-dodged that way, by the worker racing itself. Each watched call costs a round trip to the
-launcher, ~0.1 ms (`make bench BENCH_ARGS=netwatch`); only egress workers pay it, and a
-connection through the egress namespace costs milliseconds anyway.
+made: a worker that rewrites it (or the fd) from another thread in that window can make the
+kernel see another port than the launcher did. The refusal still holds (Landlock; MPTCP is
+refused at socket()), only its record can be dodged that way, by the worker racing itself.
+Memory the kernel reads and /proc/<pid>/mem cannot (memfd_secret) is refused by the main
+seccomp filter. Each watched call costs a round trip to the launcher, ~0.1 ms
+(`make bench BENCH_ARGS=netwatch`); only egress workers pay it, and a connection through the
+egress namespace costs milliseconds anyway.
 """
 
 from __future__ import annotations
@@ -41,18 +53,21 @@ import struct
 from dataclasses import dataclass
 
 _SYSCALLS = {"x86_64": {"socket": 41, "connect": 42, "sendto": 44, "sendmsg": 46,
-                        "sendmmsg": 307, "pidfd_getfd": 438},
+                        "sendmmsg": 307},
              "aarch64": {"socket": 198, "connect": 203, "sendto": 206, "sendmsg": 211,
-                         "sendmmsg": 269, "pidfd_getfd": 438}}
+                         "sendmmsg": 269}}
 NR = _SYSCALLS.get(platform.machine(), _SYSCALLS["x86_64"])
 _NAMES = {nr: name for name, nr in NR.items()}
 
 MSG_FASTOPEN = 0x20000000
 SOCK_TYPE_MASK = 0xF
 SOCK_PACKET = 10  # the obsolete packet type on AF_INET; needs CAP_NET_RAW like SOCK_RAW
-_IPPROTO_MPTCP = 262
+AF_PACKET = 17
+IPPROTO_MPTCP = 262
 _MAX_SOCKADDR = 128  # sizeof(struct sockaddr_storage)
-_libc = ctypes.CDLL(None, use_errno=True)
+# The shortest address the kernel takes for a TCP or UDP socket of each family
+# (sizeof(struct sockaddr_in), SIN6_LEN_RFC2133).
+_MIN_SOCKADDR: dict[int, int] = {socket.AF_INET: 16, socket.AF_INET6: 24}
 
 
 @dataclass(frozen=True)
@@ -77,25 +92,38 @@ def decide(pid: int, nr: int, args: tuple[int, ...],
            ports: frozenset[int]) -> tuple[int, NetAttempt | None]:
     """The answer to one watched network call of an egress worker whose Landlock lets it
     connect to TCP `ports`: (errno, the attempt on record), or (0, None) to let the kernel
-    carry on."""
+    carry on.
+
+    A call is let through only where the kernel refuses it whatever its memory says (a length
+    out of range, not a socket), or where the egress namespace sees what follows (UDP, a listed
+    port, another IP protocol). An address the launcher cannot read is refused (EFAULT), not
+    let through unseen."""
     call = _NAMES.get(nr)
     if call is None:
         return 0, None
     if call == "socket":
         return _socket(args)
-    address = _destination(pid, call, args)
-    if address is None:
+    kind = socket_kind(pid, args[0])
+    if kind is None or kind[0] not in ("tcp", "udp"):
+        return 0, None  # not an IP socket (or no such fd): nothing of it leaves as TCP/UDP
+    protocol, family = kind
+    try:
+        data = _address(pid, call, args, family)
+    except _Unreadable:
+        return errno.EFAULT, _attempt(call, "?", 0, protocol, errno.EFAULT,
+                                      "refused: its address could not be read")
+    if data is None:
         return 0, None
-    family, host, port = address
-    if family == socket.AF_INET6:
-        kind = _socket_kind(pid, args[0]) or "tcp"
+    address = sockaddr(data)
+    if address is None or struct.unpack_from("=H", data)[0] != family:
+        return 0, None  # another family than its socket's: EAFNOSUPPORT from the kernel
+    af, host, port = address
+    if af == socket.AF_INET6:
         return errno.ENETUNREACH, _attempt(
-            call, host, port, kind, errno.ENETUNREACH,
+            call, host, port, protocol, errno.ENETUNREACH,
             "IPv6 is not allowed: the worker has no IPv6 route (no egress entry can name IPv6)")
-    if port in ports:
+    if protocol == "udp" or port in ports:
         return 0, None  # the egress namespace decides, and records either way
-    if _socket_kind(pid, args[0]) != "tcp":
-        return 0, None  # UDP (or another protocol): its packets meet nft, which records them
     return errno.EACCES, _attempt(
         call, host, port, "tcp", errno.EACCES,
         f"port {port} is not allowed: no egress entry names TCP port {port}")
@@ -118,10 +146,14 @@ def _socket(args: tuple[int, ...]) -> tuple[int, NetAttempt | None]:
     """socket(): what the filter notified is refused (it only notifies those)."""
     family, kind, protocol = (a & 0xFFFFFFFF for a in args[:3])
     kind &= SOCK_TYPE_MASK
-    if kind in (socket.SOCK_RAW, SOCK_PACKET):
+    if family == AF_PACKET or kind in (socket.SOCK_RAW, SOCK_PACKET):
         return errno.EPERM, _attempt("socket", "", 0, "raw", errno.EPERM,
                                      "raw sockets are not allowed: no egress entry can allow "
                                      "them")
+    if kind == socket.SOCK_STREAM and protocol == IPPROTO_MPTCP:
+        # Landlock's port rule does not cover MPTCP: refused as by a kernel without it (tools
+        # fall back to TCP). Not an attempt to reach anything: no record.
+        return errno.EPROTONOSUPPORT, None
     if family == socket.AF_INET6:
         return errno.EAFNOSUPPORT, _attempt(
             "socket", "", 0, "udp", errno.EAFNOSUPPORT,
@@ -133,10 +165,30 @@ def _socket(args: tuple[int, ...]) -> tuple[int, NetAttempt | None]:
     return 0, None
 
 
-def _destination(pid: int, call: str, args: tuple[int, ...]
-                 ) -> tuple[int, str, int] | None:
-    """(family, address, port) the call names, or None (no address, not an IP one, or memory
-    the worker did not make readable: the kernel answers that call itself)."""
+class _Unreadable(Exception):
+    """The call's address (or message header) is in memory the launcher cannot read."""
+
+
+def _address(pid: int, call: str, args: tuple[int, ...], family: int) -> bytes | None:
+    """The address the call names, as the kernel will take it; None when the kernel connects
+    nothing new (no address) or refuses the call by its length: sockaddr_storage at most, at
+    least a sockaddr_in(6) for its socket's family, on a length the worker cannot change
+    afterwards. Raises _Unreadable."""
+    where = _where(pid, call, args)
+    if where is None:
+        return None
+    pointer, length = where
+    if not _MIN_SOCKADDR[family] <= length <= _MAX_SOCKADDR:
+        return None  # EINVAL from the kernel
+    data = _read(pid, pointer, length)
+    if data is None:
+        raise _Unreadable
+    return data
+
+
+def _where(pid: int, call: str, args: tuple[int, ...]) -> tuple[int, int] | None:
+    """(pointer, length) of the address the call names, the length as the kernel's signed
+    int; None without one."""
     if call == "connect":
         pointer, length = args[1], args[2]
     elif call == "sendto":
@@ -146,14 +198,13 @@ def _destination(pid: int, call: str, args: tuple[int, ...]
             return None  # no message: nothing is sent, nothing connects
         header = _read(pid, args[1], 12)
         if header is None:
-            return None
+            raise _Unreadable
         pointer, length = struct.unpack("=QI", header)
     else:
         return None
     if not pointer:
         return None
-    data = _read(pid, pointer, min(length & 0xFFFFFFFF, _MAX_SOCKADDR))
-    return None if data is None else sockaddr(data)
+    return pointer, ctypes.c_int32(length & 0xFFFFFFFF).value
 
 
 def sockaddr(data: bytes) -> tuple[int, str, int] | None:
@@ -183,39 +234,18 @@ def _read(pid: int, address: int, size: int) -> bytes | None:
     return data if len(data) == size else None
 
 
-def _socket_kind(pid: int, fd: int) -> str | None:
-    """"tcp", "udp", or another protocol's number, of the worker's socket `fd` (a copy taken
-    with pidfd_getfd and closed at once); None if it cannot be had."""
+def socket_kind(pid: int, fd: int) -> tuple[str, int] | None:
+    """(protocol, family) of the worker's fd, from its socket's protocol name (the
+    `system.sockprotoname` attribute of /proc/<pid>/fd/<fd>): ("tcp", AF_INET6) for TCPv6,
+    ("udp", AF_INET) for UDP, (the name, family) for another protocol; None if it is not a
+    socket. No reference to the worker's file is taken: the launcher never holds, and so never
+    closes last, a socket of the worker (a close can block: SO_LINGER)."""
     try:
-        pidfd = _pidfd(pid)
+        raw = os.getxattr(f"/proc/{pid}/fd/{fd & 0xFFFFFFFF}", "system.sockprotoname")
     except OSError:
         return None
-    try:
-        copy = int(_libc.syscall(ctypes.c_long(NR["pidfd_getfd"]), pidfd,
-                                 ctypes.c_int(fd & 0xFFFFFFFF), 0))
-        if copy < 0:
-            return None
-        with socket.socket(fileno=copy) as sock:
-            kind = sock.getsockopt(socket.SOL_SOCKET, socket.SO_TYPE)
-            protocol = sock.getsockopt(socket.SOL_SOCKET, socket.SO_PROTOCOL)
-    except OSError:
-        return None
-    finally:
-        os.close(pidfd)
-    if kind == socket.SOCK_STREAM and protocol in (socket.IPPROTO_TCP, _IPPROTO_MPTCP):
-        return "tcp"
-    if kind == socket.SOCK_DGRAM and protocol == socket.IPPROTO_UDP:
-        return "udp"
-    return str(protocol)
-
-
-def _pidfd(pid: int) -> int:
-    """A pidfd of the process the thread `pid` (as seccomp names it) belongs to."""
-    try:
-        return os.pidfd_open(pid)
-    except OSError as exc:
-        if exc.errno not in (errno.EINVAL, errno.ENOENT):  # a thread, not its leader (by
-            raise  # kernel version); a process that is gone fails again below
-    with open(f"/proc/{pid}/status") as status:
-        tgid = next(int(line.split()[1]) for line in status if line.startswith("Tgid:"))
-    return os.pidfd_open(tgid)
+    name = raw.rstrip(b"\0").decode(errors="replace")
+    family = socket.AF_INET6 if name.endswith("v6") else socket.AF_INET
+    base = name.removesuffix("v6")
+    protocol = {"TCP": "tcp", "MPTCP": "tcp", "UDP": "udp"}.get(base, base.lower())
+    return protocol, family

@@ -68,6 +68,7 @@ _DENY_GROUPS: dict[str, tuple[str, ...]] = {
     ),
     "bypasses and large attack surface": (
         "userfaultfd", "open_by_handle_at", "name_to_handle_at",
+        "memfd_secret",  # memory the supervisor cannot read: it would blind the watch filter
         "io_uring_setup", "io_uring_enter", "io_uring_register",
     ),
     "unimplemented (as Docker)": (
@@ -94,7 +95,7 @@ _CLONE_NEW_FLAGS = (libc.CLONE_NEWNS, libc.CLONE_NEWCGROUP, libc.CLONE_NEWUTS, l
 _TIOCSTI = 0x5412  # push a byte into a terminal's input: types commands into the caller's shell
 _TIOCLINUX = 0x541C  # virtual console ioctls, incl. paste of the selection
 _PERSONALITIES = (0x0, 0x8, 0x20000, 0x20008, 0xFFFFFFFF)  # Docker's: PER_LINUX(32), UNAME26, query
-_AF_UNIX, _AF_INET, _AF_INET6, _AF_NETLINK = 1, 2, 10, 16
+_AF_UNIX, _AF_INET, _AF_INET6, _AF_NETLINK, _AF_PACKET = 1, 2, 10, 16, 17
 _SOCKET_FAMILIES = (_AF_UNIX, _AF_INET, _AF_INET6, _AF_NETLINK)
 _SOCK_RAW, _SOCK_TYPE_MASK = 3, 0xF
 
@@ -109,9 +110,9 @@ _PR_SET_SECCOMP, _SECCOMP_MODE_FILTER = 22, 2
 def build_filter(*, raw_sockets: bool = True) -> bytes:
     """Returns the worker's filter as raw BPF (`struct sock_filter[]`); call once, in the launcher.
 
-    `raw_sockets=False` leaves raw sockets out: for an egress worker, whose watch filter
-    refuses them itself and on record (agentd/sandbox/netwatch.py); an EPERM here would
-    outrank its notification.
+    `raw_sockets=False` leaves raw sockets (SOCK_RAW, and the AF_PACKET family) out: for an
+    egress worker, whose watch filter refuses them itself and on record (agentd/sandbox/
+    netwatch.py); an errno here would outrank its notification.
 
     Raises OSError if libseccomp refuses a rule (a bug here, not a host condition).
     """
@@ -152,7 +153,9 @@ def build_filter(*, raw_sockets: bool = True) -> bytes:
     prelude = _allow_values_prelude(
         int(scmp.system_arch()),
         [(int(scmp.resolve_syscall(native, "personality")), _PERSONALITIES, errno.EPERM),
-         (int(scmp.resolve_syscall(native, "socket")), _SOCKET_FAMILIES, errno.EAFNOSUPPORT),
+         (int(scmp.resolve_syscall(native, "socket")),
+          _SOCKET_FAMILIES if raw_sockets else (*_SOCKET_FAMILIES, _AF_PACKET),
+          errno.EAFNOSUPPORT),
          (int(scmp.resolve_syscall(native, "socketpair")), _SOCKET_FAMILIES, errno.EAFNOSUPPORT)])
     fd = os.memfd_create("agentd-seccomp", os.MFD_CLOEXEC)
     try:
