@@ -118,13 +118,15 @@ def test_decide_refuses_an_address_it_cannot_read() -> None:
         err, attempt = netwatch.decide(os.getpid(), netwatch.NR["connect"],
                                        (tcp.fileno(), 8, 16, 0, 0, 0), PORTS)  # unmapped
     assert err == errno.EFAULT
-    assert attempt is not None and attempt.reason == "refused: its address could not be read"
+    assert attempt is not None
+    assert attempt.reason == "refused: its address could not be read"
 
 
 def test_decide_ipv6_and_mapped_addresses() -> None:
     with socket.socket(socket.AF_INET6) as tcp6:
         err, reason = _connect(tcp6, _inet6("2001:db8::1", 443))
-        assert err == errno.ENETUNREACH and reason.startswith("IPv6 is not allowed")
+        assert err == errno.ENETUNREACH
+        assert reason.startswith("IPv6 is not allowed")
         assert _connect(tcp6, _inet6("::ffff:198.18.0.11", 22))[0] == errno.EACCES
         assert _connect(tcp6, _inet6("::ffff:198.18.0.11", 443)) == (0, "")
 
@@ -136,7 +138,9 @@ def test_decide_tcp_fast_open_by_sendmsg_reads_the_message_header() -> None:
         err, attempt = netwatch.decide(os.getpid(), netwatch.NR["sendmsg"],
                                        (tcp.fileno(), _buffer(header), netwatch.MSG_FASTOPEN,
                                         0, 0, 0), PORTS)
-    assert err == errno.EACCES and attempt is not None and attempt.port == 25
+    assert err == errno.EACCES
+    assert attempt is not None
+    assert attempt.port == 25
 
 
 def test_decide_a_call_from_a_thread() -> None:
@@ -159,4 +163,6 @@ def test_mptcp_and_packet_sockets_refused() -> None:
     assert (err, attempt) == (errno.EPROTONOSUPPORT, None)
     err, attempt = netwatch.decide(0, netwatch.NR["socket"],
                                    (netwatch.AF_PACKET, socket.SOCK_RAW, 0, 0, 0, 0), PORTS)
-    assert err == errno.EPERM and attempt is not None and attempt.protocol == "raw"
+    assert err == errno.EPERM
+    assert attempt is not None
+    assert attempt.protocol == "raw"
