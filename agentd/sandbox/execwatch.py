@@ -38,7 +38,7 @@ import struct
 import sys
 from dataclasses import dataclass
 
-from agentd.sandbox import netwatch
+from agentd.sandbox import libc, netwatch
 from agentd.sandbox.netwatch import NetAttempt
 
 _SECCOMP_SET_MODE_FILTER = 1
@@ -166,13 +166,8 @@ class ExecAttempt:
 
 
 def _read_string(pid: int, address: int) -> str | None:
-    try:
-        with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
-            mem.seek(address)
-            data = mem.read(MAX_PATH)
-    except (OSError, OverflowError, ValueError):
-        return None
-    return data.split(b"\0", 1)[0].decode(errors="replace")
+    data = libc.read_memory(pid, address, MAX_PATH)
+    return None if not data else data.split(b"\0", 1)[0].decode(errors="replace")
 
 
 class _OpenHow(ctypes.Structure):

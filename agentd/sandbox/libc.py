@@ -215,3 +215,15 @@ def capset_clear() -> None:
 def last_cap() -> int:
     with open("/proc/sys/kernel/cap_last_cap") as f:
         return int(f.read())
+
+
+def read_memory(pid: int, address: int, size: int) -> bytes | None:
+    """Up to `size` bytes of process (or thread) `pid`'s memory at `address`, through
+    /proc/<pid>/mem (what a seccomp supervisor reads a call's arguments with); None if none
+    of it can be read. Shorter than `size` where readable memory ends."""
+    try:
+        with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
+            mem.seek(address)
+            return mem.read(size)
+    except (OSError, OverflowError, ValueError):
+        return None

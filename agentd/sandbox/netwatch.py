@@ -52,6 +52,8 @@ import socket
 import struct
 from dataclasses import dataclass
 
+from agentd.sandbox import libc
+
 _SYSCALLS = {"x86_64": {"socket": 41, "connect": 42, "sendto": 44, "sendmsg": 46,
                         "sendmmsg": 307},
              "aarch64": {"socket": 198, "connect": 203, "sendto": 206, "sendmsg": 211,
@@ -225,13 +227,9 @@ def sockaddr(data: bytes) -> tuple[int, str, int] | None:
 
 
 def _read(pid: int, address: int, size: int) -> bytes | None:
-    try:
-        with open(f"/proc/{pid}/mem", "rb", buffering=0) as mem:
-            mem.seek(address)
-            data = mem.read(size)
-    except (OSError, OverflowError, ValueError):
-        return None
-    return data if len(data) == size else None
+    """Exactly `size` bytes of the worker's memory, or None."""
+    data = libc.read_memory(pid, address, size)
+    return data if data is not None and len(data) == size else None
 
 
 def socket_kind(pid: int, fd: int) -> tuple[str, int] | None:
