@@ -73,11 +73,11 @@ def _program(network: bool) -> bytes:
     """BPF: execve, execveat -> USER_NOTIF; with `network` (an egress worker), the network
     calls agentd/sandbox/netwatch.py answers too; everything else ALLOW (the main filter
     decides)."""
-    ld, ld_arg, and_k, jeq, jset, ret = 0x20, 0x20, 0x54, 0x15, 0x45, 0x06
+    ld, and_k, jeq, jset, ret = 0x20, 0x54, 0x15, 0x45, 0x06  # BPF_LD|W|ABS, ALU|AND|K, ...
     low = 16 if sys.byteorder == "little" else 20  # seccomp_data.args[0], its low word
 
     def arg(i: int) -> tuple[int, int, int | str, int | str]:
-        return (ld_arg, low + 8 * i, 0, 0)
+        return (ld, low + 8 * i, 0, 0)
 
     notify, allow = "notify", "allow"
     net = netwatch.NR

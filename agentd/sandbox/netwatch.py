@@ -80,8 +80,8 @@ class NetAttempt:
     destination: str  # "" for a socket() refusal: it has none yet
     port: int
     protocol: str  # tcp, udp, icmp, raw
-    reason: str
     errno: int  # what the worker was answered
+    reason: str
 
     def details(self) -> dict[str, object]:
         """The `net.refused` record's fields (the egress task adds the resolver's name)."""
@@ -112,8 +112,8 @@ def decide(pid: int, nr: int, args: tuple[int, ...],
     try:
         data = _address(pid, call, args, family)
     except _Unreadable:
-        return errno.EFAULT, _attempt(call, "?", 0, protocol, errno.EFAULT,
-                                      "refused: its address could not be read")
+        return errno.EFAULT, NetAttempt(call, "?", 0, protocol, errno.EFAULT,
+                                        "refused: its address could not be read")
     if data is None:
         return 0, None
     address = sockaddr(data)
@@ -121,12 +121,12 @@ def decide(pid: int, nr: int, args: tuple[int, ...],
         return 0, None  # another family than its socket's: EAFNOSUPPORT from the kernel
     af, host, port = address
     if af == socket.AF_INET6:
-        return errno.ENETUNREACH, _attempt(
+        return errno.ENETUNREACH, NetAttempt(
             call, host, port, protocol, errno.ENETUNREACH,
             "IPv6 is not allowed: the worker has no IPv6 route (no egress entry can name IPv6)")
     if protocol == "udp" or port in ports:
         return 0, None  # the egress namespace decides, and records either way
-    return errno.EACCES, _attempt(
+    return errno.EACCES, NetAttempt(
         call, host, port, "tcp", errno.EACCES,
         f"port {port} is not allowed: no egress entry names TCP port {port}")
 
@@ -134,14 +134,8 @@ def decide(pid: int, nr: int, args: tuple[int, ...],
 def unreadable(nr: int, exc: Exception) -> NetAttempt:
     """The record of a watched call refused because deciding it failed (a bug, not the
     worker's doing): refused rather than let through unseen."""
-    return _attempt(_NAMES.get(nr, str(nr)), "", 0, "?", errno.EPERM,
-                    f"refused: the launcher could not decide it ({type(exc).__name__})")
-
-
-def _attempt(call: str, host: str, port: int, protocol: str, err: int,
-             reason: str) -> NetAttempt:
-    return NetAttempt(call=call, destination=host, port=port, protocol=protocol,
-                      reason=reason, errno=err)
+    return NetAttempt(_NAMES.get(nr, str(nr)), "", 0, "?", errno.EPERM,
+                      f"refused: the launcher could not decide it ({type(exc).__name__})")
 
 
 def _socket(args: tuple[int, ...]) -> tuple[int, NetAttempt | None]:
@@ -149,21 +143,21 @@ def _socket(args: tuple[int, ...]) -> tuple[int, NetAttempt | None]:
     family, kind, protocol = (a & 0xFFFFFFFF for a in args[:3])
     kind &= SOCK_TYPE_MASK
     if family == AF_PACKET or kind in (socket.SOCK_RAW, SOCK_PACKET):
-        return errno.EPERM, _attempt("socket", "", 0, "raw", errno.EPERM,
-                                     "raw sockets are not allowed: no egress entry can allow "
-                                     "them")
+        return errno.EPERM, NetAttempt("socket", "", 0, "raw", errno.EPERM,
+                                       "raw sockets are not allowed: no egress entry can "
+                                       "allow them")
     if kind == socket.SOCK_STREAM and protocol == IPPROTO_MPTCP:
         # Landlock's port rule does not cover MPTCP: refused as by a kernel without it (tools
         # fall back to TCP). Not an attempt to reach anything: no record.
         return errno.EPROTONOSUPPORT, None
     if family == socket.AF_INET6:
-        return errno.EAFNOSUPPORT, _attempt(
+        return errno.EAFNOSUPPORT, NetAttempt(
             "socket", "", 0, "udp", errno.EAFNOSUPPORT,
             "IPv6 is not allowed: an IPv6 datagram socket is refused (the worker has no IPv6 "
             "route)")
     if family == socket.AF_INET and kind == socket.SOCK_DGRAM and protocol == socket.IPPROTO_ICMP:
-        return errno.EACCES, _attempt("socket", "", 0, "icmp", errno.EACCES,
-                                      "ICMP is not allowed: ping sockets are refused")
+        return errno.EACCES, NetAttempt("socket", "", 0, "icmp", errno.EACCES,
+                                        "ICMP is not allowed: ping sockets are refused")
     return 0, None
 
 
