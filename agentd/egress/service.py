@@ -912,12 +912,9 @@ async def _classify(reader: asyncio.StreamReader, data: bytes
                 return "tls", data, None
             if name is not None:
                 return "tls", data, name
-            if len(data) > MAX_HELLO:
+            if (grown := await _read_more(reader, data, MAX_HELLO)) is None:
                 return "tls", data, None
-            more = await reader.read(_CHUNK)
-            if not more:
-                return "tls", data, None
-            data += more
+            data = grown
     while True:
         stripped = data.lstrip(b"\r\n")
         if stripped[:1] and not (b"A" <= stripped[:1] <= b"Z"):
@@ -926,12 +923,17 @@ async def _classify(reader: asyncio.StreamReader, data: bytes
         if newline:
             return ("http", stripped, None) if _REQUEST_LINE.fullmatch(line.rstrip(b"\r")) \
                 else ("other", data, None)
-        if len(data) > MAX_HEAD:
+        if (grown := await _read_more(reader, data, MAX_HEAD)) is None:
             return "other", data, None
-        more = await reader.read(_CHUNK)
-        if not more:
-            return "other", data, None
-        data += more
+        data = grown
+
+
+async def _read_more(reader: asyncio.StreamReader, data: bytes, limit: int) -> bytes | None:
+    """`data` and the worker's next bytes; None once `data` is over `limit` or at EOF."""
+    if len(data) > limit:
+        return None
+    more = await reader.read(_CHUNK)
+    return data + more if more else None
 
 
 async def _linger(reader: asyncio.StreamReader, writer: asyncio.StreamWriter) -> None:
